@@ -1,0 +1,1 @@
+"""Upstream provider adapters: translation and transport for each LLM API."""

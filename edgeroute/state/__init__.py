@@ -1,0 +1,18 @@
+"""State backends: `MemoryState` (one process) and `RedisState` (a fleet), one contract."""
+
+from __future__ import annotations
+
+from edgeroute.config import StateConfig
+from edgeroute.state.base import RouteSpec, StateBackend
+from edgeroute.state.memory import MemoryState
+from edgeroute.state.redis import RedisState
+
+
+def state_from_config(config: StateConfig) -> StateBackend:
+    """No Redis URL: in-memory state. Otherwise the fleet-wide Redis state."""
+    if not config.redis_url:
+        return MemoryState()
+    return RedisState(config.redis_url, key_prefix=config.key_prefix, timeout_ms=config.timeout_ms)
+
+
+__all__ = ["MemoryState", "RedisState", "RouteSpec", "StateBackend", "state_from_config"]

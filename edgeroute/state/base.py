@@ -1,0 +1,61 @@
+"""The state contract every backend honours, and the compiled route it works on."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edgeroute.strategy import RoutingDecision, RoutingStrategy
+from edgeroute.types import BreakerParams, Outcome, RouteSnapshot, TargetSpec, WindowParams
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """A route compiled for the state layer: everything a decide or a record needs to know."""
+
+    name: str
+    strategy: RoutingStrategy
+    targets: tuple[TargetSpec, ...]
+    breaker: BreakerParams = BreakerParams()
+    window: WindowParams = WindowParams()
+    lease_ttl_ms: int = 900_000
+    idle_ttl_ms: int = 3_600_000
+    positions: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.positions.update({target.id: i for i, target in enumerate(self.targets)})
+
+
+class StateBackend(Protocol):
+    """Shared routing state. Each call is atomic; `decide` and `record` are one round trip.
+
+    - `decide` ranks the route's admissible targets and admits the first: it takes an
+      in-flight lease on it and, for a half-open breaker, one of its probe reservations.
+      `exclude` leaves out targets this request already tried; `outcome`, if given, is
+      recorded first in the same atomic step (failover: report the failure, pick again);
+      `advance` moves the round-robin cursor (only a request's first decide does).
+    - `record` reports a finished attempt: releases the lease and probe, adds the sample to
+      the rolling window, moves the breaker when the outcome's generation is current.
+    """
+
+    name: str
+
+    async def decide(
+        self,
+        route: RouteSpec,
+        *,
+        exclude: Collection[str] = (),
+        outcome: Outcome | None = None,
+        advance: bool = True,
+    ) -> RoutingDecision: ...
+
+    async def record(self, route: RouteSpec, outcome: Outcome) -> None: ...
+
+    async def record_many(self, items: Sequence[tuple[RouteSpec, Outcome]]) -> None: ...
+
+    async def snapshot(self, route: RouteSpec) -> RouteSnapshot: ...
+
+    async def reset(self, route: RouteSpec, target_id: str) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,344 @@
+"""In-process state: the embedded default, the degraded-mode fallback, and the reference model.
+
+`lua/*.lua` implement exactly these semantics; the conformance suite and the property test
+hold the two equal, so when in doubt about what the Lua should do, this file is the answer.
+Everything is synchronous inside each coroutine, so every call is atomic on one event loop.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
+
+from edgeroute.state.base import RouteSpec
+from edgeroute.strategy import Candidate, RoutingDecision, rank
+from edgeroute.types import (
+    Admission,
+    CircuitState,
+    Outcome,
+    OutcomeKind,
+    RouteSnapshot,
+    TargetSnapshot,
+)
+
+CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+_STATES = (CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN)
+_WINDOWED = frozenset(("latency", "hybrid"))
+
+
+class _Target:
+    __slots__ = (
+        "cooldown_until",
+        "failures",
+        "generation",
+        "half_open_successes",
+        "inflight",
+        "open_timeout",
+        "open_until",
+        "probes",
+        "state",
+        "window",
+    )
+
+    def __init__(self) -> None:
+        self.state = CLOSED
+        self.generation = 0
+        self.failures = 0
+        self.half_open_successes = 0
+        self.open_until = 0
+        self.open_timeout = 0  # 0: the route's base open timeout
+        self.cooldown_until = 0
+        self.inflight = 0
+        self.probes: dict[str, int] = {}  # token -> expiry (ms)
+        # Sparse time buckets, oldest first: [bucket, successes, latency_us, failures, tin, tout]
+        self.window: list[list[int]] = []
+
+
+class _Route:
+    __slots__ = ("lease_heap", "leases", "rr_cursor", "targets")
+
+    def __init__(self) -> None:
+        self.targets: dict[str, _Target] = {}
+        self.rr_cursor = 0
+        self.leases: dict[str, tuple[str, int]] = {}  # token -> (target id, expiry)
+        self.lease_heap: list[tuple[int, str]] = []
+
+
+def _open(target: _Target, now: int, timeout: int) -> None:
+    target.state = OPEN
+    target.generation += 1
+    target.failures = 0
+    target.half_open_successes = 0
+    target.open_timeout = timeout
+    target.open_until = now + timeout
+    target.probes.clear()
+
+
+def _half_open_if_due(target: _Target, now: int) -> None:
+    if target.state == OPEN and now >= target.open_until:
+        target.state = HALF_OPEN
+        target.generation += 1
+        target.half_open_successes = 0
+        target.probes.clear()
+
+
+def _live_probes(target: _Target, now: int) -> int:
+    expired = [token for token, expiry in target.probes.items() if expiry <= now]
+    for token in expired:
+        del target.probes[token]
+    return len(target.probes)
+
+
+def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, int, int, int, int]:
+    oldest = now // route.window.bucket_ms - route.window.buckets
+    successes = latency = failures = tin = tout = 0
+    for bucket, s, lat, f, i, o in target.window:
+        if bucket > oldest:
+            successes += s
+            latency += lat
+            failures += f
+            tin += i
+            tout += o
+    return successes, latency, failures, tin, tout
+
+
+class MemoryState:
+    """State for one process. `clock` returns seconds; tests pass a controllable one."""
+
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.monotonic
+        self._routes: dict[str, _Route] = {}
+        self._token_prefix = os.urandom(4).hex() + "-"
+        self._tokens = itertools.count(1)
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _route(self, name: str) -> _Route:
+        route = self._routes.get(name)
+        if route is None:
+            route = self._routes[name] = _Route()
+        return route
+
+    @staticmethod
+    def _target(route: _Route, target_id: str) -> _Target:
+        target = route.targets.get(target_id)
+        if target is None:
+            target = route.targets[target_id] = _Target()
+        return target
+
+    async def decide(
+        self,
+        route: RouteSpec,
+        *,
+        exclude: Collection[str] = (),
+        outcome: Outcome | None = None,
+        advance: bool = True,
+    ) -> RoutingDecision:
+        return self.decide_now(route, exclude=exclude, outcome=outcome, advance=advance)
+
+    def decide_now(
+        self,
+        route: RouteSpec,
+        *,
+        exclude: Collection[str] = (),
+        outcome: Outcome | None = None,
+        advance: bool = True,
+    ) -> RoutingDecision:
+        """Synchronous decide: the gateway's degraded mode calls it without an await."""
+        now = self._now()
+        state = self._route(route.name)
+        if outcome is not None:
+            self._apply(state, route, outcome, now)
+        self._expire_leases(state, now)
+        strategy = route.strategy
+        if advance and strategy.kind == "round_robin":
+            state.rr_cursor += 1
+        windowed = strategy.kind in _WINDOWED
+        max_probes = route.breaker.half_open_max_probes
+        candidates: list[Candidate] = []
+        wait = 0
+        for index, spec in enumerate(route.targets):
+            target = self._target(state, spec.id)
+            _half_open_if_due(target, now)
+            if spec.id in exclude:
+                continue
+            pause = 0
+            if target.state == OPEN:
+                pause = target.open_until - now
+            elif target.cooldown_until > now:
+                pause = target.cooldown_until - now
+            elif target.state == HALF_OPEN and _live_probes(target, now) >= max_probes:
+                pause = min(target.probes.values()) - now
+            if pause > 0:
+                wait = pause if wait == 0 else min(wait, pause)
+                continue
+            candidate = Candidate(
+                spec, index, _STATES[target.state], target.state == HALF_OPEN,
+                inflight=target.inflight,
+            )
+            if windowed:
+                successes, latency, failures, _, _ = _window_totals(target, now, route)
+                candidate.successes = successes
+                candidate.latency_sum_us = latency
+                candidate.failures = failures
+            candidates.append(candidate)
+        ordered = rank(strategy, candidates, state.rr_cursor)
+        if not ordered:
+            return RoutingDecision(
+                route.name, strategy, ordered, None, wait / 1000.0, state.rr_cursor
+            )
+        first = ordered[0]
+        target = state.targets[first.target.id]
+        token = f"{self._token_prefix}{next(self._tokens):x}"
+        if first.probe:
+            target.probes[token] = now + route.breaker.probe_ttl_ms
+        target.inflight += 1
+        expiry = now + route.lease_ttl_ms
+        state.leases[token] = (first.target.id, expiry)
+        heapq.heappush(state.lease_heap, (expiry, token))
+        admission = Admission(first.target.id, target.generation, token, first.probe)
+        return RoutingDecision(route.name, strategy, ordered, admission, 0.0, state.rr_cursor)
+
+    def _expire_leases(self, state: _Route, now: int) -> None:
+        heap = state.lease_heap
+        while heap and heap[0][0] <= now:
+            _, token = heapq.heappop(heap)
+            lease = state.leases.pop(token, None)
+            if lease is not None:
+                state.targets[lease[0]].inflight -= 1
+
+    async def record(self, route: RouteSpec, outcome: Outcome) -> None:
+        self.record_now(route, outcome)
+
+    def record_now(self, route: RouteSpec, outcome: Outcome) -> None:
+        self._apply(self._route(route.name), route, outcome, self._now())
+
+    async def record_many(self, items: Sequence[tuple[RouteSpec, Outcome]]) -> None:
+        now = self._now()
+        for route, outcome in items:
+            self._apply(self._route(route.name), route, outcome, now)
+
+    def _apply(self, state: _Route, route: RouteSpec, outcome: Outcome, now: int) -> None:
+        target = self._target(state, outcome.target_id)
+        _half_open_if_due(target, now)
+        token = outcome.token
+        if token is not None:
+            if state.leases.pop(token, None) is not None:
+                target.inflight -= 1
+            if outcome.probe:
+                target.probes.pop(token, None)
+        kind = outcome.kind
+        if kind != OutcomeKind.NEUTRAL:
+            self._add_sample(target, route, outcome, now)
+        if kind == OutcomeKind.RATE_LIMITED and outcome.retry_after_s > 0:
+            # A later, shorter Retry-After never shortens a cooldown already in force.
+            until = now + round(outcome.retry_after_s * 1000)
+            target.cooldown_until = max(target.cooldown_until, until)
+        if outcome.generation not in (-1, target.generation):
+            return  # admitted before a transition: too late to move this breaker
+        breaker = route.breaker
+        if target.state == CLOSED:
+            if kind == OutcomeKind.SUCCESS:
+                target.failures = 0
+            elif kind == OutcomeKind.FAILURE:
+                target.failures += 1
+                if target.failures >= breaker.failure_threshold:
+                    _open(target, now, breaker.open_timeout_ms)
+        elif target.state == HALF_OPEN:
+            if kind == OutcomeKind.SUCCESS:
+                target.half_open_successes += 1
+                if target.half_open_successes >= breaker.success_threshold:
+                    target.state = CLOSED
+                    target.generation += 1
+                    target.failures = 0
+                    target.half_open_successes = 0
+                    target.open_timeout = 0
+                    target.probes.clear()
+            elif kind == OutcomeKind.FAILURE:
+                previous = target.open_timeout or breaker.open_timeout_ms
+                _open(target, now, min(previous * 2, breaker.max_open_timeout_ms))
+
+    @staticmethod
+    def _add_sample(target: _Target, route: RouteSpec, outcome: Outcome, now: int) -> None:
+        bucket = now // route.window.bucket_ms
+        oldest = bucket - route.window.buckets
+        window = target.window
+        while window and window[0][0] <= oldest:
+            window.pop(0)
+        if not window or window[-1][0] != bucket:
+            window.append([bucket, 0, 0, 0, 0, 0])
+        slot = window[-1]
+        if outcome.kind == OutcomeKind.SUCCESS:
+            slot[1] += 1
+            slot[2] += latency_us(outcome.latency_ms)
+        else:
+            slot[3] += 1
+        slot[4] += outcome.input_tokens
+        slot[5] += outcome.output_tokens
+
+    async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
+        now = self._now()
+        state = self._routes.get(route.name) or _Route()
+        targets = []
+        for spec in route.targets:
+            target = state.targets.get(spec.id) or _Target()
+            code = target.state
+            generation = target.generation
+            if code == OPEN and now >= target.open_until:
+                code, generation = HALF_OPEN, generation + 1
+            probes = (
+                sum(1 for expiry in target.probes.values() if expiry > now)
+                if code == target.state == HALF_OPEN
+                else 0
+            )
+            successes, latency, failures, tin, tout = _window_totals(target, now, route)
+            inflight = target.inflight - sum(
+                1
+                for tid, expiry in state.leases.values()
+                if tid == spec.id and expiry <= now
+            )
+            targets.append(
+                TargetSnapshot(
+                    target_id=spec.id,
+                    state=_STATES[code],
+                    generation=generation,
+                    consecutive_failures=target.failures if code == CLOSED else 0,
+                    half_open_successes=target.half_open_successes if code == HALF_OPEN else 0,
+                    open_remaining_ms=max(0, target.open_until - now) if code == OPEN else 0,
+                    open_timeout_ms=target.open_timeout or route.breaker.open_timeout_ms,
+                    cooldown_remaining_ms=max(0, target.cooldown_until - now),
+                    inflight=inflight,
+                    probes_in_use=probes,
+                    successes=successes,
+                    failures=failures,
+                    latency_sum_us=latency,
+                    input_tokens=tin,
+                    output_tokens=tout,
+                )
+            )
+        return RouteSnapshot(route.name, state.rr_cursor, now, targets)
+
+    async def reset(self, route: RouteSpec, target_id: str) -> None:
+        target = self._target(self._route(route.name), target_id)
+        target.state = CLOSED
+        target.generation += 1
+        target.failures = 0
+        target.half_open_successes = 0
+        target.open_until = 0
+        target.open_timeout = 0
+        target.cooldown_until = 0
+        target.probes.clear()
+
+    async def close(self) -> None:
+        return None
+
+
+def latency_us(latency_ms: float) -> int:
+    """Latency travels as integer microseconds so Lua and Python sum exactly the same."""
+    return max(0, round(latency_ms * 1000))

@@ -1,0 +1,141 @@
+"""Plain data shared by the strategy, state and router layers (no behaviour, no I/O)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class CircuitState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+# Wire codes for the breaker state, identical in Lua and Python.
+STATE_CODES: dict[int, CircuitState] = {
+    0: CircuitState.CLOSED,
+    1: CircuitState.OPEN,
+    2: CircuitState.HALF_OPEN,
+}
+
+
+class OutcomeKind(enum.IntEnum):
+    """How a finished attempt counts. The integer values are part of the Lua protocol."""
+
+    SUCCESS = 0
+    FAILURE = 1  # connect error, timeout, 5xx, broken stream: counts against the breaker
+    RATE_LIMITED = 2  # 429: a cooldown and a window error, but not a breaker failure
+    NEUTRAL = 3  # client error or client gone: releases the lease, counts for nothing
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """One deployment a route can send to, as the state layer needs it."""
+
+    id: str
+    provider: str
+    model: str
+    price_per_mtok: float = 0.0
+    input_cost_per_mtok: float = 0.0
+    output_cost_per_mtok: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerParams:
+    failure_threshold: int = 3
+    open_timeout_ms: int = 30_000
+    success_threshold: int = 3
+    half_open_max_probes: int = 1
+    max_open_timeout_ms: int = 300_000
+    probe_ttl_ms: int = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class WindowParams:
+    bucket_ms: int = 5_000
+    buckets: int = 12
+
+    @classmethod
+    def from_window(cls, window_s: float, buckets: int) -> WindowParams:
+        return cls(bucket_ms=max(1, round(window_s * 1000 / buckets)), buckets=buckets)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a decide granted: the target, the breaker generation, and the lease to give back."""
+
+    target_id: str
+    generation: int
+    token: str
+    probe: bool
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One finished attempt, reported to the state with `record`."""
+
+    target_id: str
+    kind: OutcomeKind
+    latency_ms: float = 0.0
+    # -1 applies the outcome to whatever generation is current (the standalone breaker API).
+    generation: int = -1
+    token: str | None = None
+    probe: bool = False
+    retry_after_s: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @classmethod
+    def for_admission(
+        cls, admission: Admission, kind: OutcomeKind, latency_ms: float = 0.0, **extra: float
+    ) -> Outcome:
+        outcome = cls(
+            target_id=admission.target_id,
+            kind=kind,
+            latency_ms=latency_ms,
+            generation=admission.generation,
+            token=admission.token,
+            probe=admission.probe,
+        )
+        for key, value in extra.items():
+            setattr(outcome, key, type(getattr(outcome, key))(value))
+        return outcome
+
+
+@dataclass(slots=True)
+class TargetSnapshot:
+    """Everything shared state knows about one target right now (admin, explain, tests)."""
+
+    target_id: str
+    state: CircuitState
+    generation: int
+    consecutive_failures: int
+    half_open_successes: int
+    open_remaining_ms: int
+    open_timeout_ms: int
+    cooldown_remaining_ms: int
+    inflight: int
+    probes_in_use: int
+    successes: int
+    failures: int
+    latency_sum_us: int
+    input_tokens: int
+    output_tokens: int
+
+    @property
+    def latency_ms(self) -> float | None:
+        return self.latency_sum_us / self.successes / 1000.0 if self.successes else None
+
+    @property
+    def success_rate(self) -> float | None:
+        total = self.successes + self.failures
+        return self.successes / total if total else None
+
+
+@dataclass(slots=True)
+class RouteSnapshot:
+    route: str
+    rr_cursor: int
+    now_ms: int
+    targets: list[TargetSnapshot]

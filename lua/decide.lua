@@ -1,0 +1,177 @@
+-- decide: rank the route's admissible targets and admit the first, atomically.
+-- ARGV after the route parameters:
+--   n (id price)*n token advance m (excluded id)*m has_outcome [outcome fields]
+--   (static route data first, so the client can send it pre-encoded)
+-- Reply: admitted generation probe wait_ms rr_cursor count
+--        then per candidate, best first: position state score successes latency_us failures
+--        inflight (scores travel as strings: Redis would truncate Lua numbers to integers).
+
+local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY = 0, 1, 2, 3, 4
+
+local now = now_ms()
+local n = tonumber(ARGV[ARG0 + 1])
+local i = ARG0 + 2
+local ids, prices = {}, {}
+for k = 1, n do
+  ids[k] = ARGV[i]
+  prices[k] = tonumber(ARGV[i + 1])
+  i = i + 2
+end
+local token = ARGV[i]
+local advance = ARGV[i + 1] == '1'
+i = i + 2
+local excluded = {}
+local m = tonumber(ARGV[i])
+for k = 1, m do excluded[ARGV[i + k]] = true end
+i = i + m + 1
+
+-- Load every target record (and the cursor) in one call.
+local fields = {'#rr'}
+for k = 1, n do fields[k + 1] = ids[k] end
+local values = redis.call('HMGET', K_TARGETS, unpack(fields))
+local rr = tonumber(values[1]) or 0
+for k = 1, n do records[ids[k]] = parse(values[k + 1]) end
+
+if ARGV[i] == '1' then apply_argv(now, i + 1) end
+expire_leases(now)
+
+local strategy = P.strategy
+local extra = nil
+if advance and strategy == ROUND_ROBIN then
+  rr = rr + 1
+  extra = {'#rr', rr}
+end
+local windowed = strategy == LATENCY or strategy == HYBRID
+local windows = nil
+if windowed then windows = redis.call('HMGET', K_WINDOW, unpack(ids)) end
+
+local cands = {}
+local wait = 0
+for k = 1, n do
+  local id = ids[k]
+  local r = records[id]
+  half_open_if_due(r, id, now)
+  if not excluded[id] then
+    local pause = 0
+    if r.st == OPEN then
+      pause = r.u - now
+    elseif r.cd > now then
+      pause = r.cd - now
+    elseif r.st == HALF_OPEN then
+      local live, earliest = live_probes(r, id, now)
+      if live >= P.max_probes then pause = earliest - now end
+    end
+    if pause > 0 then
+      if wait == 0 or pause < wait then wait = pause end
+    else
+      local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
+                 s = 0, lat = 0, f = 0, inf = r.inf, score = 0}
+      if windowed then c.s, c.lat, c.f = window_totals(windows[k], now) end
+      cands[#cands + 1] = c
+    end
+  end
+end
+
+local function by_score(a, b)
+  if a.score ~= b.score then return a.score > b.score end
+  return a.idx < b.idx
+end
+
+local function max_latency()
+  local most = 0
+  for _, c in ipairs(cands) do
+    if c.s > 0 then
+      local mean = c.lat / c.s
+      if mean > most then most = mean end
+    end
+  end
+  return most
+end
+
+local function latency_term(c, most)
+  if c.s == 0 or most <= 0 then return 1 end
+  return 1 - (c.lat / c.s) / most
+end
+
+local function max_price()
+  local most = cands[1].price
+  for _, c in ipairs(cands) do if c.price > most then most = c.price end end
+  return most
+end
+
+local ordered = cands
+local count = #cands
+if count > 0 then
+  if strategy == ROUND_ROBIN then
+    ordered = {}
+    local start = (rr - 1) % count
+    for pos = 0, count - 1 do
+      local c = cands[((start + pos) % count) + 1]
+      c.score = 1 - pos / count
+      ordered[pos + 1] = c
+    end
+  else
+    if strategy == COST then
+      local most = max_price()
+      for _, c in ipairs(cands) do
+        if most > 0 then c.score = 1 - c.price / most else c.score = 1 end
+      end
+    elseif strategy == LATENCY then
+      local most = max_latency()
+      for _, c in ipairs(cands) do c.score = latency_term(c, most) end
+    elseif strategy == HYBRID then
+      local most_price = max_price()
+      local most_latency = max_latency()
+      for _, c in ipairs(cands) do
+        local cost_term = 1
+        if most_price > 0 then cost_term = 1 - c.price / most_price end
+        local total = c.s + c.f
+        local reliability = 1
+        if total > 0 then reliability = c.s / total end
+        c.score = P.wc * cost_term + P.wl * latency_term(c, most_latency) + P.wr * reliability
+      end
+    else -- LEAST_BUSY
+      local most = cands[1].inf
+      for _, c in ipairs(cands) do if c.inf > most then most = c.inf end end
+      for _, c in ipairs(cands) do
+        if most > 0 then c.score = 1 - c.inf / most else c.score = 1 end
+      end
+    end
+    table.sort(cands, by_score)
+  end
+  -- Half-open targets with a free probe slot go first: breakers recover only when probed.
+  local probes, rest = {}, {}
+  for _, c in ipairs(ordered) do
+    if c.probe then probes[#probes + 1] = c else rest[#rest + 1] = c end
+  end
+  if #probes > 0 then
+    for _, c in ipairs(rest) do probes[#probes + 1] = c end
+    ordered = probes
+  end
+end
+
+local reply = {0, 0, 0, wait, rr, count}
+if count > 0 then
+  local first = ordered[1]
+  local r = records[first.id]
+  if first.probe then r.probes[token] = now + P.probe_ttl end
+  r.inf = r.inf + 1
+  touch(first.id)
+  redis.call('ZADD', K_LEASES, now + P.lease_ttl, first.id .. '|' .. token)
+  redis.call('PEXPIRE', K_LEASES, P.lease_ttl + 60000)
+  reply[1] = 1
+  reply[2] = r.gen
+  if first.probe then reply[3] = 1 end
+  reply[4] = 0
+  for _, c in ipairs(ordered) do
+    reply[#reply + 1] = c.idx
+    reply[#reply + 1] = c.st
+    reply[#reply + 1] = string.format('%.17g', c.score)
+    reply[#reply + 1] = c.s
+    reply[#reply + 1] = c.lat
+    reply[#reply + 1] = c.f
+    reply[#reply + 1] = c.inf
+  end
+end
+flush(extra)
+return reply

@@ -1,0 +1,263 @@
+-- edgeroute shared routing state: the library every script starts with.
+--
+-- The semantics are those of edgeroute/state/memory.py (the reference model); keep the two in
+-- step. Keys of one route share the hash tag {prefix:route}, so every script touches one slot:
+--   KEYS[1]  hash   per-target breaker record, one field per target id, plus '#rr' (cursor)
+--   KEYS[2]  hash   per-target rolling window, one field per target id (sparse time buckets)
+--   KEYS[3]  zset   in-flight leases, member '<target id>|<token>', score = expiry (ms)
+-- A target record is "state gen failures half_open_ok open_until open_timeout cooldown_until
+-- inflight" followed by " token=expiry" for each probe reservation it has handed out.
+-- A window field is "bucket:successes:latency_us:failures:tokens_in:tokens_out;..." oldest
+-- first; buckets older than the window are dropped on write and ignored on read.
+-- Redis TIME is the only clock: replicas may disagree about time, the state never does.
+
+local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+local SUCCESS, FAILURE, RATE_LIMITED, NEUTRAL = 0, 1, 2, 3
+
+local K_TARGETS, K_WINDOW, K_LEASES = KEYS[1], KEYS[2], KEYS[3]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- ARGV[1..14]: the route's parameters, the same for every script.
+local P = {
+  strategy = tonumber(ARGV[1]),
+  wc = tonumber(ARGV[2]), wl = tonumber(ARGV[3]), wr = tonumber(ARGV[4]),
+  failure_threshold = tonumber(ARGV[5]),
+  open_timeout = tonumber(ARGV[6]),
+  success_threshold = tonumber(ARGV[7]),
+  max_probes = tonumber(ARGV[8]),
+  max_open_timeout = tonumber(ARGV[9]),
+  probe_ttl = tonumber(ARGV[10]),
+  bucket_ms = tonumber(ARGV[11]),
+  buckets = tonumber(ARGV[12]),
+  lease_ttl = tonumber(ARGV[13]),
+  idle_ttl = tonumber(ARGV[14]),
+}
+local ARG0 = 14
+
+local records = {}  -- id -> parsed record, loaded once per script run
+local dirty = {}    -- ids whose record must be written back
+local dirty_list = {}
+
+local function parse(v)
+  local r = {st = CLOSED, gen = 0, f = 0, ok = 0, u = 0, to = 0, cd = 0, inf = 0, probes = {}}
+  if not v then return r end
+  local st, gen, f, ok, u, to, cd, inf, rest = string.match(v,
+    '^(%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%-?%d+)(.*)$')
+  if not st then return r end
+  r.st, r.gen, r.f, r.ok = tonumber(st), tonumber(gen), tonumber(f), tonumber(ok)
+  r.u, r.to, r.cd, r.inf = tonumber(u), tonumber(to), tonumber(cd), tonumber(inf)
+  for token, expiry in string.gmatch(rest, ' ([^ =]+)=(%d+)') do
+    r.probes[token] = tonumber(expiry)
+  end
+  return r
+end
+
+local function serialize(r)
+  local parts = {string.format('%d %d %d %d %d %d %d %d',
+    r.st, r.gen, r.f, r.ok, r.u, r.to, r.cd, r.inf)}
+  for token, expiry in pairs(r.probes) do
+    parts[#parts + 1] = string.format('%s=%d', token, expiry)
+  end
+  return table.concat(parts, ' ')
+end
+
+local function touch(id)
+  if not dirty[id] then
+    dirty[id] = true
+    dirty_list[#dirty_list + 1] = id
+  end
+end
+
+local function load(id)
+  local r = records[id]
+  if not r then
+    r = parse(redis.call('HGET', K_TARGETS, id))
+    records[id] = r
+  end
+  return r
+end
+
+-- Write every changed record back in one HSET; `extra` adds more field/value pairs.
+local function flush(extra)
+  local args = {}
+  for _, id in ipairs(dirty_list) do
+    args[#args + 1] = id
+    args[#args + 1] = serialize(records[id])
+  end
+  if extra then
+    for _, v in ipairs(extra) do args[#args + 1] = v end
+  end
+  if #args > 0 then
+    redis.call('HSET', K_TARGETS, unpack(args))
+    redis.call('PEXPIRE', K_TARGETS, P.idle_ttl)
+  end
+end
+
+local function open_breaker(r, id, now, timeout)
+  r.st = OPEN
+  r.gen = r.gen + 1
+  r.f = 0
+  r.ok = 0
+  r.to = timeout
+  r.u = now + timeout
+  r.probes = {}
+  touch(id)
+end
+
+local function half_open_if_due(r, id, now)
+  if r.st == OPEN and now >= r.u then
+    r.st = HALF_OPEN
+    r.gen = r.gen + 1
+    r.ok = 0
+    r.probes = {}
+    touch(id)
+  end
+end
+
+-- Drop expired probe reservations; return how many are live and the earliest expiry.
+local function live_probes(r, id, now)
+  local count, earliest = 0, nil
+  for token, expiry in pairs(r.probes) do
+    if expiry <= now then
+      r.probes[token] = nil
+      touch(id)
+    else
+      count = count + 1
+      if not earliest or expiry < earliest then earliest = expiry end
+    end
+  end
+  return count, earliest
+end
+
+-- Leases whose replica never reported back stop counting as in flight.
+local function expire_leases(now)
+  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now)
+  if #expired == 0 then return end
+  for _, member in ipairs(expired) do
+    local id = string.match(member, '^(.*)|[^|]*$')
+    if id then
+      local r = load(id)
+      r.inf = r.inf - 1
+      touch(id)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
+end
+
+local function window_totals(v, now)
+  local oldest = math.floor(now / P.bucket_ms) - P.buckets
+  local s, lat, f, tin, tout = 0, 0, 0, 0, 0
+  if v then
+    for b, bs, bl, bf, bi, bo in string.gmatch(v, '(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)') do
+      if tonumber(b) > oldest then
+        s = s + tonumber(bs)
+        lat = lat + tonumber(bl)
+        f = f + tonumber(bf)
+        tin = tin + tonumber(bi)
+        tout = tout + tonumber(bo)
+      end
+    end
+  end
+  return s, lat, f, tin, tout
+end
+
+local function add_sample(id, now, kind, lat_us, tin, tout)
+  local bucket = math.floor(now / P.bucket_ms)
+  local oldest = bucket - P.buckets
+  local v = redis.call('HGET', K_WINDOW, id)
+  local slots, found = {}, false
+  if v then
+    for b, bs, bl, bf, bi, bo in string.gmatch(v, '(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)') do
+      b = tonumber(b)
+      if b > oldest then
+        bs, bl, bf, bi, bo = tonumber(bs), tonumber(bl), tonumber(bf), tonumber(bi), tonumber(bo)
+        if b == bucket then
+          found = true
+          if kind == SUCCESS then
+            bs = bs + 1
+            bl = bl + lat_us
+          else
+            bf = bf + 1
+          end
+          bi = bi + tin
+          bo = bo + tout
+        end
+        slots[#slots + 1] = string.format('%d:%d:%d:%d:%d:%d', b, bs, bl, bf, bi, bo)
+      end
+    end
+  end
+  if not found then
+    local s, l, f = 0, 0, 1
+    if kind == SUCCESS then s, l, f = 1, lat_us, 0 end
+    slots[#slots + 1] = string.format('%d:%d:%d:%d:%d:%d', bucket, s, l, f, tin, tout)
+  end
+  redis.call('HSET', K_WINDOW, id, table.concat(slots, ';'))
+  redis.call('PEXPIRE', K_WINDOW, P.bucket_ms * (P.buckets + 1))
+end
+
+-- One finished attempt (ARGV fields in the order the Python side packs them).
+local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin, tout)
+  local r = load(id)
+  half_open_if_due(r, id, now)
+  if token ~= '' then
+    if redis.call('ZREM', K_LEASES, id .. '|' .. token) == 1 then
+      r.inf = r.inf - 1
+      touch(id)
+    end
+    if probe == 1 and r.probes[token] then
+      r.probes[token] = nil
+      touch(id)
+    end
+  end
+  if kind ~= NEUTRAL then add_sample(id, now, kind, lat_us, tin, tout) end
+  if kind == RATE_LIMITED and retry_after > 0 then
+    -- A later, shorter Retry-After never shortens a cooldown already in force.
+    local until_ms = now + retry_after
+    if until_ms > r.cd then
+      r.cd = until_ms
+      touch(id)
+    end
+  end
+  if gen ~= -1 and gen ~= r.gen then return end  -- admitted before a transition: too late
+  if r.st == CLOSED then
+    if kind == SUCCESS then
+      if r.f ~= 0 then
+        r.f = 0
+        touch(id)
+      end
+    elseif kind == FAILURE then
+      r.f = r.f + 1
+      touch(id)
+      if r.f >= P.failure_threshold then open_breaker(r, id, now, P.open_timeout) end
+    end
+  elseif r.st == HALF_OPEN then
+    if kind == SUCCESS then
+      r.ok = r.ok + 1
+      touch(id)
+      if r.ok >= P.success_threshold then
+        r.st = CLOSED
+        r.gen = r.gen + 1
+        r.f = 0
+        r.ok = 0
+        r.to = 0
+        r.probes = {}
+      end
+    elseif kind == FAILURE then
+      local previous = r.to
+      if previous == 0 then previous = P.open_timeout end
+      open_breaker(r, id, now, math.min(previous * 2, P.max_open_timeout))
+    end
+  end
+end
+
+-- Outcome fields start at ARGV[i]: id kind latency_us gen token probe retry_after_ms tin tout.
+local OUTCOME_FIELDS = 9
+local function apply_argv(now, i)
+  apply(now, ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+    ARGV[i + 4], tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]),
+    tonumber(ARGV[i + 8]))
+end

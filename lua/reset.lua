@@ -1,0 +1,16 @@
+-- reset: close one target's breaker and lift its cooldown (an operator's decision).
+-- ARGV after the route parameters: the target id. Reply: the new generation.
+
+local id = ARGV[ARG0 + 1]
+local r = load(id)
+r.st = CLOSED
+r.gen = r.gen + 1
+r.f = 0
+r.ok = 0
+r.u = 0
+r.to = 0
+r.cd = 0
+r.probes = {}
+touch(id)
+flush(nil)
+return r.gen

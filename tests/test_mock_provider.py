@@ -1,0 +1,4 @@
+import sys
+def test_x():
+    import edgeroute.errors
+    print(sys.path[:3])
