@@ -1,0 +1,165 @@
+"""What only the Redis backend has to prove: one command per call, keys, TTLs, NOSCRIPT,
+bounded waits on a dead or frozen server, and scripts that ship inside the wheel."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+import redis
+
+from edgeroute import RoutingStrategy, StateUnavailable
+from edgeroute.state import RedisState
+from edgeroute.state.redis import endpoint_from_url, route_keys
+from edgeroute.state.scripts import SCRIPT_NAMES, load_scripts
+from edgeroute.types import BreakerParams, Outcome, OutcomeKind
+from tests.support.redis_servers import RedisServer, free_port
+from tests.test_state_conformance import make_route
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_one_evalsha_per_decide_and_per_record(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    state = RedisState(redis_server.url, key_prefix="one")
+    route = make_route(RoutingStrategy.default_hybrid())
+    warmup = await state.decide(route)  # loads the script (NOSCRIPT on a fresh server)
+    assert warmup.admission is not None
+    await state.record(route, Outcome.for_admission(warmup.admission, OutcomeKind.NEUTRAL))
+    client.config_resetstat()
+    decisions = await asyncio.gather(*(state.decide(route) for _ in range(200)))
+    assert evalsha_calls(client) == 200
+    assert state.batches < 200  # concurrent decides shared round trips
+    outcomes = [
+        (route, Outcome.for_admission(d.admission, OutcomeKind.SUCCESS, 5.0))
+        for d in decisions
+        if d.admission is not None
+    ]
+    await state.record_many(outcomes)
+    assert evalsha_calls(client) == 201  # a batch of records of one route: one script call
+    assert sum(t.inflight for t in (await state.snapshot(route)).targets) == 0
+    await state.close()
+
+
+async def test_keys_share_one_hash_tag_and_all_expire(redis_url: str) -> None:
+    prefix = f"keys-{uuid.uuid4().hex[:8]}"
+    state = RedisState(redis_url, key_prefix=prefix)
+    route = make_route(RoutingStrategy.round_robin())
+    decision = await state.decide(route)
+    assert decision.admission is not None
+    await state.record(route, Outcome.for_admission(decision.admission, OutcomeKind.SUCCESS, 1.0))
+    await state.decide(route)
+    client = redis.Redis.from_url(redis_url)
+    keys = sorted(k.decode() for k in client.keys(f"{{{prefix}:{route.name}}}*"))
+    assert keys == sorted(route_keys(prefix, route.name))
+    for key in keys:
+        assert client.pttl(key) > 0, f"{key} has no TTL"
+    assert len({key.split("}")[0] for key in keys}) == 1
+    await state.close()
+
+
+async def test_routes_spread_over_cluster_slots(redis_url: str) -> None:
+    from redis.crc import key_slot
+
+    slots = {key_slot(route_keys("edgeroute", f"route-{i}")[0].encode()) for i in range(20)}
+    assert len(slots) > 15  # different routes, different slots
+    for i in range(20):
+        assert len({key_slot(k.encode()) for k in route_keys("edgeroute", f"route-{i}")}) == 1
+
+
+async def test_noscript_after_script_flush_is_recovered(redis_url: str) -> None:
+    state = RedisState(redis_url, key_prefix=f"ns-{uuid.uuid4().hex[:8]}")
+    route = make_route()
+    assert (await state.decide(route)).admission is not None
+    redis.Redis.from_url(redis_url).script_flush()
+    decision = await state.decide(route)
+    assert decision.admission is not None and decision.admission.target_id == "t0"
+    await state.close()
+
+
+async def test_restarted_empty_redis_keeps_routing(redis_server: RedisServer) -> None:
+    state = RedisState(redis_server.url, key_prefix="restart", timeout_ms=500)
+    route = make_route(breaker=BreakerParams(failure_threshold=1, open_timeout_ms=60_000))
+    await state.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
+    assert (await state.decide(route)).target_id == "t1"
+    redis_server.restart()
+    with pytest.raises(StateUnavailable):
+        await state.decide(route)  # the old connection died with the server
+    decision = await state.decide(route)  # reconnects, reloads scripts, state rebuilt empty
+    assert decision.target_id == "t0"
+    await state.close()
+
+
+async def test_unreachable_redis_fails_fast_with_a_typed_error() -> None:
+    state = RedisState(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=50)
+    started = time.perf_counter()
+    with pytest.raises(StateUnavailable, match="redis did not answer"):
+        await state.decide(make_route())
+    assert time.perf_counter() - started < 1.0
+    await state.close()
+
+
+async def test_frozen_redis_costs_at_most_the_timeout(redis_server: RedisServer) -> None:
+    state = RedisState(redis_server.url, key_prefix="frozen", timeout_ms=100)
+    route = make_route()
+    await state.decide(route)
+    redis_server.pause()
+    try:
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(state.decide(route) for _ in range(20)), return_exceptions=True
+        )
+        waited = time.perf_counter() - started
+        assert all(isinstance(r, StateUnavailable) for r in results)
+        assert waited < 0.6  # every call bounded by its own timeout, none stacked behind others
+    finally:
+        redis_server.resume()
+    assert (await state.decide(route)).admission is not None  # nothing wedged afterwards
+    await state.close()
+
+
+async def test_password_protected_redis(tmp_path: Path) -> None:
+    with RedisServer(extra_args=["--requirepass", "s3cret"]) as server:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/2"
+        state = RedisState(url, key_prefix="auth")
+        assert (await state.decide(make_route())).admission is not None
+        await state.close()
+        bad = RedisState(f"redis://:wrong@127.0.0.1:{server.port}/0", timeout_ms=500)
+        with pytest.raises((StateUnavailable, ConnectionError)) as raised:
+            await bad.decide(make_route())
+        assert "wrong" not in str(raised.value)
+        await bad.close()
+
+
+def test_endpoint_from_url() -> None:
+    endpoint = endpoint_from_url("redis://user:pw@redis.example:6380/3")
+    assert (endpoint.host, endpoint.port, endpoint.db) == ("redis.example", 6380, 3)
+    assert (endpoint.username, endpoint.password) == ("user", "pw")
+    assert endpoint.ssl_context is None
+    tls = endpoint_from_url("rediss://redis.example?ssl_cert_reqs=none")
+    assert tls.ssl_context is not None and tls.port == 6379
+    with pytest.raises(ValueError, match="scheme"):
+        endpoint_from_url("http://redis.example")
+
+
+def test_lua_scripts_ship_inside_the_wheel(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(Path(__file__).resolve().parents[1])],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("edgeroute-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for script in ("lib", *SCRIPT_NAMES):
+        assert f"edgeroute/lua/{script}.lua" in names
+    assert set(load_scripts()) == set(SCRIPT_NAMES)
