@@ -166,14 +166,27 @@ def _score_latency(candidates: list[Candidate]) -> None:
 
 
 def _score_hybrid(strategy: RoutingStrategy, candidates: list[Candidate]) -> None:
-    max_price = max(c.target.price_per_mtok for c in candidates)
-    max_latency = _max_latency_us(candidates)
+    max_price = 0.0
+    max_latency = 0.0
+    for c in candidates:
+        if c.target.price_per_mtok > max_price:
+            max_price = c.target.price_per_mtok
+        if c.successes:
+            mean = c.latency_sum_us / c.successes
+            if mean > max_latency:
+                max_latency = mean
     wc, wl, wr = strategy.cost_weight, strategy.latency_weight, strategy.reliability_weight
     for c in candidates:
-        cost_term = 1.0 - c.target.price_per_mtok / max_price if max_price > 0.0 else 1.0
-        total = c.successes + c.failures
-        reliability = c.successes / total if total else 1.0
-        c.score = wc * cost_term + wl * _latency_term(c, max_latency) + wr * reliability
+        price = c.target.price_per_mtok
+        cost_term = 1.0 - price / max_price if max_price > 0.0 else 1.0
+        successes = c.successes
+        total = successes + c.failures
+        reliability = successes / total if total else 1.0
+        if successes and max_latency > 0.0:
+            latency_term = 1.0 - (c.latency_sum_us / successes) / max_latency
+        else:
+            latency_term = 1.0  # no samples yet: optimistic, so it gets explored
+        c.score = wc * cost_term + wl * latency_term + wr * reliability
 
 
 def _score_least_busy(candidates: list[Candidate]) -> None:

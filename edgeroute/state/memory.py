@@ -31,6 +31,8 @@ _WINDOWED = frozenset(("latency", "hybrid"))
 
 class _Target:
     __slots__ = (
+        "cached_bucket",
+        "cached_totals",
         "cooldown_until",
         "failures",
         "generation",
@@ -55,13 +57,19 @@ class _Target:
         self.probes: dict[str, int] = {}  # token -> expiry (ms)
         # Sparse time buckets, oldest first: [bucket, successes, latency_us, failures, tin, tout]
         self.window: list[list[int]] = []
+        # Window totals are summed once per bucket and sample, not once per decide.
+        self.cached_bucket = -1
+        self.cached_totals = (0, 0, 0, 0, 0)
 
 
 class _Route:
-    __slots__ = ("lease_heap", "leases", "rr_cursor", "targets")
+    __slots__ = ("aligned", "aligned_for", "lease_heap", "leases", "rr_cursor", "targets")
 
     def __init__(self) -> None:
         self.targets: dict[str, _Target] = {}
+        # The route's targets in configuration order, rebuilt when the RouteSpec changes.
+        self.aligned: list[_Target] = []
+        self.aligned_for: RouteSpec | None = None
         self.rr_cursor = 0
         self.leases: dict[str, tuple[str, int]] = {}  # token -> (target id, expiry)
         self.lease_heap: list[tuple[int, str]] = []
@@ -93,7 +101,10 @@ def _live_probes(target: _Target, now: int) -> int:
 
 
 def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, int, int, int, int]:
-    oldest = now // route.window.bucket_ms - route.window.buckets
+    bucket = now // route.window.bucket_ms
+    if target.cached_bucket == bucket:
+        return target.cached_totals
+    oldest = bucket - route.window.buckets
     successes = latency = failures = tin = tout = 0
     for bucket, s, lat, f, i, o in target.window:
         if bucket > oldest:
@@ -102,7 +113,10 @@ def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, in
             failures += f
             tin += i
             tout += o
-    return successes, latency, failures, tin, tout
+    totals = (successes, latency, failures, tin, tout)
+    target.cached_bucket = bucket
+    target.cached_totals = totals
+    return totals
 
 
 class MemoryState:
@@ -163,10 +177,13 @@ class MemoryState:
         max_probes = route.breaker.half_open_max_probes
         candidates: list[Candidate] = []
         wait = 0
-        for index, spec in enumerate(route.targets):
-            target = self._target(state, spec.id)
-            _half_open_if_due(target, now)
-            if spec.id in exclude:
+        if state.aligned_for is not route:
+            state.aligned = [self._target(state, spec.id) for spec in route.targets]
+            state.aligned_for = route
+        for index, (spec, target) in enumerate(zip(route.targets, state.aligned)):
+            if target.state == OPEN and now >= target.open_until:
+                _half_open_if_due(target, now)
+            if exclude and spec.id in exclude:
                 continue
             pause = 0
             if target.state == OPEN:
@@ -178,23 +195,28 @@ class MemoryState:
             if pause > 0:
                 wait = pause if wait == 0 else min(wait, pause)
                 continue
-            candidate = Candidate(
-                spec, index, _STATES[target.state], target.state == HALF_OPEN,
-                inflight=target.inflight,
-            )
             if windowed:
                 successes, latency, failures, _, _ = _window_totals(target, now, route)
-                candidate.successes = successes
-                candidate.latency_sum_us = latency
-                candidate.failures = failures
-            candidates.append(candidate)
+                candidates.append(
+                    Candidate(
+                        spec, index, _STATES[target.state], target.state == HALF_OPEN,
+                        successes, latency, failures, target.inflight,
+                    )
+                )
+            else:
+                candidates.append(
+                    Candidate(
+                        spec, index, _STATES[target.state], target.state == HALF_OPEN,
+                        0, 0, 0, target.inflight,
+                    )
+                )
         ordered = rank(strategy, candidates, state.rr_cursor)
         if not ordered:
             return RoutingDecision(
                 route.name, strategy, ordered, None, wait / 1000.0, state.rr_cursor
             )
         first = ordered[0]
-        target = state.targets[first.target.id]
+        target = state.aligned[first.index]
         token = f"{self._token_prefix}{next(self._tokens):x}"
         if first.probe:
             target.probes[token] = now + route.breaker.probe_ttl_ms
@@ -281,6 +303,7 @@ class MemoryState:
             slot[3] += 1
         slot[4] += outcome.input_tokens
         slot[5] += outcome.output_tokens
+        target.cached_bucket = -1
 
     async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
         now = self._now()
