@@ -38,6 +38,9 @@ __all__ = [
     "RoutingDecision",
     "RoutingError",
     "RoutingStrategy",
+    "StateUnavailable",
     "UnknownRoute",
     "__version__",
+    "load_config",
+    "loads_config",
 ]

@@ -7,11 +7,13 @@ config that loads is a config the gateway can run.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -24,9 +26,20 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}"
 NAME_RE = re.compile(_NAME)
 _PROVIDER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _PREFIX = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"
+# `\Z`, not `$`: msgspec searches with `re`, where `$` also matches before a trailing newline.
+_NAME_PATTERN = f"^{_NAME}\\Z"
+_PROVIDER_NAME_PATTERN = f"^{_PROVIDER_NAME}\\Z"
+_PREFIX_PATTERN = f"^{_PREFIX}\\Z"
+# What msgspec's "matching regex '...'" means, for error messages people can act on.
+_START = "starting with a letter or digit"
+_PATTERN_HELP = {
+    _NAME_PATTERN: f"1-128 letters, digits or ._:/@+=- characters, {_START}",
+    _PROVIDER_NAME_PATTERN: f"1-64 letters, digits or ._- characters, {_START}",
+    _PREFIX_PATTERN: f"1-64 letters, digits or ._:- characters, {_START}",
+}
 
-RouteName = Annotated[str, msgspec.Meta(pattern=f"^{_NAME}$")]
-ProviderName = Annotated[str, msgspec.Meta(pattern=f"^{_PROVIDER_NAME}$")]
+RouteName = Annotated[str, msgspec.Meta(pattern=_NAME_PATTERN)]
+ProviderName = Annotated[str, msgspec.Meta(pattern=_PROVIDER_NAME_PATTERN)]
 Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0.0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
@@ -38,7 +51,7 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Frozen, keyword-only, and strict about unknown fields: a typo is an error, not a no-op."""
 
 
-class ServerConfig(_Base, kw_only=True):
+class ServerConfig(_Base, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     admin_token: str | None = None
@@ -49,9 +62,9 @@ class ServerConfig(_Base, kw_only=True):
     request_timeout_s: PositiveSeconds = 600.0
 
 
-class StateConfig(_Base, kw_only=True):
+class StateConfig(_Base, frozen=True, kw_only=True):
     redis_url: str | None = None
-    key_prefix: Annotated[str, msgspec.Meta(pattern=f"^{_PREFIX}$")] = "edgeroute"
+    key_prefix: Annotated[str, msgspec.Meta(pattern=_PREFIX_PATTERN)] = "edgeroute"
     cluster: bool = False
     timeout_ms: Annotated[float, msgspec.Meta(gt=0.0)] = 50.0
     # An in-flight lease outlives the longest request; it only matters when a replica dies.
@@ -60,7 +73,7 @@ class StateConfig(_Base, kw_only=True):
     idle_ttl_s: PositiveSeconds = 3600.0
 
 
-class BreakerConfig(_Base, kw_only=True):
+class BreakerConfig(_Base, frozen=True, kw_only=True):
     failure_threshold: Annotated[int, msgspec.Meta(ge=1)] = 3
     open_timeout_s: PositiveSeconds = 30.0
     success_threshold: Annotated[int, msgspec.Meta(ge=1)] = 3
@@ -70,18 +83,18 @@ class BreakerConfig(_Base, kw_only=True):
     probe_ttl_s: PositiveSeconds = 30.0
 
 
-class LatencyConfig(_Base, kw_only=True):
+class LatencyConfig(_Base, frozen=True, kw_only=True):
     window_s: PositiveSeconds = 60.0
     buckets: Annotated[int, msgspec.Meta(ge=1, le=600)] = 12
 
 
-class WeightsConfig(_Base, kw_only=True):
+class WeightsConfig(_Base, frozen=True, kw_only=True):
     cost: Weight = 0.4
     latency: Weight = 0.4
     reliability: Weight = 0.2
 
 
-class ProviderConfig(_Base, kw_only=True):
+class ProviderConfig(_Base, frozen=True, kw_only=True):
     name: ProviderName
     kind: ProviderKind = "openai"
     base_url: str
@@ -90,9 +103,11 @@ class ProviderConfig(_Base, kw_only=True):
     headers: dict[str, str] = {}
     timeout_s: PositiveSeconds = 600.0
     connect_timeout_s: PositiveSeconds = 5.0
+    # Ask OpenAI-compatible upstreams for usage on streams (hidden from clients that did not).
+    stream_usage: bool = True
 
 
-class TargetConfig(_Base, kw_only=True):
+class TargetConfig(_Base, frozen=True, kw_only=True):
     provider: ProviderName
     model: Annotated[str, msgspec.Meta(min_length=1)]
     # Stable identity of the target in shared state and admin URLs; `provider:model` if unset.
@@ -110,7 +125,7 @@ class TargetConfig(_Base, kw_only=True):
         return self.input_cost_per_mtok + self.output_cost_per_mtok
 
 
-class RouteConfig(_Base, kw_only=True):
+class RouteConfig(_Base, frozen=True, kw_only=True):
     model: RouteName
     strategy: StrategyName = "hybrid"
     weights: WeightsConfig | None = None
@@ -119,7 +134,7 @@ class RouteConfig(_Base, kw_only=True):
     latency: LatencyConfig | None = None
 
 
-class Config(_Base, kw_only=True):
+class Config(_Base, frozen=True, kw_only=True):
     server: ServerConfig = ServerConfig()
     state: StateConfig = StateConfig()
     breaker: BreakerConfig = BreakerConfig()
@@ -152,7 +167,7 @@ def _interpolate(value: str, path: str, env: Mapping[str, str]) -> str:
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{path}: environment variable {name} is not set")
+        raise ConfigError(f"{_printable(path)}: environment variable {name} is not set")
 
     return _ENV_RE.sub(substitute, value)
 
@@ -164,6 +179,9 @@ def _walk(node: Any, path: str, env: Mapping[str, str]) -> Any:
         return {key: _walk(value, f"{path}.{key}", env) for key, value in node.items()}
     if isinstance(node, list):
         return [_walk(item, f"{path}[{i}]", env) for i, item in enumerate(node)]
+    if isinstance(node, float) and not math.isfinite(node):
+        # YAML spells these .inf/.nan; no duration, price or weight can be one.
+        raise ConfigError(f"{_printable(path)}: expected a finite number, got {node}")
     return node
 
 
@@ -187,6 +205,10 @@ def _check_semantics(config: Config) -> Config:
             raise ConfigError(f"$.providers[{i}].name: duplicate provider name {provider.name!r}")
         if not provider.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"$.providers[{i}].base_url: must start with http:// or https://")
+        if not _is_plain_url(provider.base_url):
+            raise ConfigError(
+                f"$.providers[{i}].base_url: needs a host and no spaces or control characters"
+            )
         if provider.kind == "azure" and not provider.api_version:
             raise ConfigError(f"$.providers[{i}].api_version: required for kind azure")
         providers[provider.name] = provider
@@ -218,6 +240,15 @@ def _check_semantics(config: Config) -> Config:
     return config
 
 
+def _is_plain_url(url: str) -> bool:
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return False
+    try:
+        return bool(urlsplit(url).hostname)
+    except ValueError:  # e.g. an unbalanced IPv6 bracket
+        return False
+
+
 def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed YAML/JSON document and return the Config."""
     if raw is None:
@@ -235,10 +266,21 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> Config:
 
 def _one_line(message: str) -> str:
     # msgspec says "Expected `int`, got `str` - at `$.server.port`"; lead with the path.
+    # A bad mapping key reads "... - at `key` in `$.server`".
     text, sep, path = message.rpartition(" - at ")
+    for pattern, help_text in _PATTERN_HELP.items():
+        text = text.replace(f"Expected `str` matching regex {pattern!r}", f"expected {help_text}")
     if sep:
-        return f"{path.strip('`')}: {text}"
-    return f"$: {message}"
+        key, in_sep, parent = path.partition("` in `")
+        if in_sep and key == "`key":
+            return _printable(f"{parent.strip('`')}: mapping key: {text}")
+        return _printable(f"{path.strip('`')}: {text}")
+    return _printable(f"$: {message}")
+
+
+def _printable(text: str) -> str:
+    """Escape control characters so an error stays ONE line whatever the input contained."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
@@ -247,7 +289,7 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Co
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"$: cannot read {file}: {exc.strerror or exc}") from None
+        raise ConfigError(_printable(f"$: cannot read {file}: {exc.strerror or exc}")) from None
     return loads_config(text, source=str(file), env=env)
 
 
@@ -260,7 +302,7 @@ def loads_config(
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"$: invalid YAML at {where}: {problem}") from None
+        raise ConfigError(_printable(f"$: invalid YAML at {where}: {problem}")) from None
     config = parse_config(raw, env=env)
     return apply_env_overrides(config, os.environ if env is None else env)
 

@@ -41,7 +41,11 @@ class AttemptFailed(Exception):
     """Raised by an attempt function to say how the failure counts (see Router.call)."""
 
     def __init__(
-        self, kind: OutcomeKind, error_class: str, *, retryable: bool = True,
+        self,
+        kind: OutcomeKind,
+        error_class: str,
+        *,
+        retryable: bool = True,
         retry_after_s: float = 0.0,
     ) -> None:
         self.kind = kind
@@ -55,7 +59,9 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
     weights = route.weights
     strategy = (
         RoutingStrategy.named(
-            route.strategy, cost=weights.cost, latency=weights.latency,
+            route.strategy,
+            cost=weights.cost,
+            latency=weights.latency,
             reliability=weights.reliability,
         )
         if weights is not None
@@ -68,8 +74,11 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
         strategy=strategy,
         targets=tuple(
             TargetSpec(
-                id=t.target_id, provider=t.provider, model=t.model,
-                price_per_mtok=t.price_per_mtok, input_cost_per_mtok=t.input_cost_per_mtok,
+                id=t.target_id,
+                provider=t.provider,
+                model=t.model,
+                price_per_mtok=t.price_per_mtok,
+                input_cost_per_mtok=t.input_cost_per_mtok,
                 output_cost_per_mtok=t.output_cost_per_mtok,
             )
             for t in route.targets
@@ -120,7 +129,9 @@ class Router:
     def __init__(self, config: Config, state: StateBackend | None = None) -> None:
         self.config = config
         self.state: StateBackend = state if state is not None else state_from_config(config.state)
-        self.routes: dict[str, RouteSpec] = {r.model: compile_route(config, r) for r in config.routes}
+        self.routes: dict[str, RouteSpec] = {
+            r.model: compile_route(config, r) for r in config.routes
+        }
 
     def route(self, name: str) -> RouteSpec:
         spec = self.routes.get(name)
@@ -232,8 +243,14 @@ class Router:
             else:
                 candidates.append(
                     Candidate(
-                        target, index, snap.state, snap.state is CircuitState.HALF_OPEN,
-                        snap.successes, snap.latency_sum_us, snap.failures, snap.inflight,
+                        target,
+                        index,
+                        snap.state,
+                        snap.state is CircuitState.HALF_OPEN,
+                        snap.successes,
+                        snap.latency_sum_us,
+                        snap.failures,
+                        snap.inflight,
                     )
                 )
         # What the next request would see: the cursor it would advance to.
@@ -248,8 +265,11 @@ class Router:
             reason=explain_choice(spec.strategy, ordered, cursor),
             targets=[
                 TargetExplanation(
-                    snapshot=snap, spec=target, admissible=target.id in positions,
-                    excluded_because=why.get(target.id), score=scores.get(target.id),
+                    snapshot=snap,
+                    spec=target,
+                    admissible=target.id in positions,
+                    excluded_because=why.get(target.id),
+                    score=scores.get(target.id),
                     rank=positions.get(target.id),
                 )
                 for target, snap in zip(spec.targets, snapshot.targets, strict=True)

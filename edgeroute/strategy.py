@@ -65,14 +65,18 @@ class RoutingStrategy:
         total = sum(weights)
         if total <= 0.0:
             raise ConfigError("$.weights: all weights are zero")
-        return cls("hybrid", cost_weight / total, latency_weight / total, reliability_weight / total)
+        return cls(
+            "hybrid", cost_weight / total, latency_weight / total, reliability_weight / total
+        )
 
     @classmethod
     def named(
         cls, kind: str, *, cost: float = 0.4, latency: float = 0.4, reliability: float = 0.2
     ) -> RoutingStrategy:
         if kind == "hybrid":
-            return cls.hybrid(cost_weight=cost, latency_weight=latency, reliability_weight=reliability)
+            return cls.hybrid(
+                cost_weight=cost, latency_weight=latency, reliability_weight=reliability
+            )
         if kind not in STRATEGY_KINDS:
             raise ConfigError(f"$.strategy: unknown strategy {kind!r}")
         return cls(kind)

@@ -153,8 +153,18 @@ def test_endpoint_from_url() -> None:
 
 def test_lua_scripts_ship_inside_the_wheel(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(Path(__file__).resolve().parents[1])],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(Path(__file__).resolve().parents[1]),
+        ],
         check=True,
         capture_output=True,
     )

@@ -81,7 +81,9 @@ def make_route(
     )
 
 
-async def admit(h: Harness, route: RouteSpec, **kwargs: object) -> tuple[RoutingDecision, Admission]:
+async def admit(
+    h: Harness, route: RouteSpec, **kwargs: object
+) -> tuple[RoutingDecision, Admission]:
     decision = await h.state.decide(route, **kwargs)  # type: ignore[arg-type]
     assert decision.admission is not None, f"nothing admitted: {decision}"
     return decision, decision.admission
@@ -117,7 +119,9 @@ async def test_exactly_failure_threshold_consecutive_failures_open(harness: Harn
 async def test_a_success_resets_the_consecutive_failure_count(harness: Harness) -> None:
     route = make_route()
     await fail(harness, route, "t0", 2)
-    await harness.state.record(route, Outcome(target_id="t0", kind=OutcomeKind.SUCCESS, latency_ms=5))
+    await harness.state.record(
+        route, Outcome(target_id="t0", kind=OutcomeKind.SUCCESS, latency_ms=5)
+    )
     await fail(harness, route, "t0", 2)
     assert (await states(harness, route))["t0"] is CircuitState.CLOSED
 
@@ -145,7 +149,7 @@ async def test_half_open_after_timeout_grants_limited_probes(harness: Harness) -
     await harness.wait(260)
     assert (await states(harness, route))["t2"] is CircuitState.HALF_OPEN
     first, a1 = await admit(harness, route)
-    second, a2 = await admit(harness, route)
+    _second, a2 = await admit(harness, route)
     third, a3 = await admit(harness, route)
     assert (a1.target_id, a1.probe) == ("t2", True)
     assert (a2.target_id, a2.probe) == ("t2", True)
@@ -292,7 +296,9 @@ async def test_cost_orders_by_price_with_normalised_scores(harness: Harness) -> 
     decision, admission = await admit(harness, route)
     assert admission.target_id == "t1"
     assert [(c.target.id, round(c.score, 9)) for c in decision.candidates] == [
-        ("t1", round(1 - 1 / 3, 9)), ("t2", round(1 - 2 / 3, 9)), ("t0", 0.0)
+        ("t1", round(1 - 1 / 3, 9)),
+        ("t2", round(1 - 2 / 3, 9)),
+        ("t0", 0.0),
     ]
     assert "t1 at 1 $/Mtok" in decision.reason
 
@@ -372,7 +378,9 @@ async def test_in_flight_leases_expire_when_never_reported(harness: Harness) -> 
 
 
 async def test_window_buckets_stop_counting_by_themselves(harness: Harness) -> None:
-    route = make_route(RoutingStrategy.latency_based(), window=WindowParams(bucket_ms=100, buckets=2))
+    route = make_route(
+        RoutingStrategy.latency_based(), window=WindowParams(bucket_ms=100, buckets=2)
+    )
     await record_latency(harness, route, "t0", 500)
     await harness.state.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
     snap = await target(harness, route, "t0")

@@ -17,8 +17,8 @@ class RouteSpec:
     name: str
     strategy: RoutingStrategy
     targets: tuple[TargetSpec, ...]
-    breaker: BreakerParams = BreakerParams()
-    window: WindowParams = WindowParams()
+    breaker: BreakerParams = field(default_factory=BreakerParams)
+    window: WindowParams = field(default_factory=WindowParams)
     lease_ttl_ms: int = 900_000
     idle_ttl_ms: int = 3_600_000
     positions: dict[str, int] = field(default_factory=dict, compare=False, repr=False)

@@ -180,7 +180,7 @@ class MemoryState:
         if state.aligned_for is not route:
             state.aligned = [self._target(state, spec.id) for spec in route.targets]
             state.aligned_for = route
-        for index, (spec, target) in enumerate(zip(route.targets, state.aligned)):
+        for index, (spec, target) in enumerate(zip(route.targets, state.aligned, strict=True)):
             if target.state == OPEN and now >= target.open_until:
                 _half_open_if_due(target, now)
             if exclude and spec.id in exclude:
@@ -199,15 +199,27 @@ class MemoryState:
                 successes, latency, failures, _, _ = _window_totals(target, now, route)
                 candidates.append(
                     Candidate(
-                        spec, index, _STATES[target.state], target.state == HALF_OPEN,
-                        successes, latency, failures, target.inflight,
+                        spec,
+                        index,
+                        _STATES[target.state],
+                        target.state == HALF_OPEN,
+                        successes,
+                        latency,
+                        failures,
+                        target.inflight,
                     )
                 )
             else:
                 candidates.append(
                     Candidate(
-                        spec, index, _STATES[target.state], target.state == HALF_OPEN,
-                        0, 0, 0, target.inflight,
+                        spec,
+                        index,
+                        _STATES[target.state],
+                        target.state == HALF_OPEN,
+                        0,
+                        0,
+                        0,
+                        target.inflight,
                     )
                 )
         ordered = rank(strategy, candidates, state.rr_cursor)
@@ -322,9 +334,7 @@ class MemoryState:
             )
             successes, latency, failures, tin, tout = _window_totals(target, now, route)
             inflight = target.inflight - sum(
-                1
-                for tid, expiry in state.leases.values()
-                if tid == spec.id and expiry <= now
+                1 for tid, expiry in state.leases.values() if tid == spec.id and expiry <= now
             )
             targets.append(
                 TargetSnapshot(

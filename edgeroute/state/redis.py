@@ -9,6 +9,7 @@ one network round trip per batch instead of per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import ssl
@@ -109,8 +110,10 @@ class _Pipeline:
                 if missing:
                     # Redis restarted or failed over: load the scripts, replay what bounced.
                     await self._connection.execute(
-                        [command(3, encode_args(["SCRIPT", "LOAD", s.source]))
-                         for s in self._scripts.values()]
+                        [
+                            command(3, encode_args(["SCRIPT", "LOAD", s.source]))
+                            for s in self._scripts.values()
+                        ]
                     )
                     again = await self._connection.execute([batch[i][0] for i in missing])
                     for i, reply in zip(missing, again, strict=True):
@@ -144,10 +147,8 @@ class _Pipeline:
     async def close(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
-            except (asyncio.CancelledError, Exception):
-                pass
         self._drop_connection()
 
 
@@ -178,7 +179,9 @@ def route_keys(prefix: str, route: str) -> tuple[str, str, str]:
 def _route_header(route: RouteSpec) -> list[Arg]:
     strategy, breaker, window = route.strategy, route.breaker, route.window
     # Keys must outlive any open breaker and the window, whatever idle_ttl says.
-    idle = max(route.idle_ttl_ms, 2 * breaker.max_open_timeout_ms, 2 * window.bucket_ms * window.buckets)
+    idle = max(
+        route.idle_ttl_ms, 2 * breaker.max_open_timeout_ms, 2 * window.bucket_ms * window.buckets
+    )
     return [
         STRATEGY_CODES[strategy.kind],
         repr(strategy.cost_weight),
@@ -216,7 +219,9 @@ class RedisState:
 
     name = "redis"
 
-    def __init__(self, url: str, *, key_prefix: str = "edgeroute", timeout_ms: float = 50.0) -> None:
+    def __init__(
+        self, url: str, *, key_prefix: str = "edgeroute", timeout_ms: float = 50.0
+    ) -> None:
         self.url = url
         self.key_prefix = key_prefix
         self.timeout_s = timeout_ms / 1000.0
@@ -254,10 +259,14 @@ class RedisState:
         }
         built = _RouteCommands(
             route,
-            encode_args(parts["decide"]), len(parts["decide"]),
-            encode_args(parts["record"]), len(parts["record"]),
-            encode_args(parts["snapshot"]), len(parts["snapshot"]),
-            encode_args(parts["reset"]), len(parts["reset"]),
+            encode_args(parts["decide"]),
+            len(parts["decide"]),
+            encode_args(parts["record"]),
+            len(parts["record"]),
+            encode_args(parts["snapshot"]),
+            len(parts["snapshot"]),
+            encode_args(parts["reset"]),
+            len(parts["reset"]),
         )
         self._routes[route.name] = built
         return built
@@ -338,8 +347,15 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
         code = reply[j + 1]
         candidates.append(
             Candidate(
-                targets[index], index, STATE_CODES[code], code == _HALF_OPEN_CODE,
-                reply[j + 3], reply[j + 4], reply[j + 5], reply[j + 6], float(reply[j + 2]),
+                targets[index],
+                index,
+                STATE_CODES[code],
+                code == _HALF_OPEN_CODE,
+                reply[j + 3],
+                reply[j + 4],
+                reply[j + 5],
+                reply[j + 6],
+                float(reply[j + 2]),
             )
         )
     admission = None

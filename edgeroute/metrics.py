@@ -1,0 +1,155 @@
+"""Prometheus metrics, all prefixed `edgeroute_`, on a registry owned by one app.
+
+Label children are cached per (route, target): `.labels()` costs more than the increment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+BREAKER_CODES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+@dataclass(slots=True)
+class TargetMetrics:
+    """Pre-bound children for one target of one route."""
+
+    success: Counter
+    upstream_duration: Histogram
+    ttft: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    cost: Counter
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "edgeroute_requests",
+            "Client requests by route, chosen target and outcome.",
+            ["route", "provider", "model", "outcome"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "edgeroute_request_duration_seconds",
+            "Whole client request, first byte in to last byte out.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "edgeroute_upstream_duration_seconds",
+            "One upstream attempt until its response head (streams: first token).",
+            ["provider", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "edgeroute_time_to_first_token_seconds",
+            "Streams: time until the first token.",
+            ["provider", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "edgeroute_gateway_overhead_seconds",
+            "Time the gateway itself added to a request (request minus upstream time).",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "edgeroute_upstream_attempts",
+            "Upstream attempts by result (ok or error class).",
+            ["provider", "model", "result"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "edgeroute_failovers",
+            "Requests moved to another target after a failure.",
+            ["route", "from_provider", "error"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "edgeroute_tokens",
+            "Tokens reported by upstreams.",
+            ["route", "provider", "model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "edgeroute_cost_usd",
+            "Spend in US dollars from configured token prices.",
+            ["route", "provider", "model"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "edgeroute_breaker_state",
+            "Breaker state per target: 0 closed, 1 open, 2 half-open.",
+            ["route", "target"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "edgeroute_breaker_transitions",
+            "Breaker transitions seen (generation changes), by the state reached.",
+            ["route", "target", "to"],
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "edgeroute_state_errors",
+            "Shared-state calls that failed or timed out.",
+            ["op"],
+            registry=r,
+        )
+        self.state_degraded = Gauge(
+            "edgeroute_state_degraded",
+            "1 while this replica routes on local state because shared state is unreachable.",
+            registry=r,
+        )
+        self.records_dropped = Counter(
+            "edgeroute_records_dropped",
+            "Outcome records dropped because the bounded record queue was full.",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "edgeroute_in_flight_requests", "Client requests being served now.", registry=r
+        )
+        self._targets: dict[tuple[str, str, str], TargetMetrics] = {}
+
+    def target(self, route: str, provider: str, model: str) -> TargetMetrics:
+        key = (route, provider, model)
+        bound = self._targets.get(key)
+        if bound is None:
+            bound = self._targets[key] = TargetMetrics(
+                success=self.requests.labels(route, provider, model, "success"),
+                upstream_duration=self.upstream_duration.labels(provider, model),
+                ttft=self.ttft.labels(provider, model),
+                prompt_tokens=self.tokens.labels(route, provider, model, "prompt"),
+                completion_tokens=self.tokens.labels(route, provider, model, "completion"),
+                cost=self.cost.labels(route, provider, model),
+            )
+        return bound
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

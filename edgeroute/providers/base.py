@@ -1,0 +1,159 @@
+"""What every provider adapter speaks: requests in, replies or streams out, classified errors.
+
+The proxy never looks inside an upstream's API: it hands an adapter the client's request
+(top-level JSON fields kept as raw bytes, so nothing it does not touch is re-encoded) and
+gets back either a complete OpenAI-shaped reply, an OpenAI-shaped SSE stream, or an
+UpstreamError that says how the failure counts.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import msgspec
+
+from edgeroute.types import OutcomeKind
+
+Endpoint = Literal["chat", "completions", "embeddings"]
+ENDPOINT_PATHS: dict[str, str] = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+}
+
+
+class ErrorClass(enum.Enum):
+    CONNECT = "connect_error"
+    TIMEOUT = "timeout"
+    SERVER = "server_error"
+    RATE_LIMITED = "rate_limited"
+    CLIENT = "client_error"
+    STREAM = "stream_error"
+    BAD_RESPONSE = "bad_response"
+
+
+_OUTCOMES = {
+    ErrorClass.RATE_LIMITED: OutcomeKind.RATE_LIMITED,
+    ErrorClass.CLIENT: OutcomeKind.NEUTRAL,
+}
+
+
+class UpstreamError(Exception):
+    """An attempt failed. `status`/`body` are the upstream's when it answered at all."""
+
+    def __init__(
+        self,
+        error_class: ErrorClass,
+        message: str,
+        *,
+        status: int | None = None,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        retry_after_s: float = 0.0,
+    ) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.message = message
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        """A client error is the client's to fix: trying another provider would not help."""
+        return self.error_class is not ErrorClass.CLIENT
+
+    @property
+    def outcome(self) -> OutcomeKind:
+        return _OUTCOMES.get(self.error_class, OutcomeKind.FAILURE)
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class UsageOnly(msgspec.Struct):
+    """Decodes just `usage` out of a whole response: msgspec skips the rest unparsed."""
+
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    endpoint: Endpoint
+    fields: dict[str, msgspec.Raw]  # the client's top-level JSON fields, raw
+    model: str  # the target's model name, replacing the client's route name
+    stream: bool
+    client_wants_usage: bool
+    request_id: str
+
+    def body(self, **overrides: object) -> bytes:
+        """The client's body with `model` (and `overrides`) replaced; the rest byte for byte."""
+        fields: dict[str, object] = dict(self.fields)
+        fields["model"] = self.model
+        fields.update(overrides)
+        return msgspec.json.encode(fields)
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    status: int
+    body: bytes
+    content_type: str
+    usage: Usage = field(default_factory=Usage)
+
+
+class UpstreamStream(Protocol):
+    """An OpenAI-shaped SSE stream, already past its first chunk (which it holds)."""
+
+    status: int
+    usage: Usage
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ProviderAdapter(Protocol):
+    name: str
+    kind: str
+
+    async def send(self, request: UpstreamRequest) -> UpstreamReply | UpstreamStream:
+        """Perform one attempt; raise UpstreamError (classified) when it fails."""
+        ...
+
+
+def parse_retry_after(value: str | None, value_ms: str | None = None) -> float:
+    """Seconds from `retry-after-ms`, `Retry-After: <seconds>` or an HTTP date; 0 if absent."""
+    if value_ms:
+        try:
+            return max(0.0, float(value_ms) / 1000.0)
+        except ValueError:
+            pass
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when.timestamp() - time.time())
+
+
+def classify_status(status: int) -> ErrorClass:
+    if status == 429:
+        return ErrorClass.RATE_LIMITED
+    if status in (408, 409) or status >= 500:
+        # 408/409 are the upstream's trouble (timeouts, overload on some vLLM builds).
+        return ErrorClass.SERVER
+    return ErrorClass.CLIENT

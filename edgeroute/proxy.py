@@ -1,0 +1,627 @@
+"""The request path: decode what routing needs, decide, attempt, fail over, answer, record.
+
+The first attempt runs straight through; only once it has failed does the tenacity policy
+(max attempts, a total deadline, jittered backoff after a whole round of candidates has
+failed) take over. Every failover reports the failure and picks the next target in one
+state call; everything else is recorded off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import tenacity
+from aiohttp import web
+
+from edgeroute.config import Config
+from edgeroute.errors import StateUnavailable
+from edgeroute.metrics import Metrics
+from edgeroute.providers import (
+    ProviderAdapter,
+    UpstreamError,
+    UpstreamReply,
+    UpstreamRequest,
+    UpstreamStream,
+)
+from edgeroute.providers.base import Endpoint, ErrorClass
+from edgeroute.recorder import Recorder
+from edgeroute.router import Router
+from edgeroute.state.base import RouteSpec
+from edgeroute.strategy import RoutingDecision
+from edgeroute.types import Admission, Outcome, OutcomeKind
+
+access_log = logging.getLogger("edgeroute.access")
+_encode = msgspec.json.encode
+_FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_STR = msgspec.json.Decoder(str)
+_BOOL = msgspec.json.Decoder(bool)
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+_STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions)
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> web.Response:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
+    if extra:
+        error.update(extra)
+    return web.Response(
+        status=status,
+        body=_encode({"error": error}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class _Retry(Exception):
+    """An attempt failed in a way another target may not."""
+
+
+class _Exhausted(Exception):
+    """No admissible target is left for this request."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(slots=True)
+class _Attempt:
+    provider: str
+    model: str
+    error: str
+    status: int | None = None
+
+
+@dataclass(slots=True)
+class _Context:
+    route: RouteSpec
+    request: UpstreamRequest
+    started: float
+    tried: list[str] = field(default_factory=list)
+    attempts: list[_Attempt] = field(default_factory=list)
+    pending: Outcome | None = None
+    round_failed: bool = False
+    rounds: int = 0
+    upstream_s: float = 0.0
+
+
+class _RoundBackoff(tenacity.wait.wait_base):
+    """No wait between candidates; jittered exponential backoff once a whole round failed."""
+
+    def __init__(self, context: _Context) -> None:
+        self._context = context
+        self._jitter = tenacity.wait_random_exponential(multiplier=0.05, max=2.0)
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        if not self._context.round_failed:
+            return 0.0
+        self._context.round_failed = False
+        self._context.rounds += 1
+        retry_state.attempt_number = self._context.rounds
+        return float(self._jitter(retry_state))
+
+
+@dataclass(slots=True)
+class _Served:
+    decision: RoutingDecision
+    admission: Admission
+    result: UpstreamReply | UpstreamStream
+    attempt_started: float
+    first_byte: float
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        adapters: dict[str, ProviderAdapter],
+        recorder: Recorder,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.adapters = adapters
+        self.recorder = recorder
+        self.metrics = metrics
+        self.max_attempts = config.server.max_attempts
+        self.deadline_s = config.server.request_timeout_s
+        self.in_flight = 0
+
+    # ---- entry -------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            response = await self._handle(request, endpoint, request_id, started)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+        return response
+
+    async def _handle(
+        self, request: web.Request, endpoint: Endpoint, request_id: str, started: float
+    ) -> web.StreamResponse:
+        parsed = await self._parse(request, endpoint, request_id)
+        if isinstance(parsed, web.Response):
+            parsed.headers["x-request-id"] = request_id
+            self._log(request_id, None, None, parsed.status, started, error=parsed.reason)
+            return parsed
+        route, upstream_request = parsed
+        context = _Context(route, upstream_request, started)
+        try:
+            served = await self._serve(context)
+        except _Exhausted as exhausted:
+            return self._exhausted(context, exhausted, request_id)
+        except UpstreamError as exc:  # not retryable: the client's own mistake, passed through
+            return self._passthrough(context, exc, request_id)
+        except asyncio.CancelledError:
+            if context.pending is not None:
+                self.recorder.submit(route, context.pending)
+            raise
+        if isinstance(served.result, UpstreamReply):
+            return self._reply(context, served, request_id)
+        return await self._stream(request, context, served, request_id)
+
+    async def _parse(
+        self, request: web.Request, endpoint: Endpoint, request_id: str
+    ) -> tuple[RouteSpec, UpstreamRequest] | web.Response:
+        limit = self.config.server.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _too_large(limit)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _too_large(limit)
+        if len(body) > limit:
+            return _too_large(limit)
+        try:
+            fields = _FIELDS.decode(body)
+        except msgspec.DecodeError as exc:
+            return error_response(
+                400,
+                f"request body is not a JSON object: {exc}",
+                type_="invalid_request_error",
+                code="invalid_json",
+            )
+        raw_model = fields.get("model")
+        if raw_model is None:
+            return error_response(
+                400,
+                "you must provide a model parameter",
+                type_="invalid_request_error",
+                param="model",
+                code="missing_required_parameter",
+            )
+        try:
+            model = _STR.decode(raw_model)
+            raw_stream = fields.get("stream")
+            stream = _BOOL.decode(raw_stream) if raw_stream is not None else False
+            raw_options = fields.get("stream_options")
+            wants_usage = (
+                raw_options is not None
+                and raw_options != b"null"
+                and _STREAM_OPTIONS.decode(raw_options).include_usage
+            )
+        except msgspec.DecodeError as exc:
+            return error_response(
+                400,
+                f"invalid request: {exc}",
+                type_="invalid_request_error",
+                code="invalid_type",
+            )
+        if endpoint == "chat" and "messages" not in fields:
+            return error_response(
+                400,
+                "you must provide a messages parameter",
+                type_="invalid_request_error",
+                param="messages",
+                code="missing_required_parameter",
+            )
+        route = self.router.routes.get(model)
+        if route is None:
+            return error_response(
+                404,
+                f"The model `{model}` does not exist (no edgeroute route serves it)",
+                type_="invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
+        if stream and endpoint == "embeddings":
+            stream = False
+        return route, UpstreamRequest(endpoint, fields, model, stream, wants_usage, request_id)
+
+    # ---- attempts ----------------------------------------------------------------------
+
+    async def _serve(self, context: _Context) -> _Served:
+        try:
+            return await self._attempt(context, first=True)
+        except _Retry:
+            pass
+        remaining = self.deadline_s - (time.perf_counter() - context.started)
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.max_attempts - 1)
+            | tenacity.stop_after_delay(max(0.0, remaining)),
+            wait=_RoundBackoff(context),
+            retry=tenacity.retry_if_exception_type(_Retry),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt(context, first=False)
+        except _Retry:
+            pass
+        raise _Exhausted(0.0)
+
+    async def _decide(self, context: _Context, *, first: bool) -> RoutingDecision:
+        route = context.route
+        pending, context.pending = context.pending, None
+        try:
+            return await self.router.state.decide(
+                route, exclude=context.tried, outcome=pending, advance=first
+            )
+        except StateUnavailable:  # a plain RedisState without fallback: nothing to route on
+            self.metrics.state_errors.labels("decide").inc()
+            raise _Exhausted(1.0) from None
+
+    async def _attempt(self, context: _Context, *, first: bool) -> _Served:
+        decision = await self._decide(context, first=first)
+        admission = decision.admission
+        if admission is None:
+            if context.attempts and context.tried:
+                # Every target was tried this round: start a new round after a backoff.
+                context.tried.clear()
+                context.round_failed = True
+                raise _Retry
+            raise _Exhausted(decision.retry_after_s)
+        target = decision.chosen.target
+        adapter = self.adapters[target.provider]
+        request = context.request
+        request.model = target.model
+        attempt_started = time.perf_counter()
+        remaining = self.deadline_s - (attempt_started - context.started)
+        try:
+            async with asyncio.timeout(max(0.001, remaining)):
+                result = await adapter.send(request)
+        except UpstreamError as exc:
+            self._failed(context, decision, admission, exc, attempt_started)
+            if not exc.retryable:
+                raise
+            raise _Retry from None
+        except TimeoutError:
+            deadline = UpstreamError(ErrorClass.TIMEOUT, "request deadline reached")
+            self._failed(context, decision, admission, deadline, attempt_started)
+            raise _Exhausted(0.0) from None
+        except asyncio.CancelledError:
+            # The client went away: the attempt counts for nothing, the lease is returned.
+            self.recorder.submit(
+                context.route, Outcome.for_admission(admission, OutcomeKind.NEUTRAL)
+            )
+            raise
+        first_byte = time.perf_counter()
+        context.upstream_s += first_byte - attempt_started
+        return _Served(decision, admission, result, attempt_started, first_byte)
+
+    def _failed(
+        self,
+        context: _Context,
+        decision: RoutingDecision,
+        admission: Admission,
+        exc: UpstreamError,
+        attempt_started: float,
+    ) -> None:
+        target = decision.chosen.target
+        elapsed = time.perf_counter() - attempt_started
+        context.upstream_s += elapsed
+        context.attempts.append(
+            _Attempt(target.provider, target.model, exc.error_class.value, exc.status)
+        )
+        self.metrics.attempts.labels(target.provider, target.model, exc.error_class.value).inc()
+        self.metrics.upstream_duration.labels(target.provider, target.model).observe(elapsed)
+        outcome = Outcome.for_admission(admission, exc.outcome, elapsed * 1000)
+        outcome.retry_after_s = exc.retry_after_s
+        if exc.retryable:
+            self.metrics.failovers.labels(
+                context.route.name, target.provider, exc.error_class.value
+            ).inc()
+            context.tried.append(target.id)
+            context.pending = outcome  # reported by the next decide, in the same round trip
+        else:
+            self.recorder.submit(context.route, outcome)
+
+    # ---- answers -----------------------------------------------------------------------
+
+    def _headers(self, context: _Context, served: _Served, request_id: str) -> dict[str, str]:
+        target = served.decision.chosen.target
+        return {
+            "x-edgeroute-provider": target.provider,
+            "x-edgeroute-model": target.model,
+            "x-edgeroute-attempts": str(len(context.attempts) + 1),
+            "x-edgeroute-reason": served.decision.reason,
+            "x-request-id": request_id,
+        }
+
+    def _success(
+        self, context: _Context, served: _Served, latency_s: float, prompt: int, completion: int
+    ) -> None:
+        target = served.decision.chosen.target
+        route = context.route
+        outcome = Outcome.for_admission(served.admission, OutcomeKind.SUCCESS, latency_s * 1000)
+        outcome.input_tokens = prompt
+        outcome.output_tokens = completion
+        self.recorder.submit(route, outcome)
+        bound = self.metrics.target(route.name, target.provider, target.model)
+        bound.success.inc()
+        self.metrics.attempts.labels(target.provider, target.model, "ok").inc()
+        bound.upstream_duration.observe(latency_s)
+        if prompt or completion:
+            bound.prompt_tokens.inc(prompt)
+            bound.completion_tokens.inc(completion)
+            cost = prompt * target.input_cost_per_mtok + completion * target.output_cost_per_mtok
+            if cost:
+                bound.cost.inc(cost / 1_000_000)
+
+    def _reply(self, context: _Context, served: _Served, request_id: str) -> web.Response:
+        reply = served.result
+        assert isinstance(reply, UpstreamReply)
+        self._success(
+            context,
+            served,
+            served.first_byte - served.attempt_started,
+            reply.usage.prompt_tokens,
+            reply.usage.completion_tokens,
+        )
+        response = web.Response(
+            status=reply.status, body=reply.body, headers=self._headers(context, served, request_id)
+        )
+        response.content_type = reply.content_type.split(";")[0] or "application/json"
+        self._finish(context, served, response.status, request_id)
+        return response
+
+    async def _stream(
+        self, http: web.Request, context: _Context, served: _Served, request_id: str
+    ) -> web.StreamResponse:
+        stream = served.result
+        assert not isinstance(stream, UpstreamReply)
+        target = served.decision.chosen.target
+        ttft = served.first_byte - served.attempt_started
+        response = web.StreamResponse(
+            status=200, headers={**_SSE_HEADERS, **self._headers(context, served, request_id)}
+        )
+        outcome_kind = OutcomeKind.SUCCESS
+        error: str | None = None
+        try:
+            await response.prepare(http)
+            async for block in stream:
+                await response.write(block)
+        except UpstreamError as exc:
+            # After the first byte there is no failover: tell the client, blame the provider.
+            outcome_kind, error = OutcomeKind.FAILURE, exc.error_class.value
+            self.metrics.attempts.labels(target.provider, target.model, error).inc()
+            message = {
+                "error": {
+                    "message": f"upstream {target.provider} failed mid-stream: {exc.message}",
+                    "type": "upstream_error",
+                    "param": None,
+                    "code": error,
+                }
+            }
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await response.write(b"data: " + _encode(message) + b"\n\n")
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            # The client went away: stop the upstream too, count nothing against anyone.
+            outcome_kind, error = OutcomeKind.NEUTRAL, "client_disconnected"
+            await stream.aclose()
+            self._record_stream(context, served, outcome_kind, ttft, stream)
+            self._finish(context, served, 499, request_id, error=error, ttft=ttft)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return response
+        finally:
+            await stream.aclose()
+        if outcome_kind is OutcomeKind.SUCCESS:
+            usage = stream.usage
+            self._success(context, served, ttft, usage.prompt_tokens, usage.completion_tokens)
+        else:
+            self._record_stream(context, served, outcome_kind, ttft, stream)
+        self.metrics.target(context.route.name, target.provider, target.model).ttft.observe(ttft)
+        self._finish(context, served, 200, request_id, error=error, ttft=ttft)
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+
+    def _record_stream(
+        self,
+        context: _Context,
+        served: _Served,
+        kind: OutcomeKind,
+        ttft: float,
+        stream: UpstreamStream,
+    ) -> None:
+        outcome = Outcome.for_admission(served.admission, kind, ttft * 1000)
+        outcome.input_tokens = stream.usage.prompt_tokens
+        outcome.output_tokens = stream.usage.completion_tokens
+        self.recorder.submit(context.route, outcome)
+
+    def _exhausted(self, context: _Context, exhausted: _Exhausted, request_id: str) -> web.Response:
+        route = context.route.name
+        if context.pending is not None:
+            self.recorder.submit(context.route, context.pending)
+            context.pending = None
+        if not context.attempts:
+            retry_after = max(1, math.ceil(exhausted.retry_after_s))
+            self.metrics.requests.labels(route, "", "", "no_providers_available").inc()
+            response = error_response(
+                503,
+                f"no provider is available for model `{route}` right now "
+                "(every target's breaker is open or rate-limited)",
+                type_="service_unavailable",
+                code="no_providers_available",
+                headers={"Retry-After": str(retry_after), "x-request-id": request_id},
+            )
+            self._log(request_id, route, None, 503, context.started, error="no_providers_available")
+            return response
+        attempts = [
+            {"provider": a.provider, "model": a.model, "error": a.error, "status": a.status}
+            for a in context.attempts
+        ]
+        last = context.attempts[-1]
+        self.metrics.requests.labels(route, last.provider, last.model, "all_providers_failed").inc()
+        response = error_response(
+            502,
+            f"all providers failed for model `{route}` after {len(attempts)} attempts: "
+            + ", ".join(f"{a.provider}/{a.model}: {a.error}" for a in context.attempts),
+            type_="upstream_error",
+            code="all_providers_failed",
+            headers={"x-request-id": request_id, "x-edgeroute-attempts": str(len(attempts))},
+            extra={"attempts": attempts},
+        )
+        self._log(
+            request_id,
+            route,
+            None,
+            502,
+            context.started,
+            error="all_providers_failed",
+            attempts=len(attempts),
+        )
+        return response
+
+    def _passthrough(self, context: _Context, exc: UpstreamError, request_id: str) -> web.Response:
+        last = context.attempts[-1]
+        status = exc.status or 400
+        self.metrics.requests.labels(
+            context.route.name, last.provider, last.model, "client_error"
+        ).inc()
+        body = exc.body or _encode(
+            {
+                "error": {
+                    "message": exc.message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
+        response = web.Response(
+            status=status,
+            body=body,
+            headers={
+                "x-request-id": request_id,
+                "x-edgeroute-provider": last.provider,
+                "x-edgeroute-model": last.model,
+                "x-edgeroute-attempts": str(len(context.attempts)),
+            },
+        )
+        response.content_type = exc.content_type.split(";")[0] or "application/json"
+        self._log(
+            request_id,
+            context.route.name,
+            last.provider,
+            status,
+            context.started,
+            error=exc.error_class.value,
+            attempts=len(context.attempts),
+        )
+        return response
+
+    def _finish(
+        self,
+        context: _Context,
+        served: _Served,
+        status: int,
+        request_id: str,
+        *,
+        error: str | None = None,
+        ttft: float | None = None,
+    ) -> None:
+        now = time.perf_counter()
+        total = now - context.started
+        self.metrics.request_duration.labels(context.route.name).observe(total)
+        if ttft is None:
+            self.metrics.overhead.observe(max(0.0, total - context.upstream_s))
+        target = served.decision.chosen.target
+        self._log(
+            request_id,
+            context.route.name,
+            target,
+            status,
+            context.started,
+            error=error,
+            attempts=len(context.attempts) + 1,
+            upstream_s=context.upstream_s,
+            ttft=ttft,
+        )
+
+    def _log(
+        self,
+        request_id: str,
+        route: str | None,
+        target: Any,
+        status: int,
+        started: float,
+        *,
+        error: str | None = None,
+        attempts: int = 0,
+        upstream_s: float | None = None,
+        ttft: float | None = None,
+    ) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        record: dict[str, Any] = {
+            "request_id": request_id,
+            "route": route,
+            "status": status,
+            "attempts": attempts,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if target is not None and hasattr(target, "provider"):
+            record.update(provider=target.provider, model=target.model, target=target.id)
+        elif isinstance(target, str):
+            record["provider"] = target
+        if upstream_s is not None:
+            record["upstream_ms"] = round(upstream_s * 1000, 3)
+        if ttft is not None:
+            record["ttft_ms"] = round(ttft * 1000, 3)
+        if error:
+            record["error"] = error
+        access_log.info(_encode(record).decode())
+
+
+def _too_large(limit: int) -> web.Response:
+    return error_response(
+        413,
+        f"request body exceeds the {limit} byte limit",
+        type_="invalid_request_error",
+        code="request_too_large",
+    )

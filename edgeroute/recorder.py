@@ -1,0 +1,84 @@
+"""Outcome records leave the request path: queued, then written in batches by one task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from edgeroute.state.base import RouteSpec, StateBackend
+from edgeroute.types import Outcome
+
+log = logging.getLogger("edgeroute.recorder")
+
+
+class Recorder:
+    """A bounded queue in front of `state.record_many`.
+
+    When the state cannot keep up (or is away), the oldest records are dropped and counted:
+    memory stays bounded, and a lost latency sample costs less than a stalled gateway.
+    """
+
+    def __init__(
+        self,
+        state: StateBackend,
+        *,
+        max_pending: int = 10_000,
+        max_batch: int = 512,
+        on_drop: Callable[[int], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._state = state
+        self._pending: deque[tuple[RouteSpec, Outcome]] = deque()
+        self._max_pending = max_pending
+        self._max_batch = max_batch
+        self._wake = asyncio.Event()
+        self._on_drop = on_drop
+        self._on_error = on_error
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def submit(self, route: RouteSpec, outcome: Outcome) -> None:
+        self._pending.append((route, outcome))
+        if len(self._pending) > self._max_pending:
+            self._pending.popleft()
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop(1)
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        while self._pending:
+            count = min(len(self._pending), self._max_batch)
+            batch = [self._pending.popleft() for _ in range(count)]
+            try:
+                await self._state.record_many(batch)
+            except Exception as exc:  # the state backend reports and falls back on its own
+                if self._on_error is not None:
+                    self._on_error(exc)
+                log.warning("recording %d outcomes failed: %s", len(batch), exc)
+
+    async def stop(self) -> None:
+        """Write what is queued, then stop the background task."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()

@@ -1,0 +1,375 @@
+"""The aiohttp application: endpoints, auth, health, metrics, admin, graceful drain.
+
+`create_app(config)` builds everything from the config with no globals; every resource
+(HTTP client session, outcome recorder, breaker-gauge poller, state backend) has one
+cleanup context, so tests can run several gateways in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from edgeroute.config import Config
+from edgeroute.metrics import BREAKER_CODES, Metrics
+from edgeroute.providers import ProviderAdapter, make_adapter
+from edgeroute.proxy import Proxy, error_response
+from edgeroute.recorder import Recorder
+from edgeroute.router import Router, UnknownRoute
+from edgeroute.state import MemoryState, RedisState, StateBackend
+from edgeroute.state.fallback import FallbackState
+
+log = logging.getLogger("edgeroute.server")
+_encode = msgspec.json.encode
+
+CONFIG = web.AppKey("config", Config)
+ROUTER = web.AppKey("router", Router)
+PROXY = web.AppKey("proxy", Proxy)
+METRICS = web.AppKey("metrics", Metrics)
+DRAINING = web.AppKey("draining", asyncio.Event)
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=_encode(data), content_type="application/json")
+
+
+def _key_digests(keys: list[str]) -> list[bytes]:
+    """Plain keys are hashed at startup; `sha256:<hex>` entries are taken as hashes."""
+    digests = []
+    for key in keys:
+        if key.startswith("sha256:"):
+            digests.append(bytes.fromhex(key[7:]))
+        else:
+            digests.append(hashlib.sha256(key.encode()).digest())
+    return digests
+
+
+def _presented_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _matches(presented: str | None, digests: list[bytes]) -> bool:
+    if presented is None:
+        return False
+    digest = hashlib.sha256(presented.encode()).digest()
+    found = False
+    for expected in digests:  # no early exit: every key costs the same time
+        found |= hmac.compare_digest(digest, expected)
+    return found
+
+
+def _make_state(config: Config, metrics: Metrics) -> StateBackend:
+    if not config.state.redis_url:
+        return MemoryState()
+    primary = RedisState(
+        config.state.redis_url,
+        key_prefix=config.state.key_prefix,
+        timeout_ms=config.state.timeout_ms,
+    )
+    return FallbackState(
+        primary,
+        on_change=lambda degraded: metrics.state_degraded.set(1 if degraded else 0),
+        on_error=lambda op: metrics.state_errors.labels(op).inc(),
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(config: Config, *, state: StateBackend | None = None) -> web.Application:
+    metrics = Metrics()
+    state = state if state is not None else _make_state(config, metrics)
+    router = Router(config, state)
+    client_keys = _key_digests(config.server.api_keys)
+    admin_token = config.server.admin_token
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if (
+            path.startswith("/v1/")
+            and client_keys
+            and not _matches(_presented_key(request), client_keys)
+        ):
+            return error_response(
+                401,
+                "invalid or missing API key",
+                type_="invalid_request_error",
+                code="invalid_api_key",
+            )
+        if path.startswith("/admin/"):
+            if admin_token is None:
+                return error_response(
+                    404,
+                    "admin endpoints are disabled (no admin_token set)",
+                    type_="invalid_request_error",
+                    code="not_found",
+                )
+            if not _matches(_presented_key(request), _key_digests([admin_token])):
+                return error_response(
+                    401,
+                    "invalid or missing admin token",
+                    type_="invalid_request_error",
+                    code="invalid_admin_token",
+                )
+        return await handler(request)
+
+    app = web.Application(middlewares=[auth], client_max_size=config.server.max_body_bytes + 1)
+    app[CONFIG] = config
+    app[ROUTER] = router
+    app[METRICS] = metrics
+    app[DRAINING] = asyncio.Event()
+
+    recorder = Recorder(
+        state,
+        on_drop=lambda n: metrics.records_dropped.inc(n),
+        on_error=lambda exc: metrics.state_errors.labels("record").inc(),
+    )
+    adapters: dict[str, ProviderAdapter] = {}
+
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
+        )
+        session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+        for provider in config.providers:
+            adapters[provider.name] = make_adapter(provider, session)
+        app[PROXY] = Proxy(config, router, adapters, recorder, metrics)
+        yield
+        await session.close()
+
+    async def outcome_recorder(app: web.Application) -> AsyncIterator[None]:
+        recorder.start()
+        yield
+        await recorder.stop()
+
+    async def breaker_gauges(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(_poll_breakers(router, metrics))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def close_state(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await router.close()
+
+    # Order matters on the way out (reverse): stop polling, drain records, close state.
+    app.cleanup_ctx.extend([close_state, outcome_recorder, breaker_gauges, upstream_session])
+
+    def proxied(endpoint: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await request.app[PROXY].handle(request, endpoint)  # type: ignore[arg-type]
+
+        return handler
+
+    async def models(request: web.Request) -> web.Response:
+        return _json(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "edgeroute"}
+                    for name in router.routes
+                ],
+            }
+        )
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        body: dict[str, object] = {"state_backend": state.name}
+        if isinstance(state, FallbackState):
+            body["shared_state"] = "degraded" if state.degraded else "live"
+            if state.degraded:
+                body["state_error"] = state.last_error
+        else:
+            body["shared_state"] = "local"
+        if request.app[DRAINING].is_set():
+            return _json({"status": "draining", **body}, status=503)
+        return _json({"status": "ready", **body})
+
+    async def metrics_endpoint(request: web.Request) -> web.Response:
+        return web.Response(
+            body=metrics.exposition(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def explain(request: web.Request) -> web.Response:
+        name = request.match_info["route"]
+        try:
+            explanation = await router.explain(name)
+        except UnknownRoute:
+            return error_response(
+                404,
+                f"The model `{name}` does not exist",
+                type_="invalid_request_error",
+                code="model_not_found",
+            )
+        return _json(_explanation_json(explanation))
+
+    async def admin_state(request: web.Request) -> web.Response:
+        routes = {}
+        for name in router.routes:
+            explanation = await router.explain(name)
+            routes[name] = _explanation_json(explanation)
+        return _json({"state_backend": state.name, "routes": routes})
+
+    async def admin_reset(request: web.Request) -> web.Response:
+        name, target = request.match_info["route"], request.match_info["target"]
+        try:
+            await router.reset(name, target)
+        except UnknownRoute:
+            return error_response(
+                404, f"no route `{name}`", type_="invalid_request_error", code="model_not_found"
+            )
+        except KeyError:
+            return error_response(
+                404,
+                f"route `{name}` has no target `{target}`",
+                type_="invalid_request_error",
+                code="target_not_found",
+            )
+        return _json({"route": name, "target": target, "reset": True})
+
+    app.router.add_post("/v1/chat/completions", proxied("chat"))
+    app.router.add_post("/v1/completions", proxied("completions"))
+    app.router.add_post("/v1/embeddings", proxied("embeddings"))
+    app.router.add_get("/v1/models", models)
+    app.router.add_get(r"/v1/routes/{route:.+}/explain", explain)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/admin/state", admin_state)
+    app.router.add_post(r"/admin/routes/{route:.+}/targets/{target:[^/]+}/reset", admin_reset)
+    return app
+
+
+def _explanation_json(explanation: object) -> dict[str, object]:
+    from edgeroute.router import Explanation
+
+    assert isinstance(explanation, Explanation)
+    targets = []
+    for item in explanation.targets:
+        snap = item.snapshot
+        targets.append(
+            {
+                "target": item.spec.id,
+                "provider": item.spec.provider,
+                "model": item.spec.model,
+                "price_per_mtok": item.spec.price_per_mtok,
+                "breaker": snap.state.value,
+                "generation": snap.generation,
+                "consecutive_failures": snap.consecutive_failures,
+                "half_open_successes": snap.half_open_successes,
+                "open_remaining_ms": snap.open_remaining_ms,
+                "open_timeout_ms": snap.open_timeout_ms,
+                "cooldown_remaining_ms": snap.cooldown_remaining_ms,
+                "in_flight": snap.inflight,
+                "probes_in_use": snap.probes_in_use,
+                "window": {
+                    "successes": snap.successes,
+                    "failures": snap.failures,
+                    "latency_ms": snap.latency_ms,
+                    "success_rate": snap.success_rate,
+                    "input_tokens": snap.input_tokens,
+                    "output_tokens": snap.output_tokens,
+                },
+                "admissible": item.admissible,
+                "excluded_because": item.excluded_because,
+                "score": item.score,
+                "rank": item.rank,
+            }
+        )
+    strategy = explanation.strategy
+    return {
+        "route": explanation.route,
+        "strategy": strategy.kind,
+        "weights": (
+            {
+                "cost": strategy.cost_weight,
+                "latency": strategy.latency_weight,
+                "reliability": strategy.reliability_weight,
+            }
+            if strategy.kind == "hybrid"
+            else None
+        ),
+        "order": explanation.order,
+        "reason": explanation.reason,
+        "rr_cursor": explanation.snapshot.rr_cursor,
+        "targets": targets,
+    }
+
+
+async def _poll_breakers(router: Router, metrics: Metrics, interval_s: float = 5.0) -> None:
+    """Breaker gauges and transition counts from snapshots: no cost on the request path."""
+    generations: dict[tuple[str, str], int] = {}
+    while True:
+        for name, spec in router.routes.items():
+            try:
+                snapshot = await router.state.snapshot(spec)
+            except Exception:  # state trouble is counted by the state layer
+                continue
+            for target in snapshot.targets:
+                key = (name, target.target_id)
+                metrics.breaker_state.labels(name, target.target_id).set(
+                    BREAKER_CODES[target.state.value]
+                )
+                previous = generations.get(key)
+                if previous is not None and target.generation > previous:
+                    metrics.breaker_transitions.labels(
+                        name, target.target_id, target.state.value
+                    ).inc(target.generation - previous)
+                generations[key] = target.generation
+        await asyncio.sleep(interval_s)
+
+
+async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain: /readyz turns 503, in-flight work finishes."""
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=config.server.shutdown_timeout_s,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner, config.server.host, config.server.port, reuse_address=True, backlog=2048
+    )
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    addresses = runner.addresses
+    port = addresses[0][1] if addresses else config.server.port
+    url = f"http://{config.server.host}:{port}"
+    if ready is not None:
+        ready(url)
+    await stop.wait()
+    app[DRAINING].set()
+    log.warning(
+        "draining: waiting up to %ss for in-flight requests", config.server.shutdown_timeout_s
+    )
+    proxy = app.get(PROXY)
+    deadline = loop.time() + config.server.shutdown_timeout_s
+    # Polling is enough here: it runs once, at shutdown, for at most shutdown_timeout_s.
+    while proxy is not None and proxy.in_flight > 0 and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    await runner.cleanup()
+    return 0
