@@ -8,8 +8,9 @@ open" is made right after the transition, far from any boundary.
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -48,13 +49,26 @@ class Harness:
             await asyncio.sleep(ms / 1000)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def fakeredis_url() -> Iterator[str]:
+    """fakeredis over TCP runs the same Lua (via lupa): fast, but never instead of Redis."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{server.server_address[1]}/0"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(params=["memory", "redis", "fakeredis"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
         clock = FakeClock()
         yield Harness(MemoryState(clock), clock)
         return
-    url = request.getfixturevalue("redis_url")
+    url = request.getfixturevalue(f"{request.param}_url")
     state = RedisState(url, key_prefix=f"conf-{uuid.uuid4().hex[:12]}", timeout_ms=2000)
     yield Harness(state, None)
     await state.close()

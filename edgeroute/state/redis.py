@@ -104,17 +104,15 @@ class _Pipeline:
         try:
             async with asyncio.timeout_at(deadline):
                 if self._connection is None:
-                    self._connection = await RespConnection.open(self._endpoint)
+                    connection = await RespConnection.open(self._endpoint)
+                    # Load up front: a fresh server (or a promoted replica) has no scripts.
+                    await self._load_scripts(connection)
+                    self._connection = connection
                 replies = await self._connection.execute([cmd for cmd, _, _ in batch])
                 missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
                 if missing:
                     # Redis restarted or failed over: load the scripts, replay what bounced.
-                    await self._connection.execute(
-                        [
-                            command(3, encode_args(["SCRIPT", "LOAD", s.source]))
-                            for s in self._scripts.values()
-                        ]
-                    )
+                    await self._load_scripts(self._connection)
                     again = await self._connection.execute([batch[i][0] for i in missing])
                     for i, reply in zip(missing, again, strict=True):
                         replies[i] = reply
@@ -138,6 +136,17 @@ class _Pipeline:
                 future.set_exception(StateUnavailable(f"redis refused the call: {reply}"))
             else:
                 future.set_result(reply)
+
+    async def _load_scripts(self, connection: RespConnection) -> None:
+        replies = await connection.execute(
+            [
+                command(3, encode_args(["SCRIPT", "LOAD", script.source]))
+                for script in self._scripts.values()
+            ]
+        )
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise ConnectionError(f"redis refused to load the edgeroute scripts: {reply}")
 
     def _drop_connection(self) -> None:
         if self._connection is not None:
