@@ -290,6 +290,10 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Co
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(_printable(f"$: cannot read {file}: {exc.strerror or exc}")) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            _printable(f"$: cannot read {file}: not UTF-8 (byte offset {exc.start})")
+        ) from None
     return loads_config(text, source=str(file), env=env)
 
 

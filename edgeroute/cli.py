@@ -1,0 +1,573 @@
+"""The `edgeroute` command: check a config, explain a route, dump state, run a mock upstream.
+
+Every subcommand is a thin shell over the library: it loads the config, builds what the
+gateway would build, and prints. Errors are ONE line on stderr, prefixed `edgeroute:`:
+
+- exit 2: the input is wrong (a config error, an unknown route, a bad flag);
+- exit 1: something else went wrong (state unreachable, an unexpected exception; set
+  `EDGEROUTE_DEBUG=1` for the traceback).
+
+Nothing printed ever contains a secret: provider API keys, admin tokens and client keys from
+the config are redacted wherever they would appear, and credentials inside URLs
+(`redis://user:pass@host`) are shown as `user:***@`.
+
+More subcommands (`serve`, `demo`) plug in via `build_parser()`: add a subparser there and
+set its `handler` default to a function `(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from edgeroute.config import Config, load_config
+from edgeroute.errors import ConfigError, StateUnavailable
+from edgeroute.router import Explanation, Router, TargetExplanation
+from edgeroute.state import state_from_config
+from edgeroute.strategy import RoutingStrategy
+from edgeroute.types import RouteSnapshot
+
+PROG = "edgeroute"
+
+# One-off diagnostics may open a fresh connection and load scripts; the request-path budget
+# (`state.timeout_ms`, 50 ms by default) is too tight for that, so the CLI waits at least this.
+_CLI_STATE_TIMEOUT_MS = 2000.0
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+_URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@/\s]*)@"
+)
+_QUERY_SECRETS = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pass|pwd|token|api_key|apikey|key|secret)=)[^&#\s]*",
+    re.IGNORECASE,
+)
+_MIN_SECRET_LEN = 4
+
+
+class Redactor:
+    """Masks URL credentials and every secret value it has been told about."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def add(self, *values: str | None) -> None:
+        for value in values:
+            # Very short values would mask random substrings and say little; skip them.
+            if value and len(value) >= _MIN_SECRET_LEN:
+                self._secrets.add(value)
+
+    def add_config(self, config: Config) -> None:
+        self.add(config.server.admin_token, *config.server.api_keys)
+        for provider in config.providers:
+            self.add(provider.api_key, *provider.headers.values())
+        if config.state.redis_url:
+            self.add(_url_password(config.state.redis_url))
+
+    def __call__(self, text: str) -> str:
+        text = mask_url_credentials(text)
+        # Longest first, so a secret that contains another is masked whole.
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+
+def mask_url_credentials(text: str) -> str:
+    """`redis://user:pass@host` → `redis://user:***@host`; `?password=x` → `?password=***`."""
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRETS.sub(lambda m: f"{m['key']}***", text)
+
+
+def _url_password(url: str) -> str | None:
+    match = _URL_CREDENTIALS.search(url)
+    return match["password"] if match else None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+# --- output helpers ------------------------------------------------------------------------
+
+
+class _Output:
+    """Where a command writes: stdout for results, stderr for notes; both redacted."""
+
+    def __init__(self, redact: Redactor) -> None:
+        self.redact = redact
+        # The shared state's URL once a config is loaded, for "state unavailable" errors.
+        self.state_url: str | None = None
+
+    def print(self, text: str = "") -> None:
+        print(self.redact(text), file=sys.stdout)
+
+    def note(self, text: str) -> None:
+        """One line on stderr (errors and notes never span lines)."""
+        print(self.redact(_one_line(text)), file=sys.stderr)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    body = [list(headers), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in body) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+             for row in body]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+# --- shared plumbing -----------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace, out: _Output) -> Config:
+    config = load_config(args.config)
+    out.redact.add_config(config)
+    out.state_url = config.state.redis_url
+    return config
+
+
+def _state_label(config: Config) -> str:
+    return "redis" if config.state.redis_url else "memory"
+
+
+def _make_router(config: Config) -> Router:
+    """A Router as the gateway would build it, with a CLI-friendly state timeout."""
+    state_config = config.state
+    if state_config.timeout_ms < _CLI_STATE_TIMEOUT_MS:
+        state_config = msgspec.structs.replace(state_config, timeout_ms=_CLI_STATE_TIMEOUT_MS)
+    try:
+        state = state_from_config(state_config)
+    except (ValueError, OSError) as exc:
+        source = " (from EDGEROUTE_REDIS_URL)" if os.environ.get("EDGEROUTE_REDIS_URL") else ""
+        raise ConfigError(f"$.state.redis_url{source}: {exc}") from None
+    return Router(config, state)
+
+
+def _in_memory_note(out: _Output, config: Config) -> None:
+    if not config.state.redis_url:
+        out.note(
+            "note: state is in-memory (no state.redis_url / EDGEROUTE_REDIS_URL), so this is "
+            "a fresh process's view, not a running gateway's"
+        )
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
+    config = _load(args, out)
+
+    async def build() -> None:
+        router = _make_router(config)  # compiles every route and parses the state URL
+        await router.close()
+
+    asyncio.run(build())
+    state = _state_label(config)
+    if config.state.redis_url:
+        state += f" {config.state.redis_url}"
+    out.print(
+        f"config OK: {_plural(len(config.providers), 'provider')}, "
+        f"{_plural(len(config.routes), 'route')} (state: {state})"
+    )
+    return 0
+
+
+# --- explain -------------------------------------------------------------------------------
+
+
+def _strategy_text(strategy: RoutingStrategy) -> str:
+    if strategy.kind != "hybrid":
+        return strategy.kind
+    return (
+        f"hybrid, weights cost {strategy.cost_weight:.2f} / latency {strategy.latency_weight:.2f}"
+        f" / reliability {strategy.reliability_weight:.2f}"
+    )
+
+
+def _explanation_json(explanation: Explanation, state: str) -> dict[str, Any]:
+    strategy = explanation.strategy
+    return {
+        "route": explanation.route,
+        "state_backend": state,
+        "strategy": {
+            "kind": strategy.kind,
+            # Normalised to sum 1; only hybrid has weights.
+            "weights": {
+                "cost": strategy.cost_weight,
+                "latency": strategy.latency_weight,
+                "reliability": strategy.reliability_weight,
+            }
+            if strategy.kind == "hybrid"
+            else None,
+        },
+        "order": list(explanation.order),
+        "reason": explanation.reason,
+        "rr_cursor": explanation.snapshot.rr_cursor,
+        "targets": [
+            {
+                "id": t.spec.id,
+                "provider": t.spec.provider,
+                "model": t.spec.model,
+                "price_per_mtok": t.spec.price_per_mtok,
+                "state": t.snapshot.state.value,
+                "admissible": t.admissible,
+                "excluded_because": t.excluded_because,
+                "score": t.score,
+                # 1 is the target the next request would go to; None when excluded.
+                "rank": None if t.rank is None else t.rank + 1,
+                "latency_ms": t.snapshot.latency_ms,
+                "success_rate": t.snapshot.success_rate,
+                "inflight": t.snapshot.inflight,
+                "successes": t.snapshot.successes,
+                "failures": t.snapshot.failures,
+                "consecutive_failures": t.snapshot.consecutive_failures,
+                "open_remaining_ms": t.snapshot.open_remaining_ms,
+                "cooldown_remaining_ms": t.snapshot.cooldown_remaining_ms,
+                "probes_in_use": t.snapshot.probes_in_use,
+            }
+            for t in explanation.targets
+        ],
+    }
+
+
+def _explanation_text(explanation: Explanation, state: str) -> str:
+    rows = [
+        [
+            t.spec.id,
+            t.snapshot.state.value,
+            _fmt(t.score, ".3f"),
+            "-" if t.rank is None else str(t.rank + 1),
+            _fmt(t.snapshot.latency_ms),
+            _pct(t.snapshot.success_rate),
+            str(t.snapshot.inflight),
+            t.excluded_because or "-",
+        ]
+        for t in _by_rank(explanation.targets)
+    ]
+    headers = ["TARGET", "STATE", "SCORE", "RANK", "LATENCY MS", "SUCCESS", "IN-FLIGHT",
+               "EXCLUDED BECAUSE"]
+    return "\n".join(
+        [
+            f"route {explanation.route} ({_strategy_text(explanation.strategy)}; "
+            f"state: {state})",
+            _table(headers, rows),
+            f"reason: {explanation.reason}",
+        ]
+    )
+
+
+def _by_rank(targets: list[TargetExplanation]) -> list[TargetExplanation]:
+    """The next request's pick first, then the runners-up, then the excluded (config order)."""
+    excluded = len(targets)
+    return sorted(targets, key=lambda t: excluded if t.rank is None else t.rank)
+
+
+def _cmd_explain(args: argparse.Namespace, out: _Output) -> int:
+    config = _load(args, out)
+    _require_route(config, args.route)
+
+    async def run() -> Explanation:
+        router = _make_router(config)
+        try:
+            return await router.explain(args.route)
+        finally:
+            await router.close()
+
+    explanation = asyncio.run(run())
+    state = _state_label(config)
+    if args.json:
+        out.print(json.dumps(_explanation_json(explanation, state), indent=2))
+    else:
+        out.print(_explanation_text(explanation, state))
+    _in_memory_note(out, config)
+    return 0
+
+
+class _UsageError(Exception):
+    """Bad input found after argument parsing (exit 2, like argparse)."""
+
+
+def _require_route(config: Config, name: str) -> None:
+    known = [route.model for route in config.routes]
+    if name not in known:
+        choices = ", ".join(known) if known else "none configured"
+        raise _UsageError(f"unknown route {name!r} (routes: {choices})")
+
+
+# --- state ---------------------------------------------------------------------------------
+
+
+def _snapshot_json(snapshot: RouteSnapshot) -> dict[str, Any]:
+    return {
+        "route": snapshot.route,
+        "rr_cursor": snapshot.rr_cursor,
+        "now_ms": snapshot.now_ms,
+        "targets": [
+            {
+                "id": t.target_id,
+                "state": t.state.value,
+                "generation": t.generation,
+                "consecutive_failures": t.consecutive_failures,
+                "half_open_successes": t.half_open_successes,
+                "open_remaining_ms": t.open_remaining_ms,
+                "open_timeout_ms": t.open_timeout_ms,
+                "cooldown_remaining_ms": t.cooldown_remaining_ms,
+                "inflight": t.inflight,
+                "probes_in_use": t.probes_in_use,
+                "successes": t.successes,
+                "failures": t.failures,
+                "latency_ms": t.latency_ms,
+                "success_rate": t.success_rate,
+                "input_tokens": t.input_tokens,
+                "output_tokens": t.output_tokens,
+            }
+            for t in snapshot.targets
+        ],
+    }
+
+
+def _snapshot_text(snapshot: RouteSnapshot) -> str:
+    headers = ["TARGET", "STATE", "GEN", "FAILS", "OPEN MS", "COOLDOWN MS", "IN-FLIGHT",
+               "PROBES", "OK", "ERR", "LATENCY MS", "SUCCESS", "TOKENS IN/OUT"]
+    rows = [
+        [
+            t.target_id, t.state.value, str(t.generation), str(t.consecutive_failures),
+            str(t.open_remaining_ms), str(t.cooldown_remaining_ms), str(t.inflight),
+            str(t.probes_in_use), str(t.successes), str(t.failures), _fmt(t.latency_ms),
+            _pct(t.success_rate), f"{t.input_tokens}/{t.output_tokens}",
+        ]
+        for t in snapshot.targets
+    ]
+    return f"route {snapshot.route} (rr cursor {snapshot.rr_cursor})\n" + _table(headers, rows)
+
+
+def _cmd_state(args: argparse.Namespace, out: _Output) -> int:
+    config = _load(args, out)
+    if args.route is not None:
+        _require_route(config, args.route)
+        names = [args.route]
+    else:
+        names = [route.model for route in config.routes]
+
+    async def run() -> list[RouteSnapshot]:
+        router = _make_router(config)
+        try:
+            return [await router.state.snapshot(router.route(name)) for name in names]
+        finally:
+            await router.close()
+
+    snapshots = asyncio.run(run())
+    state = _state_label(config)
+    if args.json:
+        document = {"state_backend": state, "routes": [_snapshot_json(s) for s in snapshots]}
+        out.print(json.dumps(document, indent=2))
+    elif not snapshots:
+        out.print(f"no routes configured (state: {state})")
+    else:
+        out.print("\n\n".join(_snapshot_text(s) for s in snapshots))
+    _in_memory_note(out, config)
+    return 0
+
+
+# --- mock-provider -------------------------------------------------------------------------
+
+
+def _cmd_mock_provider(args: argparse.Namespace, out: _Output) -> int:
+    # Imported here: aiohttp and the mock are only needed by this subcommand.
+    from edgeroute import mock_provider
+
+    prog = f"{PROG} mock-provider"
+    parser = mock_provider.build_arg_parser(prog=prog)
+    options = parser.parse_args(args.mock_args)
+    try:
+        settings = mock_provider.settings_from_args(options)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        mock_provider.serve_mock_provider(options.host, options.port, settings, options.name)
+    except OSError as exc:
+        out.note(f"{prog}: cannot listen on {options.host}:{options.port}: {exc}")
+        return 1
+    return 0
+
+
+# --- serve and demo ------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace, out: _Output) -> int:
+    from edgeroute.launch import serve_config
+
+    config = _load(args, out)
+    server = config.server
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if overrides:
+        server = msgspec.structs.replace(server, **overrides)
+        config = msgspec.structs.replace(config, server=server)
+    try:
+        return serve_config(config)
+    except OSError as exc:
+        raise _UsageError(
+            f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}"
+        ) from None
+
+
+def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
+    from edgeroute.launch import demo
+
+    try:
+        return demo(args.port, args.mock_base_port)
+    except OSError as exc:
+        raise _UsageError(f"cannot start the demo: {exc.strerror or exc}") from None
+
+
+# --- parser and entry point ----------------------------------------------------------------
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", required=True, metavar="FILE", help="edgeroute YAML config file"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; each subcommand sets `handler` (and may add more later)."""
+    from edgeroute import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="edgeroute: a cluster-consistent LLM routing gateway.",
+        epilog="Set EDGEROUTE_DEBUG=1 to see tracebacks of unexpected errors.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = sub.add_parser(
+        "check", help="validate a config file", description="Load and validate a config file "
+        "(no network I/O); exit 0 if the gateway could run it, 2 otherwise.",
+    )
+    _add_config_option(check)
+    check.set_defaults(handler=_cmd_check)
+
+    explain = sub.add_parser(
+        "explain", help="show how a route would pick its next target",
+        description="A dry run of the routing decision for ROUTE: every target's breaker "
+        "state, score and rank (1 = the next request's pick), and why excluded targets are. "
+        "Changes no state.",
+    )
+    _add_config_option(explain)
+    explain.add_argument("route", metavar="ROUTE", help="route name (the `model` clients send)")
+    explain.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    explain.set_defaults(handler=_cmd_explain)
+
+    state = sub.add_parser(
+        "state", help="dump the routing state of every route",
+        description="Print each target's breaker, window and in-flight state.",
+    )
+    _add_config_option(state)
+    state.add_argument("--route", "-r", metavar="ROUTE", help="only this route")
+    state.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    state.set_defaults(handler=_cmd_state)
+
+    serve = sub.add_parser(
+        "serve", help="run the gateway",
+        description="Run the gateway until SIGTERM/SIGINT, then drain in-flight requests "
+        "(server.shutdown_timeout_s) and exit 0. No Redis configured: in-memory state.",
+    )
+    _add_config_option(serve)
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.set_defaults(handler=_cmd_serve)
+
+    demo = sub.add_parser(
+        "demo", help="run the gateway in front of three built-in mock upstreams",
+        description="Start three mock upstreams (fast, cheap, flaky) and a gateway on "
+        "in-memory state in front of them: routing and failover with no API key.",
+    )
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo.add_argument("--mock-base-port", type=int, default=9101,
+                      help="first mock upstream port (default 9101; uses three)")
+    demo.set_defaults(handler=_cmd_demo)
+
+    mock = sub.add_parser(
+        "mock-provider", add_help=False, help="run a fake OpenAI-compatible upstream",
+        description="Run a fake OpenAI-compatible upstream; see `edgeroute mock-provider -h`.",
+    )
+    mock.set_defaults(handler=_cmd_mock_provider)
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    # mock-provider owns its flags (edgeroute.mock_provider.build_arg_parser): hand it
+    # whatever follows its name, untouched; every other command parses strictly.
+    if argv and argv[0] == "mock-provider":
+        args = parser.parse_args(argv[:1])
+        args.mock_args = argv[1:]
+        return args
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `edgeroute` command line; returns the process exit code."""
+    parser = build_parser()
+    args = _parse(parser, sys.argv[1:] if argv is None else list(argv))
+    redact = Redactor()
+    out = _Output(redact)
+    handler: Callable[[argparse.Namespace, _Output], int] = args.handler
+    try:
+        return handler(args, out)
+    except (ConfigError, _UsageError) as exc:
+        out.note(f"{PROG}: {exc}")
+        return 2
+    except StateUnavailable as exc:
+        where = f" at {out.state_url}" if out.state_url else ""
+        out.note(f"{PROG}: state unavailable{where}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `edgeroute state | head`: the reader left; say nothing more.
+        _silence_stdout()
+        return 1
+    except Exception as exc:
+        if os.environ.get("EDGEROUTE_DEBUG") == "1":
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        message = str(exc)
+        out.note(f"{PROG}: {type(exc).__name__}: {message}" if message else
+                 f"{PROG}: {type(exc).__name__}")
+        return 1
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,661 @@
+"""edgeroute.config: loading, defaults, interpolation, overrides and one-line `$.path` errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from edgeroute.config import (
+    BreakerConfig,
+    Config,
+    LatencyConfig,
+    StateConfig,
+    effective_breaker,
+    effective_latency,
+    load_config,
+    loads_config,
+    parse_config,
+)
+from edgeroute.errors import ConfigError
+
+DOCUMENTED_EXAMPLE = """\
+server: {host: 127.0.0.1, port: 8080}
+state:
+  redis_url: redis://127.0.0.1:6379/0
+  key_prefix: edgeroute
+breaker: {failure_threshold: 3, open_timeout_s: 30, success_threshold: 3, half_open_max_probes: 1}
+latency: {window_s: 60, buckets: 12}
+providers:
+  - {name: openai, kind: openai, base_url: "https://api.openai.com/v1", api_key: "${OPENAI_API_KEY}"}
+routes:
+  - model: chat
+    strategy: hybrid
+    weights: {cost: 0.4, latency: 0.4, reliability: 0.2}
+    targets:
+      - {provider: openai, model: gpt-4o-mini, input_cost_per_mtok: 0.15, output_cost_per_mtok: 0.60}
+"""  # noqa: E501 - the documented example, verbatim
+
+ENV = {"OPENAI_API_KEY": "sk-test"}
+
+
+def minimal(**route: Any) -> dict[str, Any]:
+    """A valid document with one provider `p` and one route `r`; `route` overrides its keys."""
+    return {
+        "providers": [{"name": "p", "base_url": "http://127.0.0.1:9101/v1"}],
+        "routes": [{"model": "r", "targets": [{"provider": "p", "model": "m"}], **route}],
+    }
+
+
+def config_error(raw: Any, *, env: dict[str, str] | None = None) -> str:
+    """parse_config's error message for `raw`, checked to be ONE line starting with `$`."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, env={} if env is None else env)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message, message
+    assert message.startswith("$"), message
+    return message
+
+
+def text_error(text: str, *, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        loads_config(text, env={} if env is None else env)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith("$"), message
+    return message
+
+
+# --- the documented example and defaults ---------------------------------------------------
+
+
+def test_documented_example_loads() -> None:
+    config = loads_config(DOCUMENTED_EXAMPLE, env=ENV)
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8080
+    assert config.state.redis_url == "redis://127.0.0.1:6379/0"
+    assert config.state.key_prefix == "edgeroute"
+    assert config.breaker.failure_threshold == 3
+    assert config.breaker.open_timeout_s == 30.0
+    assert config.latency == LatencyConfig(window_s=60, buckets=12)
+    (provider,) = config.providers
+    assert provider.name == "openai"
+    assert provider.kind == "openai"
+    assert provider.api_key == "sk-test"
+    route = config.route("chat")
+    assert route.strategy == "hybrid"
+    assert route.weights is not None
+    assert (route.weights.cost, route.weights.latency, route.weights.reliability) == (
+        0.4, 0.4, 0.2
+    )
+    (target,) = route.targets
+    assert target.target_id == "openai:gpt-4o-mini"
+    assert target.price_per_mtok == pytest.approx(0.75)
+    assert config.provider("openai") is provider
+
+
+def test_documented_example_loads_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "edgeroute.yaml"
+    path.write_text(DOCUMENTED_EXAMPLE, encoding="utf-8")
+    assert load_config(path, env=ENV) == loads_config(DOCUMENTED_EXAMPLE, env=ENV)
+    assert load_config(str(path), env=ENV).providers[0].api_key == "sk-test"
+
+
+def test_empty_document_is_all_defaults() -> None:
+    for text in ("", "# nothing\n", "{}\n"):
+        config = loads_config(text, env={})
+        assert config == Config()
+    config = Config()
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8080
+    assert config.server.max_attempts == 3
+    assert config.server.api_keys == []
+    assert config.state == StateConfig()
+    assert config.state.redis_url is None
+    assert config.state.key_prefix == "edgeroute"
+    assert config.breaker == BreakerConfig(
+        failure_threshold=3, open_timeout_s=30.0, success_threshold=3, half_open_max_probes=1
+    )
+    assert config.latency == LatencyConfig(window_s=60.0, buckets=12)
+    assert config.providers == [] and config.routes == []
+
+
+def test_route_and_provider_defaults() -> None:
+    config = parse_config(minimal(), env={})
+    provider = config.provider("p")
+    assert provider.kind == "openai"
+    assert provider.api_key is None
+    assert provider.headers == {}
+    route = config.route("r")
+    assert route.strategy == "hybrid"
+    assert route.weights is None
+    assert route.breaker is None and route.latency is None
+    target = route.targets[0]
+    assert target.id is None
+    assert target.target_id == "p:m"
+    assert target.price_per_mtok == 0.0
+    with pytest.raises(KeyError):
+        config.route("nope")
+    with pytest.raises(KeyError):
+        config.provider("nope")
+
+
+def test_explicit_target_id_wins() -> None:
+    raw = minimal(targets=[{"provider": "p", "model": "weird model name", "id": "p-weird"}])
+    assert parse_config(raw, env={}).routes[0].targets[0].target_id == "p-weird"
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config(minimal(), env={})
+    with pytest.raises(AttributeError):
+        config.server.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("strategy", ["cost", "latency", "hybrid", "round_robin", "least_busy"])
+def test_every_strategy_is_accepted(strategy: str) -> None:
+    assert parse_config(minimal(strategy=strategy), env={}).routes[0].strategy == strategy
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+def test_provider_kinds(kind: str) -> None:
+    raw = {"providers": [{"name": "p", "kind": kind, "base_url": "https://x.example/v1"}]}
+    assert parse_config(raw, env={}).providers[0].kind == kind
+
+
+def test_azure_with_api_version_loads() -> None:
+    raw = {
+        "providers": [
+            {
+                "name": "az",
+                "kind": "azure",
+                "base_url": "https://r.openai.azure.com",
+                "api_version": "2024-10-21",
+            }
+        ]
+    }
+    assert parse_config(raw, env={}).providers[0].api_version == "2024-10-21"
+
+
+# --- ${ENV} interpolation ------------------------------------------------------------------
+
+
+def test_env_interpolation() -> None:
+    raw = {
+        "providers": [
+            {"name": "p", "base_url": "https://${HOST}/v1", "api_key": "${KEY}-${KEY}"}
+        ]
+    }
+    provider = parse_config(raw, env={"HOST": "api.example", "KEY": "k1"}).providers[0]
+    assert provider.base_url == "https://api.example/v1"
+    assert provider.api_key == "k1-k1"
+
+
+def test_env_default_used_when_unset_or_empty() -> None:
+    raw = {"state": {"key_prefix": "${PREFIX:-edge}"}}
+    assert parse_config(raw, env={}).state.key_prefix == "edge"
+    assert parse_config(raw, env={"PREFIX": ""}).state.key_prefix == "edge"
+    assert parse_config(raw, env={"PREFIX": "fleet-a"}).state.key_prefix == "fleet-a"
+
+
+def test_env_default_may_be_empty() -> None:
+    raw = {"providers": [{"name": "p", "base_url": "http://x", "api_key": "${KEY:-}"}]}
+    assert parse_config(raw, env={}).providers[0].api_key == ""
+
+
+def test_env_set_to_empty_without_default_is_empty() -> None:
+    raw = {"providers": [{"name": "p", "base_url": "http://x", "api_key": "${KEY}"}]}
+    assert parse_config(raw, env={"KEY": ""}).providers[0].api_key == ""
+
+
+def test_env_values_are_converted_to_the_field_type() -> None:
+    raw = {"server": {"port": "${PORT:-9000}", "max_attempts": "${ATTEMPTS}"}}
+    server = parse_config(raw, env={"ATTEMPTS": "5"}).server
+    assert server.port == 9000
+    assert server.max_attempts == 5
+    message = config_error({"server": {"port": "${PORT}"}}, env={"PORT": "eighty"})
+    assert message.startswith("$.server.port: ")
+
+
+def test_env_interpolation_in_lists() -> None:
+    raw = {"server": {"api_keys": ["${A}", "literal", "${B:-b}"]}}
+    assert parse_config(raw, env={"A": "a"}).server.api_keys == ["a", "literal", "b"]
+
+
+def test_dollar_dollar_escapes() -> None:
+    raw = {
+        "providers": [
+            {"name": "p", "base_url": "http://x", "api_key": "pa$$word-$${NOT_A_VAR}"}
+        ]
+    }
+    provider = parse_config(raw, env={"NOT_A_VAR": "oops"}).providers[0]
+    assert provider.api_key == "pa$word-${NOT_A_VAR}"
+
+
+def test_lone_dollar_is_kept() -> None:
+    raw = {"providers": [{"name": "p", "base_url": "http://x", "api_key": "a$b $ c"}]}
+    assert parse_config(raw, env={}).providers[0].api_key == "a$b $ c"
+
+
+def test_interpolation_does_not_recurse() -> None:
+    raw = {"providers": [{"name": "p", "base_url": "http://x", "api_key": "${A}"}]}
+    assert parse_config(raw, env={"A": "${B}", "B": "no"}).providers[0].api_key == "${B}"
+
+
+def test_missing_env_var_names_the_path() -> None:
+    message = text_error(DOCUMENTED_EXAMPLE, env={})
+    assert re.match(r"\$\.providers\[0\]\.api_key: .*OPENAI_API_KEY", message), message
+    with pytest.raises(ConfigError, match=r"^\$\.providers\[0\]\.api_key: .*OPENAI_API_KEY"):
+        loads_config(DOCUMENTED_EXAMPLE, env={})
+
+
+def test_missing_env_var_deep_in_a_list() -> None:
+    raw = {"server": {"api_keys": ["ok", "${CLIENT_KEY}"]}}
+    with pytest.raises(ConfigError, match=r"^\$\.server\.api_keys\[1\]: .*CLIENT_KEY"):
+        parse_config(raw, env={})
+
+
+def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "from-process")
+    monkeypatch.delenv("EDGEROUTE_REDIS_URL", raising=False)
+    assert loads_config(DOCUMENTED_EXAMPLE).providers[0].api_key == "from-process"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(ConfigError, match=r"^\$\.providers\[0\]\.api_key: "):
+        loads_config(DOCUMENTED_EXAMPLE)
+
+
+# --- EDGEROUTE_REDIS_URL -------------------------------------------------------------------
+
+
+def test_edgeroute_redis_url_overrides_state_redis_url() -> None:
+    env = {**ENV, "EDGEROUTE_REDIS_URL": "rediss://fleet.example:6380/2"}
+    config = loads_config(DOCUMENTED_EXAMPLE, env=env)
+    assert config.state.redis_url == "rediss://fleet.example:6380/2"
+    assert config.state.key_prefix == "edgeroute"  # the rest of `state` is untouched
+
+
+def test_edgeroute_redis_url_enables_redis_without_state_block() -> None:
+    config = loads_config("{}", env={"EDGEROUTE_REDIS_URL": "redis://r:6379/0"})
+    assert config.state.redis_url == "redis://r:6379/0"
+
+
+def test_empty_edgeroute_redis_url_is_ignored() -> None:
+    config = loads_config(DOCUMENTED_EXAMPLE, env={**ENV, "EDGEROUTE_REDIS_URL": ""})
+    assert config.state.redis_url == "redis://127.0.0.1:6379/0"
+    assert loads_config("{}", env={}).state.redis_url is None
+
+
+def test_edgeroute_redis_url_from_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    monkeypatch.setenv("EDGEROUTE_REDIS_URL", "redis://from-env:6379/0")
+    assert loads_config(DOCUMENTED_EXAMPLE).state.redis_url == "redis://from-env:6379/0"
+
+
+# --- per-route breaker / latency overrides -------------------------------------------------
+
+
+def test_route_without_overrides_uses_the_global_blocks() -> None:
+    raw = {
+        **minimal(),
+        "breaker": {"failure_threshold": 7},
+        "latency": {"window_s": 120},
+    }
+    config = parse_config(raw, env={})
+    route = config.route("r")
+    assert effective_breaker(config, route) is config.breaker
+    assert effective_breaker(config, route).failure_threshold == 7
+    assert effective_latency(config, route) == LatencyConfig(window_s=120.0, buckets=12)
+
+
+def test_route_blocks_override_global_field_by_field() -> None:
+    raw = {
+        **minimal(
+            breaker={"failure_threshold": 2, "open_timeout_s": 5},
+            latency={"buckets": 6},
+        ),
+        "breaker": {"failure_threshold": 9, "success_threshold": 4, "half_open_max_probes": 2},
+        "latency": {"window_s": 30, "buckets": 3},
+    }
+    config = parse_config(raw, env={})
+    route = config.route("r")
+    breaker = effective_breaker(config, route)
+    assert breaker == BreakerConfig(
+        failure_threshold=2,  # route
+        open_timeout_s=5.0,  # route
+        success_threshold=4,  # global
+        half_open_max_probes=2,  # global
+        max_open_timeout_s=300.0,  # default
+        probe_ttl_s=30.0,  # default
+    )
+    assert effective_latency(config, route) == LatencyConfig(window_s=30.0, buckets=6)
+    # The global blocks themselves are unchanged.
+    assert config.breaker.failure_threshold == 9
+    assert config.latency.buckets == 3
+
+
+def test_route_override_without_global_block_uses_defaults() -> None:
+    config = parse_config(minimal(latency={"window_s": 10}), env={})
+    assert effective_latency(config, config.route("r")) == LatencyConfig(window_s=10.0, buckets=12)
+    assert effective_breaker(config, config.route("r")) == BreakerConfig()
+
+
+def test_routes_override_independently() -> None:
+    raw: dict[str, Any] = minimal(breaker={"failure_threshold": 1})
+    raw["routes"].append(
+        {"model": "other", "targets": [{"provider": "p", "model": "m"}]}
+    )
+    raw["breaker"] = {"failure_threshold": 5, "open_timeout_s": 60}
+    config = parse_config(raw, env={})
+    first = effective_breaker(config, config.route("r"))
+    other = effective_breaker(config, config.route("other"))
+    assert (first.failure_threshold, first.open_timeout_s) == (1, 60.0)
+    assert (other.failure_threshold, other.open_timeout_s) == (5, 60.0)
+
+
+def test_bad_route_override_names_the_route_path() -> None:
+    message = config_error(minimal(breaker={"failure_threshold": 0}))
+    assert message.startswith("$.routes[0].breaker.failure_threshold: ")
+    message = config_error(minimal(latency={"windows": 10}))
+    assert message.startswith("$.routes[0].latency: ") and "windows" in message
+
+
+# --- one-line errors that start with the $.path --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "pattern"),
+    [
+        pytest.param({"bogus": 1}, r"^\$: .*unknown field `bogus`", id="unknown-top-level"),
+        pytest.param({"server": {"hots": "x"}}, r"^\$\.server: .*unknown field `hots`",
+                     id="unknown-nested"),
+        pytest.param(
+            {"providers": [{"name": "p", "base_url": "http://x", "apikey": "k"}]},
+            r"^\$\.providers\[0\]: .*unknown field `apikey`",
+            id="unknown-in-provider",
+        ),
+        pytest.param(
+            minimal(targets=[{"provider": "p", "model": "m", "price": 1}]),
+            r"^\$\.routes\[0\]\.targets\[0\]: .*unknown field `price`",
+            id="unknown-in-target",
+        ),
+        pytest.param({"server": {"port": "eighty"}}, r"^\$\.server\.port: Expected `int`",
+                     id="wrong-type"),
+        pytest.param({"server": {"port": 80.5}}, r"^\$\.server\.port: Expected `int`",
+                     id="float-port"),
+        pytest.param({"server": {"port": True}}, r"^\$\.server\.port: Expected `int`",
+                     id="bool-port"),
+        pytest.param({"server": "0.0.0.0:80"}, r"^\$\.server: Expected `object`",
+                     id="section-not-mapping"),
+        pytest.param({"server": {"port": 65536}}, r"^\$\.server\.port: .*<= 65535",
+                     id="port-too-high"),
+        pytest.param({"server": {"port": -1}}, r"^\$\.server\.port: .*>= 0", id="port-negative"),
+        pytest.param({"routes": {"model": "r"}}, r"^\$\.routes: Expected `array`",
+                     id="routes-not-list"),
+        pytest.param({"breaker": {"open_timeout_s": 0}}, r"^\$\.breaker\.open_timeout_s: ",
+                     id="zero-timeout"),
+        pytest.param({"breaker": {"open_timeout_s": float("inf")}},
+                     r"^\$\.breaker\.open_timeout_s: .*finite", id="infinite-timeout"),
+        pytest.param({"latency": {"buckets": 0}}, r"^\$\.latency\.buckets: ", id="zero-buckets"),
+        pytest.param(minimal(weights={"cost": 1.5}), r"^\$\.routes\[0\]\.weights\.cost: .*1\.0",
+                     id="weight-above-1"),
+        pytest.param(minimal(weights={"latency": -0.1}),
+                     r"^\$\.routes\[0\]\.weights\.latency: .*0\.0", id="weight-below-0"),
+        pytest.param(minimal(weights={"cost": float("nan")}),
+                     r"^\$\.routes\[0\]\.weights\.cost: ", id="weight-nan"),
+        pytest.param(minimal(weights={"cost": 0, "latency": 0, "reliability": 0}),
+                     r"^\$\.routes\[0\]\.weights: all weights are zero", id="weights-all-zero"),
+        pytest.param(minimal(strategy="round_robin", weights={"cost": 1}),
+                     r"^\$\.routes\[0\]\.weights: .*hybrid", id="weights-non-hybrid"),
+        pytest.param(minimal(strategy="cost", weights={"cost": 1}),
+                     r"^\$\.routes\[0\]\.weights: .*hybrid", id="weights-cost-strategy"),
+        pytest.param(minimal(strategy="fastest"), r"^\$\.routes\[0\]\.strategy: .*'fastest'",
+                     id="unknown-strategy"),
+        pytest.param(minimal(targets=[{"provider": "nope", "model": "m"}]),
+                     r"^\$\.routes\[0\]\.targets\[0\]\.provider: unknown provider 'nope'",
+                     id="missing-provider"),
+        pytest.param(minimal(targets=[]), r"^\$\.routes\[0\]\.targets: .*length >= 1",
+                     id="empty-targets"),
+        pytest.param({"routes": [{"model": "r"}]},
+                     r"^\$\.routes\[0\]: .*missing required field `targets`", id="no-targets"),
+        pytest.param(minimal(targets=[{"provider": "p", "model": ""}]),
+                     r"^\$\.routes\[0\]\.targets\[0\]\.model: ", id="empty-target-model"),
+        pytest.param({"providers": [{"name": "p"}]},
+                     r"^\$\.providers\[0\]: .*missing required field `base_url`",
+                     id="missing-base-url"),
+        pytest.param({"providers": [{"name": "p", "kind": "cohere", "base_url": "http://x"}]},
+                     r"^\$\.providers\[0\]\.kind: .*'cohere'", id="unknown-kind"),
+        pytest.param({"providers": [{"name": "az", "kind": "azure", "base_url": "https://x"}]},
+                     r"^\$\.providers\[0\]\.api_version: required for kind azure",
+                     id="azure-without-api-version"),
+        pytest.param({"providers": [{"name": "p", "base_url": "ftp://x"}]},
+                     r"^\$\.providers\[0\]\.base_url: must start with http:// or https://",
+                     id="base-url-ftp"),
+        pytest.param({"providers": [{"name": "p", "base_url": "api.openai.com/v1"}]},
+                     r"^\$\.providers\[0\]\.base_url: must start with http", id="base-url-bare"),
+        pytest.param({"providers": [{"name": "p", "base_url": "https://"}]},
+                     r"^\$\.providers\[0\]\.base_url: needs a host", id="base-url-no-host"),
+        pytest.param({"providers": [{"name": "p", "base_url": "http://a b/v1"}]},
+                     r"^\$\.providers\[0\]\.base_url: .*spaces", id="base-url-space"),
+        pytest.param({"providers": [{"name": "p", "base_url": "http://x", "headers": ["a"]}]},
+                     r"^\$\.providers\[0\]\.headers: Expected `object`", id="headers-list"),
+        pytest.param({1: "x"}, r"^\$: mapping key: Expected `str`", id="non-string-key"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_path(raw: Any, pattern: str) -> None:
+    message = config_error(raw)
+    assert re.search(pattern, message), message
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(raw, env={})
+
+
+@pytest.mark.parametrize(
+    ("raw", "pattern"),
+    [
+        pytest.param(
+            {"providers": [{"name": "p", "base_url": "http://x"},
+                           {"name": "p", "base_url": "http://y"}]},
+            r"^\$\.providers\[1\]\.name: duplicate provider name 'p'",
+            id="provider",
+        ),
+        pytest.param(
+            {**minimal(), "routes": [*minimal()["routes"], *minimal()["routes"]]},
+            r"^\$\.routes\[1\]\.model: duplicate route 'r'",
+            id="route",
+        ),
+        pytest.param(
+            minimal(targets=[{"provider": "p", "model": "m"}, {"provider": "p", "model": "m"}]),
+            r"^\$\.routes\[0\]\.targets\[1\]: duplicate target id 'p:m'",
+            id="target-default-id",
+        ),
+        pytest.param(
+            minimal(targets=[{"provider": "p", "model": "a", "id": "t"},
+                             {"provider": "p", "model": "b", "id": "t"}]),
+            r"^\$\.routes\[0\]\.targets\[1\]: duplicate target id 't'",
+            id="target-explicit-id",
+        ),
+        pytest.param(
+            minimal(targets=[{"provider": "p", "model": "m", "id": "p:x"},
+                             {"provider": "p", "model": "x"}]),
+            r"^\$\.routes\[0\]\.targets\[1\]: duplicate target id 'p:x'",
+            id="explicit-id-vs-default-id",
+        ),
+    ],
+)
+def test_duplicate_names(raw: Any, pattern: str) -> None:
+    assert re.search(pattern, config_error(raw))
+
+
+def test_same_target_in_two_routes_is_fine() -> None:
+    raw: dict[str, Any] = minimal()
+    raw["routes"].append({"model": "r2", "targets": [{"provider": "p", "model": "m"}]})
+    assert [route.model for route in parse_config(raw, env={}).routes] == ["r", "r2"]
+
+
+UNSAFE_NAMES = ["a{b}", "a}", "{a", "a|b", "a b", " a", "a\tb", "a\nb", "a\n", "", "-a", "é"]
+
+
+@pytest.mark.parametrize("name", UNSAFE_NAMES)
+def test_unsafe_route_names(name: str) -> None:
+    message = config_error(minimal(model=name))
+    assert message.startswith("$.routes[0].model: "), message
+
+
+@pytest.mark.parametrize("name", [*UNSAFE_NAMES, "a:b", "a/b"])
+def test_unsafe_provider_names(name: str) -> None:
+    raw = {"providers": [{"name": name, "base_url": "http://x"}]}
+    assert config_error(raw).startswith("$.providers[0].name: ")
+
+
+@pytest.mark.parametrize("name", UNSAFE_NAMES)
+def test_unsafe_target_ids(name: str) -> None:
+    raw = minimal(targets=[{"provider": "p", "model": "m", "id": name}])
+    assert config_error(raw).startswith("$.routes[0].targets[0].id: ")
+
+
+@pytest.mark.parametrize("model", ["gpt 4o", "a|b", "x{y}", "m\n"])
+def test_unsafe_model_without_id_asks_for_an_id(model: str) -> None:
+    raw = minimal(targets=[{"provider": "p", "model": model}])
+    message = config_error(raw)
+    assert message.startswith("$.routes[0].targets[0].model: ")
+    assert "`id`" in message
+
+
+def test_unsafe_model_with_safe_id_is_fine() -> None:
+    raw = minimal(targets=[{"provider": "p", "model": "gpt 4o|x", "id": "safe"}])
+    assert parse_config(raw, env={}).routes[0].targets[0].target_id == "safe"
+
+
+@pytest.mark.parametrize("prefix", [*UNSAFE_NAMES, "a/b", "a@b"])
+def test_unsafe_key_prefix(prefix: str) -> None:
+    assert config_error({"state": {"key_prefix": prefix}}).startswith("$.state.key_prefix: ")
+
+
+@pytest.mark.parametrize(
+    "name", ["chat", "gpt-4o-mini", "org/model:v1.2", "a@b+c=d", "A9._:-/@+=", "x" * 128]
+)
+def test_safe_route_names(name: str) -> None:
+    assert parse_config(minimal(model=name), env={}).routes[0].model == name
+
+
+def test_over_long_names_are_refused() -> None:
+    assert config_error(minimal(model="x" * 129)).startswith("$.routes[0].model: ")
+    raw = {"providers": [{"name": "p" * 65, "base_url": "http://x"}]}
+    assert config_error(raw).startswith("$.providers[0].name: ")
+
+
+def test_name_errors_say_what_is_allowed() -> None:
+    message = config_error(minimal(model="a|b"))
+    assert "letters, digits" in message
+    assert "regex" not in message
+
+
+def test_control_characters_never_break_the_line() -> None:
+    message = config_error({"a\nb": 1})
+    assert message.startswith("$: ") and "a\\nb" in message
+    message = config_error({"server": {"x\r\ny": 1}})
+    assert message.startswith("$.server: ")
+    message = config_error({"providers": [{"name": "p", "kind": "x\ny", "base_url": "http://x"}]})
+    assert message.startswith("$.providers[0].kind: ")
+
+
+def test_semantic_checks_run_on_top_of_valid_types() -> None:
+    # A route naming a missing provider is found even when everything else is well typed.
+    raw: dict[str, Any] = minimal()
+    raw["routes"].append({"model": "r2", "targets": [{"provider": "ghost", "model": "m"}]})
+    assert config_error(raw).startswith("$.routes[1].targets[0].provider: unknown provider")
+
+
+# --- YAML, top level and files -------------------------------------------------------------
+
+
+def test_invalid_yaml_reports_line_and_column() -> None:
+    text = "server:\n  port: 8080\n  host: [unclosed\n"
+    message = text_error(text)
+    assert re.match(r"^\$: invalid YAML at <config>:\d+:\d+: ", message), message
+    message = text_error("a: b: c\n")
+    assert message == "$: invalid YAML at <config>:1:5: mapping values are not allowed here"
+    with pytest.raises(ConfigError, match=r"^\$: invalid YAML at <config>:1:5: "):
+        loads_config("a: b: c\n", env={})
+
+
+def test_invalid_yaml_in_a_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("server:\n\tport: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^\$: invalid YAML at {re.escape(str(path))}:2:1: "):
+        load_config(path, env={})
+
+
+def test_source_names_the_document() -> None:
+    with pytest.raises(ConfigError, match=r"^\$: invalid YAML at inline:1:5: "):
+        loads_config("a: b: c\n", source="inline", env={})
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "42\n", "just a string\n", "[]\n"])
+def test_non_mapping_top_level(text: str) -> None:
+    assert text_error(text) == "$: expected a mapping at the top level"
+
+
+@pytest.mark.parametrize("raw", [[1, 2], "x", 3, 1.5, True])
+def test_parse_config_non_mapping(raw: Any) -> None:
+    assert config_error(raw) == "$: expected a mapping at the top level"
+
+
+def test_parse_config_none_is_defaults() -> None:
+    assert parse_config(None, env={}) == Config()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match=r"^\$: cannot read .*absent\.yaml: No such file"):
+        load_config(path)
+
+
+def test_directory_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^\$: cannot read "):
+        load_config(tmp_path)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "secret.yaml"
+    path.write_text("{}\n", encoding="utf-8")
+    path.chmod(0)
+    try:
+        try:
+            path.read_text()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("running with privileges that ignore file permissions")
+        with pytest.raises(ConfigError, match=r"^\$: cannot read .*secret\.yaml: Permission"):
+            load_config(path)
+    finally:
+        path.chmod(0o600)
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"server: {host: \xff}\n")
+    with pytest.raises(ConfigError, match=r"^\$: cannot read .*latin1\.yaml: not UTF-8"):
+        load_config(path)
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match=r"^\$"):
+        parse_config({"bogus": 1}, env={})
+
+
+def test_errors_do_not_echo_secrets() -> None:
+    secret = "sk-live-very-secret"
+    raw = {"providers": [{"name": "p", "base_url": "ftp://x", "api_key": secret}]}
+    assert secret not in config_error(raw)
+    raw_list: dict[str, Any] = {
+        "providers": [{"name": "p", "base_url": "http://x", "api_key": ["${K}"]}]
+    }
+    assert secret not in config_error(raw_list, env={"K": secret})
+
+
+def test_round_trip_through_msgspec() -> None:
+    config = loads_config(DOCUMENTED_EXAMPLE, env=ENV)
+    assert parse_config(msgspec.to_builtins(config), env={}) == config
