@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -96,6 +97,7 @@ class _Attempt:
     model: str
     error: str
     status: int | None = None
+    retry_after_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -123,8 +125,29 @@ class _RoundBackoff(tenacity.wait.wait_base):
             return 0.0
         self._context.round_failed = False
         self._context.rounds += 1
-        retry_state.attempt_number = self._context.rounds
-        return float(self._jitter(retry_state))
+        # The backoff grows with rounds, not with attempts: jitter on a copy of the state.
+        rounds = copy.copy(retry_state)
+        rounds.attempt_number = self._context.rounds
+        return float(self._jitter(rounds))
+
+
+class _AttemptBudget(tenacity.stop.stop_base):
+    """Stop after `max_attempts` upstream attempts or the request deadline, whichever first.
+
+    Counted from the request's own attempts: a decide that only starts a new round is not
+    an attempt, and tenacity's own count would include it.
+    """
+
+    def __init__(self, context: _Context, max_attempts: int, deadline_s: float) -> None:
+        self._context = context
+        self._max_attempts = max_attempts
+        self._deadline_s = deadline_s
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        context = self._context
+        if len(context.attempts) >= self._max_attempts:
+            return True
+        return time.perf_counter() - context.started >= self._deadline_s
 
 
 @dataclass(slots=True)
@@ -267,10 +290,8 @@ class Proxy:
             return await self._attempt(context, first=True)
         except _Retry:
             pass
-        remaining = self.deadline_s - (time.perf_counter() - context.started)
         retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(self.max_attempts - 1)
-            | tenacity.stop_after_delay(max(0.0, remaining)),
+            stop=_AttemptBudget(context, self.max_attempts, self.deadline_s),
             wait=_RoundBackoff(context),
             retry=tenacity.retry_if_exception_type(_Retry),
             reraise=True,
@@ -344,7 +365,13 @@ class Proxy:
         elapsed = time.perf_counter() - attempt_started
         context.upstream_s += elapsed
         context.attempts.append(
-            _Attempt(target.provider, target.model, exc.error_class.value, exc.status)
+            _Attempt(
+                target.provider,
+                target.model,
+                exc.error_class.value,
+                exc.status,
+                exc.retry_after_s,
+            )
         )
         self.metrics.attempts.labels(target.provider, target.model, exc.error_class.value).inc()
         self.metrics.upstream_duration.labels(target.provider, target.model).observe(elapsed)
@@ -495,6 +522,8 @@ class Proxy:
             {"provider": a.provider, "model": a.model, "error": a.error, "status": a.status}
             for a in context.attempts
         ]
+        if all(a.error == ErrorClass.RATE_LIMITED.value for a in context.attempts):
+            return self._all_rate_limited(context, attempts, request_id)
         last = context.attempts[-1]
         self.metrics.requests.labels(route, last.provider, last.model, "all_providers_failed").inc()
         response = error_response(
@@ -516,6 +545,37 @@ class Proxy:
             attempts=len(attempts),
         )
         return response
+
+    def _all_rate_limited(
+        self, context: _Context, attempts: list[dict[str, Any]], request_id: str
+    ) -> web.Response:
+        """Every target said 429: the client should slow down, for as long as they asked."""
+        route = context.route.name
+        waits = [a.retry_after_s for a in context.attempts if a.retry_after_s > 0]
+        retry_after = max(1, math.ceil(min(waits))) if waits else 1
+        last = context.attempts[-1]
+        self.metrics.requests.labels(route, last.provider, last.model, "rate_limited").inc()
+        self._log(
+            request_id,
+            route,
+            None,
+            429,
+            context.started,
+            error="rate_limited",
+            attempts=len(attempts),
+        )
+        return error_response(
+            429,
+            f"every provider for model `{route}` is rate-limiting; retry after {retry_after}s",
+            type_="rate_limit_exceeded",
+            code="rate_limited",
+            headers={
+                "Retry-After": str(retry_after),
+                "x-request-id": request_id,
+                "x-edgeroute-attempts": str(len(attempts)),
+            },
+            extra={"attempts": attempts},
+        )
 
     def _passthrough(self, context: _Context, exc: UpstreamError, request_id: str) -> web.Response:
         last = context.attempts[-1]

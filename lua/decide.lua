@@ -66,7 +66,7 @@ for k = 1, n do
     else
       local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
                  s = 0, lat = 0, f = 0, inf = r.inf, score = 0}
-      if windowed then c.s, c.lat, c.f = window_totals(windows[k], now) end
+      if windowed then c.s, c.lat, c.f = window_totals(windows[k], now, id) end
       cands[#cands + 1] = c
     end
   end

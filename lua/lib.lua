@@ -148,18 +148,54 @@ local function expire_leases(now)
   redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
 end
 
-local function window_totals(v, now)
-  local oldest = math.floor(now / P.bucket_ms) - P.buckets
+-- A window field is "<oldest>:<s>:<lat>:<f>:<in>:<out>|<slot>;<slot>;..." where the header holds
+-- the totals of every slot stored and the oldest slot's bucket, and each slot is
+-- "<bucket>:<s>:<lat>:<f>:<in>:<out>". While the oldest slot is inside the window the header
+-- alone is the answer: a decide reads one short header per target, not twelve buckets.
+local SLOT = '(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)'
+local HEADER = '^' .. SLOT .. '|'
+
+-- Re-sum the live slots of `v`; returns the totals and the live slots' text.
+local function window_rescan(v, oldest)
   local s, lat, f, tin, tout = 0, 0, 0, 0, 0
-  if v then
-    for b, bs, bl, bf, bi, bo in string.gmatch(v, '(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)') do
-      if tonumber(b) > oldest then
-        s = s + tonumber(bs)
-        lat = lat + tonumber(bl)
-        f = f + tonumber(bf)
-        tin = tin + tonumber(bi)
-        tout = tout + tonumber(bo)
-      end
+  local slots, first = {}, nil
+  local body = string.match(v, '|(.*)$') or ''
+  for b, bs, bl, bf, bi, bo in string.gmatch(body, SLOT) do
+    b = tonumber(b)
+    if b > oldest then
+      if not first then first = b end
+      s = s + tonumber(bs)
+      lat = lat + tonumber(bl)
+      f = f + tonumber(bf)
+      tin = tin + tonumber(bi)
+      tout = tout + tonumber(bo)
+      slots[#slots + 1] = string.format('%d:%s:%s:%s:%s:%s', b, bs, bl, bf, bi, bo)
+    end
+  end
+  return s, lat, f, tin, tout, first, slots
+end
+
+local function window_value(first, s, lat, f, tin, tout, slots)
+  return string.format('%d:%d:%d:%d:%d:%d|', first, s, lat, f, tin, tout)
+    .. table.concat(slots, ';')
+end
+
+-- Totals of the live buckets. With `id` given (a writing script), a value holding stale
+-- buckets is rewritten without them, so the next read takes the fast path again.
+local function window_totals(v, now, id)
+  if not v then return 0, 0, 0, 0, 0 end
+  local oldest = math.floor(now / P.bucket_ms) - P.buckets
+  local first, s, lat, f, tin, tout = string.match(v, HEADER)
+  if first and tonumber(first) > oldest then
+    return tonumber(s), tonumber(lat), tonumber(f), tonumber(tin), tonumber(tout)
+  end
+  local live_first, slots
+  s, lat, f, tin, tout, live_first, slots = window_rescan(v, oldest)
+  if id then
+    if live_first then
+      redis.call('HSET', K_WINDOW, id, window_value(live_first, s, lat, f, tin, tout, slots))
+    else
+      redis.call('HDEL', K_WINDOW, id)
     end
   end
   return s, lat, f, tin, tout
@@ -168,34 +204,32 @@ end
 local function add_sample(id, now, kind, lat_us, tin, tout)
   local bucket = math.floor(now / P.bucket_ms)
   local oldest = bucket - P.buckets
+  local ds, dl, df = 0, 0, 1
+  if kind == SUCCESS then ds, dl, df = 1, lat_us, 0 end
   local v = redis.call('HGET', K_WINDOW, id)
-  local slots, found = {}, false
-  if v then
-    for b, bs, bl, bf, bi, bo in string.gmatch(v, '(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)') do
-      b = tonumber(b)
-      if b > oldest then
-        bs, bl, bf, bi, bo = tonumber(bs), tonumber(bl), tonumber(bf), tonumber(bi), tonumber(bo)
-        if b == bucket then
-          found = true
-          if kind == SUCCESS then
-            bs = bs + 1
-            bl = bl + lat_us
-          else
-            bf = bf + 1
-          end
-          bi = bi + tin
-          bo = bo + tout
-        end
-        slots[#slots + 1] = string.format('%d:%d:%d:%d:%d:%d', b, bs, bl, bf, bi, bo)
-      end
+  local value
+  if not v then
+    value = window_value(bucket, ds, dl, df, tin, tout,
+      {string.format('%d:%d:%d:%d:%d:%d', bucket, ds, dl, df, tin, tout)})
+  else
+    local first, s, lat, f, ti, to = string.match(v, HEADER)
+    local head, lb, ls, ll, lf, li, lo = string.match(v, '^(.*)' .. SLOT .. '$')
+    if first and tonumber(first) > oldest and tonumber(lb) == bucket then
+      -- The common case: same bucket as the last sample, nothing stale. Touch two numbers.
+      value = string.format('%d:%d:%d:%d:%d:%d|', first, s + ds, lat + dl, f + df,
+          ti + tin, to + tout)
+        .. string.match(head, '|(.*)$')
+        .. string.format('%d:%d:%d:%d:%d:%d', bucket, ls + ds, ll + dl, lf + df, li + tin,
+          lo + tout)
+    else
+      local live_first, slots
+      s, lat, f, ti, to, live_first, slots = window_rescan(v, oldest)
+      slots[#slots + 1] = string.format('%d:%d:%d:%d:%d:%d', bucket, ds, dl, df, tin, tout)
+      value = window_value(live_first or bucket, s + ds, lat + dl, f + df, ti + tin, to + tout,
+        slots)
     end
   end
-  if not found then
-    local s, l, f = 0, 0, 1
-    if kind == SUCCESS then s, l, f = 1, lat_us, 0 end
-    slots[#slots + 1] = string.format('%d:%d:%d:%d:%d:%d', bucket, s, l, f, tin, tout)
-  end
-  redis.call('HSET', K_WINDOW, id, table.concat(slots, ';'))
+  redis.call('HSET', K_WINDOW, id, value)
   redis.call('PEXPIRE', K_WINDOW, P.bucket_ms * (P.buckets + 1))
 end
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
+import redis
 
 from edgeroute import CircuitBreaker, CircuitBreakerOpen, CircuitState, RoutingStrategy
 from edgeroute.state import MemoryState, RedisState, StateBackend
@@ -41,12 +42,23 @@ class FakeClock:
 class Harness:
     state: StateBackend
     clock: FakeClock | None
+    url: str | None = None
 
     async def wait(self, ms: float) -> None:
         if self.clock is not None:
             self.clock.now += ms / 1000
         else:
             await asyncio.sleep(ms / 1000)
+
+    async def align(self, bucket_ms: int, offset_ms: int = 10) -> None:
+        """Move to `offset_ms` past the next bucket boundary of the backend's own clock."""
+        if self.clock is not None:
+            now_ms = self.clock.now * 1000
+        else:
+            seconds, micros = redis.Redis.from_url(self.url or "").time()
+            now_ms = seconds * 1000 + micros / 1000
+        boundary = (now_ms // bucket_ms + 1) * bucket_ms
+        await self.wait(boundary + offset_ms - now_ms)
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +82,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         return
     url = request.getfixturevalue(f"{request.param}_url")
     state = RedisState(url, key_prefix=f"conf-{uuid.uuid4().hex[:12]}", timeout_ms=2000)
-    yield Harness(state, None)
+    yield Harness(state, None, url)
     await state.close()
 
 
@@ -403,6 +415,30 @@ async def test_window_buckets_stop_counting_by_themselves(harness: Harness) -> N
     await harness.wait(350)
     snap = await target(harness, route, "t0")
     assert (snap.successes, snap.failures, snap.latency_sum_us) == (0, 0, 0)
+
+
+async def test_window_drops_only_the_buckets_that_aged_out(harness: Harness) -> None:
+    route = make_route(
+        RoutingStrategy.latency_based(), window=WindowParams(bucket_ms=200, buckets=3)
+    )
+    await harness.align(200)  # bucket B
+    await record_latency(harness, route, "t0", 100, 300)
+    await harness.wait(200)  # bucket B + 1
+    await record_latency(harness, route, "t0", 50)
+    await harness.state.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
+    snap = await target(harness, route, "t0")
+    assert (snap.successes, snap.failures, snap.latency_sum_us) == (3, 1, 450_000)
+    decision, _ = await admit(harness, route)  # decide reads (and may compact) the window
+    assert decision.candidates[-1].target.id == "t0" or decision.candidates[0].successes == 0
+    await harness.wait(400)  # bucket B + 3: B is out of the window, B + 1 is not
+    snap = await target(harness, route, "t0")
+    assert (snap.successes, snap.failures, snap.latency_sum_us) == (1, 1, 50_000)
+    decision, _ = await admit(harness, route)
+    t0 = next(c for c in decision.candidates if c.target.id == "t0")
+    assert (t0.successes, t0.failures, t0.latency_sum_us) == (1, 1, 50_000)
+    await record_latency(harness, route, "t0", 10)
+    snap = await target(harness, route, "t0")
+    assert (snap.successes, snap.failures, snap.latency_sum_us) == (2, 1, 60_000)
 
 
 async def test_tokens_are_summed_in_the_window(harness: Harness) -> None:

@@ -33,6 +33,7 @@ class ErrorClass(enum.Enum):
     SERVER = "server_error"
     RATE_LIMITED = "rate_limited"
     CLIENT = "client_error"
+    REJECTED = "upstream_rejected"  # 401/403/404: our key or deployment is wrong, not the client
     STREAM = "stream_error"
     BAD_RESPONSE = "bad_response"
 
@@ -153,6 +154,10 @@ def parse_retry_after(value: str | None, value_ms: str | None = None) -> float:
 def classify_status(status: int) -> ErrorClass:
     if status == 429:
         return ErrorClass.RATE_LIMITED
+    if status in (401, 403, 404):
+        # The client's credentials never travel upstream and the path is ours: a refusal
+        # here is a provider misconfiguration, and another provider may well succeed.
+        return ErrorClass.REJECTED
     if status in (408, 409) or status >= 500:
         # 408/409 are the upstream's trouble (timeouts, overload on some vLLM builds).
         return ErrorClass.SERVER

@@ -106,8 +106,8 @@ def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, in
         return target.cached_totals
     oldest = bucket - route.window.buckets
     successes = latency = failures = tin = tout = 0
-    for bucket, s, lat, f, i, o in target.window:
-        if bucket > oldest:
+    for slot_bucket, s, lat, f, i, o in target.window:
+        if slot_bucket > oldest:
             successes += s
             latency += lat
             failures += f

@@ -1,0 +1,95 @@
+"""Smoke test of bench/decide.py: `--quick --json` runs end to end and reports every cell.
+
+It spawns its own redis-server, so it is skipped when no redis-server binary is installed,
+except under CI (CI=true), where a missing binary fails the test instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench" / "decide.py"
+
+BACKENDS = ("memory", "redis")
+ROWS = (("hybrid", 2), ("hybrid", 8), ("hybrid", 32), ("round_robin", 8))
+CONCURRENCIES = (1, 64)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
+        if _in_ci():
+            pytest.fail("CI=true but no redis-server binary: the bench smoke test cannot run")
+        pytest.skip("no redis-server binary on PATH")
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, f"bench failed:\n{result.stderr[-4000:]}"
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def test_every_cell_is_reported(report: dict[str, Any]) -> None:
+    cells = {
+        (c["backend"], c["strategy"], c["targets"], c["concurrency"]): c for c in report["cells"]
+    }
+    expected = {
+        (backend, strategy, targets, concurrency)
+        for backend in BACKENDS
+        for strategy, targets in ROWS
+        for concurrency in CONCURRENCIES
+    }
+    assert set(cells) == expected
+    assert len(report["cells"]) == len(expected)
+    for key, cell in cells.items():
+        assert cell["decisions"] > 0, key
+        assert cell["decisions_per_s"] > 0, key
+        assert 0 < cell["p50_ms"] <= cell["p99_ms"], key
+        assert cell["outcomes_recorded"] == cell["decisions"], key
+
+
+def test_one_redis_command_per_decision(report: dict[str, Any]) -> None:
+    assert report["accounting"]["commands_per_decision"] == 1.0
+    assert report["accounting"]["evalsha_calls"] == report["accounting"]["decisions"]
+    for cell in report["cells"]:
+        if cell["backend"] == "redis":
+            assert cell["commands_per_decision"] == 1.0, cell
+            assert cell["round_trips_per_decision"] > 0, cell
+        else:
+            assert cell["commands_per_decision"] is None, cell
+
+
+def test_memory_ceiling_and_goals_are_reported(report: dict[str, Any]) -> None:
+    memory = {m["targets"]: m for m in report["memory"]}
+    assert set(memory) == {8, 32}
+    for figure in memory.values():
+        assert figure["bytes_per_target"] > 0
+        assert figure["leases"] == 2 * figure["targets"]
+        assert figure["full_window_lua_us_per_decide"] > 0
+    ceiling = report["ceiling"]
+    assert ceiling["args"][0] == "EVALSHA"
+    if shutil.which("redis-benchmark") is not None:
+        assert ceiling["rps"] > 0, ceiling["note"]
+        assert ceiling["ratio"] > 0
+    statuses = {goal["name"]: goal["status"] for goal in report["goals"]}
+    assert len(statuses) == 6
+    assert set(statuses.values()) <= {"PASS", "MISS"}
+    assert report["meta"]["loop"]
