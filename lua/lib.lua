@@ -148,36 +148,60 @@ local function expire_leases(now)
   redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
 end
 
--- A window field is "<oldest>:<s>:<lat>:<f>:<in>:<out>|<slot>;<slot>;..." where the header holds
--- the totals of every slot stored and the oldest slot's bucket, and each slot is
--- "<bucket>:<s>:<lat>:<f>:<in>:<out>". While the oldest slot is inside the window the header
--- alone is the answer: a decide reads one short header per target, not twelve buckets.
+-- A window field is "<first>:<last>:<S>:<L>:<F>:<I>:<O>|<older slots>|<s>:<l>:<f>:<i>:<o>":
+-- a header with the oldest and newest bucket and the totals of every stored bucket; the
+-- older buckets as "<bucket>:<s>:<l>:<f>:<i>:<o>" joined by ';'; and the newest bucket's
+-- counts on their own. While the oldest bucket is inside the window, the header alone is
+-- the answer (a decide reads one short header per target, not twelve buckets), and a
+-- sample for the newest bucket touches only the header and the last section.
 local SLOT = '(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)'
-local HEADER = '^' .. SLOT .. '|'
+local HEADER = '^(%d+):(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)|'
+local WINDOW = HEADER .. '([^|]*)|(%d+):(%d+):(%d+):(%d+):(%d+)$'
 
--- Re-sum the live slots of `v`; returns the totals and the live slots' text.
-local function window_rescan(v, oldest)
-  local s, lat, f, tin, tout = 0, 0, 0, 0, 0
-  local slots, first = {}, nil
-  local body = string.match(v, '|(.*)$') or ''
-  for b, bs, bl, bf, bi, bo in string.gmatch(body, SLOT) do
-    b = tonumber(b)
-    if b > oldest then
-      if not first then first = b end
-      s = s + tonumber(bs)
-      lat = lat + tonumber(bl)
-      f = f + tonumber(bf)
-      tin = tin + tonumber(bi)
-      tout = tout + tonumber(bo)
-      slots[#slots + 1] = string.format('%d:%s:%s:%s:%s:%s', b, bs, bl, bf, bi, bo)
-    end
+-- Every bucket of a window value, oldest first, as {bucket, s, l, f, i, o}.
+local function window_slots(v)
+  local slots = {}
+  local _, last, _, _, _, _, _, older, ls, ll, lf, li, lo = string.match(v, WINDOW)
+  if not last then return slots end
+  for b, bs, bl, bf, bi, bo in string.gmatch(older, SLOT) do
+    slots[#slots + 1] = {tonumber(b), tonumber(bs), tonumber(bl), tonumber(bf), tonumber(bi),
+      tonumber(bo)}
   end
-  return s, lat, f, tin, tout, first, slots
+  slots[#slots + 1] = {tonumber(last), tonumber(ls), tonumber(ll), tonumber(lf), tonumber(li),
+    tonumber(lo)}
+  return slots
 end
 
-local function window_value(first, s, lat, f, tin, tout, slots)
-  return string.format('%d:%d:%d:%d:%d:%d|', first, s, lat, f, tin, tout)
-    .. table.concat(slots, ';')
+local function window_live(slots, oldest)
+  local live = {}
+  for _, slot in ipairs(slots) do
+    if slot[1] > oldest then live[#live + 1] = slot end
+  end
+  return live
+end
+
+local function window_sums(slots)
+  local t = {0, 0, 0, 0, 0}
+  for _, slot in ipairs(slots) do
+    for j = 1, 5 do t[j] = t[j] + slot[j + 1] end
+  end
+  return t
+end
+
+-- Encode a non-empty list of buckets, oldest first.
+local function window_encode(slots)
+  local t = window_sums(slots)
+  local older = {}
+  for j = 1, #slots - 1 do
+    local slot = slots[j]
+    older[j] = string.format('%d:%d:%d:%d:%d:%d', slot[1], slot[2], slot[3], slot[4], slot[5],
+      slot[6])
+  end
+  local last = slots[#slots]
+  return string.format('%d:%d:%d:%d:%d:%d:%d|', slots[1][1], last[1], t[1], t[2], t[3], t[4],
+      t[5])
+    .. table.concat(older, ';')
+    .. string.format('|%d:%d:%d:%d:%d', last[2], last[3], last[4], last[5], last[6])
 end
 
 -- Totals of the live buckets. With `id` given (a writing script), a value holding stale
@@ -185,20 +209,20 @@ end
 local function window_totals(v, now, id)
   if not v then return 0, 0, 0, 0, 0 end
   local oldest = math.floor(now / P.bucket_ms) - P.buckets
-  local first, s, lat, f, tin, tout = string.match(v, HEADER)
+  local first, _, s, lat, f, tin, tout = string.match(v, HEADER)
   if first and tonumber(first) > oldest then
     return tonumber(s), tonumber(lat), tonumber(f), tonumber(tin), tonumber(tout)
   end
-  local live_first, slots
-  s, lat, f, tin, tout, live_first, slots = window_rescan(v, oldest)
+  local live = window_live(window_slots(v), oldest)
   if id then
-    if live_first then
-      redis.call('HSET', K_WINDOW, id, window_value(live_first, s, lat, f, tin, tout, slots))
+    if #live > 0 then
+      redis.call('HSET', K_WINDOW, id, window_encode(live))
     else
       redis.call('HDEL', K_WINDOW, id)
     end
   end
-  return s, lat, f, tin, tout
+  local t = window_sums(live)
+  return t[1], t[2], t[3], t[4], t[5]
 end
 
 local function add_sample(id, now, kind, lat_us, tin, tout)
@@ -208,26 +232,27 @@ local function add_sample(id, now, kind, lat_us, tin, tout)
   if kind == SUCCESS then ds, dl, df = 1, lat_us, 0 end
   local v = redis.call('HGET', K_WINDOW, id)
   local value
-  if not v then
-    value = window_value(bucket, ds, dl, df, tin, tout,
-      {string.format('%d:%d:%d:%d:%d:%d', bucket, ds, dl, df, tin, tout)})
+  local first, last, s, lat, f, ti, to, older, ls, ll, lf, li, lo
+  if v then
+    first, last, s, lat, f, ti, to, older, ls, ll, lf, li, lo = string.match(v, WINDOW)
+  end
+  if first and tonumber(first) > oldest and tonumber(last) == bucket then
+    -- The common case: another sample for the newest bucket and nothing stale.
+    value = string.format('%s:%s:%d:%d:%d:%d:%d|', first, last, s + ds, lat + dl, f + df,
+        ti + tin, to + tout)
+      .. older
+      .. string.format('|%d:%d:%d:%d:%d', ls + ds, ll + dl, lf + df, li + tin, lo + tout)
   else
-    local first, s, lat, f, ti, to = string.match(v, HEADER)
-    local head, lb, ls, ll, lf, li, lo = string.match(v, '^(.*)' .. SLOT .. '$')
-    if first and tonumber(first) > oldest and tonumber(lb) == bucket then
-      -- The common case: same bucket as the last sample, nothing stale. Touch two numbers.
-      value = string.format('%d:%d:%d:%d:%d:%d|', first, s + ds, lat + dl, f + df,
-          ti + tin, to + tout)
-        .. string.match(head, '|(.*)$')
-        .. string.format('%d:%d:%d:%d:%d:%d', bucket, ls + ds, ll + dl, lf + df, li + tin,
-          lo + tout)
+    local slots = {}
+    if v then slots = window_live(window_slots(v), oldest) end
+    local newest = slots[#slots]
+    if newest and newest[1] == bucket then
+      newest[2], newest[3], newest[4] = newest[2] + ds, newest[3] + dl, newest[4] + df
+      newest[5], newest[6] = newest[5] + tin, newest[6] + tout
     else
-      local live_first, slots
-      s, lat, f, ti, to, live_first, slots = window_rescan(v, oldest)
-      slots[#slots + 1] = string.format('%d:%d:%d:%d:%d:%d', bucket, ds, dl, df, tin, tout)
-      value = window_value(live_first or bucket, s + ds, lat + dl, f + df, ti + tin, to + tout,
-        slots)
+      slots[#slots + 1] = {bucket, ds, dl, df, tin, tout}
     end
+    value = window_encode(slots)
   end
   redis.call('HSET', K_WINDOW, id, value)
   redis.call('PEXPIRE', K_WINDOW, P.bucket_ms * (P.buckets + 1))

@@ -18,7 +18,7 @@ from edgeroute import RoutingStrategy, StateUnavailable
 from edgeroute.state import RedisState
 from edgeroute.state.redis import endpoint_from_url, route_keys
 from edgeroute.state.scripts import SCRIPT_NAMES, load_scripts
-from edgeroute.types import BreakerParams, Outcome, OutcomeKind
+from edgeroute.types import BreakerParams, Outcome, OutcomeKind, WindowParams
 from tests.support.redis_servers import RedisServer, free_port
 from tests.test_state_conformance import make_route
 
@@ -173,3 +173,36 @@ def test_lua_scripts_ship_inside_the_wheel(tmp_path: Path) -> None:
     for script in ("lib", *SCRIPT_NAMES):
         assert f"edgeroute/lua/{script}.lua" in names
     assert set(load_scripts()) == set(SCRIPT_NAMES)
+
+
+async def test_window_values_stay_bounded_by_the_bucket_count(redis_url: str) -> None:
+    """Many samples in few buckets must not grow a window field: one slot per bucket."""
+    prefix = f"win-{uuid.uuid4().hex[:8]}"
+    state = RedisState(redis_url, key_prefix=prefix, timeout_ms=5000)
+    route = make_route(
+        RoutingStrategy.latency_based(), window=WindowParams(bucket_ms=50, buckets=4)
+    )
+    for _ in range(8):  # 8 x ~60 ms: every bucket sees samples, older ones age out
+        outcomes = [
+            (route, Outcome(target_id="t0", kind=OutcomeKind.SUCCESS, latency_ms=1.0))
+            for _ in range(100)
+        ]
+        await state.record_many(outcomes)
+        await state.decide(route)
+        await asyncio.sleep(0.06)
+    await state.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
+    client = redis.Redis.from_url(redis_url)
+    value = client.hget(route_keys(prefix, route.name)[1], "t0")
+    assert value is not None
+    header, older, newest = value.decode().split("|")
+    first, last, successes, _, failures, _, _ = (int(x) for x in header.split(":"))
+    older_buckets = [int(slot.split(":")[0]) for slot in older.split(";") if slot]
+    assert len(older_buckets) + 1 <= 4, value  # at most `buckets` buckets, each once
+    assert older_buckets == sorted(set(older_buckets)) and all(b < last for b in older_buckets)
+    assert first == (older_buckets[0] if older_buckets else last)
+    assert int(newest.split(":")[2]) == 1  # the failure landed in the newest bucket
+    snapshot = await state.snapshot(route)
+    t0 = snapshot.targets[0]
+    assert (t0.successes, t0.failures) == (successes, failures) and failures == 1
+    assert 0 < t0.successes <= 400
+    await state.close()
