@@ -36,6 +36,8 @@ class TargetMetrics:
     """Pre-bound children for one target of one route."""
 
     success: Counter
+    attempt_ok: Counter
+    request_duration: Histogram
     upstream_duration: Histogram
     ttft: Histogram
     prompt_tokens: Counter
@@ -143,6 +145,8 @@ class Metrics:
         if bound is None:
             bound = self._targets[key] = TargetMetrics(
                 success=self.requests.labels(route, provider, model, "success"),
+                attempt_ok=self.attempts.labels(provider, model, "ok"),
+                request_duration=self.request_duration.labels(route),
                 upstream_duration=self.upstream_duration.labels(provider, model),
                 ttft=self.ttft.labels(provider, model),
                 prompt_tokens=self.tokens.labels(route, provider, model, "prompt"),

@@ -197,7 +197,8 @@ class Proxy:
         parsed = await self._parse(request, endpoint, request_id)
         if isinstance(parsed, web.Response):
             parsed.headers["x-request-id"] = request_id
-            self._log(request_id, None, None, parsed.status, started, error=parsed.reason)
+            code = "model_not_found" if parsed.status == 404 else "invalid_request"
+            self._complete(request_id, "", parsed.status, started, code, error=code)
             return parsed
         route, upstream_request = parsed
         context = _Context(route, upstream_request, started)
@@ -210,6 +211,15 @@ class Proxy:
         except asyncio.CancelledError:
             if context.pending is not None:
                 self.recorder.submit(route, context.pending)
+            self._complete(
+                request_id,
+                route.name,
+                499,
+                started,
+                "client_disconnected",
+                attempts=len(context.attempts),
+                error="client_disconnected",
+            )
             raise
         if isinstance(served.result, UpstreamReply):
             return self._reply(context, served, request_id)
@@ -326,6 +336,10 @@ class Proxy:
                 raise _Retry
             raise _Exhausted(decision.retry_after_s)
         target = decision.chosen.target
+        if context.attempts:
+            # This request really moves on: count the failover from the last failure.
+            last = context.attempts[-1]
+            self.metrics.failovers.labels(context.route.name, last.provider, last.error).inc()
         adapter = self.adapters[target.provider]
         request = context.request
         request.model = target.model
@@ -378,9 +392,6 @@ class Proxy:
         outcome = Outcome.for_admission(admission, exc.outcome, elapsed * 1000)
         outcome.retry_after_s = exc.retry_after_s
         if exc.retryable:
-            self.metrics.failovers.labels(
-                context.route.name, target.provider, exc.error_class.value
-            ).inc()
             context.tried.append(target.id)
             context.pending = outcome  # reported by the next decide, in the same round trip
         else:
@@ -408,8 +419,7 @@ class Proxy:
         outcome.output_tokens = completion
         self.recorder.submit(route, outcome)
         bound = self.metrics.target(route.name, target.provider, target.model)
-        bound.success.inc()
-        self.metrics.attempts.labels(target.provider, target.model, "ok").inc()
+        bound.attempt_ok.inc()
         bound.upstream_duration.observe(latency_s)
         if prompt or completion:
             bound.prompt_tokens.inc(prompt)
@@ -432,7 +442,7 @@ class Proxy:
             status=reply.status, body=reply.body, headers=self._headers(context, served, request_id)
         )
         response.content_type = reply.content_type.split(";")[0] or "application/json"
-        self._finish(context, served, response.status, request_id)
+        self._served(context, served, response.status, request_id, "success")
         return response
 
     async def _stream(
@@ -445,15 +455,13 @@ class Proxy:
         response = web.StreamResponse(
             status=200, headers={**_SSE_HEADERS, **self._headers(context, served, request_id)}
         )
-        outcome_kind = OutcomeKind.SUCCESS
-        error: str | None = None
         try:
             await response.prepare(http)
             async for block in stream:
                 await response.write(block)
         except UpstreamError as exc:
             # After the first byte there is no failover: tell the client, blame the provider.
-            outcome_kind, error = OutcomeKind.FAILURE, exc.error_class.value
+            error = exc.error_class.value
             self.metrics.attempts.labels(target.provider, target.model, error).inc()
             message = {
                 "error": {
@@ -465,24 +473,32 @@ class Proxy:
             }
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await response.write(b"data: " + _encode(message) + b"\n\n")
+                await response.write_eof()
+            self._record_stream(context, served, OutcomeKind.FAILURE, ttft, stream)
+            self._served(context, served, 200, request_id, "stream_error", ttft=ttft, error=error)
+            return response
         except (ConnectionError, asyncio.CancelledError) as exc:
             # The client went away: stop the upstream too, count nothing against anyone.
-            outcome_kind, error = OutcomeKind.NEUTRAL, "client_disconnected"
             await stream.aclose()
-            self._record_stream(context, served, outcome_kind, ttft, stream)
-            self._finish(context, served, 499, request_id, error=error, ttft=ttft)
+            self._record_stream(context, served, OutcomeKind.NEUTRAL, ttft, stream)
+            self._served(
+                context,
+                served,
+                499,
+                request_id,
+                "client_disconnected",
+                ttft=ttft,
+                error="client_disconnected",
+            )
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return response
         finally:
             await stream.aclose()
-        if outcome_kind is OutcomeKind.SUCCESS:
-            usage = stream.usage
-            self._success(context, served, ttft, usage.prompt_tokens, usage.completion_tokens)
-        else:
-            self._record_stream(context, served, outcome_kind, ttft, stream)
+        usage = stream.usage
+        self._success(context, served, ttft, usage.prompt_tokens, usage.completion_tokens)
         self.metrics.target(context.route.name, target.provider, target.model).ttft.observe(ttft)
-        self._finish(context, served, 200, request_id, error=error, ttft=ttft)
+        self._served(context, served, 200, request_id, "success", ttft=ttft)
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
@@ -507,8 +523,15 @@ class Proxy:
             context.pending = None
         if not context.attempts:
             retry_after = max(1, math.ceil(exhausted.retry_after_s))
-            self.metrics.requests.labels(route, "", "", "no_providers_available").inc()
-            response = error_response(
+            self._complete(
+                request_id,
+                route,
+                503,
+                context.started,
+                "no_providers_available",
+                error="no_providers_available",
+            )
+            return error_response(
                 503,
                 f"no provider is available for model `{route}` right now "
                 "(every target's breaker is open or rate-limited)",
@@ -516,8 +539,6 @@ class Proxy:
                 code="no_providers_available",
                 headers={"Retry-After": str(retry_after), "x-request-id": request_id},
             )
-            self._log(request_id, route, None, 503, context.started, error="no_providers_available")
-            return response
         attempts = [
             {"provider": a.provider, "model": a.model, "error": a.error, "status": a.status}
             for a in context.attempts
@@ -525,8 +546,19 @@ class Proxy:
         if all(a.error == ErrorClass.RATE_LIMITED.value for a in context.attempts):
             return self._all_rate_limited(context, attempts, request_id)
         last = context.attempts[-1]
-        self.metrics.requests.labels(route, last.provider, last.model, "all_providers_failed").inc()
-        response = error_response(
+        self._complete(
+            request_id,
+            route,
+            502,
+            context.started,
+            "all_providers_failed",
+            provider=last.provider,
+            model=last.model,
+            attempts=len(attempts),
+            upstream_s=context.upstream_s,
+            error="all_providers_failed",
+        )
+        return error_response(
             502,
             f"all providers failed for model `{route}` after {len(attempts)} attempts: "
             + ", ".join(f"{a.provider}/{a.model}: {a.error}" for a in context.attempts),
@@ -535,16 +567,6 @@ class Proxy:
             headers={"x-request-id": request_id, "x-edgeroute-attempts": str(len(attempts))},
             extra={"attempts": attempts},
         )
-        self._log(
-            request_id,
-            route,
-            None,
-            502,
-            context.started,
-            error="all_providers_failed",
-            attempts=len(attempts),
-        )
-        return response
 
     def _all_rate_limited(
         self, context: _Context, attempts: list[dict[str, Any]], request_id: str
@@ -554,15 +576,17 @@ class Proxy:
         waits = [a.retry_after_s for a in context.attempts if a.retry_after_s > 0]
         retry_after = max(1, math.ceil(min(waits))) if waits else 1
         last = context.attempts[-1]
-        self.metrics.requests.labels(route, last.provider, last.model, "rate_limited").inc()
-        self._log(
+        self._complete(
             request_id,
             route,
-            None,
             429,
             context.started,
-            error="rate_limited",
+            "rate_limited",
+            provider=last.provider,
+            model=last.model,
             attempts=len(attempts),
+            upstream_s=context.upstream_s,
+            error="rate_limited",
         )
         return error_response(
             429,
@@ -580,9 +604,6 @@ class Proxy:
     def _passthrough(self, context: _Context, exc: UpstreamError, request_id: str) -> web.Response:
         last = context.attempts[-1]
         status = exc.status or 400
-        self.metrics.requests.labels(
-            context.route.name, last.provider, last.model, "client_error"
-        ).inc()
         body = exc.body or _encode(
             {
                 "error": {
@@ -604,78 +625,130 @@ class Proxy:
             },
         )
         response.content_type = exc.content_type.split(";")[0] or "application/json"
-        self._log(
+        self._complete(
             request_id,
             context.route.name,
-            last.provider,
             status,
             context.started,
-            error=exc.error_class.value,
+            "client_error",
+            provider=last.provider,
+            model=last.model,
             attempts=len(context.attempts),
+            upstream_s=context.upstream_s,
+            error=exc.error_class.value,
         )
         return response
 
-    def _finish(
+    def _served(
         self,
         context: _Context,
         served: _Served,
         status: int,
         request_id: str,
+        outcome: str,
         *,
-        error: str | None = None,
         ttft: float | None = None,
+        error: str | None = None,
     ) -> None:
-        now = time.perf_counter()
-        total = now - context.started
-        self.metrics.request_duration.labels(context.route.name).observe(total)
+        """A request that reached a target: account for it once, whatever happened next."""
+        target = served.decision.chosen.target
+        route = context.route.name
+        total = time.perf_counter() - context.started
+        bound = self.metrics.target(route, target.provider, target.model)
+        if outcome == "success":
+            bound.success.inc()
+        else:
+            self.metrics.requests.labels(route, target.provider, target.model, outcome).inc()
+        bound.request_duration.observe(total)
         if ttft is None:
             self.metrics.overhead.observe(max(0.0, total - context.upstream_s))
-        target = served.decision.chosen.target
-        self._log(
-            request_id,
-            context.route.name,
-            target,
-            status,
-            context.started,
-            error=error,
-            attempts=len(context.attempts) + 1,
-            upstream_s=context.upstream_s,
-            ttft=ttft,
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            write_access_line(
+                request_id,
+                route,
+                status,
+                total,
+                attempts=len(context.attempts) + 1,
+                provider=target.provider,
+                model=target.model,
+                target=target.id,
+                upstream_s=context.upstream_s,
+                ttft=ttft,
+                error=error,
+            )
 
-    def _log(
+    def _complete(
         self,
         request_id: str,
-        route: str | None,
-        target: Any,
+        route: str,
         status: int,
         started: float,
+        outcome: str,
         *,
-        error: str | None = None,
+        provider: str = "",
+        model: str = "",
         attempts: int = 0,
         upstream_s: float | None = None,
-        ttft: float | None = None,
+        error: str | None = None,
     ) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        record: dict[str, Any] = {
-            "request_id": request_id,
-            "route": route,
-            "status": status,
-            "attempts": attempts,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
-        if target is not None and hasattr(target, "provider"):
-            record.update(provider=target.provider, model=target.model, target=target.id)
-        elif isinstance(target, str):
-            record["provider"] = target
-        if upstream_s is not None:
-            record["upstream_ms"] = round(upstream_s * 1000, 3)
-        if ttft is not None:
-            record["ttft_ms"] = round(ttft * 1000, 3)
-        if error:
-            record["error"] = error
-        access_log.info(_encode(record).decode())
+        """A request that ended without an answer from a target (errors, mostly).
+
+        `route` is "" when the request never matched one: client-chosen strings never
+        become metric labels.
+        """
+        total = time.perf_counter() - started
+        self.metrics.requests.labels(route, provider, model, outcome).inc()
+        if route:
+            self.metrics.request_duration.labels(route).observe(total)
+        if access_log.isEnabledFor(logging.INFO):
+            write_access_line(
+                request_id,
+                route or None,
+                status,
+                total,
+                attempts=attempts,
+                provider=provider or None,
+                model=model or None,
+                upstream_s=upstream_s,
+                error=error,
+            )
+
+
+def write_access_line(
+    request_id: str,
+    route: str | None,
+    status: int,
+    duration_s: float,
+    *,
+    attempts: int = 0,
+    provider: str | None = None,
+    model: str | None = None,
+    target: str | None = None,
+    upstream_s: float | None = None,
+    ttft: float | None = None,
+    error: str | None = None,
+) -> None:
+    """One JSON line per request on the `edgeroute.access` logger (never a key or a body)."""
+    record: dict[str, Any] = {
+        "request_id": request_id,
+        "route": route,
+        "status": status,
+        "attempts": attempts,
+        "duration_ms": round(duration_s * 1000, 3),
+    }
+    if provider is not None:
+        record["provider"] = provider
+    if model is not None:
+        record["model"] = model
+    if target is not None:
+        record["target"] = target
+    if upstream_s is not None:
+        record["upstream_ms"] = round(upstream_s * 1000, 3)
+    if ttft is not None:
+        record["ttft_ms"] = round(ttft * 1000, 3)
+    if error:
+        record["error"] = error
+    access_log.info(_encode(record).decode())
 
 
 def _too_large(limit: int) -> web.Response:

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import signal
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -22,7 +23,7 @@ from aiohttp import web
 from edgeroute.config import Config
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
-from edgeroute.proxy import Proxy, error_response
+from edgeroute.proxy import Proxy, error_response, write_access_line
 from edgeroute.recorder import Recorder
 from edgeroute.router import Router, UnknownRoute
 from edgeroute.state import MemoryState, RedisState, StateBackend
@@ -95,6 +96,20 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
     client_keys = _key_digests(config.server.api_keys)
     admin_token = config.server.admin_token
 
+    admin_digests = _key_digests([admin_token]) if admin_token is not None else []
+
+    def refuse(request: web.Request, status: int, message: str, code: str) -> web.Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        metrics.requests.labels("", "", "", code).inc()
+        write_access_line(request_id, None, status, 0.0, error=code)
+        return error_response(
+            status,
+            message,
+            type_="invalid_request_error",
+            code=code,
+            headers={"x-request-id": request_id},
+        )
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
@@ -103,27 +118,14 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
             and client_keys
             and not _matches(_presented_key(request), client_keys)
         ):
-            return error_response(
-                401,
-                "invalid or missing API key",
-                type_="invalid_request_error",
-                code="invalid_api_key",
-            )
+            return refuse(request, 401, "invalid or missing API key", "invalid_api_key")
         if path.startswith("/admin/"):
             if admin_token is None:
-                return error_response(
-                    404,
-                    "admin endpoints are disabled (no admin_token set)",
-                    type_="invalid_request_error",
-                    code="not_found",
+                return refuse(
+                    request, 404, "admin endpoints are disabled (no admin_token set)", "not_found"
                 )
-            if not _matches(_presented_key(request), _key_digests([admin_token])):
-                return error_response(
-                    401,
-                    "invalid or missing admin token",
-                    type_="invalid_request_error",
-                    code="invalid_admin_token",
-                )
+            if not _matches(_presented_key(request), admin_digests):
+                return refuse(request, 401, "invalid or missing admin token", "invalid_admin_token")
         return await handler(request)
 
     app = web.Application(middlewares=[auth], client_max_size=config.server.max_body_bytes + 1)
@@ -144,7 +146,10 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
             limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
         )
         session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            # No Accept-Encoding: upstreams answer plain, and the body passes through as is.
+            # One that compresses anyway is still decoded before the client sees it.
+            connector=connector,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         for provider in config.providers:
             adapters[provider.name] = make_adapter(provider, session)
@@ -339,37 +344,38 @@ async def _poll_breakers(router: Router, metrics: Metrics, interval_s: float = 5
 
 
 async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain: /readyz turns 503, in-flight work finishes."""
+    """Run until SIGTERM/SIGINT, then drain: /readyz turns 503, in-flight work finishes.
+
+    The drain waits up to `server.shutdown_timeout_s` for in-flight requests and streams;
+    whatever is still running then is cancelled, so the process exits within that time.
+    """
     app = create_app(config)
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=config.server.shutdown_timeout_s,
-    )
+    # The drain below does the waiting; the runner only cancels what outlived it.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
-    site = web.TCPSite(
-        runner, config.server.host, config.server.port, reuse_address=True, backlog=2048
-    )
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    addresses = runner.addresses
-    port = addresses[0][1] if addresses else config.server.port
-    url = f"http://{config.server.host}:{port}"
-    if ready is not None:
-        ready(url)
-    await stop.wait()
-    app[DRAINING].set()
-    log.warning(
-        "draining: waiting up to %ss for in-flight requests", config.server.shutdown_timeout_s
-    )
-    proxy = app.get(PROXY)
-    deadline = loop.time() + config.server.shutdown_timeout_s
-    # Polling is enough here: it runs once, at shutdown, for at most shutdown_timeout_s.
-    while proxy is not None and proxy.in_flight > 0 and loop.time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
-    await runner.cleanup()
+    try:
+        site = web.TCPSite(
+            runner, config.server.host, config.server.port, reuse_address=True, backlog=2048
+        )
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        addresses = runner.addresses
+        port = addresses[0][1] if addresses else config.server.port
+        if ready is not None:
+            ready(f"http://{config.server.host}:{port}")
+        await stop.wait()
+        app[DRAINING].set()
+        log.warning(
+            "draining: waiting up to %ss for in-flight requests", config.server.shutdown_timeout_s
+        )
+        proxy = app.get(PROXY)
+        deadline = loop.time() + config.server.shutdown_timeout_s
+        # Polling is enough here: it runs once, at shutdown, for at most shutdown_timeout_s.
+        while proxy is not None and proxy.in_flight > 0 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    finally:
+        await runner.cleanup()
     return 0
