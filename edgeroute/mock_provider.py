@@ -169,6 +169,7 @@ _ENCODER: Final = msgspec.json.Encoder()
 
 # msgspec reports where validation failed as "... - at `$.messages[0].content`".
 _ERROR_PATH_RE: Final = re.compile(r"at `\$\.?([^`]*)`")
+_CONFIG_FIELD_RE: Final = re.compile(r"unknown field `(\w+)`|^(\w+) must")
 
 
 class _BadRequest(Exception):
@@ -844,12 +845,10 @@ class MockProvider:
         try:
             new = self.configure(changes)
         except msgspec.ValidationError as exc:
-            match = _ERROR_PATH_RE.search(str(exc))
-            param = match.group(1) if match else None
-            if param is None:
-                # Unknown fields and __post_init__ errors name the field only in the text.
-                named = re.search(r"`(\w+)`|^(\w+) must", str(exc))
-                param = next((g for g in named.groups() if g), None) if named else None
+            # Type errors carry a `$.field` path; unknown fields and __post_init__ errors
+            # name the field only in their text.
+            match = _ERROR_PATH_RE.search(str(exc)) or _CONFIG_FIELD_RE.search(str(exc))
+            param = next((g for g in match.groups() if g), None) if match else None
             return self._bad_request(_BadRequest(f"Invalid mock config: {exc}", param=param))
         return self._json(_ENCODER.encode(new))
 
