@@ -10,7 +10,14 @@ from edgeroute.config import Config, RouteConfig, effective_breaker, effective_l
 from edgeroute.errors import AllProvidersFailed, NoProvidersAvailable, RoutingError
 from edgeroute.state import StateBackend, state_from_config
 from edgeroute.state.base import RouteSpec
-from edgeroute.strategy import Candidate, RoutingDecision, RoutingStrategy, explain_choice, rank
+from edgeroute.strategy import (
+    Candidate,
+    RoutingDecision,
+    RoutingStrategy,
+    explain_choice,
+    is_held,
+    rank,
+)
 from edgeroute.types import (
     Admission,
     BreakerParams,
@@ -251,6 +258,12 @@ class Router:
                         snap.latency_sum_us,
                         snap.failures,
                         snap.inflight,
+                        held=snap.state is CircuitState.CLOSED
+                        and is_held(
+                            snap.consecutive_failures,
+                            snap.inflight,
+                            spec.breaker.failure_threshold,
+                        ),
                     )
                 )
         # What the next request would see: the cursor it would advance to.

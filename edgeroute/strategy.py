@@ -95,6 +95,9 @@ class Candidate:
     failures: int = 0
     inflight: int = 0
     score: float = 0.0
+    # A closed breaker with failures in a row whose in-flight requests could already reach
+    # the threshold: more traffic could only add failures, so it goes last.
+    held: bool = False
 
     @property
     def latency_ms(self) -> float | None:
@@ -111,6 +114,8 @@ def rank(strategy: RoutingStrategy, candidates: list[Candidate], rr_cursor: int)
 
     Half-open targets holding a free probe slot go first whatever their score: a breaker
     only recovers if somebody probes it, and the probe budget already bounds the risk.
+    Held targets (see `is_held`) go last: used only when nothing else is admissible, so
+    the fleet sends a failing provider no more than `failure_threshold` requests at once.
     """
     if not candidates:
         return candidates
@@ -133,9 +138,18 @@ def rank(strategy: RoutingStrategy, candidates: list[Candidate], rr_cursor: int)
         else:  # pragma: no cover - RoutingStrategy validates kinds
             raise ValueError(kind)
         ordered = sorted(candidates, key=_by_score)
-    if any(c.probe for c in ordered):
-        ordered = [c for c in ordered if c.probe] + [c for c in ordered if not c.probe]
+    if any(c.probe or c.held for c in ordered):
+        ordered = (
+            [c for c in ordered if c.probe]
+            + [c for c in ordered if not c.probe and not c.held]
+            + [c for c in ordered if c.held]
+        )
     return ordered
+
+
+def is_held(failures: int, inflight: int, failure_threshold: int) -> bool:
+    """A suspect target's budget is spent: its next failures would already open it."""
+    return failures > 0 and failures + inflight >= failure_threshold
 
 
 def _by_score(candidate: Candidate) -> float:
@@ -275,6 +289,8 @@ def explain_choice(
         head = f"round_robin: cursor {rr_cursor} -> {name} of {len(ordered)} healthy"
     else:
         head = f"least_busy: {name} with {best.inflight} in flight"
+    if best.held:
+        head += " (suspect: recent failures, its failure budget is in flight; nothing else left)"
     if len(ordered) > 1:
         runner = ordered[1]
         head += f"; next {runner.target.id} ({runner.score:.3f})"

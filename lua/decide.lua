@@ -4,7 +4,7 @@
 --   (static route data first, so the client can send it pre-encoded)
 -- Reply: admitted generation probe wait_ms rr_cursor count
 --        then per candidate, best first: position state score successes latency_us failures
---        inflight (scores travel as strings: Redis would truncate Lua numbers to integers).
+--        inflight held (scores travel as strings: Redis would truncate Lua numbers to integers).
 
 local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY = 0, 1, 2, 3, 4
 
@@ -65,7 +65,8 @@ for k = 1, n do
       if wait == 0 or pause < wait then wait = pause end
     else
       local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
-                 s = 0, lat = 0, f = 0, inf = r.inf, score = 0}
+                 s = 0, lat = 0, f = 0, inf = r.inf, score = 0,
+                 held = r.st == CLOSED and r.f > 0 and r.f + r.inf >= P.failure_threshold}
       if windowed then c.s, c.lat, c.f = window_totals(windows[k], now, id) end
       cands[#cands + 1] = c
     end
@@ -140,12 +141,20 @@ if count > 0 then
     table.sort(cands, by_score)
   end
   -- Half-open targets with a free probe slot go first: breakers recover only when probed.
-  local probes, rest = {}, {}
+  -- Held targets (failures in a row, their failure budget already in flight) go last.
+  local probes, rest, held = {}, {}, {}
   for _, c in ipairs(ordered) do
-    if c.probe then probes[#probes + 1] = c else rest[#rest + 1] = c end
+    if c.probe then
+      probes[#probes + 1] = c
+    elseif c.held then
+      held[#held + 1] = c
+    else
+      rest[#rest + 1] = c
+    end
   end
-  if #probes > 0 then
+  if #probes > 0 or #held > 0 then
     for _, c in ipairs(rest) do probes[#probes + 1] = c end
+    for _, c in ipairs(held) do probes[#probes + 1] = c end
     ordered = probes
   end
 end
@@ -171,6 +180,7 @@ if count > 0 then
     reply[#reply + 1] = c.lat
     reply[#reply + 1] = c.f
     reply[#reply + 1] = c.inf
+    reply[#reply + 1] = c.held and 1 or 0
   end
 end
 flush(extra)

@@ -269,6 +269,44 @@ async def test_reset_closes_breaker_and_lifts_cooldown(harness: Harness) -> None
     assert admission.target_id == "t0"
 
 
+async def test_suspect_target_gets_no_more_than_its_failure_budget_in_flight(
+    harness: Harness,
+) -> None:
+    route = make_route(breaker=BreakerParams(failure_threshold=3, open_timeout_ms=60_000))
+    await fail(harness, route, "t0")  # one failure in a row: budget 3 - 1 = 2 in flight
+    first = [(await admit(harness, route))[1] for _ in range(3)]
+    assert [a.target_id for a in first] == ["t0", "t0", "t1"]
+    decision, _ = await admit(harness, route)
+    assert decision.candidates[-1].target.id == "t0" and decision.candidates[-1].held
+    # Both in-flight requests fail: the breaker opens with exactly 3 failures sent to t0.
+    for admission in first[:2]:
+        await harness.state.record(route, Outcome.for_admission(admission, OutcomeKind.FAILURE))
+    assert (await states(harness, route))["t0"] is CircuitState.OPEN
+
+
+async def test_a_success_lifts_the_suspicion(harness: Harness) -> None:
+    route = make_route(breaker=BreakerParams(failure_threshold=2, open_timeout_ms=60_000))
+    await fail(harness, route, "t0")
+    _, a1 = await admit(harness, route)
+    _, a2 = await admit(harness, route)
+    assert (a1.target_id, a2.target_id) == ("t0", "t1")  # 1 failure + 1 in flight = budget
+    await harness.state.record(route, Outcome.for_admission(a1, OutcomeKind.SUCCESS, 5.0))
+    _, a3 = await admit(harness, route)
+    _, a4 = await admit(harness, route)
+    assert (a3.target_id, a4.target_id) == ("t0", "t0")  # healthy again: no budget
+
+
+async def test_a_held_target_is_still_used_when_nothing_else_is_left(harness: Harness) -> None:
+    route = make_route(
+        breaker=BreakerParams(failure_threshold=2, open_timeout_ms=60_000), prices=(1.0,)
+    )
+    await fail(harness, route, "t0")
+    _, a1 = await admit(harness, route)
+    decision, a2 = await admit(harness, route)
+    assert a1.target_id == a2.target_id == "t0"  # a single-target route never refuses for it
+    assert decision.candidates[0].held and "suspect" in decision.reason
+
+
 # ---- rate limits, exclusion, failover --------------------------------------------------
 
 

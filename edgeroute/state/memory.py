@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 
 from edgeroute.state.base import RouteSpec
-from edgeroute.strategy import Candidate, RoutingDecision, rank
+from edgeroute.strategy import Candidate, RoutingDecision, is_held, rank
 from edgeroute.types import (
     Admission,
     CircuitState,
@@ -175,6 +175,7 @@ class MemoryState:
             state.rr_cursor += 1
         windowed = strategy.kind in _WINDOWED
         max_probes = route.breaker.half_open_max_probes
+        threshold = route.breaker.failure_threshold
         candidates: list[Candidate] = []
         wait = 0
         if state.aligned_for is not route:
@@ -197,31 +198,23 @@ class MemoryState:
                 continue
             if windowed:
                 successes, latency, failures, _, _ = _window_totals(target, now, route)
-                candidates.append(
-                    Candidate(
-                        spec,
-                        index,
-                        _STATES[target.state],
-                        target.state == HALF_OPEN,
-                        successes,
-                        latency,
-                        failures,
-                        target.inflight,
-                    )
-                )
             else:
-                candidates.append(
-                    Candidate(
-                        spec,
-                        index,
-                        _STATES[target.state],
-                        target.state == HALF_OPEN,
-                        0,
-                        0,
-                        0,
-                        target.inflight,
-                    )
+                successes = latency = failures = 0
+            state_code = target.state
+            candidates.append(
+                Candidate(
+                    spec,
+                    index,
+                    _STATES[state_code],
+                    state_code == HALF_OPEN,
+                    successes,
+                    latency,
+                    failures,
+                    target.inflight,
+                    0.0,
+                    state_code == CLOSED and is_held(target.failures, target.inflight, threshold),
                 )
+            )
         ordered = rank(strategy, candidates, state.rr_cursor)
         if not ordered:
             return RoutingDecision(

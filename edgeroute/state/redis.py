@@ -37,7 +37,7 @@ from edgeroute.types import (
 
 _HALF_OPEN_CODE = 2
 _DECIDE_HEAD = 6
-_DECIDE_ROW = 7
+_DECIDE_ROW = 8
 _SNAPSHOT_ROW = 14
 
 
@@ -365,6 +365,7 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
                 reply[j + 5],
                 reply[j + 6],
                 float(reply[j + 2]),
+                reply[j + 7] == 1,
             )
         )
     admission = None
