@@ -26,7 +26,7 @@ from edgeroute.providers import ProviderAdapter, make_adapter
 from edgeroute.proxy import Proxy, error_response, write_access_line
 from edgeroute.recorder import Recorder
 from edgeroute.router import Router, UnknownRoute
-from edgeroute.state import MemoryState, RedisState, StateBackend
+from edgeroute.state import MemoryState, StateBackend, state_from_config
 from edgeroute.state.fallback import FallbackState
 
 log = logging.getLogger("edgeroute.server")
@@ -72,13 +72,9 @@ def _matches(presented: str | None, digests: list[bytes]) -> bool:
 
 
 def _make_state(config: Config, metrics: Metrics) -> StateBackend:
-    if not config.state.redis_url:
-        return MemoryState()
-    primary = RedisState(
-        config.state.redis_url,
-        key_prefix=config.state.key_prefix,
-        timeout_ms=config.state.timeout_ms,
-    )
+    primary = state_from_config(config.state)
+    if isinstance(primary, MemoryState):
+        return primary
     return FallbackState(
         primary,
         on_change=lambda degraded: metrics.state_degraded.set(1 if degraded else 0),

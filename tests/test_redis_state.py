@@ -16,8 +16,9 @@ import redis
 
 from edgeroute import RoutingStrategy, StateUnavailable
 from edgeroute.state import RedisState
-from edgeroute.state.redis import endpoint_from_url, route_keys
+from edgeroute.state.redis import route_keys
 from edgeroute.state.scripts import SCRIPT_NAMES, load_scripts
+from edgeroute.state.topology import parse_state_url
 from edgeroute.types import BreakerParams, Outcome, OutcomeKind, WindowParams
 from tests.support.redis_servers import RedisServer, free_port
 from tests.test_state_conformance import make_route
@@ -140,15 +141,23 @@ async def test_password_protected_redis(tmp_path: Path) -> None:
         await bad.close()
 
 
-def test_endpoint_from_url() -> None:
-    endpoint = endpoint_from_url("redis://user:pw@redis.example:6380/3")
-    assert (endpoint.host, endpoint.port, endpoint.db) == ("redis.example", 6380, 3)
-    assert (endpoint.username, endpoint.password) == ("user", "pw")
-    assert endpoint.ssl_context is None
-    tls = endpoint_from_url("rediss://redis.example?ssl_cert_reqs=none")
-    assert tls.ssl_context is not None and tls.port == 6379
-    with pytest.raises(ValueError, match="scheme"):
-        endpoint_from_url("http://redis.example")
+def test_state_urls() -> None:
+    target = parse_state_url("redis://user:p%40ss@redis.example:6380/3")
+    assert (target.kind, target.nodes, target.db) == ("standalone", (("redis.example", 6380),), 3)
+    assert (target.username, target.password, target.ssl_context) == ("user", "p@ss", None)
+    tls = parse_state_url("rediss://redis.example?ssl_cert_reqs=none")
+    assert tls.ssl_context is not None and tls.nodes == (("redis.example", 6379),)
+    cluster = parse_state_url("redis+cluster://:pw@a:7000,b:7001,[::1]:7002")
+    assert cluster.kind == "cluster" and cluster.password == "pw"
+    assert cluster.nodes == (("a", 7000), ("b", 7001), ("::1", 7002))
+    assert parse_state_url("redis://a:7000", cluster=True).kind == "cluster"
+    sentinel = parse_state_url("redis+sentinel://s1,s2:26380/mymaster/2?sentinel_password=x")
+    assert (sentinel.kind, sentinel.master_name, sentinel.db) == ("sentinel", "mymaster", 2)
+    assert sentinel.nodes == (("s1", 26379), ("s2", 26380))
+    assert sentinel.sentinel_password == "x"
+    for bad in ("http://redis.example", "redis+sentinel://s1:26379", "redis://"):
+        with pytest.raises(ValueError):
+            parse_state_url(bad)
 
 
 def test_lua_scripts_ship_inside_the_wheel(tmp_path: Path) -> None:

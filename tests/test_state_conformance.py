@@ -74,15 +74,20 @@ def fakeredis_url() -> Iterator[str]:
     server.server_close()
 
 
-@pytest.fixture(params=["memory", "redis", "fakeredis"])
+@pytest.fixture(params=["memory", "redis", "fakeredis", "cluster"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
         clock = FakeClock()
         yield Harness(MemoryState(clock), clock)
         return
-    url = request.getfixturevalue(f"{request.param}_url")
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        nodes = ",".join(f"{host}:{port}" for host, port in cluster.startup_nodes)
+        url, clock_url = f"redis+cluster://{nodes}", cluster.url
+    else:
+        url = clock_url = request.getfixturevalue(f"{request.param}_url")
     state = RedisState(url, key_prefix=f"conf-{uuid.uuid4().hex[:12]}", timeout_ms=2000)
-    yield Harness(state, None, url)
+    yield Harness(state, None, clock_url)
     await state.close()
 
 

@@ -1,30 +1,30 @@
-"""Shared state in Redis: every change is one atomic Lua script, one round trip per call.
+"""Shared state in Redis: every change is one atomic Lua script, one EVALSHA per call.
 
-Concurrent calls are coalesced: while one batch is on the wire, new calls queue, and the
-next batch goes out as one pipelined write the moment the previous replies are in. Each
-call is still exactly one EVALSHA (one Redis command per decide), but a busy gateway pays
-one network round trip per batch instead of per request.
+This module speaks the state contract (what goes into each script call, what comes back);
+`pipeline` coalesces calls into pipelined batches on one connection, `cluster` routes them
+by slot, and `topology` finds the servers (standalone, Cluster, Sentinel; TLS and ACLs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
-import ssl
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import hiredis
+from redis.crc import key_slot
 
 from edgeroute.errors import StateUnavailable
 from edgeroute.state.base import RouteSpec
+from edgeroute.state.cluster import ClusterRouter
 from edgeroute.state.memory import latency_us
-from edgeroute.state.resp import Arg, Endpoint, RespConnection, command, encode_args
-from edgeroute.state.scripts import Script, load_scripts
+from edgeroute.state.pipeline import Pipeline
+from edgeroute.state.resp import Arg, Endpoint, command, encode_args
+from edgeroute.state.scripts import load_scripts
+from edgeroute.state.topology import parse_state_url, require_primary, resolve_master
 from edgeroute.strategy import STRATEGY_CODES, Candidate, RoutingDecision
 from edgeroute.types import (
     STATE_CODES,
@@ -41,130 +41,6 @@ _DECIDE_ROW = 8
 _SNAPSHOT_ROW = 14
 
 
-def endpoint_from_url(url: str) -> Endpoint:
-    """`redis://[user:pass@]host:port/db` or `rediss://...?ssl_ca_certs=/path` (TLS)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"unsupported redis URL scheme {parts.scheme!r}")
-    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-    context: ssl.SSLContext | None = None
-    if parts.scheme == "rediss":
-        context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
-        if query.get("ssl_certfile"):
-            context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
-        if query.get("ssl_cert_reqs", "required") == "none":
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        elif query.get("ssl_check_hostname", "true").lower() in ("false", "0", "no"):
-            context.check_hostname = False
-    db_text = parts.path.lstrip("/") or query.get("db", "0")
-    return Endpoint(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        username=parts.username or None,
-        password=parts.password,
-        db=int(db_text),
-        ssl_context=context,
-        server_hostname=parts.hostname,
-    )
-
-
-class _Pipeline:
-    """Coalesces concurrent commands into pipelined batches on one connection."""
-
-    def __init__(self, endpoint: Endpoint, timeout_s: float, scripts: dict[str, Script]) -> None:
-        self._endpoint = endpoint
-        self._timeout = timeout_s
-        self._scripts = scripts
-        self._queue: list[tuple[bytes, asyncio.Future[Any], float]] = []
-        self._runner: asyncio.Task[None] | None = None
-        self._connection: RespConnection | None = None
-        self.batches = 0
-
-    def submit(self, cmd: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((cmd, future, loop.time()))
-        if self._runner is None:
-            self._runner = loop.create_task(self._run())
-        return future
-
-    async def _run(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                await self._send(batch)
-        finally:
-            self._runner = None
-
-    async def _send(self, batch: list[tuple[bytes, asyncio.Future[Any], float]]) -> None:
-        # No call waits longer than the timeout from the moment it was queued.
-        deadline = batch[0][2] + self._timeout
-        self.batches += 1
-        try:
-            async with asyncio.timeout_at(deadline):
-                if self._connection is None:
-                    connection = await RespConnection.open(self._endpoint)
-                    # Load up front: a fresh server (or a promoted replica) has no scripts.
-                    await self._load_scripts(connection)
-                    self._connection = connection
-                replies = await self._connection.execute([cmd for cmd, _, _ in batch])
-                missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
-                if missing:
-                    # Redis restarted or failed over: load the scripts, replay what bounced.
-                    await self._load_scripts(self._connection)
-                    again = await self._connection.execute([batch[i][0] for i in missing])
-                    for i, reply in zip(missing, again, strict=True):
-                        replies[i] = reply
-        except (TimeoutError, OSError, ConnectionError, hiredis.ProtocolError) as exc:
-            self._drop_connection()
-            error = StateUnavailable(f"redis did not answer: {type(exc).__name__}: {exc}".strip())
-            for _, future, _ in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        except BaseException:
-            self._drop_connection()
-            for _, future, _ in batch:
-                if not future.done():
-                    future.cancel()
-            raise
-        for (_, future, _), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(StateUnavailable(f"redis refused the call: {reply}"))
-            else:
-                future.set_result(reply)
-
-    async def _load_scripts(self, connection: RespConnection) -> None:
-        replies = await connection.execute(
-            [
-                command(3, encode_args(["SCRIPT", "LOAD", script.source]))
-                for script in self._scripts.values()
-            ]
-        )
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                raise ConnectionError(f"redis refused to load the edgeroute scripts: {reply}")
-
-    def _drop_connection(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._runner
-        self._drop_connection()
-
-
-def _is_noscript(reply: Any) -> bool:
-    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
-
-
 @dataclass(frozen=True, slots=True)
 class _RouteCommands:
     """A route's static EVALSHA prefixes, encoded once."""
@@ -178,6 +54,7 @@ class _RouteCommands:
     snapshot_count: int
     reset: bytes
     reset_count: int
+    slot: int
 
 
 def route_keys(prefix: str, route: str) -> tuple[str, str, str]:
@@ -224,18 +101,43 @@ def outcome_args(outcome: Outcome) -> list[Arg]:
 
 
 class RedisState:
-    """The fleet-wide state backend. `url` is `redis://` or `rediss://` (TLS)."""
+    """The fleet-wide state backend; see `edgeroute.state.topology` for the URL forms."""
 
     name = "redis"
 
     def __init__(
-        self, url: str, *, key_prefix: str = "edgeroute", timeout_ms: float = 50.0
+        self,
+        url: str,
+        *,
+        key_prefix: str = "edgeroute",
+        timeout_ms: float = 50.0,
+        cluster: bool = False,
     ) -> None:
         self.url = url
         self.key_prefix = key_prefix
         self.timeout_s = timeout_ms / 1000.0
+        self.target = parse_state_url(url, cluster=cluster)
         self._scripts = load_scripts()
-        self._pipeline = _Pipeline(endpoint_from_url(url), self.timeout_s, self._scripts)
+        self._cluster: ClusterRouter | None = None
+        self._pipeline: Pipeline | None = None
+        target = self.target
+        if target.kind == "cluster":
+            self._cluster = ClusterRouter(target, self.timeout_s, self._scripts)
+        elif target.kind == "sentinel":
+
+            async def resolve_sentinel() -> Endpoint:
+                return await resolve_master(target)
+
+            self._pipeline = Pipeline(
+                resolve_sentinel, self.timeout_s, self._scripts, check=require_primary
+            )
+        else:
+            endpoint = target.endpoint(*target.nodes[0])
+
+            async def resolve_fixed() -> Endpoint:
+                return endpoint
+
+            self._pipeline = Pipeline(resolve_fixed, self.timeout_s, self._scripts)
         self._routes: dict[str, _RouteCommands] = {}
         self._token_prefix = os.urandom(4).hex() + "-"
         self._tokens = itertools.count(1)
@@ -243,6 +145,9 @@ class RedisState:
     @property
     def batches(self) -> int:
         """Round trips made so far (for benchmarks: decisions per round trip)."""
+        if self._cluster is not None:
+            return self._cluster.batches
+        assert self._pipeline is not None
         return self._pipeline.batches
 
     def _commands(self, route: RouteSpec) -> _RouteCommands:
@@ -276,12 +181,22 @@ class RedisState:
             len(parts["snapshot"]),
             encode_args(parts["reset"]),
             len(parts["reset"]),
+            key_slot(keys[0].encode()),
         )
         self._routes[route.name] = built
         return built
 
-    async def _call(self, cmd: bytes) -> Any:
-        return await self._pipeline.submit(cmd)
+    async def _call(self, cmd: bytes, slot: int = 0) -> Any:
+        if self._cluster is not None:
+            return await self._cluster.call(slot, cmd)
+        assert self._pipeline is not None
+        reply = await self._pipeline.submit(cmd)
+        if isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith(("READONLY", "MASTERDOWN", "LOADING")):
+                # A demoted primary (failover) or a restarting one: find the primary again.
+                self._pipeline.drop_connection()
+            raise StateUnavailable(f"redis refused the call: {reply}")
+        return reply
 
     async def decide(
         self,
@@ -300,7 +215,8 @@ class RedisState:
             dynamic.append(b"1")
             dynamic += outcome_args(outcome)
         reply = await self._call(
-            command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic))
+            command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
+            static.slot,
         )
         return _decision(route, reply, token)
 
@@ -312,20 +228,22 @@ class RedisState:
         by_route: dict[str, tuple[RouteSpec, list[Outcome]]] = {}
         for route, outcome in items:
             by_route.setdefault(route.name, (route, []))[1].append(outcome)
-        futures = []
+        calls = []
         for route, outcomes in by_route.values():
             static = self._commands(route)
             dynamic: list[Arg] = [len(outcomes)]
             for outcome in outcomes:
                 dynamic += outcome_args(outcome)
             cmd = command(static.record_count + len(dynamic), static.record, encode_args(dynamic))
-            futures.append(self._pipeline.submit(cmd))
-        if futures:
-            await asyncio.gather(*futures)
+            calls.append(self._call(cmd, static.slot))
+        if len(calls) == 1:
+            await calls[0]
+        elif calls:
+            await asyncio.gather(*calls)
 
     async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
         static = self._commands(route)
-        reply = await self._call(command(static.snapshot_count, static.snapshot))
+        reply = await self._call(command(static.snapshot_count, static.snapshot), static.slot)
         targets = []
         for i, spec in enumerate(route.targets):
             row = reply[2 + i * _SNAPSHOT_ROW : 2 + (i + 1) * _SNAPSHOT_ROW]
@@ -334,7 +252,9 @@ class RedisState:
 
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         static = self._commands(route)
-        await self._call(command(static.reset_count + 1, static.reset, encode_args([target_id])))
+        await self._call(
+            command(static.reset_count + 1, static.reset, encode_args([target_id])), static.slot
+        )
 
     async def ping(self) -> None:
         """Raises StateUnavailable when Redis does not answer within the timeout."""
@@ -343,7 +263,10 @@ class RedisState:
             raise StateUnavailable(f"unexpected PING reply {reply!r}")
 
     async def close(self) -> None:
-        await self._pipeline.close()
+        if self._cluster is not None:
+            await self._cluster.close()
+        if self._pipeline is not None:
+            await self._pipeline.close()
 
 
 def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision:
@@ -376,4 +299,4 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
     )
 
 
-__all__ = ["CircuitState", "RedisState", "endpoint_from_url", "route_keys"]
+__all__ = ["CircuitState", "RedisState", "route_keys"]

@@ -1,0 +1,288 @@
+"""Shared state on every Redis topology a fleet meets in production: Redis Cluster (routes
+spread over slots, live slot migration, failover), Sentinel (primary killed mid-traffic),
+and TLS with an ACL user. Real servers only, started by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from edgeroute import CircuitState, RoutingStrategy, StateUnavailable
+from edgeroute.state import RedisState
+from edgeroute.state.redis import route_keys
+from edgeroute.types import BreakerParams, Outcome, OutcomeKind
+from tests.support.redis_servers import (
+    RedisCluster,
+    RedisSentinelSetup,
+    RedisServer,
+    find_redis_server_binary,
+    free_port,
+)
+from tests.test_state_conformance import make_route
+
+pytestmark = pytest.mark.usefixtures("redis_server_binary")
+
+
+def cluster_url(cluster: RedisCluster) -> str:
+    return "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster.startup_nodes)
+
+
+def node_of(cluster: RedisCluster, slot: int) -> tuple[str, int]:
+    client = redis.Redis(host=cluster.startup_nodes[0][0], port=cluster.startup_nodes[0][1])
+    for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+        if start <= slot <= end:
+            return primary[0].decode(), int(primary[1])
+    raise AssertionError(f"slot {slot} has no owner")
+
+
+def node_id(host: str, port: int) -> str:
+    return str(redis.Redis(host=host, port=port).execute_command("CLUSTER MYID").decode())
+
+
+async def test_routes_land_on_every_cluster_node_without_crossslot(
+    redis_cluster: RedisCluster,
+) -> None:
+    state = RedisState(
+        cluster_url(redis_cluster), key_prefix=f"spread-{uuid.uuid4().hex[:6]}", timeout_ms=3000
+    )
+    routes = [make_route(RoutingStrategy.default_hybrid()) for _ in range(24)]
+    decisions = await asyncio.gather(*(state.decide(route) for route in routes))
+    assert all(d.admission is not None for d in decisions)
+    owners = set()
+    for route in routes:
+        slots = {key_slot(key.encode()) for key in route_keys(state.key_prefix, route.name)}
+        assert len(slots) == 1  # one hash tag: one slot per route, no CROSSSLOT possible
+        owners.add(node_of(redis_cluster, slots.pop()))
+    assert len(owners) == 3  # 24 routes cover all three primaries
+    await state.record_many(
+        [
+            (r, Outcome.for_admission(d.admission, OutcomeKind.SUCCESS, 3.0))
+            for r, d in zip(routes, decisions, strict=True)
+            if d.admission is not None
+        ]
+    )
+    snapshots = await asyncio.gather(*(state.snapshot(route) for route in routes))
+    assert all(sum(t.inflight for t in s.targets) == 0 for s in snapshots)
+    await state.close()
+
+
+async def test_live_slot_migration_is_followed_through_ask_and_moved(
+    redis_cluster: RedisCluster,
+) -> None:
+    prefix = f"migrate-{uuid.uuid4().hex[:6]}"
+    state = RedisState(cluster_url(redis_cluster), key_prefix=prefix, timeout_ms=3000)
+    route = make_route(breaker=BreakerParams(failure_threshold=1, open_timeout_ms=600_000))
+    await state.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
+    keys = route_keys(prefix, route.name)
+    await state.decide(route)  # creates every key of the route
+    slot = key_slot(keys[0].encode())
+    source = node_of(redis_cluster, slot)
+    target = next(addr for addr in redis_cluster.startup_nodes if addr != source)
+    source_client = redis.Redis(host=source[0], port=source[1])
+    target_client = redis.Redis(host=target[0], port=target[1])
+    target_client.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", node_id(*source))
+    source_client.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", node_id(*target))
+    source_client.execute_command("MIGRATE", target[0], target[1], "", 0, 5000, "KEYS", *keys)
+    # Mid-migration: the keys live on the importing node; the source answers ASK.
+    decision = await state.decide(route)
+    assert decision.target_id == "t1"  # t0's open breaker travelled with its keys
+    for client in (source_client, target_client):
+        client.execute_command("CLUSTER SETSLOT", slot, "NODE", node_id(*target))
+    for host, port in redis_cluster.startup_nodes:
+        if (host, port) not in (source, target):
+            redis.Redis(host=host, port=port).execute_command(
+                "CLUSTER SETSLOT", slot, "NODE", node_id(*target)
+            )
+    # Migrated: the old owner answers MOVED; the client follows and keeps the state.
+    snapshot = await state.snapshot(route)
+    assert snapshot.targets[0].state is CircuitState.OPEN
+    assert (await state.decide(route)).target_id == "t1"
+    assert node_of(redis_cluster, slot) == target
+    await state.close()
+
+
+@pytest.mark.slow
+async def test_cluster_failover_is_followed() -> None:
+    with RedisCluster(primaries=3, replicas_per_primary=1) as cluster:
+        prefix = f"fo-{uuid.uuid4().hex[:6]}"
+        state = RedisState(cluster_url(cluster), key_prefix=prefix, timeout_ms=3000)
+        route = make_route(breaker=BreakerParams(failure_threshold=1, open_timeout_ms=600_000))
+        await state.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
+        slot = key_slot(route_keys(prefix, route.name)[0].encode())
+        primary = node_of(cluster, slot)
+        primary_client = redis.Redis(host=primary[0], port=primary[1])
+        primary_client.execute_command("WAIT", 1, 2000)  # the replica has the breaker
+        replica = next(
+            (n.host, n.port)
+            for n in cluster.nodes
+            if (n.host, n.port) != primary
+            and redis.Redis(host=n.host, port=n.port).info("replication").get("master_port")
+            == primary[1]
+        )
+        replica_client = redis.Redis(host=replica[0], port=replica[1])
+        replica_client.execute_command("CLUSTER FAILOVER", "TAKEOVER")
+        for _ in range(200):  # promotion takes a moment; its own role says when it's done
+            if replica_client.info("replication")["role"] == "master":
+                break
+            await asyncio.sleep(0.1)
+        assert replica_client.info("replication")["role"] == "master"
+        decision = await state.decide(route)  # old primary answers MOVED: followed
+        assert decision.target_id == "t1"
+        assert (await state.snapshot(route)).targets[0].state is CircuitState.OPEN
+        await state.close()
+
+
+@pytest.mark.slow
+async def test_sentinel_failover_is_followed_during_traffic() -> None:
+    with RedisSentinelSetup(master_name="edge-primary") as setup:
+        sentinels = ",".join(f"{h}:{p}" for h, p in setup.sentinels)
+        url = f"redis+sentinel://{sentinels}/edge-primary/0"
+        state = RedisState(url, key_prefix=f"sent-{uuid.uuid4().hex[:6]}", timeout_ms=500)
+        route = make_route(RoutingStrategy.round_robin())
+        for _ in range(20):
+            assert (await state.decide(route)).admission is not None
+        old_primary = setup.discover_primary()
+        setup.primary.kill()
+        failures = 0
+        deadline = time.monotonic() + 30
+        recovered = False
+        while time.monotonic() < deadline:
+            try:
+                decision = await state.decide(route)
+            except StateUnavailable:
+                failures += 1
+                await asyncio.sleep(0.2)
+                continue
+            assert decision.admission is not None
+            recovered = True
+            break
+        assert recovered, "never reached the promoted primary"
+        assert setup.discover_primary() != old_primary
+        for _ in range(20):
+            assert (await state.decide(route)).admission is not None
+        await state.close()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, int, Path]]:
+    """A redis-server with a TLS port (certificate from a throwaway CA) and an ACL user."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a throwaway CA")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=edgeroute test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=tmp_path,
+    )
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        cwd=tmp_path,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        "server.pem",
+        cwd=tmp_path,
+    )
+    tls_port = free_port()
+    server = RedisServer(
+        [
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(tmp_path / "server.pem"),
+            "--tls-key-file",
+            str(tmp_path / "server.key"),
+            "--tls-ca-cert-file",
+            str(tmp_path / "ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--user",
+            "edge",
+            "on",
+            ">s3cret-pass",
+            "~*",
+            "&*",
+            "+@all",
+        ]
+    )
+    try:
+        yield server, tls_port, tmp_path / "ca.pem"
+    finally:
+        server.stop()
+
+
+async def test_tls_with_a_throwaway_ca_and_an_acl_user(
+    tls_redis: tuple[RedisServer, int, Path],
+) -> None:
+    _, tls_port, ca = tls_redis
+    url = f"rediss://edge:s3cret-pass@127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}"
+    state = RedisState(url, key_prefix="tls", timeout_ms=3000)
+    route = make_route()
+    decision = await state.decide(route)
+    assert decision.admission is not None and decision.target_id == "t0"
+    await state.record(route, Outcome.for_admission(decision.admission, OutcomeKind.SUCCESS, 1))
+    assert (await state.snapshot(route)).targets[0].successes == 1
+    await state.close()
+    # Wrong password: refused, and the password never shows in the error.
+    wrong = RedisState(url.replace("s3cret-pass", "nope"), key_prefix="tls", timeout_ms=3000)
+    with pytest.raises(StateUnavailable) as raised:
+        await wrong.decide(route)
+    assert "nope" not in str(raised.value) and "s3cret" not in str(raised.value)
+    await wrong.close()
+    # A server certificate from an unknown CA is refused.
+    untrusted = RedisState(
+        f"rediss://edge:s3cret-pass@127.0.0.1:{tls_port}/0", key_prefix="tls", timeout_ms=3000
+    )
+    with pytest.raises(StateUnavailable, match=r"(?i)certificate"):
+        await untrusted.decide(route)
+    await untrusted.close()
+
+
+def test_binary_is_there_for_topology_tests() -> None:
+    assert find_redis_server_binary() is not None
