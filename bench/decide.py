@@ -47,9 +47,10 @@ import redis as redis_py
 from edgeroute.errors import StateUnavailable
 from edgeroute.state.base import RouteSpec, StateBackend
 from edgeroute.state.memory import MemoryState
-from edgeroute.state.redis import RedisState, endpoint_from_url, route_keys
+from edgeroute.state.redis import RedisState, route_keys
 from edgeroute.state.resp import RespConnection
 from edgeroute.state.scripts import load_scripts
+from edgeroute.state.topology import parse_state_url
 from edgeroute.strategy import RoutingStrategy
 from edgeroute.types import Outcome, OutcomeKind, TargetSpec, WindowParams
 
@@ -658,24 +659,24 @@ class Ceiling:
 async def capture_decide_args(state: RedisState, route: RouteSpec) -> list[str]:
     """The exact EVALSHA argument list RedisState sends for one decide of `route`."""
     sent: list[bytes] = []
-    original = RespConnection.execute
+    original = RespConnection.write
 
-    async def spy(self: RespConnection, commands: Sequence[bytes]) -> list[Any]:
-        sent.extend(commands)
-        return await original(self, commands)
+    def spy(self: RespConnection, data: bytes) -> None:
+        sent.append(data)
+        original(self, data)
 
     sha = load_scripts()["decide"].sha.encode()
-    RespConnection.execute = spy  # type: ignore[method-assign]
+    RespConnection.write = spy  # type: ignore[method-assign]
     try:
         await state.decide(route)
     finally:
-        RespConnection.execute = original  # type: ignore[method-assign]
-    for cmd in sent:
+        RespConnection.write = original  # type: ignore[method-assign]
+    for data in sent:
         reader = hiredis.Reader()
-        reader.feed(cmd)
-        args = reader.gets()
-        if isinstance(args, list) and args[:2] == [b"EVALSHA", sha]:
-            return [a.decode() for a in args]
+        reader.feed(data)  # a write may hold several commands: look at each
+        while (args := reader.gets()) is not False:
+            if isinstance(args, list) and args[:2] == [b"EVALSHA", sha]:
+                return [a.decode() for a in args]
     raise RuntimeError("could not capture the decide EVALSHA sent by RedisState")
 
 
@@ -685,7 +686,8 @@ def run_redis_benchmark(
     binary = shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
     if binary is None:
         raise FileNotFoundError("redis-benchmark")
-    endpoint = endpoint_from_url(url)
+    target = parse_state_url(url)
+    endpoint = target.endpoint(*target.nodes[0])
     cmd = [
         binary,
         "-h",

@@ -119,8 +119,10 @@ class _Output:
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     body = [list(headers), *(list(row) for row in rows)]
     widths = [max(len(row[i]) for row in body) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-             for row in body]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in body
+    ]
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -264,12 +266,19 @@ def _explanation_text(explanation: Explanation, state: str) -> str:
         ]
         for t in _by_rank(explanation.targets)
     ]
-    headers = ["TARGET", "STATE", "SCORE", "RANK", "LATENCY MS", "SUCCESS", "IN-FLIGHT",
-               "EXCLUDED BECAUSE"]
+    headers = [
+        "TARGET",
+        "STATE",
+        "SCORE",
+        "RANK",
+        "LATENCY MS",
+        "SUCCESS",
+        "IN-FLIGHT",
+        "EXCLUDED BECAUSE",
+    ]
     return "\n".join(
         [
-            f"route {explanation.route} ({_strategy_text(explanation.strategy)}; "
-            f"state: {state})",
+            f"route {explanation.route} ({_strategy_text(explanation.strategy)}; state: {state})",
             _table(headers, rows),
             f"reason: {explanation.reason}",
         ]
@@ -347,14 +356,36 @@ def _snapshot_json(snapshot: RouteSnapshot) -> dict[str, Any]:
 
 
 def _snapshot_text(snapshot: RouteSnapshot) -> str:
-    headers = ["TARGET", "STATE", "GEN", "FAILS", "OPEN MS", "COOLDOWN MS", "IN-FLIGHT",
-               "PROBES", "OK", "ERR", "LATENCY MS", "SUCCESS", "TOKENS IN/OUT"]
+    headers = [
+        "TARGET",
+        "STATE",
+        "GEN",
+        "FAILS",
+        "OPEN MS",
+        "COOLDOWN MS",
+        "IN-FLIGHT",
+        "PROBES",
+        "OK",
+        "ERR",
+        "LATENCY MS",
+        "SUCCESS",
+        "TOKENS IN/OUT",
+    ]
     rows = [
         [
-            t.target_id, t.state.value, str(t.generation), str(t.consecutive_failures),
-            str(t.open_remaining_ms), str(t.cooldown_remaining_ms), str(t.inflight),
-            str(t.probes_in_use), str(t.successes), str(t.failures), _fmt(t.latency_ms),
-            _pct(t.success_rate), f"{t.input_tokens}/{t.output_tokens}",
+            t.target_id,
+            t.state.value,
+            str(t.generation),
+            str(t.consecutive_failures),
+            str(t.open_remaining_ms),
+            str(t.cooldown_remaining_ms),
+            str(t.inflight),
+            str(t.probes_in_use),
+            str(t.successes),
+            str(t.failures),
+            _fmt(t.latency_ms),
+            _pct(t.success_rate),
+            f"{t.input_tokens}/{t.output_tokens}",
         ]
         for t in snapshot.targets
     ]
@@ -466,14 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     check = sub.add_parser(
-        "check", help="validate a config file", description="Load and validate a config file "
+        "check",
+        help="validate a config file",
+        description="Load and validate a config file "
         "(no network I/O); exit 0 if the gateway could run it, 2 otherwise.",
     )
     _add_config_option(check)
     check.set_defaults(handler=_cmd_check)
 
     explain = sub.add_parser(
-        "explain", help="show how a route would pick its next target",
+        "explain",
+        help="show how a route would pick its next target",
         description="A dry run of the routing decision for ROUTE: every target's breaker "
         "state, score and rank (1 = the next request's pick), and why excluded targets are. "
         "Changes no state.",
@@ -484,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(handler=_cmd_explain)
 
     state = sub.add_parser(
-        "state", help="dump the routing state of every route",
+        "state",
+        help="dump the routing state of every route",
         description="Print each target's breaker, window and in-flight state.",
     )
     _add_config_option(state)
@@ -493,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     state.set_defaults(handler=_cmd_state)
 
     serve = sub.add_parser(
-        "serve", help="run the gateway",
+        "serve",
+        help="run the gateway",
         description="Run the gateway until SIGTERM/SIGINT, then drain in-flight requests "
         "(server.shutdown_timeout_s) and exit 0. No Redis configured: in-memory state.",
     )
@@ -503,17 +539,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_cmd_serve)
 
     demo = sub.add_parser(
-        "demo", help="run the gateway in front of three built-in mock upstreams",
+        "demo",
+        help="run the gateway in front of three built-in mock upstreams",
         description="Start three mock upstreams (fast, cheap, flaky) and a gateway on "
         "in-memory state in front of them: routing and failover with no API key.",
     )
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
-    demo.add_argument("--mock-base-port", type=int, default=9101,
-                      help="first mock upstream port (default 9101; uses three)")
+    demo.add_argument(
+        "--mock-base-port",
+        type=int,
+        default=9101,
+        help="first mock upstream port (default 9101; uses three)",
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     mock = sub.add_parser(
-        "mock-provider", add_help=False, help="run a fake OpenAI-compatible upstream",
+        "mock-provider",
+        add_help=False,
+        help="run a fake OpenAI-compatible upstream",
         description="Run a fake OpenAI-compatible upstream; see `edgeroute mock-provider -h`.",
     )
     mock.set_defaults(handler=_cmd_mock_provider)
@@ -556,8 +599,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("EDGEROUTE_DEBUG") == "1":
             print(redact(traceback.format_exc()), file=sys.stderr, end="")
         message = str(exc)
-        out.note(f"{PROG}: {type(exc).__name__}: {message}" if message else
-                 f"{PROG}: {type(exc).__name__}")
+        out.note(
+            f"{PROG}: {type(exc).__name__}: {message}"
+            if message
+            else f"{PROG}: {type(exc).__name__}"
+        )
         return 1
 
 

@@ -54,8 +54,9 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 class ServerConfig(_Base, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
-    admin_token: str | None = None
-    api_keys: list[str] = []
+    # Secrets are never empty: `${X}` with X="" would otherwise accept an empty header.
+    admin_token: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    api_keys: list[Annotated[str, msgspec.Meta(min_length=1)]] = []
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 4 * 1024 * 1024
     shutdown_timeout_s: NonNegative = 20.0
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
@@ -200,6 +201,9 @@ def _merge_route_defaults(raw: dict[str, Any]) -> None:
 
 def _check_semantics(config: Config) -> Config:
     providers: dict[str, ProviderConfig] = {}
+    for i, key in enumerate(config.server.api_keys):
+        if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
+            raise ConfigError(f"$.server.api_keys[{i}]: sha256: must be followed by 64 hex digits")
     for i, provider in enumerate(config.providers):
         if provider.name in providers:
             raise ConfigError(f"$.providers[{i}].name: duplicate provider name {provider.name!r}")

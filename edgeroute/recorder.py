@@ -29,6 +29,7 @@ class Recorder:
         max_batch: int = 512,
         on_drop: Callable[[int], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        stop_timeout_s: float = 5.0,
     ) -> None:
         self._state = state
         self._pending: deque[tuple[RouteSpec, Outcome]] = deque()
@@ -38,6 +39,8 @@ class Recorder:
         self._on_drop = on_drop
         self._on_error = on_error
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stop_timeout = stop_timeout_s
         self.dropped = 0
 
     def submit(self, route: RouteSpec, outcome: Outcome) -> None:
@@ -55,10 +58,11 @@ class Recorder:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             await self.flush()
@@ -75,10 +79,30 @@ class Recorder:
                 log.warning("recording %d outcomes failed: %s", len(batch), exc)
 
     async def stop(self) -> None:
-        """Write what is queued, then stop the background task."""
-        if self._task is not None:
-            self._task.cancel()
+        """Write what is queued, the batch already on its way included, then stop.
+
+        The background task finishes its current write and drains the queue; a state that
+        does not take them within `stop_timeout_s` costs the records still queued (counted
+        as dropped), never a shutdown that hangs.
+        """
+        task = self._task
+        if task is None:
+            await self.flush()
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self._stop_timeout)
+        except TimeoutError:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+            lost = len(self._pending)
+            self._pending.clear()
+            if lost:
+                self.dropped += lost
+                if self._on_drop is not None:
+                    self._on_drop(lost)
+                log.warning("stopping: %d outcome records were never written", lost)
+        finally:
             self._task = None
-        await self.flush()

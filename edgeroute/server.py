@@ -57,8 +57,10 @@ def _key_digests(keys: list[str]) -> list[bytes]:
 def _presented_key(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.headers.get("x-api-key")
+        key = header[7:].strip()
+    else:
+        key = request.headers.get("x-api-key", "").strip()
+    return key or None  # an empty key matches nothing, whatever the config says
 
 
 def _matches(presented: str | None, digests: list[bytes]) -> bool:

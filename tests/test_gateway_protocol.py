@@ -27,6 +27,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgeroute.config import parse_config
+from edgeroute.errors import ConfigError
 from edgeroute.mock_provider import MockSettings
 from edgeroute.server import PROXY
 from tests.support.gateway import (
@@ -1040,3 +1042,23 @@ async def test_readyz_live_on_redis_state(redis_url: str) -> None:
         assert body["status"] == "ready"
         assert body["shared_state"] == "live"
         assert body["state_backend"] == "redis"
+
+
+@pytest.mark.parametrize("header", ["x-api-key", "Authorization"])
+async def test_an_empty_presented_key_never_authenticates(header: str) -> None:
+    """`${X}` with X="" is refused at load; an empty header never matches anything."""
+    with pytest.raises(ConfigError, match=r"\$\.server\.api_keys\[0\]"):
+        parse_config({"server": {"api_keys": ["${EMPTY}"]}}, env={"EMPTY": ""})
+    with pytest.raises(ConfigError, match=r"\$\.server\.admin_token"):
+        parse_config({"server": {"admin_token": ""}}, env={})
+    async with mock_upstreams(a=MockSettings()) as mocks:
+        document = gateway_config(
+            mocks,
+            [{"model": "m", "targets": [{"provider": "a", "model": "x"}]}],
+            server={"api_keys": ["k-123456"], "admin_token": "admin-123456"},
+        )
+        async with running_gateway(document) as (url, _app), aiohttp.ClientSession() as http:
+            value = "" if header == "x-api-key" else "Bearer "
+            for path in ("/v1/models", "/admin/state"):
+                async with http.get(f"{url}{path}", headers={header: value}) as response:
+                    assert response.status == 401

@@ -1,16 +1,23 @@
-"""One coalescing connection to one Redis server.
+"""One continuously pipelined connection to one Redis server.
 
-While one batch is on the wire, new commands queue; the next batch goes out as one
-pipelined write the moment the previous replies are in. A busy gateway therefore pays one
-network round trip per batch instead of per request, and each command is still exactly one
-Redis command (one EVALSHA per decide). No command waits longer than the timeout from the
-moment it was queued.
+Commands submitted during one event-loop iteration go out in one write; a reader task hands
+replies back in order as they arrive. Writing never waits for earlier replies, so the
+client's Python work and the server's Lua overlap instead of taking turns, and a busy
+gateway pays one network round trip per loop iteration rather than per request. Each
+command is still exactly one Redis command (one EVALSHA per decide).
+
+No command waits longer than the timeout from the moment it was submitted: one timer
+watches the oldest outstanding command, and when it expires the connection is presumed
+stuck (a frozen or partitioned server), closed, and every waiting command fails with
+StateUnavailable. The next submit reconnects, re-resolving the server and reloading the
+scripts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +31,8 @@ _ASKING = command(1, encode_args(["ASKING"]))
 
 Resolver = Callable[[], Awaitable[Endpoint]]
 Check = Callable[[RespConnection], Awaitable[None]]
+# (future or None for a reply nobody waits for, deadline, the command for a NOSCRIPT replay)
+_Item = tuple["asyncio.Future[Any] | None", float, bytes]
 
 
 class Pipeline:
@@ -42,115 +51,177 @@ class Pipeline:
         self._check = check
         self._timeout = timeout_s
         self._scripts = scripts
-        self._queue: list[tuple[bytes, asyncio.Future[Any], float, bool]] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._load = [
+            command(3, encode_args(["SCRIPT", "LOAD", script.source]))
+            for script in scripts.values()
+        ]
+        self._outbox: list[bytes] = []
+        self._outbox_items: list[_Item] = []
+        self._pending: deque[_Item] = deque()
         self._connection: RespConnection | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
         self.batches = 0
+
+    # ---- submitting ------------------------------------------------------------------
 
     def submit(self, cmd: bytes, *, asking: bool = False) -> asyncio.Future[Any]:
         """Queue one command; `asking` sends ASKING right before it (cluster migrations)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((cmd, future, loop.time(), asking))
-        if self._runner is None:
-            self._runner = loop.create_task(self._run())
+        deadline = loop.time() + self._timeout
+        if asking:
+            self._outbox.append(_ASKING)
+            self._outbox_items.append((None, deadline, _ASKING))
+        self._outbox.append(cmd)
+        self._outbox_items.append((future, deadline, cmd))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         return future
 
-    async def _run(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                await self._send(batch)
-        finally:
-            self._runner = None
-
-    async def _connect(self) -> RespConnection:
-        connection = await RespConnection.open(await self._resolve())
-        try:
-            if self._check is not None:
-                await self._check(connection)
-            # Load up front: a fresh server (or a promoted replica) has no scripts.
-            await self.load_scripts(connection)
-        except BaseException:
-            connection.close()
-            raise
-        return connection
-
-    async def _send(self, batch: list[tuple[bytes, asyncio.Future[Any], float, bool]]) -> None:
-        deadline = batch[0][2] + self._timeout
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._outbox:
+            return
+        connection = self._connection
+        if connection is None:
+            if self._connecting is None:
+                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            return  # the connect task flushes when it is done
+        data = b"".join(self._outbox)
+        self._pending.extend(self._outbox_items)
+        self._outbox.clear()
+        self._outbox_items.clear()
         self.batches += 1
+        connection.write(data)
+        if self._timer is None:
+            self._arm_timer()
+
+    # ---- connecting ------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        deadline = self._outbox_items[0][1] if self._outbox_items else None
         try:
             async with asyncio.timeout_at(deadline):
-                if self._connection is None:
-                    self._connection = await self._connect()
-                replies = await self._execute(self._connection, batch)
-                missing = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
-                if missing:
-                    # SCRIPT FLUSH or a failover: load the scripts, replay what bounced.
-                    await self.load_scripts(self._connection)
-                    again = await self._execute(self._connection, [batch[i] for i in missing])
-                    for i, reply in zip(missing, again, strict=True):
-                        replies[i] = reply
+                connection = await RespConnection.open(await self._resolve())
+                try:
+                    if self._check is not None:
+                        await self._check(connection)
+                    # Load up front: a fresh server (or a promoted replica) has no scripts.
+                    await self.load_scripts(connection)
+                except BaseException:
+                    connection.close()
+                    raise
         except (TimeoutError, OSError, ConnectionError, hiredis.ProtocolError) as exc:
-            self.drop_connection()
-            error = StateUnavailable(f"redis did not answer: {type(exc).__name__}: {exc}".strip())
-            for _, future, _, _ in batch:
-                if not future.done():
-                    future.set_exception(error)
+            self._connecting = None
+            self._fail_outbox(_unavailable(exc))
             return
         except BaseException:
-            self.drop_connection()
-            for _, future, _, _ in batch:
-                if not future.done():
-                    future.cancel()
+            self._connecting = None
+            self._fail_outbox(StateUnavailable("redis connection attempt was cancelled"))
             raise
-        for (_, future, _, _), reply in zip(batch, replies, strict=True):
-            if not future.done():
-                future.set_result(reply)
-
-    @staticmethod
-    async def _execute(
-        connection: RespConnection, batch: list[tuple[bytes, asyncio.Future[Any], float, bool]]
-    ) -> list[Any]:
-        if not any(asking for _, _, _, asking in batch):
-            return await connection.execute([cmd for cmd, _, _, _ in batch])
-        commands: list[bytes] = []
-        for cmd, _, _, asking in batch:
-            if asking:
-                commands.append(_ASKING)
-            commands.append(cmd)
-        raw = await connection.execute(commands)
-        replies, position = [], 0
-        for _, _, _, asking in batch:
-            position += 1 if asking else 0  # ASKING's own +OK
-            replies.append(raw[position])
-            position += 1
-        return replies
+        self._connection = connection
+        self._connecting = None
+        self._reader = asyncio.get_running_loop().create_task(self._read(connection))
+        self._flush()
 
     async def load_scripts(self, connection: RespConnection) -> None:
-        replies = await connection.execute(
-            [
-                command(3, encode_args(["SCRIPT", "LOAD", script.source]))
-                for script in self._scripts.values()
-            ]
-        )
-        for reply in replies:
+        for reply in await connection.execute(self._load):
             if isinstance(reply, hiredis.ReplyError):
                 raise ConnectionError(f"redis refused to load the edgeroute scripts: {reply}")
 
+    # ---- reading ---------------------------------------------------------------------
+
+    async def _read(self, connection: RespConnection) -> None:
+        pending = self._pending
+        try:
+            while True:
+                for reply in await connection.replies():
+                    future, _, cmd = pending.popleft()
+                    if future is None or future.done():
+                        continue
+                    if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                        self._replay(future, cmd)
+                    else:
+                        future.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, ConnectionError, hiredis.ProtocolError, IndexError) as exc:
+            if self._connection is connection:
+                self._break(_unavailable(exc))
+
+    def _replay(self, future: asyncio.Future[Any], cmd: bytes) -> None:
+        """SCRIPT FLUSH or a failover: load the scripts, then send the command again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        for load in self._load:
+            self._outbox.append(load)
+            self._outbox_items.append((None, deadline, load))
+        self._outbox.append(cmd)
+        self._outbox_items.append((future, deadline, cmd))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+
+    # ---- deadlines and failure -------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._pending:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self._pending[0][1], self._on_timer)
+        else:
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._pending:
+            return
+        if asyncio.get_running_loop().time() >= self._pending[0][1]:
+            # The oldest command outlived its timeout: the server is stuck or gone.
+            self._break(StateUnavailable("redis did not answer within the state timeout"))
+        else:
+            self._arm_timer()
+
+    def _break(self, error: StateUnavailable) -> None:
+        """Close the connection and fail everything waiting on it."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        self._reader = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, deque()
+        for future, _, _ in pending:
+            if future is not None and not future.done():
+                future.set_exception(error)
+        self._fail_outbox(error)
+
+    def _fail_outbox(self, error: StateUnavailable) -> None:
+        items = self._outbox_items[:]
+        self._outbox.clear()
+        self._outbox_items.clear()
+        for future, _, _ in items:
+            if future is not None and not future.done():
+                future.set_exception(error)
+
     def drop_connection(self) -> None:
-        """Forget the connection: the next batch reconnects (and re-resolves the server)."""
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        """Forget the connection: the next command reconnects (and re-resolves the server)."""
+        self._break(StateUnavailable("redis connection dropped"))
 
     async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._runner
-        self.drop_connection()
+        for task in (self._connecting, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._break(StateUnavailable("state backend closed"))
 
 
-def _is_noscript(reply: Any) -> bool:
-    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
+def _unavailable(exc: BaseException) -> StateUnavailable:
+    return StateUnavailable(f"redis did not answer: {type(exc).__name__}: {exc}".strip())

@@ -107,5 +107,23 @@ class RespConnection:
                 raise ConnectionError("redis closed the connection")
             parser.feed(data)
 
+    def write(self, data: bytes) -> None:
+        """Queue bytes on the transport (for a caller that reads replies with `replies`)."""
+        self._writer.write(data)
+
+    async def replies(self) -> list[Any]:
+        """Wait for more data and return every complete reply it finished (maybe none)."""
+        data = await self._reader.read(262144)
+        if not data:
+            raise ConnectionError("redis closed the connection")
+        parser = self._parser
+        parser.feed(data)
+        out = []
+        reply = parser.gets()
+        while reply is not False:
+            out.append(reply)
+            reply = parser.gets()
+        return out
+
     def close(self) -> None:
         self._writer.close()
