@@ -13,17 +13,17 @@ import hashlib
 import hmac
 import logging
 import signal
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from edgeroute.config import Config
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
-from edgeroute.proxy import Proxy, error_response, write_access_line
+from edgeroute.proxy import Proxy, error_response, new_request_id, write_access_line
 from edgeroute.recorder import Recorder
 from edgeroute.router import Router, UnknownRoute
 from edgeroute.state import MemoryState, StateBackend, state_from_config
@@ -73,6 +73,18 @@ def _matches(presented: str | None, digests: list[bytes]) -> bool:
     return found
 
 
+def admin_only(auth: Middleware) -> Middleware:
+    """`auth` for /admin/* only: the proxied paths skip the extra coroutine."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/admin/"):
+            return await auth(request, handler)
+        return await handler(request)
+
+    return middleware
+
+
 def _make_state(config: Config, metrics: Metrics) -> StateBackend:
     primary = state_from_config(config.state)
     if isinstance(primary, MemoryState):
@@ -82,9 +94,6 @@ def _make_state(config: Config, metrics: Metrics) -> StateBackend:
         on_change=lambda degraded: metrics.state_degraded.set(1 if degraded else 0),
         on_error=lambda op: metrics.state_errors.labels(op).inc(),
     )
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(config: Config, *, state: StateBackend | None = None) -> web.Application:
@@ -97,7 +106,7 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
     admin_digests = _key_digests([admin_token]) if admin_token is not None else []
 
     def refuse(request: web.Request, status: int, message: str, code: str) -> web.Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or new_request_id()
         metrics.requests.labels("", "", "", code).inc()
         write_access_line(request_id, None, status, 0.0, error=code)
         return error_response(
@@ -126,7 +135,9 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
                 return refuse(request, 401, "invalid or missing admin token", "invalid_admin_token")
         return await handler(request)
 
-    app = web.Application(middlewares=[auth], client_max_size=config.server.max_body_bytes + 1)
+    # Without client keys, only /admin/* needs the check: keep it off the request path.
+    middlewares = [auth] if client_keys else [admin_only(auth)]
+    app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes + 1)
     app[CONFIG] = config
     app[ROUTER] = router
     app[METRICS] = metrics

@@ -62,6 +62,7 @@ class Pipeline:
         self._connecting: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._suspect: _Item | None = None
         self._flush_scheduled = False
         self.batches = 0
 
@@ -178,12 +179,22 @@ class Pipeline:
     def _on_timer(self) -> None:
         self._timer = None
         if not self._pending:
+            self._suspect = None
             return
-        if asyncio.get_running_loop().time() >= self._pending[0][1]:
-            # The oldest command outlived its timeout: the server is stuck or gone.
-            self._break(StateUnavailable("redis did not answer within the state timeout"))
-        else:
+        loop = asyncio.get_running_loop()
+        oldest = self._pending[0]
+        if loop.time() < oldest[1]:
+            self._suspect = None
             self._arm_timer()
+        elif self._suspect is not oldest:
+            # A stalled event loop runs expired timers before reading the socket: give the
+            # reader one more turn so replies that did arrive in time are not thrown away.
+            self._suspect = oldest
+            self._timer = loop.call_later(min(0.005, self._timeout / 10), self._on_timer)
+        else:
+            # Still the same command, still unanswered: the server is stuck or gone.
+            self._suspect = None
+            self._break(StateUnavailable("redis did not answer within the state timeout"))
 
     def _break(self, error: StateUnavailable) -> None:
         """Close the connection and fail everything waiting on it."""

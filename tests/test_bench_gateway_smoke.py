@@ -1,0 +1,115 @@
+"""Smoke test of bench/gateway.py: `--quick --json` runs end to end and every request succeeds.
+
+It drives `wrk` and spawns its own redis-server, so it is skipped when either binary is
+missing, except under CI (CI=true), where a missing binary fails the test instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench" / "gateway.py"
+
+SYSTEMS = {"direct", "memory", "redis"}
+GATEWAYS = SYSTEMS - {"direct"}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def _missing_tools() -> list[str]:
+    missing = [] if shutil.which("wrk") else ["wrk"]
+    if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
+        missing.append("redis-server")
+    return missing
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    missing = _missing_tools()
+    if missing:
+        if _in_ci():
+            pytest.fail(f"CI=true but {', '.join(missing)} missing: the gateway bench cannot run")
+        pytest.skip(f"{', '.join(missing)} not on PATH")
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, f"bench failed:\n{result.stderr[-4000:]}"
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def test_throughput_of_every_system_without_errors(report: dict[str, Any]) -> None:
+    rows = {row["system"]: row for row in report["throughput"]}
+    assert set(rows) == SYSTEMS
+    for system, row in rows.items():
+        assert row["requests"] > 0, system
+        assert row["rps"] > 0, system
+        assert row["non_2xx"] == 0, row
+        assert row["socket_errors"] == 0, row
+        assert row["upstream_cpu_ms_per_req"] >= 0, system
+    for system in GATEWAYS:
+        row = rows[system]
+        assert row["gateway_cpu_ms_per_req"] > 0, row
+        assert row["gateway_requests"] > 0, row
+        assert row["records_dropped"] == 0, row
+    assert rows["direct"]["gateway_cpu_ms_per_req"] is None
+    assert rows["redis"]["redis_cpu_ms_per_req"] > 0
+
+
+def test_open_loop_latency_of_every_system_without_errors(report: dict[str, Any]) -> None:
+    rows = {row["system"]: row for row in report["latency"]}
+    assert set(rows) == SYSTEMS
+    for system, row in rows.items():
+        result = row["result"]
+        assert result["sent"] > 0, system
+        assert result["completed"] == result["sent"], result
+        assert result["ok"] == result["sent"], result
+        assert result["non_2xx"] == 0, result
+        assert result["errors"] == 0, result
+        assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"], result
+    assert rows["direct"]["added_p50_ms"] is None
+    for system in GATEWAYS:
+        row = rows[system]
+        assert row["added_p50_ms"] is not None, row
+        assert row["added_p99_ms"] is not None, row
+        assert row["gateway_cpu_ms_per_req"] > 0, row
+
+
+def test_redis_commands_per_request(report: dict[str, Any]) -> None:
+    phases = {a["phase"]: a for a in report["redis"]}
+    assert set(phases) == {"throughput", "latency"}
+    for phase, acct in phases.items():
+        assert acct["requests"] > 0, acct
+        assert acct["wire_commands"].get("evalsha", 0) > 0, acct
+        # A decide plus at most one record per request; the breaker-gauge poller adds one
+        # snapshot EVALSHA per route every 5 s, which at a few hundred requests can show.
+        assert acct["commands_per_request"] <= 2.0 + 2 / acct["requests"], (phase, acct)
+    throughput = next(row for row in report["throughput"] if row["system"] == "redis")
+    if throughput["state_errors"] == 0:  # on Redis the whole time: one decide per request
+        assert phases["throughput"]["commands_per_request"] >= 1.0, phases["throughput"]
+
+
+def test_targets_are_reported(report: dict[str, Any]) -> None:
+    statuses = {goal["name"]: goal["status"] for goal in report["goals"]}
+    assert len(statuses) == 11
+    assert set(statuses.values()) <= {"PASS", "MISS"}
+    meta = report["meta"]
+    assert meta["quick"] is True
+    assert meta["loop"]
+    assert meta["redis_version"]
