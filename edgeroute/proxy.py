@@ -545,18 +545,8 @@ class Proxy:
         ]
         if all(a.error == ErrorClass.RATE_LIMITED.value for a in context.attempts):
             return self._all_rate_limited(context, attempts, request_id)
-        last = context.attempts[-1]
-        self._complete(
-            request_id,
-            route,
-            502,
-            context.started,
-            "all_providers_failed",
-            provider=last.provider,
-            model=last.model,
-            attempts=len(attempts),
-            upstream_s=context.upstream_s,
-            error="all_providers_failed",
+        self._complete_tried(
+            context, request_id, 502, "all_providers_failed", error="all_providers_failed"
         )
         return error_response(
             502,
@@ -575,19 +565,7 @@ class Proxy:
         route = context.route.name
         waits = [a.retry_after_s for a in context.attempts if a.retry_after_s > 0]
         retry_after = max(1, math.ceil(min(waits))) if waits else 1
-        last = context.attempts[-1]
-        self._complete(
-            request_id,
-            route,
-            429,
-            context.started,
-            "rate_limited",
-            provider=last.provider,
-            model=last.model,
-            attempts=len(attempts),
-            upstream_s=context.upstream_s,
-            error="rate_limited",
-        )
+        self._complete_tried(context, request_id, 429, "rate_limited", error="rate_limited")
         return error_response(
             429,
             f"every provider for model `{route}` is rate-limiting; retry after {retry_after}s",
@@ -625,17 +603,8 @@ class Proxy:
             },
         )
         response.content_type = exc.content_type.split(";")[0] or "application/json"
-        self._complete(
-            request_id,
-            context.route.name,
-            status,
-            context.started,
-            "client_error",
-            provider=last.provider,
-            model=last.model,
-            attempts=len(context.attempts),
-            upstream_s=context.upstream_s,
-            error=exc.error_class.value,
+        self._complete_tried(
+            context, request_id, status, "client_error", error=exc.error_class.value
         )
         return response
 
@@ -676,6 +645,24 @@ class Proxy:
                 ttft=ttft,
                 error=error,
             )
+
+    def _complete_tried(
+        self, context: _Context, request_id: str, status: int, outcome: str, *, error: str
+    ) -> None:
+        """A request that tried targets and ended without a served answer."""
+        last = context.attempts[-1]
+        self._complete(
+            request_id,
+            context.route.name,
+            status,
+            context.started,
+            outcome,
+            provider=last.provider,
+            model=last.model,
+            attempts=len(context.attempts),
+            upstream_s=context.upstream_s,
+            error=error,
+        )
 
     def _complete(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,7 +24,7 @@ from edgeroute.providers.base import (
     Usage,
 )
 from edgeroute.providers.openai import post, read_body
-from edgeroute.providers.sse import EventReader, event_data, event_name, split_events
+from edgeroute.providers.sse import PrimedStream, event_data, event_name, split_events
 
 ANTHROPIC_VERSION = "2023-06-01"
 _encode = msgspec.json.encode
@@ -39,22 +38,15 @@ def _client_error(message: str, param: str | None = None) -> UpstreamError:
     return UpstreamError(ErrorClass.CLIENT, message, status=400, body=_encode(body))
 
 
-class AnthropicStream:
+class AnthropicStream(PrimedStream):
     """Translates Anthropic stream events into OpenAI chunks, ending with `[DONE]`."""
 
-    status = 200
-
-    def __init__(self, response: aiohttp.ClientResponse, translator: MessagesStreamTranslator):
-        self.usage = Usage()
-        self._reader = EventReader(response)
+    def __init__(
+        self, response: aiohttp.ClientResponse, translator: MessagesStreamTranslator
+    ) -> None:
+        super().__init__(response)
         self._translator = translator
         self._done = False
-        self._first: bytes | None = None
-
-    async def prime(self) -> None:
-        self._first = await self._next()
-        if self._first is None:
-            raise UpstreamError(ErrorClass.STREAM, "upstream ended the stream before any event")
 
     async def _next(self) -> bytes | None:
         while not self._done:
@@ -86,16 +78,6 @@ class AnthropicStream:
             if out:
                 return bytes(out)
         return None
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._first is not None:
-            first, self._first = self._first, None
-            yield first
-        while (block := await self._next()) is not None:
-            yield block
-
-    async def aclose(self) -> None:
-        self._reader.close()
 
 
 class AnthropicAdapter:

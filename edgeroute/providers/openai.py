@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,7 +19,7 @@ from edgeroute.providers.base import (
     classify_status,
     parse_retry_after,
 )
-from edgeroute.providers.sse import EventReader, event_data, split_events
+from edgeroute.providers.sse import PrimedStream, event_data, split_events
 
 _INCLUDE_USAGE = msgspec.Raw(b'{"include_usage":true}')
 _USAGE_DECODER = msgspec.json.Decoder(UsageOnly)
@@ -75,27 +74,17 @@ async def read_body(response: aiohttp.ClientResponse) -> bytes:
         response.release()
 
 
-class OpenAIStream:
+class OpenAIStream(PrimedStream):
     """Passes OpenAI SSE through, reading usage from the final chunk on the way.
 
     When edgeroute (not the client) asked for usage, the usage-only chunk is dropped so
     the client sees exactly the stream it asked for.
     """
 
-    status = 200
-
     def __init__(self, response: aiohttp.ClientResponse, *, strip_usage_chunk: bool) -> None:
-        self.usage = Usage()
-        self._reader = EventReader(response)
+        super().__init__(response)
         self._strip = strip_usage_chunk
         self._done = False
-        self._first: bytes | None = None
-
-    async def prime(self) -> None:
-        """Read until the first block of events, so failover stays possible until then."""
-        self._first = await self._next()
-        if self._first is None:
-            raise UpstreamError(ErrorClass.STREAM, "upstream ended the stream before any event")
 
     async def _next(self) -> bytes | None:
         while True:
@@ -126,16 +115,6 @@ class OpenAIStream:
                         continue
             kept.append(event)
         return b"".join(event + b"\n\n" for event in kept)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._first is not None:
-            first, self._first = self._first, None
-            yield first
-        while (block := await self._next()) is not None:
-            yield block
-
-    async def aclose(self) -> None:
-        self._reader.close()
 
 
 class OpenAIAdapter:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import aiohttp
 
-from edgeroute.providers.base import ErrorClass, UpstreamError
+from edgeroute.providers.base import ErrorClass, UpstreamError, Usage
 
 
 class EventReader:
@@ -62,3 +64,37 @@ def event_name(event: bytes) -> str:
         if line.startswith(b"event:"):
             return line[6:].strip().decode()
     return "message"
+
+
+class PrimedStream:
+    """An upstream SSE stream translated to OpenAI's, read one block ahead.
+
+    `prime()` reads until the first block of events, so a stream that fails before any
+    byte reached the client can still fail over; subclasses say what a block becomes
+    (`_next`). Iterating yields the primed block first, then the rest.
+    """
+
+    status = 200
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.usage = Usage()
+        self._reader = EventReader(response)
+        self._first: bytes | None = None
+
+    async def _next(self) -> bytes | None:
+        raise NotImplementedError
+
+    async def prime(self) -> None:
+        self._first = await self._next()
+        if self._first is None:
+            raise UpstreamError(ErrorClass.STREAM, "upstream ended the stream before any event")
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        while (block := await self._next()) is not None:
+            yield block
+
+    async def aclose(self) -> None:
+        self._reader.close()
