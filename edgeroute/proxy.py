@@ -319,7 +319,7 @@ class Proxy:
         pending, context.pending = context.pending, None
         try:
             return await self.router.state.decide(
-                route, exclude=context.tried, outcome=pending, advance=first
+                route, exclude=context.tried, outcome=pending, advance=first, limit=2
             )
         except StateUnavailable:  # a plain RedisState without fallback: nothing to route on
             self.metrics.state_errors.labels("decide").inc()

@@ -226,7 +226,13 @@ class RoutingDecision:
     admission: Admission | None = None
     retry_after_s: float = 0.0
     rr_cursor: int = 0
+    # How many targets were admissible; `candidates` may hold only the best few (limit).
+    admissible: int = -1
     _reason: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.admissible < 0:
+            self.admissible = len(self.candidates)
 
     @property
     def chosen(self) -> Candidate:
@@ -255,7 +261,9 @@ class RoutingDecision:
     @property
     def reason(self) -> str:
         if self._reason is None:
-            self._reason = explain_choice(self.strategy, self.candidates, self.rr_cursor)
+            self._reason = explain_choice(
+                self.strategy, self.candidates, self.rr_cursor, self.admissible
+            )
         return self._reason
 
 
@@ -265,7 +273,10 @@ def _fmt_latency(c: Candidate) -> str:
 
 
 def explain_choice(
-    strategy: RoutingStrategy, ordered: Sequence[Candidate], rr_cursor: int = 0
+    strategy: RoutingStrategy,
+    ordered: Sequence[Candidate],
+    rr_cursor: int = 0,
+    admissible: int | None = None,
 ) -> str:
     """One line naming the numbers that decided, e.g. for the `x-edgeroute-reason` header."""
     if not ordered:
@@ -286,7 +297,8 @@ def explain_choice(
             f"/{strategy.reliability_weight:.2f})"
         )
     elif strategy.kind == "round_robin":
-        head = f"round_robin: cursor {rr_cursor} -> {name} of {len(ordered)} healthy"
+        healthy = len(ordered) if admissible is None else admissible
+        head = f"round_robin: cursor {rr_cursor} -> {name} of {healthy} healthy"
     else:
         head = f"least_busy: {name} with {best.inflight} in flight"
     if best.held:

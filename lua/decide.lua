@@ -1,8 +1,9 @@
 -- decide: rank the route's admissible targets and admit the first, atomically.
 -- ARGV after the route parameters:
---   n (id price)*n token advance m (excluded id)*m has_outcome [outcome fields]
+--   n (id price)*n token advance limit m (excluded id)*m has_outcome [outcome fields]
 --   (static route data first, so the client can send it pre-encoded)
--- Reply: admitted generation probe wait_ms rr_cursor count
+-- Reply: admitted generation probe wait_ms rr_cursor count (candidates in the reply)
+--        admissible (candidates in all)
 --        then per candidate, best first: position state score successes latency_us failures
 --        inflight held (scores travel as strings: Redis would truncate Lua numbers to integers).
 
@@ -19,7 +20,8 @@ for k = 1, n do
 end
 local token = ARGV[i]
 local advance = ARGV[i + 1] == '1'
-i = i + 2
+local limit = tonumber(ARGV[i + 2])
+i = i + 3
 local excluded = {}
 local m = tonumber(ARGV[i])
 for k = 1, m do excluded[ARGV[i + k]] = true end
@@ -159,7 +161,7 @@ if count > 0 then
   end
 end
 
-local reply = {0, 0, 0, wait, rr, count}
+local reply = {0, 0, 0, wait, rr, count, count}
 if count > 0 then
   local first = ordered[1]
   local r = records[first.id]
@@ -172,7 +174,10 @@ if count > 0 then
   reply[2] = r.gen
   if first.probe then reply[3] = 1 end
   reply[4] = 0
-  for _, c in ipairs(ordered) do
+  -- The reply carries the first `limit` candidates (0: all); the count says how many.
+  if limit > 0 and limit < count then reply[6] = limit end
+  for rank = 1, reply[6] do
+    local c = ordered[rank]
     reply[#reply + 1] = c.idx
     reply[#reply + 1] = c.st
     reply[#reply + 1] = string.format('%.17g', c.score)

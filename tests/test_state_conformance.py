@@ -312,6 +312,17 @@ async def test_a_held_target_is_still_used_when_nothing_else_is_left(harness: Ha
     assert decision.candidates[0].held and "suspect" in decision.reason
 
 
+async def test_limit_returns_the_best_candidates_only(harness: Harness) -> None:
+    route = make_route(RoutingStrategy.default_hybrid(), prices=(3.0, 1.0, 2.0, 4.0))
+    full, _ = await admit(harness, route, advance=False)
+    top, admission = await admit(harness, route, advance=False, limit=2)
+    assert [c.target.id for c in top.candidates] == [c.target.id for c in full.candidates][:2]
+    assert admission.target_id == top.candidates[0].target.id
+    assert "next " in top.reason  # the runner-up is there for the reason
+    one, _ = await admit(harness, route, advance=False, limit=1)
+    assert len(one.candidates) == 1 and one.admissible == len(full.candidates) == 4
+
+
 # ---- rate limits, exclusion, failover --------------------------------------------------
 
 

@@ -34,7 +34,9 @@ class StateBackend(Protocol):
       in-flight lease on it and, for a half-open breaker, one of its probe reservations.
       `exclude` leaves out targets this request already tried; `outcome`, if given, is
       recorded first in the same atomic step (failover: report the failure, pick again);
-      `advance` moves the round-robin cursor (only a request's first decide does).
+      `advance` moves the round-robin cursor (only a request's first decide does);
+      `limit` > 0 returns only that many candidates (the gateway needs two: the choice
+      and the runner-up its reason names), which saves Redis formatting the rest.
     - `record` reports a finished attempt: releases the lease and probe, adds the sample to
       the rolling window, moves the breaker when the outcome's generation is current.
     """
@@ -48,6 +50,7 @@ class StateBackend(Protocol):
         exclude: Collection[str] = (),
         outcome: Outcome | None = None,
         advance: bool = True,
+        limit: int = 0,
     ) -> RoutingDecision: ...
 
     async def record(self, route: RouteSpec, outcome: Outcome) -> None: ...

@@ -146,25 +146,30 @@ class FallbackState:
         exclude: Collection[str] = (),
         outcome: Outcome | None = None,
         advance: bool = True,
+        limit: int = 0,
     ) -> RoutingDecision:
         if outcome is not None and self._take_local(outcome):
             if self.degraded:
                 return self._remember(
-                    self.local.decide_now(route, exclude=exclude, outcome=outcome, advance=advance)
+                    self.local.decide_now(
+                        route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
+                    )
                 )
             await self.local.record_many([(route, outcome)])
             outcome = None
         if not self.degraded:
             try:
                 return await self.primary.decide(
-                    route, exclude=exclude, outcome=outcome, advance=advance
+                    route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
                 )
             except StateUnavailable as exc:
                 self._degrade("decide", exc)
         if outcome is not None:
             outcome = self._foreign(route, outcome)
         return self._remember(
-            self.local.decide_now(route, exclude=exclude, outcome=outcome, advance=advance)
+            self.local.decide_now(
+                route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
+            )
         )
 
     async def record(self, route: RouteSpec, outcome: Outcome) -> None:

@@ -153,8 +153,11 @@ class MemoryState:
         exclude: Collection[str] = (),
         outcome: Outcome | None = None,
         advance: bool = True,
+        limit: int = 0,
     ) -> RoutingDecision:
-        return self.decide_now(route, exclude=exclude, outcome=outcome, advance=advance)
+        return self.decide_now(
+            route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
+        )
 
     def decide_now(
         self,
@@ -163,6 +166,7 @@ class MemoryState:
         exclude: Collection[str] = (),
         outcome: Outcome | None = None,
         advance: bool = True,
+        limit: int = 0,
     ) -> RoutingDecision:
         """Synchronous decide: the gateway's degraded mode calls it without an await."""
         now = self._now()
@@ -230,7 +234,12 @@ class MemoryState:
         state.leases[token] = (first.target.id, expiry)
         heapq.heappush(state.lease_heap, (expiry, token))
         admission = Admission(first.target.id, target.generation, token, first.probe)
-        return RoutingDecision(route.name, strategy, ordered, admission, 0.0, state.rr_cursor)
+        admissible = len(ordered)
+        if 0 < limit < admissible:
+            ordered = ordered[:limit]
+        return RoutingDecision(
+            route.name, strategy, ordered, admission, 0.0, state.rr_cursor, admissible
+        )
 
     def _expire_leases(self, state: _Route, now: int) -> None:
         heap = state.lease_heap

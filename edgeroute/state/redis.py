@@ -36,7 +36,7 @@ from edgeroute.types import (
 )
 
 _HALF_OPEN_CODE = 2
-_DECIDE_HEAD = 6
+_DECIDE_HEAD = 7
 _DECIDE_ROW = 8
 _SNAPSHOT_ROW = 14
 
@@ -205,10 +205,11 @@ class RedisState:
         exclude: Collection[str] = (),
         outcome: Outcome | None = None,
         advance: bool = True,
+        limit: int = 0,
     ) -> RoutingDecision:
         static = self._commands(route)
         token = f"{self._token_prefix}{next(self._tokens):x}"
-        dynamic: list[Arg] = [token, b"1" if advance else b"0", len(exclude), *exclude]
+        dynamic: list[Arg] = [token, b"1" if advance else b"0", limit, len(exclude), *exclude]
         if outcome is None:
             dynamic.append(b"0")
         else:
@@ -270,7 +271,7 @@ class RedisState:
 
 
 def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision:
-    admitted, generation, probe, wait_ms, rr_cursor, count = reply[:_DECIDE_HEAD]
+    admitted, generation, probe, wait_ms, rr_cursor, count, admissible = reply[:_DECIDE_HEAD]
     targets = route.targets
     candidates = []
     end = _DECIDE_HEAD + count * _DECIDE_ROW
@@ -295,7 +296,13 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
     if admitted:
         admission = Admission(candidates[0].target.id, generation, token, probe == 1)
     return RoutingDecision(
-        route.name, route.strategy, candidates, admission, wait_ms / 1000.0, rr_cursor
+        route.name,
+        route.strategy,
+        candidates,
+        admission,
+        wait_ms / 1000.0,
+        rr_cursor,
+        admissible,
     )
 
 
