@@ -389,8 +389,9 @@ class Proxy:
         )
         self.metrics.attempts.labels(target.provider, target.model, exc.error_class.value).inc()
         self.metrics.upstream_duration.labels(target.provider, target.model).observe(elapsed)
-        outcome = Outcome.for_admission(admission, exc.outcome, elapsed * 1000)
-        outcome.retry_after_s = exc.retry_after_s
+        outcome = Outcome.for_admission(
+            admission, exc.outcome, elapsed * 1000, retry_after_s=exc.retry_after_s
+        )
         if exc.retryable:
             context.tried.append(target.id)
             context.pending = outcome  # reported by the next decide, in the same round trip
@@ -414,9 +415,13 @@ class Proxy:
     ) -> None:
         target = served.decision.chosen.target
         route = context.route
-        outcome = Outcome.for_admission(served.admission, OutcomeKind.SUCCESS, latency_s * 1000)
-        outcome.input_tokens = prompt
-        outcome.output_tokens = completion
+        outcome = Outcome.for_admission(
+            served.admission,
+            OutcomeKind.SUCCESS,
+            latency_s * 1000,
+            input_tokens=prompt,
+            output_tokens=completion,
+        )
         self.recorder.submit(route, outcome)
         bound = self.metrics.target(route.name, target.provider, target.model)
         bound.attempt_ok.inc()
@@ -511,9 +516,14 @@ class Proxy:
         ttft: float,
         stream: UpstreamStream,
     ) -> None:
-        outcome = Outcome.for_admission(served.admission, kind, ttft * 1000)
-        outcome.input_tokens = stream.usage.prompt_tokens
-        outcome.output_tokens = stream.usage.completion_tokens
+        usage = stream.usage
+        outcome = Outcome.for_admission(
+            served.admission,
+            kind,
+            ttft * 1000,
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+        )
         self.recorder.submit(context.route, outcome)
 
     def _exhausted(self, context: _Context, exhausted: _Exhausted, request_id: str) -> web.Response:

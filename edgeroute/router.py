@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TypeVar
@@ -170,10 +171,14 @@ class Router:
         output_tokens: int = 0,
     ) -> None:
         """Report how an admitted attempt ended (releases its lease, moves its breaker)."""
-        outcome = Outcome.for_admission(admission, kind, latency_ms)
-        outcome.retry_after_s = retry_after_s
-        outcome.input_tokens = input_tokens
-        outcome.output_tokens = output_tokens
+        outcome = Outcome.for_admission(
+            admission,
+            kind,
+            latency_ms,
+            retry_after_s=retry_after_s,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
         await self.state.record(self.route(route), outcome)
 
     async def call(
@@ -188,8 +193,6 @@ class Router:
         `attempt` raises AttemptFailed to classify a failure; any other exception counts as
         a retryable FAILURE. Each failover reports the failure and picks again in one step.
         """
-        import time
-
         now = clock or time.perf_counter
         tried: list[str] = []
         attempts: list[tuple[str, str, str]] = []
@@ -210,8 +213,12 @@ class Router:
                 result = await attempt(chosen)
             except AttemptFailed as failure:
                 attempts.append((chosen.target.provider, chosen.target.model, failure.error_class))
-                pending = Outcome.for_admission(admission, failure.kind, (now() - started) * 1000)
-                pending.retry_after_s = failure.retry_after_s
+                pending = Outcome.for_admission(
+                    admission,
+                    failure.kind,
+                    (now() - started) * 1000,
+                    retry_after_s=failure.retry_after_s,
+                )
                 if not failure.retryable:
                     await self.state.record(self.route(route), pending)
                     raise

@@ -88,19 +88,27 @@ class Outcome:
 
     @classmethod
     def for_admission(
-        cls, admission: Admission, kind: OutcomeKind, latency_ms: float = 0.0, **extra: float
+        cls,
+        admission: Admission,
+        kind: OutcomeKind,
+        latency_ms: float = 0.0,
+        *,
+        retry_after_s: float = 0.0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> Outcome:
-        outcome = cls(
-            target_id=admission.target_id,
-            kind=kind,
-            latency_ms=latency_ms,
-            generation=admission.generation,
-            token=admission.token,
-            probe=admission.probe,
+        """The outcome of an admitted attempt: carries its generation, lease and probe."""
+        return cls(
+            admission.target_id,
+            kind,
+            latency_ms,
+            admission.generation,
+            admission.token,
+            admission.probe,
+            retry_after_s,
+            input_tokens,
+            output_tokens,
         )
-        for key, value in extra.items():
-            setattr(outcome, key, type(getattr(outcome, key))(value))
-        return outcome
 
 
 @dataclass(slots=True)
