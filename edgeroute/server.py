@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from edgeroute.config import Config
+from edgeroute.errors import StateUnavailable
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
 from edgeroute.proxy import Proxy, error_response, new_request_id, write_access_line
@@ -257,6 +258,14 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
                 f"route `{name}` has no target `{target}`",
                 type_="invalid_request_error",
                 code="target_not_found",
+            )
+        except StateUnavailable as exc:
+            return error_response(
+                503,
+                f"not reset: {exc}",
+                type_="service_unavailable",
+                code="state_unavailable",
+                headers={"Retry-After": "1"},
             )
         return _json({"route": name, "target": target, "reset": True})
 

@@ -258,8 +258,24 @@ local function add_sample(id, now, kind, lat_us, tin, tout)
   redis.call('PEXPIRE', K_WINDOW, P.bucket_ms * (P.buckets + 1))
 end
 
+-- The target holding the lease `token`, for a client that never learnt which one it was
+-- (its decide timed out, yet ran). Rare: only then is the lease set scanned.
+local function lease_holder(token)
+  local cursor = '0'
+  repeat
+    local page = redis.call('ZSCAN', K_LEASES, cursor, 'MATCH', '*|' .. token, 'COUNT', 500)
+    cursor = page[1]
+    if #page[2] > 0 then return string.match(page[2][1], '^(.*)|[^|]*$') end
+  until cursor == '0'
+  return nil
+end
+
 -- One finished attempt (ARGV fields in the order the Python side packs them).
 local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin, tout)
+  if id == '' then
+    id = lease_holder(token)
+    if not id then return end
+  end
   local r = load(id)
   half_open_if_due(r, id, now)
   if token ~= '' then

@@ -199,9 +199,18 @@ class FallbackState:
         return await self.local.snapshot(route)
 
     async def reset(self, route: RouteSpec, target_id: str) -> None:
-        await self.local.reset(route, target_id)
-        if not self.degraded:
+        """Fleet-wide or not at all: a reset that only this replica saw would be a lie."""
+        if self.degraded:
+            raise StateUnavailable(
+                f"shared state is unreachable ({self.last_error}); the reset would reach "
+                "only this replica"
+            )
+        try:
             await self.primary.reset(route, target_id)
+        except StateUnavailable as exc:
+            self._degrade("reset", exc)
+            raise
+        await self.local.reset(route, target_id)
 
     async def close(self) -> None:
         if self._probe is not None:

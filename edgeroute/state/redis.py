@@ -8,8 +8,10 @@ by slot, and `topology` finds the servers (standalone, Cluster, Sentinel; TLS an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from edgeroute.types import (
     Admission,
     CircuitState,
     Outcome,
+    OutcomeKind,
     RouteSnapshot,
     TargetSnapshot,
 )
@@ -141,6 +144,11 @@ class RedisState:
         self._routes: dict[str, _RouteCommands] = {}
         self._token_prefix = os.urandom(4).hex() + "-"
         self._tokens = itertools.count(1)
+        # Decides that failed on our side may still run on the server (a frozen Redis
+        # thaws and executes what was in its socket buffer): their leases are released
+        # by token once Redis answers again.
+        self._orphans: deque[tuple[RouteSpec, str]] = deque(maxlen=10_000)
+        self._reaper: asyncio.Task[None] | None = None
 
     @property
     def batches(self) -> int:
@@ -215,11 +223,46 @@ class RedisState:
         else:
             dynamic.append(b"1")
             dynamic += outcome_args(outcome)
-        reply = await self._call(
-            command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
-            static.slot,
-        )
+        try:
+            reply = await self._call(
+                command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
+                static.slot,
+            )
+        except StateUnavailable:
+            self._orphans.append((route, token))
+            if self._reaper is None:
+                self._reaper = asyncio.get_running_loop().create_task(self._reap())
+            raise
         return _decision(route, reply, token)
+
+    async def _reap(self) -> None:
+        """Release the leases of decides that failed here but may have run on the server."""
+        delay = 0.02
+        try:
+            while self._orphans:
+                await asyncio.sleep(delay)
+                try:
+                    await self.ping()
+                except StateUnavailable:
+                    delay = min(delay * 2, 2.0)
+                    continue
+                # Redis answers again: let what it still held from the dead connection run.
+                await asyncio.sleep(0.05)
+                batch = list(self._orphans)
+                self._orphans.clear()
+                releases = [
+                    (
+                        route,
+                        Outcome(target_id="", kind=OutcomeKind.NEUTRAL, token=token, probe=True),
+                    )
+                    for route, token in batch
+                ]
+                try:
+                    await self.record_many(releases)
+                except StateUnavailable:
+                    self._orphans.extendleft(reversed(batch))
+        finally:
+            self._reaper = None
 
     async def record(self, route: RouteSpec, outcome: Outcome) -> None:
         await self.record_many([(route, outcome)])
@@ -264,6 +307,10 @@ class RedisState:
             raise StateUnavailable(f"unexpected PING reply {reply!r}")
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         if self._cluster is not None:
             await self._cluster.close()
         if self._pipeline is not None:
