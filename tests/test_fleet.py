@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import openai
@@ -68,10 +68,30 @@ def route(name: str, strategy: str, targets: list[dict[str, Any]], **extra: Any)
     return {"model": name, "strategy": strategy, "targets": targets, **extra}
 
 
+class HasUrl(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StateServer:
+    url: str
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def fleet_redis(request: pytest.FixtureRequest) -> StateServer:
+    """The same fleet scenarios on one Redis and on a 3-primary Redis Cluster."""
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        nodes = ",".join(f"{host}:{port}" for host, port in cluster.startup_nodes)
+        return StateServer(f"redis+cluster://{nodes}")
+    return StateServer(request.getfixturevalue("redis_server").url)
+
+
 def fleet_config(
     mocks: Mapping[str, Mock],
     routes: list[dict[str, Any]],
-    redis: RedisServer,
+    redis: HasUrl,
     *,
     state: Mapping[str, Any] | None = None,
     **sections: Any,
@@ -301,7 +321,7 @@ def spread(served: Sequence[Served]) -> dict[str, int]:
 
 
 async def test_a_failing_provider_gets_exactly_failure_threshold_requests_from_the_fleet(
-    redis_server: RedisServer, tmp_path: Path
+    fleet_redis: StateServer, tmp_path: Path
 ) -> None:
     """`failure_threshold` failing requests in all, not per replica; then fleet-wide probes.
 
@@ -343,7 +363,7 @@ async def test_a_failing_provider_gets_exactly_failure_threshold_requests_from_t
                     },
                 ),
             ],
-            redis_server,
+            fleet_redis,
         )
         async with fleet(document, tmp_path) as replicas:
             # Wave 1, healthy: every replica sends its traffic to the cheap providers.
@@ -501,13 +521,13 @@ def without_countdowns(explanation: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_round_robin_is_one_cursor_for_the_whole_fleet(
-    redis_server: RedisServer, tmp_path: Path
+    fleet_redis: StateServer, tmp_path: Path
 ) -> None:
     async with mock_upstreams(a=MockSettings(), b=MockSettings(), c=MockSettings()) as mocks:
         document = fleet_config(
             mocks,
             [route("rr", "round_robin", [target("a"), target("b"), target("c")])],
-            redis_server,
+            fleet_redis,
         )
         async with fleet(document, tmp_path) as replicas:
             total, k = 100, 3
@@ -623,13 +643,13 @@ async def test_latency_and_hybrid_move_the_whole_fleet_away_within_one_window(
 
 
 async def test_a_breaker_reset_through_one_replica_holds_for_all(
-    redis_server: RedisServer, tmp_path: Path
+    fleet_redis: StateServer, tmp_path: Path
 ) -> None:
     async with mock_upstreams(a=MockSettings(error_rate=1), b=MockSettings()) as mocks:
         document = fleet_config(
             mocks,
             [route("r", "cost", [target("a", 1.0), target("b", 2.0)])],
-            redis_server,
+            fleet_redis,
             breaker={"failure_threshold": 1, "open_timeout_s": 300},
         )
         async with fleet(document, tmp_path) as replicas:
@@ -821,7 +841,7 @@ async def test_replicas_with_skewed_clocks_agree_because_only_redis_time_counts(
 
 
 async def test_least_busy_counts_in_flight_fleet_wide_and_a_killed_replica_leaks_nothing(
-    redis_server: RedisServer, tmp_path: Path
+    fleet_redis: StateServer, tmp_path: Path
 ) -> None:
     lease_ttl_s, upstream_s = 6.0, 3.0
     slow = MockSettings(latency_ms=upstream_s * 1000)
@@ -829,7 +849,7 @@ async def test_least_busy_counts_in_flight_fleet_wide_and_a_killed_replica_leaks
         document = fleet_config(
             mocks,
             [route("lb", "least_busy", [target("a"), target("b"), target("c")])],
-            redis_server,
+            fleet_redis,
             state={"lease_ttl_s": lease_ttl_s},
         )
         async with fleet(document, tmp_path) as replicas:
