@@ -290,8 +290,9 @@ local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin,
   end
   if kind ~= NEUTRAL then add_sample(id, now, kind, lat_us, tin, tout) end
   if kind == RATE_LIMITED and retry_after > 0 then
-    -- A later, shorter Retry-After never shortens a cooldown already in force.
-    local until_ms = now + retry_after
+    -- A later, shorter Retry-After never shortens a cooldown already in force; none outlives
+    -- the record that holds it (half the key lifetime: RouteSpec.max_cooldown_ms).
+    local until_ms = now + math.min(retry_after, math.floor(P.idle_ttl / 2))
     if until_ms > r.cd then
       r.cd = until_ms
       touch(id)

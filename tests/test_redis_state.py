@@ -16,6 +16,7 @@ import redis
 
 from edgeroute import RoutingStrategy, StateUnavailable
 from edgeroute.state import RedisState
+from edgeroute.state.base import RouteSpec
 from edgeroute.state.redis import route_keys
 from edgeroute.state.scripts import SCRIPT_NAMES, load_scripts
 from edgeroute.state.topology import parse_state_url
@@ -215,3 +216,18 @@ async def test_window_values_stay_bounded_by_the_bucket_count(redis_url: str) ->
     assert (t0.successes, t0.failures) == (successes, failures) and failures == 1
     assert 0 < t0.successes <= 400
     await state.close()
+
+
+def test_keys_outlive_every_lease_probe_and_open_breaker_they_hold() -> None:
+    short_idle = make_route(lease_ttl_ms=600_000)
+    short_idle = RouteSpec(
+        name=short_idle.name,
+        strategy=short_idle.strategy,
+        targets=short_idle.targets,
+        breaker=BreakerParams(max_open_timeout_ms=200, probe_ttl_ms=90_000),
+        window=WindowParams(bucket_ms=50, buckets=4),
+        lease_ttl_ms=2_000,
+        idle_ttl_ms=300,
+    )
+    assert short_idle.key_ttl_ms >= 2_000 + 60_000  # a lease expires before its record
+    assert short_idle.key_ttl_ms >= 2 * 90_000  # and so does a probe reservation

@@ -204,10 +204,10 @@ async def test_concurrent_failures_open_the_breaker_exactly_once(
 
 @pytest.mark.parametrize("probes", [1, 3])
 async def test_half_open_grants_exactly_the_probe_budget(backends: Backends, probes: int) -> None:
-    route = make_route(failure_threshold=1, open_timeout_ms=200, half_open_max_probes=probes)
+    route = make_route(failure_threshold=1, open_timeout_ms=300, half_open_max_probes=probes)
     await backends.first.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
     assert (await backends.target(route)).state is CircuitState.OPEN
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.45)
 
     decisions = await backends.decide_many(route, 100)
     admissions = admissions_of(decisions)
@@ -254,14 +254,14 @@ async def test_inflight_counts_every_admission_and_records_release_them(
 
 
 async def test_leases_expire_when_nobody_reports_back(backends: Backends) -> None:
-    route = make_route(targets=2, strategy="round_robin", lease_ttl_ms=200)
+    route = make_route(targets=2, strategy="round_robin", lease_ttl_ms=400)
     decisions = await backends.decide_many(route, 60)
     admissions = admissions_of(decisions)
     assert len(admissions) == 60
     snapshot = await backends.first.snapshot(route)
     assert [t.inflight for t in snapshot.targets] == [30, 30]
 
-    await asyncio.sleep(0.35)  # the replica that took them "died": nobody records
+    await asyncio.sleep(0.55)  # the replica that took them "died": nobody records
     snapshot = await backends.first.snapshot(route)
     assert [t.inflight for t in snapshot.targets] == [0, 0]  # even before a decide sweeps
 
@@ -456,7 +456,7 @@ async def test_processes_share_one_probe_budget(
     route_kwargs: dict[str, Any] = {
         "name": "probed",
         "failure_threshold": 1,
-        "open_timeout_ms": 200,
+        "open_timeout_ms": 300,
         "half_open_max_probes": probes,
     }
     route = make_route(**route_kwargs)
@@ -465,7 +465,7 @@ async def test_processes_share_one_probe_budget(
         await state.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
         assert (await state.snapshot(route)).targets[0].state is CircuitState.OPEN
         # Workers start only when the parent reaches the barrier, well after the timeout.
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(0.45)
         outcomes = await run_processes(
             "probe", redis_url, redis_prefix, route_kwargs, tasks=25, calls=1
         )

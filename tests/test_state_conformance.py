@@ -528,3 +528,30 @@ async def test_standalone_circuit_breaker(harness: Harness) -> None:
 
 async def _answer() -> int:
     return 42
+
+
+async def test_a_retry_after_longer_than_the_key_lifetime_is_capped(harness: Harness) -> None:
+    route = RouteSpec(
+        name=f"route-{uuid.uuid4().hex[:8]}",
+        strategy=RoutingStrategy.cost_based(),
+        targets=(TargetSpec(id="t0", provider="p", model="m"),),
+        breaker=BreakerParams(open_timeout_ms=500, max_open_timeout_ms=1_000),
+        lease_ttl_ms=1_000,
+        idle_ttl_ms=200_000,
+    )
+    assert route.key_ttl_ms == 200_000 and route.max_cooldown_ms == 100_000
+    await harness.state.record(
+        route, Outcome(target_id="t0", kind=OutcomeKind.RATE_LIMITED, retry_after_s=86_400)
+    )
+    snap = await target(harness, route, "t0")
+    assert 95_000 < snap.cooldown_remaining_ms <= 100_000  # not a day
+
+
+async def test_a_lease_is_only_released_by_the_target_that_holds_it(harness: Harness) -> None:
+    route = make_route()
+    _, admission = await admit(harness, route)
+    assert admission.target_id == "t0"
+    wrong = Outcome(target_id="t1", kind=OutcomeKind.NEUTRAL, token=admission.token)
+    await harness.state.record(route, wrong)
+    snapshot = await harness.state.snapshot(route)
+    assert [t.inflight for t in snapshot.targets] == [1, 0, 0]

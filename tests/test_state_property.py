@@ -11,11 +11,12 @@ measured against Redis TIME when the example starts). The two backends see every
 a little apart, so each timing boundary (a breaker's open timeout, a cooldown's end) is an
 interval: from where the model puts it to where Redis does. Before each step the machine
 sleeps past any boundary closer than `MARGIN_MS`; a step that straddles one anyway (the
-process was descheduled on a loaded machine) cannot be judged, so the example is rejected,
-never failed; so is a step that took so long that a boundary it created itself may already
-have passed before the snapshot could learn of it. Probe reservations, leases and the
-rolling window are sized in minutes, far from any edge. Remaining-time fields are therefore
-compared only as zero / non-zero.
+process was descheduled on a loaded machine) cannot be judged, and neither can a step that
+took so long that a boundary it created itself may have passed before the snapshot learnt
+of it: from there on the example compares nothing more (it still draws the same data, so
+hypothesis sees a deterministic test), and it never fails for it. Probe reservations, leases
+and the rolling window are sized in minutes, far from any edge. Remaining-time fields are
+compared as zero / non-zero and to within the longest step a judged example may take.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, TypeVar
 
 import pytest
 import redis
-from hypothesis import HealthCheck, reject, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -165,8 +167,8 @@ class Outstanding:
 
 def describe_decision(decision: RoutingDecision) -> str:
     candidates = ", ".join(
-        f"{c.target.id}[{c.state.value} s={c.score!r} ok={c.successes} lat={c.latency_sum_us}"
-        f" f={c.failures} inf={c.inflight}]"
+        f"{c.target.id}[{c.state.value}{' held' if c.held else ''} s={c.score!r}"
+        f" ok={c.successes} lat={c.latency_sum_us} f={c.failures} inf={c.inflight}]"
         for c in decision.candidates
     )
     admission = decision.admission
@@ -177,7 +179,7 @@ def describe_decision(decision: RoutingDecision) -> str:
     )
     return (
         f"admitted={admitted} wait={decision.retry_after_s!r} rr={decision.rr_cursor} "
-        f"candidates=[{candidates}]"
+        f"admissible={decision.admissible} candidates=[{candidates}]"
     )
 
 
@@ -189,6 +191,7 @@ def assert_same_decision(memory: RoutingDecision, actual: RoutingDecision) -> No
     for expected, got in zip(memory.candidates, actual.candidates, strict=True):
         assert got.state is expected.state, f"{got.target.id}: state differs{detail}"
         assert got.probe == expected.probe, f"{got.target.id}: probe flag differs{detail}"
+        assert got.held == expected.held, f"{got.target.id}: held flag differs{detail}"
         assert abs(got.score - expected.score) <= SCORE_TOLERANCE, (
             f"{got.target.id}: score differs{detail}"
         )
@@ -211,6 +214,7 @@ def assert_same_decision(memory: RoutingDecision, actual: RoutingDecision) -> No
         ), f"admission differs{detail}"
     assert (actual.retry_after_s > 0) == (memory.retry_after_s > 0), f"wait differs{detail}"
     assert actual.rr_cursor == memory.rr_cursor, f"rr_cursor differs{detail}"
+    assert actual.admissible == memory.admissible, f"admissible count differs{detail}"
 
 
 def assert_same_snapshot(memory: RouteSnapshot, actual: RouteSnapshot) -> None:
@@ -240,6 +244,12 @@ def assert_same_snapshot(memory: RouteSnapshot, actual: RouteSnapshot) -> None:
 
         want, have = view(expected), view(got)
         diff = {k: (want[k], have[k]) for k in want if want[k] != have[k]}
+        # Remaining times differ by how far apart the backends saw the operation that set
+        # them and the snapshot: both within one step, and a step is at most STEP_LIMIT_MS.
+        for name in ("open_remaining_ms", "cooldown_remaining_ms"):
+            mine, theirs = getattr(expected, name), getattr(got, name)
+            if abs(mine - theirs) > STEP_LIMIT_MS + SLACK_MS:
+                diff[name] = (mine, theirs)
         assert not diff, f"{got.target_id}: snapshot differs (memory, redis): {diff}"
 
 
@@ -248,6 +258,8 @@ class StateMachine(RuleBasedStateMachine):
 
     redis_url: ClassVar[str]
     strategy_kind: ClassVar[str]
+    examples: ClassVar[int] = 0
+    tainted_examples: ClassVar[int] = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -261,6 +273,7 @@ class StateMachine(RuleBasedStateMachine):
         # (earliest, latest) ms, Redis-TIME frame, at which the backends change by themselves
         self.boundaries: set[tuple[float, float]] = set()
         self.step_started: float | None = None
+        self.tainted = False  # a step could not be judged: the backends may now differ
         self.waits = 0
         self.labels = 0
         self.last: RouteSnapshot | None = None  # the model's snapshot after the last step
@@ -298,13 +311,15 @@ class StateMachine(RuleBasedStateMachine):
         redis_call: Callable[[], Coroutine[Any, Any, U]],
         *,
         ends_step: bool = False,
-    ) -> tuple[T, U]:
-        """One operation on each backend; reject the example if it straddled a boundary.
+    ) -> tuple[T, U] | None:
+        """One operation on each backend, or None once a step straddled a boundary.
 
         A rule's operation settles first; the snapshot that ends a step with an operation
         must not (a boundary the operation created is not known yet) and instead bounds the
         step's duration.
         """
+        if self.tainted:
+            return None
         if not ends_step or self.step_started is None:
             self.settle()
         start = self._now_ms()
@@ -315,14 +330,16 @@ class StateMachine(RuleBasedStateMachine):
         end = self._now_ms()
         for lo, hi in self.boundaries:
             if lo - SLACK_MS <= end and start <= hi + SLACK_MS:
-                reject()  # the two backends may legitimately disagree about this step
+                self.tainted = True  # the two backends may legitimately disagree now
         if ends_step:
             began, self.step_started = self.step_started, None
             if end - began > STEP_LIMIT_MS:
-                reject()  # descheduled mid-step: a fresh boundary may have slipped by
-        return expected, actual
+                self.tainted = True  # descheduled mid-step: a fresh boundary may have passed
+        return None if self.tainted else (expected, actual)
 
     def teardown(self) -> None:
+        type(self).examples += 1
+        type(self).tainted_examples += self.tainted
         try:
             self.run(self.redis.close())
             if self.route is not None:
@@ -401,20 +418,23 @@ class StateMachine(RuleBasedStateMachine):
         exclude=st.sets(st.integers(min_value=0, max_value=4), max_size=3),
         advance=st.booleans(),
         piggyback=st.none() | st.tuples(INDICES, OUTCOMES),
+        limit=st.sampled_from([0, 0, 1, 2]),
     )
     def decide(
         self,
         exclude: set[int],
         advance: bool,
         piggyback: tuple[int, OutcomeDraw] | None,
+        limit: int,
     ) -> None:
-        self._decide(exclude, advance, piggyback)
+        self._decide(exclude, advance, piggyback, limit)
 
     def _decide(
         self,
         exclude: set[int],
         advance: bool,
         piggyback: tuple[int, OutcomeDraw] | None,
+        limit: int = 0,
     ) -> None:
         route = self.spec
         excluded = [t.id for i, t in enumerate(route.targets) if i in exclude]
@@ -423,14 +443,17 @@ class StateMachine(RuleBasedStateMachine):
             item = self._take(piggyback[0], consume=True)
             memory_outcome = piggyback[1].for_admission(item.memory)
             redis_outcome = piggyback[1].for_admission(item.redis)
-        expected, actual = self.both(
+        pair = self.both(
             lambda: self.memory.decide(
-                route, exclude=excluded, outcome=memory_outcome, advance=advance
+                route, exclude=excluded, outcome=memory_outcome, advance=advance, limit=limit
             ),
             lambda: self.redis.decide(
-                route, exclude=excluded, outcome=redis_outcome, advance=advance
+                route, exclude=excluded, outcome=redis_outcome, advance=advance, limit=limit
             ),
         )
+        if pair is None:
+            return
+        expected, actual = pair
         assert_same_decision(expected, actual)
         self._admitted(expected, actual)
 
@@ -491,6 +514,8 @@ class StateMachine(RuleBasedStateMachine):
     @rule()
     def wait_past_open_timeout(self) -> None:
         self.waits += 1
+        if self.tainted:
+            return
         # Only worth the time when some breaker is open (per the model, which agrees).
         if self.last is not None and any(t.state is CircuitState.OPEN for t in self.last.targets):
             time.sleep(WAIT_MS / 1000)
@@ -501,11 +526,14 @@ class StateMachine(RuleBasedStateMachine):
     def snapshots_agree(self) -> None:
         if self.route is None:
             return
-        expected, actual = self.both(
+        pair = self.both(
             lambda: self.memory.snapshot(self.spec),
             lambda: self.redis.snapshot(self.spec),
             ends_step=True,
         )
+        if pair is None:
+            return
+        expected, actual = pair
         assert_same_snapshot(expected, actual)
         self.last = expected
         # Where each backend will change by itself: the model's instant and Redis's.
@@ -521,11 +549,13 @@ class StateMachine(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("strategy_kind", STRATEGY_KINDS)
 def test_redis_state_matches_memory_state(redis_url: str, strategy_kind: str) -> None:
-    machine = type(
-        f"StateMachine_{strategy_kind}",
-        (StateMachine,),
-        {"redis_url": redis_url, "strategy_kind": strategy_kind},
-    )
+    class Machine(StateMachine):
+        pass
+
+    Machine.__name__ = Machine.__qualname__ = f"StateMachine_{strategy_kind}"
+    Machine.redis_url = redis_url
+    Machine.strategy_kind = strategy_kind
+    machine = Machine
     run_state_machine_as_test(
         machine,
         settings=settings(
@@ -537,3 +567,9 @@ def test_redis_state_matches_memory_state(redis_url: str, strategy_kind: str) ->
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
+    if machine.tainted_examples * 2 > machine.examples:
+        warnings.warn(
+            f"{machine.tainted_examples} of {machine.examples} examples hit a timing boundary"
+            " mid-step (a heavily loaded machine?) and were only partly compared",
+            stacklevel=1,
+        )

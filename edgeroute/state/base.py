@@ -26,6 +26,25 @@ class RouteSpec:
     def __post_init__(self) -> None:
         self.positions.update({target.id: i for i, target in enumerate(self.targets)})
 
+    @property
+    def key_ttl_ms(self) -> int:
+        """How long a route's state outlives its last use: never shorter than anything it
+        holds (an open breaker, the window, a lease, a probe reservation)."""
+        window = self.window
+        return max(
+            self.idle_ttl_ms,
+            2 * self.breaker.max_open_timeout_ms,
+            2 * window.bucket_ms * window.buckets,
+            self.lease_ttl_ms + 60_000,
+            2 * self.breaker.probe_ttl_ms,
+        )
+
+    @property
+    def max_cooldown_ms(self) -> int:
+        """A Retry-After is honoured up to half the key lifetime (30 min by default), so a
+        cooldown never outlives the record that holds it."""
+        return self.key_ttl_ms // 2
+
 
 class StateBackend(Protocol):
     """Shared routing state. Each call is atomic; `decide` and `record` are one round trip.

@@ -265,7 +265,9 @@ class MemoryState:
         _half_open_if_due(target, now)
         token = outcome.token
         if token is not None:
-            if state.leases.pop(token, None) is not None:
+            lease = state.leases.get(token)
+            if lease is not None and lease[0] == outcome.target_id:  # as Lua's ZREM id|token
+                del state.leases[token]
                 target.inflight -= 1
             if outcome.probe:
                 target.probes.pop(token, None)
@@ -274,7 +276,7 @@ class MemoryState:
             self._add_sample(target, route, outcome, now)
         if kind == OutcomeKind.RATE_LIMITED and outcome.retry_after_s > 0:
             # A later, shorter Retry-After never shortens a cooldown already in force.
-            until = now + round(outcome.retry_after_s * 1000)
+            until = now + min(round(outcome.retry_after_s * 1000), route.max_cooldown_ms)
             target.cooldown_until = max(target.cooldown_until, until)
         if outcome.generation not in (-1, target.generation):
             return  # admitted before a transition: too late to move this breaker

@@ -67,10 +67,7 @@ def route_keys(prefix: str, route: str) -> tuple[str, str, str]:
 
 def _route_header(route: RouteSpec) -> list[Arg]:
     strategy, breaker, window = route.strategy, route.breaker, route.window
-    # Keys must outlive any open breaker and the window, whatever idle_ttl says.
-    idle = max(
-        route.idle_ttl_ms, 2 * breaker.max_open_timeout_ms, 2 * window.bucket_ms * window.buckets
-    )
+    idle = route.key_ttl_ms
     return [
         STRATEGY_CODES[strategy.kind],
         repr(strategy.cost_weight),
