@@ -30,26 +30,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
-import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
+from _processes import Processes, free_port, managed_processes  # bench/ is on sys.path
 
 REPLICAS = 3
 FAILURE_THRESHOLD = 5
@@ -65,107 +59,6 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Processes: every child in its own session, all stopped on the way out
 # ---------------------------------------------------------------------------------------------
-
-
-class Processes:
-    """Children started here, each with its stdout/stderr in a file of `workdir`."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self._children: dict[str, tuple[subprocess.Popen[bytes], list[IO[bytes]]]] = {}
-
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
-        out = (self.workdir / f"{name}.out").open("wb")
-        err = (self.workdir / f"{name}.err").open("wb")
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-                start_new_session=True,
-            )
-        except BaseException:
-            out.close()
-            err.close()
-            raise
-        self._children[name] = (proc, [out, err])
-        return proc.pid
-
-    def wait_for(self, name: str, pattern: str, timeout_s: float = 30.0) -> re.Match[str]:
-        """Wait until the child's stdout matches `pattern`; fail with its stderr if it dies."""
-        proc, _ = self._children[name]
-        path = self.workdir / f"{name}.out"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            match = re.search(pattern, path.read_text(errors="replace"))
-            if match:
-                return match
-            if proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        tail = (self.workdir / f"{name}.err").read_text(errors="replace")[-2000:]
-        state = f"exited with {proc.returncode}" if proc.poll() is not None else "not ready"
-        raise RuntimeError(f"{name} {state} after {timeout_s:.0f} s; stderr:\n{tail}")
-
-    def kill(self, name: str) -> None:
-        proc, _ = self._children[name]
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-    def discard(self, name: str) -> None:
-        """Kill a child and forget it (its name can be used again)."""
-        self.kill(name)
-        _, files = self._children.pop(name)
-        for file in files:
-            file.close()
-
-    def stop_all(self) -> None:
-        """SIGTERM everything (newest first), then SIGKILL whatever is still there after 5 s."""
-        children = list(reversed(self._children.values()))
-        self._children = {}
-        for proc, _ in children:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-        deadline = time.monotonic() + 5.0
-        for proc, files in children:
-            try:
-                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-            for file in files:
-                file.close()
-
-
-def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def managed_processes() -> Iterator[Processes]:
-    workdir = Path(tempfile.mkdtemp(prefix="edgeroute-bench-fleet-"))
-    processes = Processes(workdir)
-    previous = {
-        sig: signal.signal(sig, _raise_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)
-    }
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_ping(port: int) -> bool:
@@ -503,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (~15 s in all)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    with managed_processes() as processes:
+    with managed_processes("fleet") as processes:
         log("starting redis-server, 2 mock providers, 3 replicas ...")
         stack = start_stack(processes)
         results = asyncio.run(run(stack, processes, args.quick))

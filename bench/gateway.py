@@ -23,29 +23,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import redis as redis_py
+from _processes import Processes, managed_processes  # bench/ is on sys.path
 
 CONCURRENCY = 64
 WRK_THREADS = 2
@@ -130,97 +127,6 @@ class Settings:
 # ---------------------------------------------------------------------------------------------
 # Processes: every child in its own session, all stopped on the way out
 # ---------------------------------------------------------------------------------------------
-
-
-class Processes:
-    """Children started here, each with its stdout/stderr in a file of `workdir`."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self._children: list[tuple[str, subprocess.Popen[bytes], list[IO[bytes]]]] = []
-
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
-        out = (self.workdir / f"{name}.out").open("wb")
-        err = (self.workdir / f"{name}.err").open("wb")
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-                start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop them
-            )
-        except BaseException:
-            out.close()
-            err.close()
-            raise
-        self._children.append((name, proc, [out, err]))
-        return proc.pid
-
-    def wait_for(self, name: str, pattern: str, timeout_s: float = 20.0) -> re.Match[str]:
-        """Wait until the child's stdout matches `pattern`; fail with its stderr if it dies."""
-        proc = self._proc(name)
-        path = self.workdir / f"{name}.out"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            match = re.search(pattern, path.read_text(errors="replace"))
-            if match:
-                return match
-            if proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        tail = (self.workdir / f"{name}.err").read_text(errors="replace")[-2000:]
-        state = f"exited with {proc.returncode}" if proc.poll() is not None else "not ready"
-        raise RuntimeError(f"{name} {state} after {timeout_s:.0f} s; stderr:\n{tail}")
-
-    def alive(self, name: str) -> bool:
-        return self._proc(name).poll() is None
-
-    def _proc(self, name: str) -> subprocess.Popen[bytes]:
-        for child, proc, _ in self._children:
-            if child == name:
-                return proc
-        raise KeyError(name)
-
-    def stop_all(self) -> None:
-        """SIGTERM everything (newest first), then SIGKILL whatever is still there after 5 s."""
-        children, self._children = self._children, []
-        for _, proc, _ in reversed(children):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-        deadline = time.monotonic() + 5.0
-        for _, proc, files in reversed(children):
-            try:
-                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-            for file in files:
-                file.close()
-
-
-def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def managed_processes() -> Iterator[Processes]:
-    workdir = Path(tempfile.mkdtemp(prefix="edgeroute-bench-gw-"))
-    processes = Processes(workdir)
-    # SIGTERM/SIGHUP unwind like Ctrl-C does, so the `finally` below always runs.
-    previous = {
-        sig: signal.signal(sig, _raise_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)
-    }
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -891,7 +797,7 @@ def run_profile(system: str, settings: Settings, out: Path | None) -> str:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         raise SystemExit("py-spy is not installed (pip install py-spy)")
-    with managed_processes() as processes:
+    with managed_processes("gw") as processes:
         stack = start_stack(processes, [system])
         script = processes.workdir / "post.lua"
         wrk_script(script)
@@ -1230,7 +1136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "body_bytes": len(BODY),
         },
     }
-    with managed_processes() as processes:
+    with managed_processes("gw") as processes:
         log("edgeroute gateway benchmark: starting redis-server, mock upstream, 2 gateways")
         stack = start_stack(processes, SYSTEMS)
         with redis_py.Redis.from_url(stack.redis_url) as client:
