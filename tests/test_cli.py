@@ -143,7 +143,11 @@ def test_full_example_covers_every_kind_and_strategy() -> None:
     config = load_config(FULL_EXAMPLE, env=FULL_EXAMPLE_ENV)
     assert {p.kind for p in config.providers} == {"openai", "anthropic", "azure"}
     assert {r.strategy for r in config.routes} == {
-        "cost", "latency", "hybrid", "round_robin", "least_busy"
+        "cost",
+        "latency",
+        "hybrid",
+        "round_robin",
+        "least_busy",
     }
     assert config.provider("openai").api_key == FULL_EXAMPLE_ENV["OPENAI_API_KEY"]
     assert config.provider("vllm").api_key == "EMPTY"  # the `:-` default
@@ -168,10 +172,14 @@ def test_check_pluralises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         "routes: [{model: r, targets: [{provider: p, model: m}]}]\n",
     )
     assert run(capsys, "check", "-c", path) == (
-        0, "config OK: 1 provider, 1 route (state: memory)\n", ""
+        0,
+        "config OK: 1 provider, 1 route (state: memory)\n",
+        "",
     )
     assert run(capsys, "check", "-c", write(tmp_path, "{}\n", "empty.yaml")) == (
-        0, "config OK: 0 providers, 0 routes (state: memory)\n", ""
+        0,
+        "config OK: 0 providers, 0 routes (state: memory)\n",
+        "",
     )
 
 
@@ -181,8 +189,10 @@ def test_check_pluralises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         ("server: {port: 70000}\n", "$.server.port"),
         ("bogus: 1\n", "$: "),
         ("providers: [{name: 'a|b', base_url: 'http://x'}]\n", "$.providers[0].name"),
-        ("routes: [{model: r, targets: [{provider: ghost, model: m}]}]\n",
-         "$.routes[0].targets[0].provider"),
+        (
+            "routes: [{model: r, targets: [{provider: ghost, model: m}]}]\n",
+            "$.routes[0].targets[0].provider",
+        ),
         ("server:\n  port: [1,\n", "$: invalid YAML at "),
     ],
 )
@@ -225,7 +235,10 @@ def test_check_masks_the_redis_password(tmp_path: Path, capsys: pytest.CaptureFi
     path = write(tmp_path, "state: {redis_url: 'redis://admin:hunter22@redis.internal:6379/0'}\n")
     code, out, err = run(capsys, "check", "-c", path)
     assert (code, err) == (0, "")
-    assert out == "config OK: 0 providers, 0 routes (state: redis redis://admin:***@redis.internal:6379/0)\n"
+    assert (
+        out
+        == "config OK: 0 providers, 0 routes (state: redis redis://admin:***@redis.internal:6379/0)\n"
+    )
     assert "hunter22" not in out
 
 
@@ -306,8 +319,9 @@ def test_exception_without_message(
 
 
 def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "explain", "--config", write(tmp_path, MEMORY_CONFIG), "chat",
-                         "--json")
+    code, out, err = run(
+        capsys, "explain", "--config", write(tmp_path, MEMORY_CONFIG), "chat", "--json"
+    )
     assert code == 0
     assert "in-memory" in one_line(err)  # a note, on stderr, so stdout stays pure JSON
     doc = json.loads(out)
@@ -334,8 +348,7 @@ def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_explain_json_round_robin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "explain", "-c", write(tmp_path, MEMORY_CONFIG), "chat-rr",
-                       "--json")
+    code, out, _ = run(capsys, "explain", "-c", write(tmp_path, MEMORY_CONFIG), "chat-rr", "--json")
     assert code == 0
     doc = json.loads(out)
     assert doc["strategy"] == {"kind": "round_robin", "weights": None}
@@ -349,8 +362,16 @@ def test_explain_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     lines = out.splitlines()
     assert lines[0].startswith("route chat (hybrid, weights cost 0.40 / latency 0.40")
     header = lines[1].split()
-    for column in ("TARGET", "STATE", "SCORE", "RANK", "LATENCY", "SUCCESS", "IN-FLIGHT",
-                   "EXCLUDED"):
+    for column in (
+        "TARGET",
+        "STATE",
+        "SCORE",
+        "RANK",
+        "LATENCY",
+        "SUCCESS",
+        "IN-FLIGHT",
+        "EXCLUDED",
+    ):
         assert column in header
     # Best first.
     assert lines[2].split()[:2] == ["cheap:gpt-4o-mini", "closed"]
@@ -449,8 +470,9 @@ def test_state_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_state_json_one_route(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "state", "-c", write(tmp_path, MEMORY_CONFIG), "-r", "chat-rr",
-                       "--json")
+    code, out, _ = run(
+        capsys, "state", "-c", write(tmp_path, MEMORY_CONFIG), "-r", "chat-rr", "--json"
+    )
     assert code == 0
     doc = json.loads(out)
     assert doc["state_backend"] == "memory"
@@ -510,9 +532,25 @@ def test_mock_provider_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append((host, port, settings, name))
 
     monkeypatch.setattr(mock_provider, "serve_mock_provider", fake_serve)
-    code = main(["mock-provider", "--port", "9101", "--host", "0.0.0.0", "--latency-ms", "25",
-                 "--error-rate", "0.1", "--stream-chunks", "3", "--name", "mock-fast",
-                 "--fault", "rate_limit"])
+    code = main(
+        [
+            "mock-provider",
+            "--port",
+            "9101",
+            "--host",
+            "0.0.0.0",
+            "--latency-ms",
+            "25",
+            "--error-rate",
+            "0.1",
+            "--stream-chunks",
+            "3",
+            "--name",
+            "mock-fast",
+            "--fault",
+            "rate_limit",
+        ]
+    )
     assert code == 0
     ((host, port, settings, name),) = calls
     assert (host, port, name) == ("0.0.0.0", 9101, "mock-fast")
@@ -523,8 +561,13 @@ def test_mock_provider_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--port", "x"], ["--fault", "explode", "--port", "1"], ["--error-rate", "2",
-                                                                      "--port", "1"], []]
+    "argv",
+    [
+        ["--port", "x"],
+        ["--fault", "explode", "--port", "1"],
+        ["--error-rate", "2", "--port", "1"],
+        [],
+    ],
 )
 def test_mock_provider_bad_flags(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -552,32 +595,54 @@ def test_mock_provider_cannot_listen(
 
 def test_subprocess_check_ok_and_bad(tmp_path: Path) -> None:
     command = edgeroute_command()
-    ok = subprocess.run([*command, "check", "--config", str(QUICKSTART)], capture_output=True,
-                        text=True, timeout=60, env=subprocess_env(), check=False)
+    ok = subprocess.run(
+        [*command, "check", "--config", str(QUICKSTART)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == "config OK: 2 providers, 2 routes (state: memory)\n"
     assert ok.stderr == ""
 
-    bad = subprocess.run([*command, "check", "-c", write(tmp_path, "server: {port: -5}\n")],
-                         capture_output=True, text=True, timeout=60, env=subprocess_env(),
-                         check=False)
+    bad = subprocess.run(
+        [*command, "check", "-c", write(tmp_path, "server: {port: -5}\n")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        check=False,
+    )
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert one_line(bad.stderr).startswith("edgeroute: $.server.port: ")
 
-    missing = subprocess.run([*command, "check", "-c", str(tmp_path / "absent.yaml")],
-                             capture_output=True, text=True, timeout=60, env=subprocess_env(),
-                             check=False)
+    missing = subprocess.run(
+        [*command, "check", "-c", str(tmp_path / "absent.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        check=False,
+    )
     assert missing.returncode == 2
     assert one_line(missing.stderr).startswith("edgeroute: $: cannot read ")
 
 
 def test_subprocess_module_entry_point_masks_secrets() -> None:
-    env = subprocess_env(**FULL_EXAMPLE_ENV,
-                         EDGEROUTE_REDIS_URL="redis://ops:pa55word99@redis.internal:6379/0")
+    env = subprocess_env(
+        **FULL_EXAMPLE_ENV, EDGEROUTE_REDIS_URL="redis://ops:pa55word99@redis.internal:6379/0"
+    )
     result = subprocess.run(
         [sys.executable, "-m", "edgeroute.cli", "check", "-c", str(FULL_EXAMPLE)],
-        capture_output=True, text=True, timeout=60, env=env, cwd=REPO_ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO_ROOT,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
@@ -594,7 +659,10 @@ def test_subprocess_mock_provider_serves_and_stops() -> None:
     port = free_port()
     proc = subprocess.Popen(
         [*edgeroute_command(), "mock-provider", "--port", str(port), "--name", "cli-mock"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
     )
     try:
         assert proc.stdout is not None

@@ -88,9 +88,7 @@ def test_documented_example_loads() -> None:
     route = config.route("chat")
     assert route.strategy == "hybrid"
     assert route.weights is not None
-    assert (route.weights.cost, route.weights.latency, route.weights.reliability) == (
-        0.4, 0.4, 0.2
-    )
+    assert (route.weights.cost, route.weights.latency, route.weights.reliability) == (0.4, 0.4, 0.2)
     (target,) = route.targets
     assert target.target_id == "openai:gpt-4o-mini"
     assert target.price_per_mtok == pytest.approx(0.75)
@@ -184,9 +182,7 @@ def test_azure_with_api_version_loads() -> None:
 
 def test_env_interpolation() -> None:
     raw = {
-        "providers": [
-            {"name": "p", "base_url": "https://${HOST}/v1", "api_key": "${KEY}-${KEY}"}
-        ]
+        "providers": [{"name": "p", "base_url": "https://${HOST}/v1", "api_key": "${KEY}-${KEY}"}]
     }
     provider = parse_config(raw, env={"HOST": "api.example", "KEY": "k1"}).providers[0]
     assert provider.base_url == "https://api.example/v1"
@@ -226,9 +222,7 @@ def test_env_interpolation_in_lists() -> None:
 
 def test_dollar_dollar_escapes() -> None:
     raw = {
-        "providers": [
-            {"name": "p", "base_url": "http://x", "api_key": "pa$$word-$${NOT_A_VAR}"}
-        ]
+        "providers": [{"name": "p", "base_url": "http://x", "api_key": "pa$$word-$${NOT_A_VAR}"}]
     }
     provider = parse_config(raw, env={"NOT_A_VAR": "oops"}).providers[0]
     assert provider.api_key == "pa$word-${NOT_A_VAR}"
@@ -343,9 +337,7 @@ def test_route_override_without_global_block_uses_defaults() -> None:
 
 def test_routes_override_independently() -> None:
     raw: dict[str, Any] = minimal(breaker={"failure_threshold": 1})
-    raw["routes"].append(
-        {"model": "other", "targets": [{"provider": "p", "model": "m"}]}
-    )
+    raw["routes"].append({"model": "other", "targets": [{"provider": "p", "model": "m"}]})
     raw["breaker"] = {"failure_threshold": 5, "open_timeout_s": 60}
     config = parse_config(raw, env={})
     first = effective_breaker(config, config.route("r"))
@@ -368,8 +360,9 @@ def test_bad_route_override_names_the_route_path() -> None:
     ("raw", "pattern"),
     [
         pytest.param({"bogus": 1}, r"^\$: .*unknown field `bogus`", id="unknown-top-level"),
-        pytest.param({"server": {"hots": "x"}}, r"^\$\.server: .*unknown field `hots`",
-                     id="unknown-nested"),
+        pytest.param(
+            {"server": {"hots": "x"}}, r"^\$\.server: .*unknown field `hots`", id="unknown-nested"
+        ),
         pytest.param(
             {"providers": [{"name": "p", "base_url": "http://x", "apikey": "k"}]},
             r"^\$\.providers\[0\]: .*unknown field `apikey`",
@@ -380,66 +373,127 @@ def test_bad_route_override_names_the_route_path() -> None:
             r"^\$\.routes\[0\]\.targets\[0\]: .*unknown field `price`",
             id="unknown-in-target",
         ),
-        pytest.param({"server": {"port": "eighty"}}, r"^\$\.server\.port: Expected `int`",
-                     id="wrong-type"),
-        pytest.param({"server": {"port": 80.5}}, r"^\$\.server\.port: Expected `int`",
-                     id="float-port"),
-        pytest.param({"server": {"port": True}}, r"^\$\.server\.port: Expected `int`",
-                     id="bool-port"),
-        pytest.param({"server": "0.0.0.0:80"}, r"^\$\.server: Expected `object`",
-                     id="section-not-mapping"),
-        pytest.param({"server": {"port": 65536}}, r"^\$\.server\.port: .*<= 65535",
-                     id="port-too-high"),
+        pytest.param(
+            {"server": {"port": "eighty"}}, r"^\$\.server\.port: Expected `int`", id="wrong-type"
+        ),
+        pytest.param(
+            {"server": {"port": 80.5}}, r"^\$\.server\.port: Expected `int`", id="float-port"
+        ),
+        pytest.param(
+            {"server": {"port": True}}, r"^\$\.server\.port: Expected `int`", id="bool-port"
+        ),
+        pytest.param(
+            {"server": "0.0.0.0:80"}, r"^\$\.server: Expected `object`", id="section-not-mapping"
+        ),
+        pytest.param(
+            {"server": {"port": 65536}}, r"^\$\.server\.port: .*<= 65535", id="port-too-high"
+        ),
         pytest.param({"server": {"port": -1}}, r"^\$\.server\.port: .*>= 0", id="port-negative"),
-        pytest.param({"routes": {"model": "r"}}, r"^\$\.routes: Expected `array`",
-                     id="routes-not-list"),
-        pytest.param({"breaker": {"open_timeout_s": 0}}, r"^\$\.breaker\.open_timeout_s: ",
-                     id="zero-timeout"),
-        pytest.param({"breaker": {"open_timeout_s": float("inf")}},
-                     r"^\$\.breaker\.open_timeout_s: .*finite", id="infinite-timeout"),
+        pytest.param(
+            {"routes": {"model": "r"}}, r"^\$\.routes: Expected `array`", id="routes-not-list"
+        ),
+        pytest.param(
+            {"breaker": {"open_timeout_s": 0}}, r"^\$\.breaker\.open_timeout_s: ", id="zero-timeout"
+        ),
+        pytest.param(
+            {"breaker": {"open_timeout_s": float("inf")}},
+            r"^\$\.breaker\.open_timeout_s: .*finite",
+            id="infinite-timeout",
+        ),
         pytest.param({"latency": {"buckets": 0}}, r"^\$\.latency\.buckets: ", id="zero-buckets"),
-        pytest.param(minimal(weights={"cost": 1.5}), r"^\$\.routes\[0\]\.weights\.cost: .*1\.0",
-                     id="weight-above-1"),
-        pytest.param(minimal(weights={"latency": -0.1}),
-                     r"^\$\.routes\[0\]\.weights\.latency: .*0\.0", id="weight-below-0"),
-        pytest.param(minimal(weights={"cost": float("nan")}),
-                     r"^\$\.routes\[0\]\.weights\.cost: ", id="weight-nan"),
-        pytest.param(minimal(weights={"cost": 0, "latency": 0, "reliability": 0}),
-                     r"^\$\.routes\[0\]\.weights: all weights are zero", id="weights-all-zero"),
-        pytest.param(minimal(strategy="round_robin", weights={"cost": 1}),
-                     r"^\$\.routes\[0\]\.weights: .*hybrid", id="weights-non-hybrid"),
-        pytest.param(minimal(strategy="cost", weights={"cost": 1}),
-                     r"^\$\.routes\[0\]\.weights: .*hybrid", id="weights-cost-strategy"),
-        pytest.param(minimal(strategy="fastest"), r"^\$\.routes\[0\]\.strategy: .*'fastest'",
-                     id="unknown-strategy"),
-        pytest.param(minimal(targets=[{"provider": "nope", "model": "m"}]),
-                     r"^\$\.routes\[0\]\.targets\[0\]\.provider: unknown provider 'nope'",
-                     id="missing-provider"),
-        pytest.param(minimal(targets=[]), r"^\$\.routes\[0\]\.targets: .*length >= 1",
-                     id="empty-targets"),
-        pytest.param({"routes": [{"model": "r"}]},
-                     r"^\$\.routes\[0\]: .*missing required field `targets`", id="no-targets"),
-        pytest.param(minimal(targets=[{"provider": "p", "model": ""}]),
-                     r"^\$\.routes\[0\]\.targets\[0\]\.model: ", id="empty-target-model"),
-        pytest.param({"providers": [{"name": "p"}]},
-                     r"^\$\.providers\[0\]: .*missing required field `base_url`",
-                     id="missing-base-url"),
-        pytest.param({"providers": [{"name": "p", "kind": "cohere", "base_url": "http://x"}]},
-                     r"^\$\.providers\[0\]\.kind: .*'cohere'", id="unknown-kind"),
-        pytest.param({"providers": [{"name": "az", "kind": "azure", "base_url": "https://x"}]},
-                     r"^\$\.providers\[0\]\.api_version: required for kind azure",
-                     id="azure-without-api-version"),
-        pytest.param({"providers": [{"name": "p", "base_url": "ftp://x"}]},
-                     r"^\$\.providers\[0\]\.base_url: must start with http:// or https://",
-                     id="base-url-ftp"),
-        pytest.param({"providers": [{"name": "p", "base_url": "api.openai.com/v1"}]},
-                     r"^\$\.providers\[0\]\.base_url: must start with http", id="base-url-bare"),
-        pytest.param({"providers": [{"name": "p", "base_url": "https://"}]},
-                     r"^\$\.providers\[0\]\.base_url: needs a host", id="base-url-no-host"),
-        pytest.param({"providers": [{"name": "p", "base_url": "http://a b/v1"}]},
-                     r"^\$\.providers\[0\]\.base_url: .*spaces", id="base-url-space"),
-        pytest.param({"providers": [{"name": "p", "base_url": "http://x", "headers": ["a"]}]},
-                     r"^\$\.providers\[0\]\.headers: Expected `object`", id="headers-list"),
+        pytest.param(
+            minimal(weights={"cost": 1.5}),
+            r"^\$\.routes\[0\]\.weights\.cost: .*1\.0",
+            id="weight-above-1",
+        ),
+        pytest.param(
+            minimal(weights={"latency": -0.1}),
+            r"^\$\.routes\[0\]\.weights\.latency: .*0\.0",
+            id="weight-below-0",
+        ),
+        pytest.param(
+            minimal(weights={"cost": float("nan")}),
+            r"^\$\.routes\[0\]\.weights\.cost: ",
+            id="weight-nan",
+        ),
+        pytest.param(
+            minimal(weights={"cost": 0, "latency": 0, "reliability": 0}),
+            r"^\$\.routes\[0\]\.weights: all weights are zero",
+            id="weights-all-zero",
+        ),
+        pytest.param(
+            minimal(strategy="round_robin", weights={"cost": 1}),
+            r"^\$\.routes\[0\]\.weights: .*hybrid",
+            id="weights-non-hybrid",
+        ),
+        pytest.param(
+            minimal(strategy="cost", weights={"cost": 1}),
+            r"^\$\.routes\[0\]\.weights: .*hybrid",
+            id="weights-cost-strategy",
+        ),
+        pytest.param(
+            minimal(strategy="fastest"),
+            r"^\$\.routes\[0\]\.strategy: .*'fastest'",
+            id="unknown-strategy",
+        ),
+        pytest.param(
+            minimal(targets=[{"provider": "nope", "model": "m"}]),
+            r"^\$\.routes\[0\]\.targets\[0\]\.provider: unknown provider 'nope'",
+            id="missing-provider",
+        ),
+        pytest.param(
+            minimal(targets=[]), r"^\$\.routes\[0\]\.targets: .*length >= 1", id="empty-targets"
+        ),
+        pytest.param(
+            {"routes": [{"model": "r"}]},
+            r"^\$\.routes\[0\]: .*missing required field `targets`",
+            id="no-targets",
+        ),
+        pytest.param(
+            minimal(targets=[{"provider": "p", "model": ""}]),
+            r"^\$\.routes\[0\]\.targets\[0\]\.model: ",
+            id="empty-target-model",
+        ),
+        pytest.param(
+            {"providers": [{"name": "p"}]},
+            r"^\$\.providers\[0\]: .*missing required field `base_url`",
+            id="missing-base-url",
+        ),
+        pytest.param(
+            {"providers": [{"name": "p", "kind": "cohere", "base_url": "http://x"}]},
+            r"^\$\.providers\[0\]\.kind: .*'cohere'",
+            id="unknown-kind",
+        ),
+        pytest.param(
+            {"providers": [{"name": "az", "kind": "azure", "base_url": "https://x"}]},
+            r"^\$\.providers\[0\]\.api_version: required for kind azure",
+            id="azure-without-api-version",
+        ),
+        pytest.param(
+            {"providers": [{"name": "p", "base_url": "ftp://x"}]},
+            r"^\$\.providers\[0\]\.base_url: must start with http:// or https://",
+            id="base-url-ftp",
+        ),
+        pytest.param(
+            {"providers": [{"name": "p", "base_url": "api.openai.com/v1"}]},
+            r"^\$\.providers\[0\]\.base_url: must start with http",
+            id="base-url-bare",
+        ),
+        pytest.param(
+            {"providers": [{"name": "p", "base_url": "https://"}]},
+            r"^\$\.providers\[0\]\.base_url: needs a host",
+            id="base-url-no-host",
+        ),
+        pytest.param(
+            {"providers": [{"name": "p", "base_url": "http://a b/v1"}]},
+            r"^\$\.providers\[0\]\.base_url: .*spaces",
+            id="base-url-space",
+        ),
+        pytest.param(
+            {"providers": [{"name": "p", "base_url": "http://x", "headers": ["a"]}]},
+            r"^\$\.providers\[0\]\.headers: Expected `object`",
+            id="headers-list",
+        ),
         pytest.param({1: "x"}, r"^\$: mapping key: Expected `str`", id="non-string-key"),
     ],
 )
@@ -454,8 +508,12 @@ def test_bad_input_is_one_line_naming_the_path(raw: Any, pattern: str) -> None:
     ("raw", "pattern"),
     [
         pytest.param(
-            {"providers": [{"name": "p", "base_url": "http://x"},
-                           {"name": "p", "base_url": "http://y"}]},
+            {
+                "providers": [
+                    {"name": "p", "base_url": "http://x"},
+                    {"name": "p", "base_url": "http://y"},
+                ]
+            },
             r"^\$\.providers\[1\]\.name: duplicate provider name 'p'",
             id="provider",
         ),
@@ -470,14 +528,22 @@ def test_bad_input_is_one_line_naming_the_path(raw: Any, pattern: str) -> None:
             id="target-default-id",
         ),
         pytest.param(
-            minimal(targets=[{"provider": "p", "model": "a", "id": "t"},
-                             {"provider": "p", "model": "b", "id": "t"}]),
+            minimal(
+                targets=[
+                    {"provider": "p", "model": "a", "id": "t"},
+                    {"provider": "p", "model": "b", "id": "t"},
+                ]
+            ),
             r"^\$\.routes\[0\]\.targets\[1\]: duplicate target id 't'",
             id="target-explicit-id",
         ),
         pytest.param(
-            minimal(targets=[{"provider": "p", "model": "m", "id": "p:x"},
-                             {"provider": "p", "model": "x"}]),
+            minimal(
+                targets=[
+                    {"provider": "p", "model": "m", "id": "p:x"},
+                    {"provider": "p", "model": "x"},
+                ]
+            ),
             r"^\$\.routes\[0\]\.targets\[1\]: duplicate target id 'p:x'",
             id="explicit-id-vs-default-id",
         ),

@@ -135,9 +135,13 @@ async def test_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
             server={"api_keys": [CLIENT_KEY], "shutdown_timeout_s": SHUTDOWN_TIMEOUT_S},
         )
         async with gateway_process(document, tmp_path) as process, client(process) as sdk:
-            request = asyncio.create_task(
-                sdk.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
-            )
+
+            async def slow_request() -> Any:
+                return await sdk.chat.completions.with_raw_response.create(
+                    model="chat", messages=MESSAGES
+                )
+
+            request = asyncio.create_task(slow_request())
             await wait_until(lambda: mocks["a"].provider.in_flight == 1, timeout=5)
             process.process.send_signal(signal.SIGTERM)
 

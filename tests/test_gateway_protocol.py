@@ -956,9 +956,9 @@ async def test_access_log_one_json_line_per_request(caplog: pytest.LogCaptureFix
         await env.mocks["a"].configure(fault="status", status=500, fault_count=1)
         _, headers = await sdk_chat(env, "async")  # failover
         request_ids.append(headers["x-request-id"])
-        status, headers, _ = await env.post("/v1/chat/completions", data=b"{nope")
+        status, raw_headers, _ = await env.post("/v1/chat/completions", data=b"{nope")
         assert status == 400
-        request_ids.append(headers["x-request-id"])
+        request_ids.append(raw_headers["x-request-id"])
         await env.mocks["a"].configure(fault="status", status=400, fault_count=1)
         with pytest.raises(openai.BadRequestError) as caught:
             await sdk_chat(env, "async")

@@ -25,6 +25,10 @@ from tests.support.redis_servers import RedisServer, free_port
 from tests.test_state_conformance import make_route
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def evalsha_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
@@ -61,7 +65,7 @@ async def test_keys_share_one_hash_tag_and_all_expire(redis_url: str) -> None:
     await state.record(route, Outcome.for_admission(decision.admission, OutcomeKind.SUCCESS, 1.0))
     await state.decide(route)
     client = redis.Redis.from_url(redis_url)
-    keys = sorted(k.decode() for k in client.keys(f"{{{prefix}:{route.name}}}*"))
+    keys = sorted(_text(k) for k in client.keys(f"{{{prefix}:{route.name}}}*"))
     assert keys == sorted(route_keys(prefix, route.name))
     for key in keys:
         assert client.pttl(key) > 0, f"{key} has no TTL"
@@ -204,7 +208,7 @@ async def test_window_values_stay_bounded_by_the_bucket_count(redis_url: str) ->
     client = redis.Redis.from_url(redis_url)
     value = client.hget(route_keys(prefix, route.name)[1], "t0")
     assert value is not None
-    header, older, newest = value.decode().split("|")
+    header, older, newest = _text(value).split("|")
     first, last, successes, _, failures, _, _ = (int(x) for x in header.split(":"))
     older_buckets = [int(slot.split(":")[0]) for slot in older.split(";") if slot]
     assert len(older_buckets) + 1 <= 4, value  # at most `buckets` buckets, each once

@@ -151,7 +151,9 @@ async def test_sentinel_failover_is_followed_during_traffic() -> None:
         for _ in range(20):
             assert (await state.decide(route)).admission is not None
         old_primary = setup.discover_primary()
-        setup.primary.kill()
+        primary = setup.primary
+        assert primary is not None
+        primary.kill()
         failures = 0
         deadline = time.monotonic() + 30
         recovered = False

@@ -35,8 +35,8 @@ from edgeroute.metrics import Metrics
 from edgeroute.mock_provider import MockSettings
 from edgeroute.recorder import Recorder
 from edgeroute.server import PROXY
-from edgeroute.state import MemoryState, RedisState
-from edgeroute.state.base import RouteSpec
+from edgeroute.state import RedisState
+from edgeroute.state.base import RouteSpec, StateBackend
 from edgeroute.state.fallback import FallbackState
 from edgeroute.state.redis import route_keys
 from edgeroute.types import BreakerParams, Outcome, OutcomeKind, TargetSpec
@@ -203,7 +203,7 @@ async def wait_cursor_advance(url: str, route: str, by: int, timeout: float = 10
     start = (await explain(url, route))["rr_cursor"]
 
     async def moved() -> bool:
-        return int((await explain(url, route))["rr_cursor"]) >= start + by
+        return bool(int((await explain(url, route))["rr_cursor"]) >= start + by)
 
     await wait_until(moved, timeout, 0.02)
 
@@ -253,7 +253,9 @@ def script_loads(client: redis.Redis) -> int:
 
 
 def keys_of(client: redis.Redis, prefix: str, route: str) -> list[str]:
-    return [k.decode() for k in client.keys(f"{{{prefix}:{route}}}*")]
+    return [
+        k.decode() if isinstance(k, bytes) else k for k in client.keys(f"{{{prefix}:{route}}}*")
+    ]
 
 
 async def mocks_total(mocks: dict[str, Mock]) -> int:
@@ -556,7 +558,7 @@ def fallback(url: str, changes: list[bool], *, timeout_ms: float = 100.0) -> Fal
     return FallbackState(primary, probe_min_s=0.02, probe_max_s=0.2, on_change=changes.append)
 
 
-async def inflight(state: RedisState | MemoryState, route: RouteSpec) -> list[int]:
+async def inflight(state: StateBackend, route: RouteSpec) -> list[int]:
     return [t.inflight for t in (await state.snapshot(route)).targets]
 
 
