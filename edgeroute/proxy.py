@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import itertools
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -25,6 +22,14 @@ from aiohttp import web
 
 from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
+from edgeroute.failover import (
+    Attempt,
+    AttemptBudget,
+    Exhausted,
+    RequestContext,
+    Retry,
+    RoundBackoff,
+)
 from edgeroute.metrics import Metrics
 from edgeroute.providers import (
     ProviderAdapter,
@@ -35,12 +40,18 @@ from edgeroute.providers import (
 )
 from edgeroute.providers.base import Endpoint, ErrorClass
 from edgeroute.recorder import Recorder
+from edgeroute.responses import (
+    access_log,
+    error_response,
+    new_request_id,
+    too_large,
+    write_access_line,
+)
 from edgeroute.router import Router
 from edgeroute.state.base import RouteSpec
 from edgeroute.strategy import RoutingDecision
 from edgeroute.types import Admission, Outcome, OutcomeKind
 
-access_log = logging.getLogger("edgeroute.access")
 _encode = msgspec.json.encode
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _STR = msgspec.json.Decoder(str)
@@ -57,98 +68,6 @@ _SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-
-
-def error_response(
-    status: int,
-    message: str,
-    *,
-    type_: str,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> web.Response:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
-    if extra:
-        error.update(extra)
-    return web.Response(
-        status=status,
-        body=_encode({"error": error}),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-class _Retry(Exception):
-    """An attempt failed in a way another target may not."""
-
-
-class _Exhausted(Exception):
-    """No admissible target is left for this request."""
-
-    def __init__(self, retry_after_s: float) -> None:
-        self.retry_after_s = retry_after_s
-
-
-@dataclass(slots=True)
-class _Attempt:
-    provider: str
-    model: str
-    error: str
-    status: int | None = None
-    retry_after_s: float = 0.0
-
-
-@dataclass(slots=True)
-class _Context:
-    route: RouteSpec
-    request: UpstreamRequest
-    started: float
-    tried: list[str] = field(default_factory=list)
-    attempts: list[_Attempt] = field(default_factory=list)
-    pending: Outcome | None = None
-    round_failed: bool = False
-    rounds: int = 0
-    upstream_s: float = 0.0
-
-
-class _RoundBackoff(tenacity.wait.wait_base):
-    """No wait between candidates; jittered exponential backoff once a whole round failed."""
-
-    def __init__(self, context: _Context) -> None:
-        self._context = context
-        self._jitter = tenacity.wait_random_exponential(multiplier=0.05, max=2.0)
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        if not self._context.round_failed:
-            return 0.0
-        self._context.round_failed = False
-        self._context.rounds += 1
-        # The backoff grows with rounds, not with attempts: jitter on a copy of the state.
-        rounds = copy.copy(retry_state)
-        rounds.attempt_number = self._context.rounds
-        return float(self._jitter(rounds))
-
-
-class _AttemptBudget(tenacity.stop.stop_base):
-    """Stop after `max_attempts` upstream attempts or the request deadline, whichever first.
-
-    Counted from the request's own attempts: a decide that only starts a new round is not
-    an attempt, and tenacity's own count would include it.
-    """
-
-    def __init__(self, context: _Context, max_attempts: int, deadline_s: float) -> None:
-        self._context = context
-        self._max_attempts = max_attempts
-        self._deadline_s = deadline_s
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        context = self._context
-        if len(context.attempts) >= self._max_attempts:
-            return True
-        return time.perf_counter() - context.started >= self._deadline_s
 
 
 @dataclass(slots=True)
@@ -201,10 +120,10 @@ class Proxy:
             self._complete(request_id, "", parsed.status, started, code, error=code)
             return parsed
         route, upstream_request = parsed
-        context = _Context(route, upstream_request, started)
+        context = RequestContext(route, upstream_request, started)
         try:
             served = await self._serve(context)
-        except _Exhausted as exhausted:
+        except Exhausted as exhausted:
             return self._exhausted(context, exhausted, request_id)
         except UpstreamError as exc:  # not retryable: the client's own mistake, passed through
             return self._passthrough(context, exc, request_id)
@@ -230,13 +149,13 @@ class Proxy:
     ) -> tuple[RouteSpec, UpstreamRequest] | web.Response:
         limit = self.config.server.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            return _too_large(limit)
+            return too_large(limit)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _too_large(limit)
+            return too_large(limit)
         if len(body) > limit:
-            return _too_large(limit)
+            return too_large(limit)
         try:
             fields = _FIELDS.decode(body)
         except msgspec.DecodeError as exc:
@@ -295,26 +214,26 @@ class Proxy:
 
     # ---- attempts ----------------------------------------------------------------------
 
-    async def _serve(self, context: _Context) -> _Served:
+    async def _serve(self, context: RequestContext) -> _Served:
         try:
             return await self._attempt(context, first=True)
-        except _Retry:
+        except Retry:
             pass
         retrying = tenacity.AsyncRetrying(
-            stop=_AttemptBudget(context, self.max_attempts, self.deadline_s),
-            wait=_RoundBackoff(context),
-            retry=tenacity.retry_if_exception_type(_Retry),
+            stop=AttemptBudget(context, self.max_attempts, self.deadline_s),
+            wait=RoundBackoff(context),
+            retry=tenacity.retry_if_exception_type(Retry),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
                     return await self._attempt(context, first=False)
-        except _Retry:
+        except Retry:
             pass
-        raise _Exhausted(0.0)
+        raise Exhausted(0.0)
 
-    async def _decide(self, context: _Context, *, first: bool) -> RoutingDecision:
+    async def _decide(self, context: RequestContext, *, first: bool) -> RoutingDecision:
         route = context.route
         pending, context.pending = context.pending, None
         try:
@@ -323,9 +242,9 @@ class Proxy:
             )
         except StateUnavailable:  # a plain RedisState without fallback: nothing to route on
             self.metrics.state_errors.labels("decide").inc()
-            raise _Exhausted(1.0) from None
+            raise Exhausted(1.0) from None
 
-    async def _attempt(self, context: _Context, *, first: bool) -> _Served:
+    async def _attempt(self, context: RequestContext, *, first: bool) -> _Served:
         decision = await self._decide(context, first=first)
         admission = decision.admission
         if admission is None:
@@ -333,8 +252,8 @@ class Proxy:
                 # Every target was tried this round: start a new round after a backoff.
                 context.tried.clear()
                 context.round_failed = True
-                raise _Retry
-            raise _Exhausted(decision.retry_after_s)
+                raise Retry
+            raise Exhausted(decision.retry_after_s)
         target = decision.chosen.target
         if context.attempts:
             # This request really moves on: count the failover from the last failure.
@@ -352,11 +271,11 @@ class Proxy:
             self._failed(context, decision, admission, exc, attempt_started)
             if not exc.retryable:
                 raise
-            raise _Retry from None
+            raise Retry from None
         except TimeoutError:
             deadline = UpstreamError(ErrorClass.TIMEOUT, "request deadline reached")
             self._failed(context, decision, admission, deadline, attempt_started)
-            raise _Exhausted(0.0) from None
+            raise Exhausted(0.0) from None
         except asyncio.CancelledError:
             # The client went away: the attempt counts for nothing, the lease is returned.
             self.recorder.submit(
@@ -369,7 +288,7 @@ class Proxy:
 
     def _failed(
         self,
-        context: _Context,
+        context: RequestContext,
         decision: RoutingDecision,
         admission: Admission,
         exc: UpstreamError,
@@ -379,7 +298,7 @@ class Proxy:
         elapsed = time.perf_counter() - attempt_started
         context.upstream_s += elapsed
         context.attempts.append(
-            _Attempt(
+            Attempt(
                 target.provider,
                 target.model,
                 exc.error_class.value,
@@ -400,7 +319,7 @@ class Proxy:
 
     # ---- answers -----------------------------------------------------------------------
 
-    def _headers(self, context: _Context, served: _Served, request_id: str) -> dict[str, str]:
+    def _headers(self, context: RequestContext, served: _Served, request_id: str) -> dict[str, str]:
         target = served.decision.chosen.target
         return {
             "x-edgeroute-provider": target.provider,
@@ -411,7 +330,12 @@ class Proxy:
         }
 
     def _success(
-        self, context: _Context, served: _Served, latency_s: float, prompt: int, completion: int
+        self,
+        context: RequestContext,
+        served: _Served,
+        latency_s: float,
+        prompt: int,
+        completion: int,
     ) -> None:
         target = served.decision.chosen.target
         route = context.route
@@ -433,7 +357,7 @@ class Proxy:
             if cost:
                 bound.cost.inc(cost / 1_000_000)
 
-    def _reply(self, context: _Context, served: _Served, request_id: str) -> web.Response:
+    def _reply(self, context: RequestContext, served: _Served, request_id: str) -> web.Response:
         reply = served.result
         assert isinstance(reply, UpstreamReply)
         self._success(
@@ -451,7 +375,7 @@ class Proxy:
         return response
 
     async def _stream(
-        self, http: web.Request, context: _Context, served: _Served, request_id: str
+        self, http: web.Request, context: RequestContext, served: _Served, request_id: str
     ) -> web.StreamResponse:
         stream = served.result
         assert not isinstance(stream, UpstreamReply)
@@ -510,7 +434,7 @@ class Proxy:
 
     def _record_stream(
         self,
-        context: _Context,
+        context: RequestContext,
         served: _Served,
         kind: OutcomeKind,
         ttft: float,
@@ -526,7 +450,9 @@ class Proxy:
         )
         self.recorder.submit(context.route, outcome)
 
-    def _exhausted(self, context: _Context, exhausted: _Exhausted, request_id: str) -> web.Response:
+    def _exhausted(
+        self, context: RequestContext, exhausted: Exhausted, request_id: str
+    ) -> web.Response:
         route = context.route.name
         if context.pending is not None:
             self.recorder.submit(context.route, context.pending)
@@ -569,7 +495,7 @@ class Proxy:
         )
 
     def _all_rate_limited(
-        self, context: _Context, attempts: list[dict[str, Any]], request_id: str
+        self, context: RequestContext, attempts: list[dict[str, Any]], request_id: str
     ) -> web.Response:
         """Every target said 429: the client should slow down, for as long as they asked."""
         route = context.route.name
@@ -589,7 +515,9 @@ class Proxy:
             extra={"attempts": attempts},
         )
 
-    def _passthrough(self, context: _Context, exc: UpstreamError, request_id: str) -> web.Response:
+    def _passthrough(
+        self, context: RequestContext, exc: UpstreamError, request_id: str
+    ) -> web.Response:
         last = context.attempts[-1]
         status = exc.status or 400
         body = exc.body or _encode(
@@ -620,7 +548,7 @@ class Proxy:
 
     def _served(
         self,
-        context: _Context,
+        context: RequestContext,
         served: _Served,
         status: int,
         request_id: str,
@@ -657,7 +585,7 @@ class Proxy:
             )
 
     def _complete_tried(
-        self, context: _Context, request_id: str, status: int, outcome: str, *, error: str
+        self, context: RequestContext, request_id: str, status: int, outcome: str, *, error: str
     ) -> None:
         """A request that tried targets and ended without a served answer."""
         last = context.attempts[-1]
@@ -709,58 +637,3 @@ class Proxy:
                 upstream_s=upstream_s,
                 error=error,
             )
-
-
-_REQUEST_IDS = itertools.count(1)
-_REQUEST_ID_PREFIX = os.urandom(8).hex()
-
-
-def new_request_id() -> str:
-    """Unique across the fleet (a random per-process prefix), cheaper than uuid4."""
-    return f"{_REQUEST_ID_PREFIX}{next(_REQUEST_IDS):08x}"
-
-
-def write_access_line(
-    request_id: str,
-    route: str | None,
-    status: int,
-    duration_s: float,
-    *,
-    attempts: int = 0,
-    provider: str | None = None,
-    model: str | None = None,
-    target: str | None = None,
-    upstream_s: float | None = None,
-    ttft: float | None = None,
-    error: str | None = None,
-) -> None:
-    """One JSON line per request on the `edgeroute.access` logger (never a key or a body)."""
-    record: dict[str, Any] = {
-        "request_id": request_id,
-        "route": route,
-        "status": status,
-        "attempts": attempts,
-        "duration_ms": round(duration_s * 1000, 3),
-    }
-    if provider is not None:
-        record["provider"] = provider
-    if model is not None:
-        record["model"] = model
-    if target is not None:
-        record["target"] = target
-    if upstream_s is not None:
-        record["upstream_ms"] = round(upstream_s * 1000, 3)
-    if ttft is not None:
-        record["ttft_ms"] = round(ttft * 1000, 3)
-    if error:
-        record["error"] = error
-    access_log.info(_encode(record).decode())
-
-
-def _too_large(limit: int) -> web.Response:
-    return error_response(
-        413,
-        f"request body exceeds the {limit} byte limit",
-        type_="invalid_request_error",
-        code="request_too_large",
-    )

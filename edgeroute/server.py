@@ -24,8 +24,9 @@ from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
-from edgeroute.proxy import Proxy, error_response, new_request_id, write_access_line
+from edgeroute.proxy import Proxy
 from edgeroute.recorder import Recorder
+from edgeroute.responses import error_response, new_request_id, write_access_line
 from edgeroute.router import Router, UnknownRoute
 from edgeroute.state import MemoryState, StateBackend, state_from_config
 from edgeroute.state.fallback import FallbackState
