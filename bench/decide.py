@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 import hiredis
 import redis as redis_py
+from _goals import Goals  # bench/ is on sys.path
 
 from edgeroute.errors import StateUnavailable
 from edgeroute.state.base import RouteSpec, StateBackend
@@ -738,23 +739,8 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     cells = {
         (c["backend"], c["strategy"], c["targets"], c["concurrency"]): c for c in report["cells"]
     }
-    out: list[dict[str, Any]] = []
-
-    def add(name: str, value: float | None, goal: float, unit: str, higher: bool) -> None:
-        if value is None:
-            status = "n/a"
-        else:
-            status = "PASS" if (value >= goal if higher else value <= goal) else "MISS"
-        out.append(
-            {
-                "name": name,
-                "value": value,
-                "goal": goal,
-                "unit": unit,
-                "comparison": ">=" if higher else "<=",
-                "status": status,
-            }
-        )
+    table = Goals()
+    add = table.add
 
     mem = cells.get(("memory", "hybrid", 8, 1))
     add(
@@ -791,7 +777,7 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     accounting = report.get("accounting")
     if accounting:
         value = accounting["commands_per_decision"]
-        out.append(
+        table.rows.append(
             {
                 "name": "Redis commands per decide (EVALSHA only)",
                 "value": value,
@@ -801,7 +787,7 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "status": "PASS" if value == 1.0 else "MISS",
             }
         )
-    return out
+    return table.rows
 
 
 def render(report: dict[str, Any]) -> str:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import redis as redis_py
+from _goals import Goals  # bench/ is on sys.path
 from _processes import Processes, managed_processes  # bench/ is on sys.path
 
 CONCURRENCY = 64
@@ -859,23 +860,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     throughput = {row["system"]: row for row in report["throughput"]}
     latency = {row["system"]: row for row in report["latency"]}
-    out: list[dict[str, Any]] = []
-
-    def add(name: str, value: float | None, goal: float, unit: str, higher: bool) -> None:
-        if value is None:
-            status = "n/a"
-        else:
-            status = "PASS" if (value >= goal if higher else value <= goal) else "MISS"
-        out.append(
-            {
-                "name": name,
-                "value": value,
-                "goal": goal,
-                "unit": unit,
-                "comparison": ">=" if higher else "<=",
-                "status": status,
-            }
-        )
+    table = Goals()
+    add = table.add
 
     redis = throughput.get("redis")
     memory = throughput.get("memory")
@@ -938,7 +924,7 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         "",
         False,
     )
-    return out
+    return table.rows
 
 
 def render(report: dict[str, Any]) -> str:
