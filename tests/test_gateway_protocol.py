@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import openai
@@ -31,6 +31,7 @@ from edgeroute.config import parse_config
 from edgeroute.errors import ConfigError
 from edgeroute.mock_provider import MockSettings
 from edgeroute.server import PROXY
+from tests.support import sdk
 from tests.support.gateway import (
     Mock,
     gateway_config,
@@ -41,7 +42,7 @@ from tests.support.gateway import (
     wait_until,
 )
 
-Mode = Literal["sync", "async"]
+Mode = sdk.Mode
 MODES: list[Mode] = ["sync", "async"]
 
 CLIENT_KEY = "client-key-0123456789"
@@ -164,35 +165,14 @@ async def sdk_chat(env: Env, mode: Mode, **kwargs: Any) -> tuple[Any, dict[str, 
     """A non-streaming chat completion; returns (parsed ChatCompletion, response headers)."""
     kwargs.setdefault("model", "chat")
     kwargs.setdefault("messages", MESSAGES)
-    if mode == "sync":
-
-        def call() -> tuple[Any, dict[str, str]]:
-            with env.sync_client() as client:
-                raw = client.chat.completions.with_raw_response.create(**kwargs)
-                return raw.parse(), dict(raw.headers)
-
-        return await asyncio.to_thread(call)
-    async with env.async_client() as client:
-        raw = await client.chat.completions.with_raw_response.create(**kwargs)
-        return raw.parse(), dict(raw.headers)
+    return await sdk.chat(env, mode, **kwargs)
 
 
 async def sdk_stream(env: Env, mode: Mode, **kwargs: Any) -> tuple[list[Any], dict[str, str]]:
     """A streamed chat completion, fully consumed; returns (chunks, response headers)."""
     kwargs.setdefault("model", "chat")
     kwargs.setdefault("messages", MESSAGES)
-    kwargs["stream"] = True
-    if mode == "sync":
-
-        def call() -> tuple[list[Any], dict[str, str]]:
-            with env.sync_client() as client:
-                raw = client.chat.completions.with_raw_response.create(**kwargs)
-                return list(raw.parse()), dict(raw.headers)
-
-        return await asyncio.to_thread(call)
-    async with env.async_client() as client:
-        raw = await client.chat.completions.with_raw_response.create(**kwargs)
-        return [chunk async for chunk in raw.parse()], dict(raw.headers)
+    return await sdk.stream(env, mode, **kwargs)
 
 
 def streamed_text(chunks: list[Any]) -> str:

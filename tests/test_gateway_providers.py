@@ -12,16 +12,17 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import openai
 import pytest
 from aiohttp import web
 
 from edgeroute.mock_provider import MockSettings
+from tests.support import sdk
 from tests.support.gateway import Mock, mock_upstreams, running_app, running_gateway
 
-Mode = Literal["sync", "async"]
+Mode = sdk.Mode
 MODES: list[Mode] = ["sync", "async"]
 
 CLIENT_KEY = "client-key-providers-42"
@@ -398,33 +399,12 @@ async def gateway() -> AsyncIterator[Env]:
 
 async def chat(env: Env, mode: Mode, **kwargs: Any) -> tuple[Any, dict[str, str]]:
     kwargs.setdefault("messages", MESSAGES)
-    if mode == "sync":
-
-        def call() -> tuple[Any, dict[str, str]]:
-            with env.sync_client() as client:
-                raw = client.chat.completions.with_raw_response.create(**kwargs)
-                return raw.parse(), dict(raw.headers)
-
-        return await asyncio.to_thread(call)
-    async with env.async_client() as client:
-        raw = await client.chat.completions.with_raw_response.create(**kwargs)
-        return raw.parse(), dict(raw.headers)
+    return await sdk.chat(env, mode, **kwargs)
 
 
 async def stream(env: Env, mode: Mode, **kwargs: Any) -> tuple[list[Any], dict[str, str]]:
     kwargs.setdefault("messages", MESSAGES)
-    kwargs["stream"] = True
-    if mode == "sync":
-
-        def call() -> tuple[list[Any], dict[str, str]]:
-            with env.sync_client() as client:
-                raw = client.chat.completions.with_raw_response.create(**kwargs)
-                return list(raw.parse()), dict(raw.headers)
-
-        return await asyncio.to_thread(call)
-    async with env.async_client() as client:
-        raw = await client.chat.completions.with_raw_response.create(**kwargs)
-        return [chunk async for chunk in raw.parse()], dict(raw.headers)
+    return await sdk.stream(env, mode, **kwargs)
 
 
 @dataclass
