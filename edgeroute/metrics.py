@@ -124,6 +124,13 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.state_latency = Histogram(
+            "edgeroute_state_call_seconds",
+            "Successful shared-state calls (decide, record batch), queueing included.",
+            ["op"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.state_degraded = Gauge(
             "edgeroute_state_degraded",
             "1 while this replica routes on local state because shared state is unreachable.",
@@ -138,6 +145,7 @@ class Metrics:
             "edgeroute_in_flight_requests", "Client requests being served now.", registry=r
         )
         self._targets: dict[tuple[str, str, str], TargetMetrics] = {}
+        self._state_calls: dict[str, Histogram] = {}
 
     def target(self, route: str, provider: str, model: str) -> TargetMetrics:
         key = (route, provider, model)
@@ -154,6 +162,12 @@ class Metrics:
                 cost=self.cost.labels(route, provider, model),
             )
         return bound
+
+    def observe_state_call(self, op: str, seconds: float) -> None:
+        child = self._state_calls.get(op)
+        if child is None:
+            child = self._state_calls[op] = self.state_latency.labels(op)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -95,6 +95,7 @@ def _make_state(config: Config, metrics: Metrics) -> StateBackend:
         primary,
         on_change=lambda degraded: metrics.state_degraded.set(1 if degraded else 0),
         on_error=lambda op: metrics.state_errors.labels(op).inc(),
+        on_latency=metrics.observe_state_call,
     )
 
 

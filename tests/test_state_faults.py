@@ -787,3 +787,28 @@ async def test_stopping_the_recorder_never_hangs_on_a_stuck_state() -> None:
     assert time.perf_counter() - started < 2.0
     assert recorder.pending == 0
     assert recorder.dropped == 2 and dropped == [2]  # t1, t2: still queued, counted
+
+
+async def test_state_call_latency_is_measured_while_live(redis_server: RedisServer) -> None:
+    """edgeroute_state_call_seconds shows Redis creeping toward the timeout before any
+    replica degrades: every successful decide is timed, and record batches too."""
+    async with mock_upstreams(a=MockSettings(), b=MockSettings()) as mocks:
+        document = gateway_config(
+            mocks, [rr_route("chat", "a", "b")], state=state_section(redis_server.url)
+        )
+        async with running_gateway(document) as (url, _app), aiohttp.ClientSession() as http:
+            for _ in range(7):
+                status, _, _ = await chat(http, url, "chat")
+                assert status == 200
+
+            async def recorded() -> bool:
+                text = await metrics_text(url)
+                value = metric_value(text, "edgeroute_state_call_seconds_count", 'op="record"')
+                return bool(value)
+
+            await wait_until(recorded, 5.0)
+            text = await metrics_text(url)
+            decides = metric_value(text, "edgeroute_state_call_seconds_count", 'op="decide"')
+            assert decides == 7
+            slow = metric_value(text, "edgeroute_state_call_seconds_bucket", 'le="0.1",op="decide"')
+            assert slow == 7  # all well under the state timeout on a local Redis

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 
@@ -48,6 +49,7 @@ class FallbackState:
         max_releases: int = 10_000,
         on_change: Callable[[bool], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        on_latency: Callable[[str, float], None] | None = None,
     ) -> None:
         self.primary = primary
         self.local = local or MemoryState()
@@ -56,6 +58,9 @@ class FallbackState:
         self._probe_max = probe_max_s
         self._on_change = on_change
         self._on_error = on_error
+        # Successful shared-state calls, timed: Redis creeping toward the timeout shows
+        # here before replicas start to degrade.
+        self._on_latency = on_latency
         self._probe: asyncio.Task[None] | None = None
         # Admissions granted by the local state (insertion-ordered, bounded).
         self._local_tokens: dict[str, None] = {}
@@ -158,12 +163,17 @@ class FallbackState:
             await self.local.record_many([(route, outcome)])
             outcome = None
         if not self.degraded:
+            started = time.perf_counter()
             try:
-                return await self.primary.decide(
+                decision = await self.primary.decide(
                     route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
                 )
             except StateUnavailable as exc:
                 self._degrade("decide", exc)
+            else:
+                if self._on_latency is not None:
+                    self._on_latency("decide", time.perf_counter() - started)
+                return decision
         if outcome is not None:
             outcome = self._foreign(route, outcome)
         return self._remember(
@@ -181,11 +191,15 @@ class FallbackState:
         for route, outcome in items:
             (local if self._take_local(outcome) else shared).append((route, outcome))
         if shared and not self.degraded:
+            started = time.perf_counter()
             try:
                 await self.primary.record_many(shared)
                 shared = []
             except StateUnavailable as exc:
                 self._degrade("record", exc)
+            else:
+                if self._on_latency is not None:
+                    self._on_latency("record", time.perf_counter() - started)
         local += [(route, self._foreign(route, outcome)) for route, outcome in shared]
         if local:
             await self.local.record_many(local)
