@@ -461,6 +461,7 @@ async def test_window_buckets_stop_counting_by_themselves(harness: Harness) -> N
     route = make_route(
         RoutingStrategy.latency_based(), window=WindowParams(bucket_ms=100, buckets=2)
     )
+    await harness.align(100)  # both samples and the first snapshot in one bucket's lifetime
     await record_latency(harness, route, "t0", 500)
     await harness.state.record(route, Outcome(target_id="t0", kind=OutcomeKind.FAILURE))
     snap = await target(harness, route, "t0")
