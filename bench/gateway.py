@@ -313,6 +313,9 @@ class GatewayCounters:
     state_errors: int
     records_dropped: int
     degraded_at_end: bool
+    # Decide and record calls the gateway made to Redis (its edgeroute_state_call_seconds):
+    # the per-request ones, without the breaker-gauge snapshots taken every 5 s.
+    state_calls: int = 0
 
 
 def counters_delta(before: dict[str, float], after: dict[str, float]) -> GatewayCounters:
@@ -325,6 +328,7 @@ def counters_delta(before: dict[str, float], after: dict[str, float]) -> Gateway
         state_errors=delta("edgeroute_state_errors_total"),
         records_dropped=delta("edgeroute_records_dropped_total"),
         degraded_at_end=after.get("edgeroute_state_degraded", 0.0) > 0,
+        state_calls=delta("edgeroute_state_call_seconds_count"),
     )
 
 
@@ -360,10 +364,13 @@ class RedisAccounting:
     script_commands_per_request: float
     lua_us_per_request: float  # EVALSHA/EVAL usec from commandstats / requests
     redis_cpu_us_per_request: float  # used_cpu_user + used_cpu_sys / requests
+    # Decides and records only (the gateway's own count): what a request costs Redis; the
+    # rest of the wire commands are the periodic breaker-gauge snapshots.
+    request_commands_per_request: float
 
 
 def redis_accounting(
-    phase: str, before: RedisSample, after: RedisSample, requests: int
+    phase: str, before: RedisSample, after: RedisSample, requests: int, state_calls: int
 ) -> RedisAccounting:
     wire: dict[str, int] = {}
     inside: dict[str, int] = {}
@@ -388,6 +395,7 @@ def redis_accounting(
         round(sum(inside.values()) / n, 3),
         round(lua_usec / n, 2),
         round((after.cpu_s - before.cpu_s) * 1e6 / n, 2),
+        round(state_calls / n, 4),
     )
 
 
@@ -646,7 +654,9 @@ class Measure:
         counters = counters_delta(metrics0, metrics1) if system != "direct" else None
         redis_cpu: float | None = None
         if redis0 is not None and redis1 is not None and counters is not None:
-            acct = redis_accounting("throughput", redis0, redis1, counters.requests)
+            acct = redis_accounting(
+                "throughput", redis0, redis1, counters.requests, counters.state_calls
+            )
             self.accounting.append(acct)
             redis_cpu = acct.redis_cpu_us_per_request / 1000
         return Throughput(
@@ -683,7 +693,9 @@ class Measure:
             cpu = round((cpu1 - cpu0) * 1e3 / max(1, counters.requests), 4)
             if redis0 is not None and redis1 is not None:
                 self.accounting.append(
-                    redis_accounting("latency", redis0, redis1, counters.requests)
+                    redis_accounting(
+                        "latency", redis0, redis1, counters.requests, counters.state_calls
+                    )
                 )
         return Latency(system, result, cpu, state_errors=state_errors)
 
@@ -905,7 +917,7 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"c={CONCURRENCY}" if phase == "throughput" else rate
         add(
             f"Redis commands per request, {where}",
-            acct and acct["commands_per_request"],
+            acct and acct["request_commands_per_request"],
             GOAL_COMMANDS,
             "",
             False,
@@ -1009,8 +1021,10 @@ def render(report: dict[str, Any]) -> str:
             phase = f"c={CONCURRENCY}" if a["phase"] == "throughput" else rate
             wire = ", ".join(f"{k} {v:,}" for k, v in a["wire_commands"].items()) or "none"
             lines.append(
-                f"  {phase:<7} {a['requests']:>8,} requests: {a['commands_per_request']:.3f}"
-                f" commands/request ({wire}); Lua {a['lua_us_per_request']:.1f} us/request,"
+                f"  {phase:<7} {a['requests']:>8,} requests:"
+                f" {a['request_commands_per_request']:.3f} decide+record calls/request;"
+                f" {a['commands_per_request']:.3f} commands/request on the wire with the"
+                f" breaker-gauge snapshots ({wire}); Lua {a['lua_us_per_request']:.1f} us/request,"
                 f" redis-server CPU {a['redis_cpu_us_per_request']:.1f} us/request"
             )
             inside = ", ".join(
