@@ -8,37 +8,16 @@ failing provider receives exactly failure_threshold requests from the whole flee
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench" / "fleet.py"
+from tests.support.bench import run_quick
 
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
-        if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
-            pytest.fail("CI=true but no redis-server binary: the fleet bench cannot run")
-        pytest.skip("no redis-server binary on PATH")
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, f"bench failed:\n{result.stderr[-3000:]}"
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
+    return run_quick("fleet.py", timeout_s=300)
 
 
 @pytest.mark.slow

@@ -6,52 +6,19 @@ missing, except under CI (CI=true), where a missing binary fails the test instea
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench" / "gateway.py"
+from tests.support.bench import run_quick
 
 SYSTEMS = {"direct", "memory", "redis"}
 GATEWAYS = SYSTEMS - {"direct"}
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
-def _missing_tools() -> list[str]:
-    missing = [] if shutil.which("wrk") else ["wrk"]
-    if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
-        missing.append("redis-server")
-    return missing
-
-
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    missing = _missing_tools()
-    if missing:
-        if _in_ci():
-            pytest.fail(f"CI=true but {', '.join(missing)} missing: the gateway bench cannot run")
-        pytest.skip(f"{', '.join(missing)} not on PATH")
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert result.returncode == 0, f"bench failed:\n{result.stderr[-4000:]}"
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
+    return run_quick("gateway.py", tools=("wrk",), timeout_s=240)
 
 
 def test_throughput_of_every_system_without_errors(report: dict[str, Any]) -> None:

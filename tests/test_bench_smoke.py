@@ -6,45 +6,21 @@ except under CI (CI=true), where a missing binary fails the test instead.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench" / "decide.py"
+from tests.support.bench import run_quick
 
 BACKENDS = ("memory", "redis")
 ROWS = (("hybrid", 2), ("hybrid", 8), ("hybrid", 32), ("round_robin", 8))
 CONCURRENCIES = (1, 64)
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
-        if _in_ci():
-            pytest.fail("CI=true but no redis-server binary: the bench smoke test cannot run")
-        pytest.skip("no redis-server binary on PATH")
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, f"bench failed:\n{result.stderr[-4000:]}"
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
+    return run_quick("decide.py", timeout_s=180)
 
 
 def test_every_cell_is_reported(report: dict[str, Any]) -> None:
