@@ -31,8 +31,9 @@ import msgspec
 
 from edgeroute.config import Config, load_config
 from edgeroute.errors import ConfigError, StateUnavailable
+from edgeroute.explain import explanation_json, state_document
 from edgeroute.router import Explanation, Router, TargetExplanation
-from edgeroute.state import state_from_config
+from edgeroute.state import StateHealth, build_state
 from edgeroute.strategy import RoutingStrategy
 from edgeroute.types import RouteSnapshot
 
@@ -153,15 +154,13 @@ def _state_label(config: Config) -> str:
 
 
 def _make_router(config: Config) -> Router:
-    """A Router as the gateway would build it, with a CLI-friendly state timeout."""
-    state_config = config.state
-    if state_config.timeout_ms < _CLI_STATE_TIMEOUT_MS:
-        state_config = msgspec.structs.replace(state_config, timeout_ms=_CLI_STATE_TIMEOUT_MS)
+    """A Router on the configured state with no degraded mode (the CLI wants Redis's own
+    answer or an error) and a CLI-friendly timeout."""
     try:
-        state = state_from_config(state_config)
-    except (ValueError, OSError) as exc:
+        state = build_state(config.state, degrade=False, min_timeout_ms=_CLI_STATE_TIMEOUT_MS)
+    except ConfigError as exc:
         source = " (from EDGEROUTE_REDIS_URL)" if os.environ.get("EDGEROUTE_REDIS_URL") else ""
-        raise ConfigError(f"$.state.redis_url{source}: {exc}") from None
+        raise ConfigError(f"{exc}{source}") from None
     return Router(config, state)
 
 
@@ -206,59 +205,13 @@ def _strategy_text(strategy: RoutingStrategy) -> str:
     )
 
 
-def _explanation_json(explanation: Explanation, state: str) -> dict[str, Any]:
-    strategy = explanation.strategy
-    return {
-        "route": explanation.route,
-        "state_backend": state,
-        "strategy": {
-            "kind": strategy.kind,
-            # Normalised to sum 1; only hybrid has weights.
-            "weights": {
-                "cost": strategy.cost_weight,
-                "latency": strategy.latency_weight,
-                "reliability": strategy.reliability_weight,
-            }
-            if strategy.kind == "hybrid"
-            else None,
-        },
-        "order": list(explanation.order),
-        "reason": explanation.reason,
-        "rr_cursor": explanation.snapshot.rr_cursor,
-        "targets": [
-            {
-                "id": t.spec.id,
-                "provider": t.spec.provider,
-                "model": t.spec.model,
-                "price_per_mtok": t.spec.price_per_mtok,
-                "state": t.snapshot.state.value,
-                "admissible": t.admissible,
-                "excluded_because": t.excluded_because,
-                "score": t.score,
-                # 1 is the target the next request would go to; None when excluded.
-                "rank": None if t.rank is None else t.rank + 1,
-                "latency_ms": t.snapshot.latency_ms,
-                "success_rate": t.snapshot.success_rate,
-                "inflight": t.snapshot.inflight,
-                "successes": t.snapshot.successes,
-                "failures": t.snapshot.failures,
-                "consecutive_failures": t.snapshot.consecutive_failures,
-                "open_remaining_ms": t.snapshot.open_remaining_ms,
-                "cooldown_remaining_ms": t.snapshot.cooldown_remaining_ms,
-                "probes_in_use": t.snapshot.probes_in_use,
-            }
-            for t in explanation.targets
-        ],
-    }
-
-
 def _explanation_text(explanation: Explanation, state: str) -> str:
     rows = [
         [
             t.spec.id,
             t.snapshot.state.value,
             _fmt(t.score, ".3f"),
-            "-" if t.rank is None else str(t.rank + 1),
+            "-" if t.rank is None else str(t.rank),
             _fmt(t.snapshot.latency_ms),
             _pct(t.snapshot.success_rate),
             str(t.snapshot.inflight),
@@ -305,7 +258,7 @@ def _cmd_explain(args: argparse.Namespace, out: _Output) -> int:
     explanation = asyncio.run(run())
     state = _state_label(config)
     if args.json:
-        out.print(json.dumps(_explanation_json(explanation, state), indent=2))
+        out.print(json.dumps(explanation_json(explanation), indent=2))
     else:
         out.print(_explanation_text(explanation, state))
     _in_memory_note(out, config)
@@ -326,36 +279,10 @@ def _require_route(config: Config, name: str) -> None:
 # --- state ---------------------------------------------------------------------------------
 
 
-def _snapshot_json(snapshot: RouteSnapshot) -> dict[str, Any]:
-    return {
-        "route": snapshot.route,
-        "rr_cursor": snapshot.rr_cursor,
-        "now_ms": snapshot.now_ms,
-        "targets": [
-            {
-                "id": t.target_id,
-                "state": t.state.value,
-                "generation": t.generation,
-                "consecutive_failures": t.consecutive_failures,
-                "half_open_successes": t.half_open_successes,
-                "open_remaining_ms": t.open_remaining_ms,
-                "open_timeout_ms": t.open_timeout_ms,
-                "cooldown_remaining_ms": t.cooldown_remaining_ms,
-                "inflight": t.inflight,
-                "probes_in_use": t.probes_in_use,
-                "successes": t.successes,
-                "failures": t.failures,
-                "latency_ms": t.latency_ms,
-                "success_rate": t.success_rate,
-                "input_tokens": t.input_tokens,
-                "output_tokens": t.output_tokens,
-            }
-            for t in snapshot.targets
-        ],
-    }
-
-
-def _snapshot_text(snapshot: RouteSnapshot) -> str:
+def _snapshot_text(snapshot: RouteSnapshot, strategy: RoutingStrategy) -> str:
+    label = strategy.kind
+    if strategy.kind == "round_robin":
+        label += f", next rr cursor {snapshot.rr_cursor}"
     headers = [
         "TARGET",
         "STATE",
@@ -389,7 +316,7 @@ def _snapshot_text(snapshot: RouteSnapshot) -> str:
         ]
         for t in snapshot.targets
     ]
-    return f"route {snapshot.route} (rr cursor {snapshot.rr_cursor})\n" + _table(headers, rows)
+    return f"route {snapshot.route} ({label})\n" + _table(headers, rows)
 
 
 def _cmd_state(args: argparse.Namespace, out: _Output) -> int:
@@ -400,22 +327,23 @@ def _cmd_state(args: argparse.Namespace, out: _Output) -> int:
     else:
         names = [route.model for route in config.routes]
 
-    async def run() -> list[RouteSnapshot]:
+    async def run() -> tuple[StateHealth, list[Explanation]]:
         router = _make_router(config)
         try:
-            return [await router.state.snapshot(router.route(name)) for name in names]
+            return router.health(), [await router.explain(name) for name in names]
         finally:
             await router.close()
 
-    snapshots = asyncio.run(run())
+    health, explanations = asyncio.run(run())
+    snapshots = [e.snapshot for e in explanations]
     state = _state_label(config)
     if args.json:
-        document = {"state_backend": state, "routes": [_snapshot_json(s) for s in snapshots]}
-        out.print(json.dumps(document, indent=2))
+        # The same document as the gateway's GET /admin/state.
+        out.print(json.dumps(state_document(health, explanations), indent=2))
     elif not snapshots:
         out.print(f"no routes configured (state: {state})")
     else:
-        out.print("\n\n".join(_snapshot_text(s) for s in snapshots))
+        out.print("\n\n".join(_snapshot_text(e.snapshot, e.strategy) for e in explanations))
     _in_memory_note(out, config)
     return 0
 

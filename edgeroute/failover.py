@@ -1,92 +1,280 @@
-"""The failover policy of one request, as tenacity pieces.
+"""The failover engine: decide → attempt → fail over → record, for one request.
 
-An attempt that fails in a way another target may not raises `Retry`; the proxy keeps
-trying while the `AttemptBudget` lasts (upstream attempts and the request deadline), and
-`RoundBackoff` waits only once a whole round of candidates has failed.
+One loop serves the gateway and the library's `Router.call`, written plainly:
+- each decide reports the previous attempt's failure in the same state call (one round trip);
+- a request makes at most `max_attempts` upstream attempts and never outlives its deadline;
+- once every admissible target has failed this round, the next round starts after a jittered
+  exponential backoff (full jitter, capped), so a fleet does not retry in lockstep;
+- a failure that another target may not fix (a client error) stops at once;
+- whatever an attempt raises is an attempt failure, classified by the caller's `classify`,
+  and every admission's lease goes back to the state on every path, cancellation included.
 """
 
 from __future__ import annotations
 
-import copy
+import asyncio
+import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
-import tenacity
+from edgeroute.errors import StateUnavailable
+from edgeroute.state.base import RouteSpec, StateBackend
+from edgeroute.strategy import Candidate, RoutingDecision
+from edgeroute.types import Admission, Outcome, OutcomeKind, TargetSpec
 
-from edgeroute.providers import UpstreamRequest
-from edgeroute.state.base import RouteSpec
-from edgeroute.types import Outcome
-
-
-class Retry(Exception):
-    """An attempt failed in a way another target may not."""
+T = TypeVar("T")
 
 
-class Exhausted(Exception):
-    """No admissible target is left for this request."""
+@dataclass(frozen=True, slots=True)
+class FailoverPolicy:
+    max_attempts: int = 3
+    deadline_s: float = 60.0
+    backoff_base_s: float = 0.05
+    backoff_max_s: float = 2.0
 
-    def __init__(self, retry_after_s: float) -> None:
-        self.retry_after_s = retry_after_s
+    def backoff(self, rounds: int) -> float:
+        """Full jitter: uniform in [0, min(max, base·2^rounds)]."""
+        return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2**rounds))
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """How a failed attempt counts: for the breaker (`kind`), for the client (`error`)."""
+
+    kind: OutcomeKind
+    error: str
+    retryable: bool = True
+    retry_after_s: float = 0.0
+    status: int | None = None
 
 
 @dataclass(slots=True)
 class Attempt:
     """One failed upstream attempt, as the client's 502 lists it."""
 
-    provider: str
-    model: str
+    target: TargetSpec
     error: str
     status: int | None = None
     retry_after_s: float = 0.0
 
+    @property
+    def provider(self) -> str:
+        return self.target.provider
+
+    @property
+    def model(self) -> str:
+        return self.target.model
+
 
 @dataclass(slots=True)
-class RequestContext:
-    """Everything one client request carries from attempt to attempt."""
+class Served(Generic[T]):
+    """The attempt that answered: its decision, admission, result and timings."""
 
+    decision: RoutingDecision
+    admission: Admission
+    result: T
+    attempt_started: float
+    first_byte: float
+    attempts: list[Attempt]
+    upstream_s: float
+
+    @property
+    def target(self) -> TargetSpec:
+        return self.decision.chosen.target
+
+
+class Exhausted(Exception):
+    """The request ends without an answer: nothing admissible, the budget spent, or a
+    failure no other target can fix (`cause`, e.g. the client's own 400)."""
+
+    def __init__(
+        self,
+        attempts: list[Attempt],
+        retry_after_s: float = 0.0,
+        *,
+        cause: BaseException | None = None,
+        failure: Failure | None = None,
+        upstream_s: float = 0.0,
+        state_unavailable: bool = False,
+    ) -> None:
+        super().__init__(f"exhausted after {len(attempts)} attempts")
+        self.attempts = attempts
+        self.retry_after_s = retry_after_s
+        self.cause = cause
+        self.failure = failure
+        self.upstream_s = upstream_s
+        self.state_unavailable = state_unavailable
+
+
+class Observer(Protocol):
+    """What the engine tells its caller as it goes (the gateway: metrics)."""
+
+    def attempt_failed(
+        self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float
+    ) -> None: ...
+
+    def failover(self, route: RouteSpec, last: Attempt) -> None: ...
+
+
+Classify = Callable[[BaseException], Failure]
+Record = Callable[[RouteSpec, Outcome], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Request:
     route: RouteSpec
-    request: UpstreamRequest
     started: float
     tried: list[str] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     pending: Outcome | None = None
-    round_failed: bool = False
     rounds: int = 0
     upstream_s: float = 0.0
 
 
-class RoundBackoff(tenacity.wait.wait_base):
-    """No wait between candidates; jittered exponential backoff once a whole round failed."""
+async def run(
+    state: StateBackend,
+    route: RouteSpec,
+    attempt: Callable[[Candidate], Awaitable[T]],
+    *,
+    policy: FailoverPolicy,
+    classify: Classify,
+    record: Record,
+    observer: Observer | None = None,
+    started: float | None = None,
+) -> Served[T]:
+    """Serve one request on `route`; see the module comment for the rules."""
+    now = time.perf_counter
+    request = _Request(route, now() if started is None else started)
+    first = True
+    while True:
+        pending, request.pending = request.pending, None
+        try:
+            decision = await state.decide(
+                route, exclude=request.tried, outcome=pending, advance=first, limit=2
+            )
+        except StateUnavailable:  # a plain RedisState, no degraded mode: nothing to route on
+            raise Exhausted(
+                request.attempts, 1.0, upstream_s=request.upstream_s, state_unavailable=True
+            ) from None
+        first = False
+        admission = decision.admission
+        if admission is None:
+            if request.attempts and request.tried and await _next_round(request, policy):
+                continue
+            raise Exhausted(request.attempts, decision.retry_after_s, upstream_s=request.upstream_s)
+        chosen = decision.chosen
+        if request.attempts and observer is not None:
+            observer.failover(route, request.attempts[-1])  # this request really moves on
+        attempt_started = now()
+        remaining = policy.deadline_s - (attempt_started - request.started)
+        try:
+            async with asyncio.timeout(max(0.001, remaining)) as deadline:
+                result = await attempt(chosen)
+        except asyncio.CancelledError:
+            # The client went away: the attempt counts for nothing, the lease goes back.
+            await record(route, Outcome.for_admission(admission, OutcomeKind.NEUTRAL))
+            raise
+        except TimeoutError as exc:
+            # The request's own deadline, or a timeout inside the attempt (classified).
+            deadline_hit = deadline.expired()
+            failure = (
+                Failure(OutcomeKind.FAILURE, "timeout", retryable=False)
+                if deadline_hit
+                else classify(exc)
+            )
+            if not await _handle_failure(
+                request, chosen, admission, failure, attempt_started, policy, record, observer
+            ):
+                raise Exhausted(
+                    request.attempts,
+                    0.0,
+                    cause=None if deadline_hit else exc,
+                    failure=failure,
+                    upstream_s=request.upstream_s,
+                ) from None
+            continue
+        except Exception as exc:
+            failure = classify(exc)
+            if not await _handle_failure(
+                request, chosen, admission, failure, attempt_started, policy, record, observer
+            ):
+                raise Exhausted(
+                    request.attempts,
+                    0.0,
+                    cause=exc,
+                    failure=failure,
+                    upstream_s=request.upstream_s,
+                ) from None
+            continue
+        first_byte = now()
+        request.upstream_s += first_byte - attempt_started
+        return Served(
+            decision,
+            admission,
+            result,
+            attempt_started,
+            first_byte,
+            request.attempts,
+            request.upstream_s,
+        )
 
-    def __init__(self, context: RequestContext) -> None:
-        self._context = context
-        self._jitter = tenacity.wait_random_exponential(multiplier=0.05, max=2.0)
 
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        if not self._context.round_failed:
-            return 0.0
-        self._context.round_failed = False
-        self._context.rounds += 1
-        # The backoff grows with rounds, not with attempts: jitter on a copy of the state.
-        rounds = copy.copy(retry_state)
-        rounds.attempt_number = self._context.rounds
-        return float(self._jitter(rounds))
+async def _handle_failure(
+    request: _Request,
+    chosen: Candidate,
+    admission: Admission,
+    failure: Failure,
+    attempt_started: float,
+    policy: FailoverPolicy,
+    record: Record,
+    observer: Observer | None,
+) -> bool:
+    """Account for a failed attempt; True when the request may try again."""
+    outcome = await _failed(request, chosen, admission, failure, attempt_started, None, observer)
+    budget_left = (
+        failure.retryable
+        and len(request.attempts) < policy.max_attempts
+        and time.perf_counter() - request.started < policy.deadline_s
+    )
+    if budget_left:
+        request.tried.append(chosen.target.id)
+        request.pending = outcome  # reported by the next decide, in the same round trip
+        return True
+    await record(request.route, outcome)
+    return False
 
 
-class AttemptBudget(tenacity.stop.stop_base):
-    """Stop after `max_attempts` upstream attempts or the request deadline, whichever first.
+async def _failed(
+    request: _Request,
+    chosen: Candidate,
+    admission: Admission,
+    failure: Failure,
+    attempt_started: float,
+    record: Record | None,
+    observer: Observer | None,
+) -> Outcome:
+    elapsed = time.perf_counter() - attempt_started
+    request.upstream_s += elapsed
+    target = chosen.target
+    request.attempts.append(Attempt(target, failure.error, failure.status, failure.retry_after_s))
+    if observer is not None:
+        observer.attempt_failed(request.route, target, failure, elapsed)
+    outcome = Outcome.for_admission(
+        admission, failure.kind, elapsed * 1000, retry_after_s=failure.retry_after_s
+    )
+    if record is not None:
+        await record(request.route, outcome)
+    return outcome
 
-    Counted from the request's own attempts: a decide that only starts a new round is not
-    an attempt, and tenacity's own count would include it.
-    """
 
-    def __init__(self, context: RequestContext, max_attempts: int, deadline_s: float) -> None:
-        self._context = context
-        self._max_attempts = max_attempts
-        self._deadline_s = deadline_s
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        context = self._context
-        if len(context.attempts) >= self._max_attempts:
-            return True
-        return time.perf_counter() - context.started >= self._deadline_s
+async def _next_round(request: _Request, policy: FailoverPolicy) -> bool:
+    """Every admissible target failed this round: back off, then try them all again."""
+    remaining = policy.deadline_s - (time.perf_counter() - request.started)
+    if len(request.attempts) >= policy.max_attempts or remaining <= 0:
+        return False
+    request.rounds += 1
+    request.tried.clear()
+    await asyncio.sleep(min(policy.backoff(request.rounds), remaining))
+    return True

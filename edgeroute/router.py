@@ -1,28 +1,29 @@
-"""The router: compiles routes from config and turns state decisions into routing calls."""
+"""The router: compiles routes from config; the one door from callers to routing state."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TypeVar
 
+from edgeroute import failover
 from edgeroute.config import Config, RouteConfig, effective_breaker, effective_latency
 from edgeroute.errors import AllProvidersFailed, NoProvidersAvailable, RoutingError
-from edgeroute.state import StateBackend, state_from_config
-from edgeroute.state.base import RouteSpec
-from edgeroute.strategy import (
-    Candidate,
-    RoutingDecision,
-    RoutingStrategy,
-    explain_choice,
-    is_held,
-    rank,
+from edgeroute.failover import (
+    Classify,
+    Exhausted,
+    FailoverPolicy,
+    Failure,
+    Observer,
+    Record,
+    Served,
 )
+from edgeroute.state import StateBackend, StateHealth, build_state
+from edgeroute.state.base import RouteSpec
+from edgeroute.strategy import Candidate, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
     BreakerParams,
-    CircuitState,
     Outcome,
     OutcomeKind,
     RouteSnapshot,
@@ -109,16 +110,37 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+_EXCLUSION_TEXT = {
+    "breaker_open": "breaker open for {ms} ms",
+    "rate_limited": "rate-limited for {ms} ms",
+    "probes_full": "half-open, every probe slot taken",
+}
+
+
 @dataclass(slots=True)
 class TargetExplanation:
-    """One target in an explain: its state, whether it is admissible, and its score."""
+    """One target in an explain: its state, whether it is admissible, and its score.
+
+    `rank` is 1 for the target the next request would get; None when it is excluded.
+    """
 
     snapshot: TargetSnapshot
     spec: TargetSpec
-    admissible: bool
-    excluded_because: str | None
     score: float | None
     rank: int | None
+    held: bool = False
+
+    @property
+    def admissible(self) -> bool:
+        return self.snapshot.excluded is None
+
+    @property
+    def excluded_because(self) -> str | None:
+        """The backend's reason code, in words (rendered here, never re-derived)."""
+        code = self.snapshot.excluded
+        if code is None:
+            return None
+        return _EXCLUSION_TEXT[code].format(ms=self.snapshot.excluded_ms)
 
 
 @dataclass(slots=True)
@@ -131,21 +153,37 @@ class Explanation:
     snapshot: RouteSnapshot
 
 
+def _library_classify(exc: BaseException) -> Failure:
+    if isinstance(exc, AttemptFailed):
+        return Failure(exc.kind, exc.error_class, exc.retryable, exc.retry_after_s)
+    return Failure(OutcomeKind.FAILURE, type(exc).__name__)
+
+
 class Router:
-    """Decide → attempt → failover → record for the routes of one config."""
+    """The one door to routing state: decide → attempt → failover → record, and explain,
+    for the routes of one config. The gateway, the library API and the CLI all use it."""
 
     def __init__(self, config: Config, state: StateBackend | None = None) -> None:
         self.config = config
-        self.state: StateBackend = state if state is not None else state_from_config(config.state)
+        self.state: StateBackend = (
+            state if state is not None else build_state(config.state, degrade=False)
+        )
         self.routes: dict[str, RouteSpec] = {
             r.model: compile_route(config, r) for r in config.routes
         }
+        server = config.server
+        self.policy = FailoverPolicy(
+            max_attempts=server.max_attempts, deadline_s=server.request_timeout_s
+        )
 
     def route(self, name: str) -> RouteSpec:
         spec = self.routes.get(name)
         if spec is None:
             raise UnknownRoute(name)
         return spec
+
+    def health(self) -> StateHealth:
+        return self.state.health()
 
     async def decide(
         self, route: str, *, exclude: Collection[str] = (), outcome: Outcome | None = None
@@ -181,121 +219,85 @@ class Router:
         )
         await self.state.record(self.route(route), outcome)
 
-    async def call(
+    async def run(
         self,
-        route: str,
+        route: RouteSpec,
         attempt: Callable[[Candidate], Awaitable[T]],
         *,
-        clock: Callable[[], float] | None = None,
-    ) -> T:
+        classify: Classify,
+        record: Record,
+        observer: Observer | None = None,
+        started: float | None = None,
+    ) -> Served[T]:
+        """The failover engine (see `edgeroute.failover`) on this router's state and policy.
+
+        The caller records the served attempt's outcome (the gateway does so once the
+        response or stream has ended); every failed attempt is recorded here.
+        """
+        return await failover.run(
+            self.state,
+            route,
+            attempt,
+            policy=self.policy,
+            classify=classify,
+            record=record,
+            observer=observer,
+            started=started,
+        )
+
+    async def call(self, route: str, attempt: Callable[[Candidate], Awaitable[T]]) -> T:
         """Run `attempt` on the best target, failing over while failures are retryable.
 
         `attempt` raises AttemptFailed to classify a failure; any other exception counts as
-        a retryable FAILURE. Each failover reports the failure and picks again in one step.
+        a retryable FAILURE. Same engine, budget and deadline as the gateway.
         """
-        now = clock or time.perf_counter
-        tried: list[str] = []
-        attempts: list[tuple[str, str, str]] = []
-        pending: Outcome | None = None
-        for _ in range(self.config.server.max_attempts):
-            try:
-                decision = await self.decide(route, exclude=tried, outcome=pending)
-            except NoProvidersAvailable:
-                if attempts:
-                    break
-                raise
-            admission = decision.admission
-            assert admission is not None
-            chosen = decision.chosen
-            tried.append(chosen.target.id)
-            started = now()
-            try:
-                result = await attempt(chosen)
-            except AttemptFailed as failure:
-                attempts.append((chosen.target.provider, chosen.target.model, failure.error_class))
-                pending = Outcome.for_admission(
-                    admission,
-                    failure.kind,
-                    (now() - started) * 1000,
-                    retry_after_s=failure.retry_after_s,
-                )
-                if not failure.retryable:
-                    await self.state.record(self.route(route), pending)
-                    raise
-                continue
-            except Exception as exc:
-                attempts.append((chosen.target.provider, chosen.target.model, type(exc).__name__))
-                pending = Outcome.for_admission(
-                    admission, OutcomeKind.FAILURE, (now() - started) * 1000
-                )
-                continue
-            await self.state.record(
-                self.route(route),
-                Outcome.for_admission(admission, OutcomeKind.SUCCESS, (now() - started) * 1000),
-            )
-            return result
-        if pending is not None:
-            await self.state.record(self.route(route), pending)
-        raise AllProvidersFailed(route, attempts)
+        spec = self.route(route)
+
+        async def record(spec: RouteSpec, outcome: Outcome) -> None:
+            await self.state.record(spec, outcome)
+
+        try:
+            served = await self.run(spec, attempt, classify=_library_classify, record=record)
+        except Exhausted as exhausted:
+            if isinstance(exhausted.cause, AttemptFailed) and not exhausted.cause.retryable:
+                raise exhausted.cause from None
+            if not exhausted.attempts:
+                raise NoProvidersAvailable(route, exhausted.retry_after_s) from None
+            raise AllProvidersFailed(
+                route, [(a.provider, a.model, a.error) for a in exhausted.attempts]
+            ) from None
+        latency_ms = (served.first_byte - served.attempt_started) * 1000
+        await record(spec, Outcome.for_admission(served.admission, OutcomeKind.SUCCESS, latency_ms))
+        return served.result
 
     async def explain(self, route: str) -> Explanation:
         """A dry-run decision: every target's state and score, and why. Changes no state."""
         spec = self.route(route)
-        snapshot = await self.state.snapshot(spec)
-        candidates: list[Candidate] = []
-        why: dict[str, str] = {}
-        for index, (target, snap) in enumerate(zip(spec.targets, snapshot.targets, strict=True)):
-            if snap.state is CircuitState.OPEN:
-                why[target.id] = f"breaker open for {snap.open_remaining_ms} ms"
-            elif snap.cooldown_remaining_ms > 0:
-                why[target.id] = f"rate-limited for {snap.cooldown_remaining_ms} ms"
-            elif (
-                snap.state is CircuitState.HALF_OPEN
-                and snap.probes_in_use >= spec.breaker.half_open_max_probes
-            ):
-                why[target.id] = "half-open, every probe slot taken"
-            else:
-                candidates.append(
-                    Candidate(
-                        target,
-                        index,
-                        snap.state,
-                        snap.state is CircuitState.HALF_OPEN,
-                        snap.successes,
-                        snap.latency_sum_us,
-                        snap.failures,
-                        snap.inflight,
-                        held=snap.state is CircuitState.CLOSED
-                        and is_held(
-                            snap.consecutive_failures,
-                            snap.inflight,
-                            spec.breaker.failure_threshold,
-                        ),
-                    )
-                )
-        # What the next request would see: the cursor it would advance to.
-        cursor = snapshot.rr_cursor + 1
-        ordered = rank(spec.strategy, candidates, cursor)
-        positions = {c.target.id: i for i, c in enumerate(ordered)}
-        scores = {c.target.id: c.score for c in ordered}
-        return Explanation(
-            route=route,
-            strategy=spec.strategy,
-            order=[c.target.id for c in ordered],
-            reason=explain_choice(spec.strategy, ordered, cursor),
-            targets=[
+        view = await self.state.explain(spec)
+        ranked = {c.target.id: (rank, c) for rank, c in enumerate(view.decision.candidates, 1)}
+        targets = []
+        for target, snap in zip(spec.targets, view.snapshot.targets, strict=True):
+            place = ranked.get(target.id)
+            targets.append(
                 TargetExplanation(
                     snapshot=snap,
                     spec=target,
-                    admissible=target.id in positions,
-                    excluded_because=why.get(target.id),
-                    score=scores.get(target.id),
-                    rank=positions.get(target.id),
+                    score=None if place is None else place[1].score,
+                    rank=None if place is None else place[0],
+                    held=place is not None and place[1].held,
                 )
-                for target, snap in zip(spec.targets, snapshot.targets, strict=True)
-            ],
-            snapshot=snapshot,
+            )
+        return Explanation(
+            route=route,
+            strategy=spec.strategy,
+            order=[c.target.id for c in view.decision.candidates],
+            reason=view.decision.reason,
+            targets=targets,
+            snapshot=view.snapshot,
         )
+
+    async def snapshot(self, route: str) -> RouteSnapshot:
+        return await self.state.snapshot(self.route(route))
 
     async def reset(self, route: str, target_id: str) -> None:
         spec = self.route(route)

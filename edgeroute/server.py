@@ -20,16 +20,17 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from edgeroute.accounting import Accounting
 from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
+from edgeroute.explain import explanation_json, state_document
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
 from edgeroute.proxy import Proxy
 from edgeroute.recorder import Recorder
 from edgeroute.responses import error_response, new_request_id, write_access_line
 from edgeroute.router import Router, UnknownRoute
-from edgeroute.state import MemoryState, StateBackend, state_from_config
-from edgeroute.state.fallback import FallbackState
+from edgeroute.state import StateBackend, build_state
 
 log = logging.getLogger("edgeroute.server")
 _encode = msgspec.json.encode
@@ -87,21 +88,15 @@ def admin_only(auth: Middleware) -> Middleware:
     return middleware
 
 
-def _make_state(config: Config, metrics: Metrics) -> StateBackend:
-    primary = state_from_config(config.state)
-    if isinstance(primary, MemoryState):
-        return primary
-    return FallbackState(
-        primary,
-        on_change=lambda degraded: metrics.state_degraded.set(1 if degraded else 0),
-        on_error=lambda op: metrics.state_errors.labels(op).inc(),
-        on_latency=metrics.observe_state_call,
-    )
-
-
 def create_app(config: Config, *, state: StateBackend | None = None) -> web.Application:
     metrics = Metrics()
-    state = state if state is not None else _make_state(config, metrics)
+    if state is None:
+        state = build_state(
+            config.state,
+            on_change=lambda degraded: metrics.state_degraded.set(1 if degraded else 0),
+            on_error=lambda op: metrics.state_errors.labels(op).inc(),
+            on_latency=metrics.observe_state_call,
+        )
     router = Router(config, state)
     client_keys = _key_digests(config.server.api_keys)
     admin_token = config.server.admin_token
@@ -165,7 +160,7 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         )
         for provider in config.providers:
             adapters[provider.name] = make_adapter(provider, session)
-        app[PROXY] = Proxy(config, router, adapters, recorder, metrics)
+        app[PROXY] = Proxy(config, router, adapters, Accounting(metrics, recorder))
         yield
         await session.close()
 
@@ -209,13 +204,13 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         return _json({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        body: dict[str, object] = {"state_backend": state.name}
-        if isinstance(state, FallbackState):
-            body["shared_state"] = "degraded" if state.degraded else "live"
-            if state.degraded:
-                body["state_error"] = state.last_error
-        else:
-            body["shared_state"] = "local"
+        health = router.health()
+        body: dict[str, object] = {
+            "state_backend": health.backend,
+            "shared_state": health.shared_state,
+        }
+        if health.error:
+            body["state_error"] = health.error
         if request.app[DRAINING].is_set():
             return _json({"status": "draining", **body}, status=503)
         return _json({"status": "ready", **body})
@@ -237,14 +232,11 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
                 type_="invalid_request_error",
                 code="model_not_found",
             )
-        return _json(_explanation_json(explanation))
+        return _json(explanation_json(explanation))
 
     async def admin_state(request: web.Request) -> web.Response:
-        routes = {}
-        for name in router.routes:
-            explanation = await router.explain(name)
-            routes[name] = _explanation_json(explanation)
-        return _json({"state_backend": state.name, "routes": routes})
+        explanations = [await router.explain(name) for name in router.routes]
+        return _json(state_document(router.health(), explanations))
 
     async def admin_reset(request: web.Request) -> web.Response:
         name, target = request.match_info["route"], request.match_info["target"]
@@ -284,69 +276,13 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
     return app
 
 
-def _explanation_json(explanation: object) -> dict[str, object]:
-    from edgeroute.router import Explanation
-
-    assert isinstance(explanation, Explanation)
-    targets = []
-    for item in explanation.targets:
-        snap = item.snapshot
-        targets.append(
-            {
-                "target": item.spec.id,
-                "provider": item.spec.provider,
-                "model": item.spec.model,
-                "price_per_mtok": item.spec.price_per_mtok,
-                "breaker": snap.state.value,
-                "generation": snap.generation,
-                "consecutive_failures": snap.consecutive_failures,
-                "half_open_successes": snap.half_open_successes,
-                "open_remaining_ms": snap.open_remaining_ms,
-                "open_timeout_ms": snap.open_timeout_ms,
-                "cooldown_remaining_ms": snap.cooldown_remaining_ms,
-                "in_flight": snap.inflight,
-                "probes_in_use": snap.probes_in_use,
-                "window": {
-                    "successes": snap.successes,
-                    "failures": snap.failures,
-                    "latency_ms": snap.latency_ms,
-                    "success_rate": snap.success_rate,
-                    "input_tokens": snap.input_tokens,
-                    "output_tokens": snap.output_tokens,
-                },
-                "admissible": item.admissible,
-                "excluded_because": item.excluded_because,
-                "score": item.score,
-                "rank": item.rank,
-            }
-        )
-    strategy = explanation.strategy
-    return {
-        "route": explanation.route,
-        "strategy": strategy.kind,
-        "weights": (
-            {
-                "cost": strategy.cost_weight,
-                "latency": strategy.latency_weight,
-                "reliability": strategy.reliability_weight,
-            }
-            if strategy.kind == "hybrid"
-            else None
-        ),
-        "order": explanation.order,
-        "reason": explanation.reason,
-        "rr_cursor": explanation.snapshot.rr_cursor,
-        "targets": targets,
-    }
-
-
 async def _poll_breakers(router: Router, metrics: Metrics, interval_s: float = 5.0) -> None:
     """Breaker gauges and transition counts from snapshots: no cost on the request path."""
     generations: dict[tuple[str, str], int] = {}
     while True:
-        for name, spec in router.routes.items():
+        for name in router.routes:
             try:
-                snapshot = await router.state.snapshot(spec)
+                snapshot = await router.snapshot(name)
             except Exception:  # state trouble is counted by the state layer
                 continue
             for target in snapshot.targets:

@@ -17,8 +17,6 @@ from edgeroute.errors import ConfigError
 from edgeroute.types import Admission, CircuitState, TargetSpec
 
 STRATEGY_KINDS = ("cost", "latency", "hybrid", "round_robin", "least_busy")
-# Wire codes for Lua (ARGV); same order as STRATEGY_KINDS.
-STRATEGY_CODES = {kind: code for code, kind in enumerate(STRATEGY_KINDS)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,14 +12,6 @@ class CircuitState(enum.Enum):
     HALF_OPEN = "half_open"
 
 
-# Wire codes for the breaker state, identical in Lua and Python.
-STATE_CODES: dict[int, CircuitState] = {
-    0: CircuitState.CLOSED,
-    1: CircuitState.OPEN,
-    2: CircuitState.HALF_OPEN,
-}
-
-
 class OutcomeKind(enum.IntEnum):
     """How a finished attempt counts. The integer values are part of the Lua protocol."""
 
@@ -130,6 +122,10 @@ class TargetSnapshot:
     latency_sum_us: int
     input_tokens: int
     output_tokens: int
+    # Why the target is not admissible right now (wire.EXCLUSION_REASONS), and for how long;
+    # None when it is admissible. Reported by the backend, never re-derived.
+    excluded: str | None = None
+    excluded_ms: int = 0
 
     @property
     def latency_ms(self) -> float | None:
@@ -143,6 +139,9 @@ class TargetSnapshot:
 
 @dataclass(slots=True)
 class RouteSnapshot:
+    """Every target of a route in configuration order. `rr_cursor` is the round-robin cursor
+    the next request takes (the same number its `x-edgeroute-reason` will name)."""
+
     route: str
     rr_cursor: int
     now_ms: int

@@ -1,11 +1,18 @@
--- decide: rank the route's admissible targets and admit the first, atomically.
--- ARGV after the route parameters:
---   n (id price)*n token advance limit m (excluded id)*m has_outcome [outcome fields]
+-- decide: rank the route's admissible targets and admit the first, atomically; or, in
+-- explain mode, rank them as the next request would and report every target, changing nothing.
+-- ARGV: n *(target_id price) mode token limit m *(excluded_id) has_outcome [outcome] clock_ms
 --   (static route data first, so the client can send it pre-encoded)
--- Reply: admitted generation probe wait_ms rr_cursor count (candidates in the reply)
---        admissible (candidates in all)
---        then per candidate, best first: position state score successes latency_us failures
---        inflight held (scores travel as strings: Redis would truncate Lua numbers to integers).
+--   mode: 0 decide, 1 decide and advance the round-robin cursor, 2 explain
+-- REPLY: admitted generation probe wait_ms rr_cursor count admissible now_ms
+--        *[candidate] *[target] (explain)
+--   candidate (best first, `count` of them): position state score successes latency_us
+--     failures inflight held   (scores travel as strings: Redis truncates Lua numbers)
+--   target (explain only, configuration order): state generation consecutive_failures
+--     half_open_successes open_remaining_ms open_timeout_ms cooldown_remaining_ms inflight
+--     probes_in_use successes failures latency_us input_tokens output_tokens excluded
+--     excluded_ms
+--   rr_cursor is the cursor the next advancing decide takes (explain) or the one this decide
+--   took; excluded is a wire.EXCLUSION_REASONS code, excluded_ms how long it still holds.
 
 local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY = 0, 1, 2, 3, 4
 
@@ -18,10 +25,12 @@ for k = 1, n do
   prices[k] = tonumber(ARGV[i + 1])
   i = i + 2
 end
-local token = ARGV[i]
-local advance = ARGV[i + 1] == '1'
+local mode = tonumber(ARGV[i])
+local token = ARGV[i + 1]
 local limit = tonumber(ARGV[i + 2])
 i = i + 3
+local explain = mode == 2
+local advance = mode ~= 0
 local excluded = {}
 local m = tonumber(ARGV[i])
 for k = 1, m do excluded[ARGV[i + k]] = true end
@@ -34,42 +43,54 @@ local values = redis.call('HMGET', K_TARGETS, unpack(fields))
 local rr = tonumber(values[1]) or 0
 for k = 1, n do records[ids[k]] = parse(values[k + 1]) end
 
-if ARGV[i] == '1' then apply_argv(now, i + 1) end
-expire_leases(now)
+if ARGV[i] == '1' and not explain then apply_argv(now, i + 1) end
+local stale = expire_leases(now, explain)
 
 local strategy = P.strategy
 local extra = nil
 if advance and strategy == ROUND_ROBIN then
   rr = rr + 1
-  extra = {'#rr', rr}
+  if not explain then extra = {'#rr', rr} end
 end
 local windowed = strategy == LATENCY or strategy == HYBRID
 local windows = nil
-if windowed then windows = redis.call('HMGET', K_WINDOW, unpack(ids)) end
+if windowed or explain then windows = redis.call('HMGET', K_WINDOW, unpack(ids)) end
+-- A writing decide rewrites a window holding stale buckets; explain passes no id.
+local function totals(k)
+  if explain then return window_totals(windows[k], now) end
+  return window_totals(windows[k], now, ids[k])
+end
 
+-- Admission: why each target is out (wire.EXCLUSION_REASONS), for how long.
+local BREAKER_OPEN, RATE_LIMITED_OUT, PROBES_FULL = 1, 2, 3
 local cands = {}
+local why, why_ms, live_count = {}, {}, {}
 local wait = 0
 for k = 1, n do
   local id = ids[k]
   local r = records[id]
   half_open_if_due(r, id, now)
+  r.inf = r.inf - (explain and stale[id] or 0)
+  local reason, pause = 0, 0
+  local live, earliest = 0, nil
+  if r.st == HALF_OPEN then live, earliest = live_probes(r, id, now) end
+  live_count[k] = live
+  if r.st == OPEN then
+    reason, pause = BREAKER_OPEN, r.u - now
+  elseif r.cd > now then
+    reason, pause = RATE_LIMITED_OUT, r.cd - now
+  elseif r.st == HALF_OPEN and live >= P.max_probes then
+    reason, pause = PROBES_FULL, earliest - now
+  end
+  why[k], why_ms[k] = reason, math.max(0, pause)
   if not excluded[id] then
-    local pause = 0
-    if r.st == OPEN then
-      pause = r.u - now
-    elseif r.cd > now then
-      pause = r.cd - now
-    elseif r.st == HALF_OPEN then
-      local live, earliest = live_probes(r, id, now)
-      if live >= P.max_probes then pause = earliest - now end
-    end
-    if pause > 0 then
+    if reason ~= 0 then
       if wait == 0 or pause < wait then wait = pause end
     else
       local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
                  s = 0, lat = 0, f = 0, inf = r.inf, score = 0,
                  held = r.st == CLOSED and r.f > 0 and r.f + r.inf >= P.failure_threshold}
-      if windowed then c.s, c.lat, c.f = window_totals(windows[k], now, id) end
+      if windowed then c.s, c.lat, c.f = totals(k) end
       cands[#cands + 1] = c
     end
   end
@@ -161,22 +182,8 @@ if count > 0 then
   end
 end
 
-local reply = {0, 0, 0, wait, rr, count, count}
-if count > 0 then
-  local first = ordered[1]
-  local r = records[first.id]
-  if first.probe then r.probes[token] = now + P.probe_ttl end
-  r.inf = r.inf + 1
-  touch(first.id)
-  redis.call('ZADD', K_LEASES, now + P.lease_ttl, first.id .. '|' .. token)
-  redis.call('PEXPIRE', K_LEASES, P.lease_ttl + 60000)
-  reply[1] = 1
-  reply[2] = r.gen
-  if first.probe then reply[3] = 1 end
-  reply[4] = 0
-  -- The reply carries the first `limit` candidates (0: all); the count says how many.
-  if limit > 0 and limit < count then reply[6] = limit end
-  for rank = 1, reply[6] do
+local function candidate_rows(reply, upto)
+  for rank = 1, upto do
     local c = ordered[rank]
     reply[#reply + 1] = c.idx
     reply[#reply + 1] = c.st
@@ -187,6 +194,39 @@ if count > 0 then
     reply[#reply + 1] = c.inf
     reply[#reply + 1] = c.held and 1 or 0
   end
+end
+
+local reply = {0, 0, 0, wait, rr, count, count, now}
+if explain then
+  candidate_rows(reply, count)
+  for k = 1, n do
+    local r = records[ids[k]]
+    local s, lat, f, tin, tout = totals(k)
+    local row = {r.st, r.gen, 0, 0, 0, r.to, math.max(0, r.cd - now), r.inf,
+                 live_count[k] or 0, s, f, lat, tin, tout, why[k], why_ms[k]}
+    if row[6] == 0 then row[6] = P.open_timeout end
+    if r.st == CLOSED then row[3] = r.f end
+    if r.st == HALF_OPEN then row[4] = r.ok end
+    if r.st == OPEN then row[5] = math.max(0, r.u - now) end
+    for _, v in ipairs(row) do reply[#reply + 1] = v end
+  end
+  return reply
+end
+if count > 0 then
+  local first = ordered[1]
+  local r = records[first.id]
+  if first.probe then r.probes[token] = now + P.probe_ttl end
+  r.inf = r.inf + 1
+  touch(first.id)
+  redis.call('ZADD', K_LEASES, now + P.lease_ttl, first.id .. '|' .. token)
+  redis.call('PEXPIRE', K_LEASES, P.lease_set_ttl)
+  reply[1] = 1
+  reply[2] = r.gen
+  if first.probe then reply[3] = 1 end
+  reply[4] = 0
+  -- The reply carries the first `limit` candidates (0: all); the count says how many.
+  if limit > 0 and limit < count then reply[6] = limit end
+  candidate_rows(reply, reply[6])
 end
 flush(extra)
 return reply

@@ -1,27 +1,27 @@
 -- edgeroute shared routing state: the library every script starts with.
 --
 -- The semantics are those of edgeroute/state/memory.py (the reference model); keep the two in
--- step. Keys of one route share the hash tag {prefix:route}, so every script touches one slot:
+-- step. The order and meaning of every ARGV and reply field is edgeroute/state/wire.py; the
+-- PARAMS/ARGV/REPLY lines of each script's header list the same names (a test checks them).
+-- Keys of one route share the hash tag {prefix:route}, so every script touches one slot:
 --   KEYS[1]  hash   per-target breaker record, one field per target id, plus '#rr' (cursor)
 --   KEYS[2]  hash   per-target rolling window, one field per target id (sparse time buckets)
 --   KEYS[3]  zset   in-flight leases, member '<target id>|<token>', score = expiry (ms)
 -- A target record is "state gen failures half_open_ok open_until open_timeout cooldown_until
 -- inflight" followed by " token=expiry" for each probe reservation it has handed out.
--- A window field is "bucket:successes:latency_us:failures:tokens_in:tokens_out;..." oldest
--- first; buckets older than the window are dropped on write and ignored on read.
--- Redis TIME is the only clock: replicas may disagree about time, the state never does.
+-- Redis TIME is the only clock in production: replicas may disagree about time, the state
+-- never does. (The last ARGV of every script, clock_ms, is 0 then; tests set it.)
+--
+-- PARAMS: strategy w_cost w_latency w_reliability failure_threshold open_timeout_ms
+--         success_threshold half_open_max_probes max_open_timeout_ms probe_ttl_ms bucket_ms
+--         buckets lease_ttl_ms key_ttl_ms max_cooldown_ms window_ttl_ms lease_set_ttl_ms
 
 local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 local SUCCESS, FAILURE, RATE_LIMITED, NEUTRAL = 0, 1, 2, 3
 
 local K_TARGETS, K_WINDOW, K_LEASES = KEYS[1], KEYS[2], KEYS[3]
 
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
--- ARGV[1..14]: the route's parameters, the same for every script.
+-- The route's parameters, ARGV[1..ARG0], in PARAMS order.
 local P = {
   strategy = tonumber(ARGV[1]),
   wc = tonumber(ARGV[2]), wl = tonumber(ARGV[3]), wr = tonumber(ARGV[4]),
@@ -34,9 +34,20 @@ local P = {
   bucket_ms = tonumber(ARGV[11]),
   buckets = tonumber(ARGV[12]),
   lease_ttl = tonumber(ARGV[13]),
-  idle_ttl = tonumber(ARGV[14]),
+  key_ttl = tonumber(ARGV[14]),
+  max_cooldown = tonumber(ARGV[15]),
+  window_ttl = tonumber(ARGV[16]),
+  lease_set_ttl = tonumber(ARGV[17]),
 }
-local ARG0 = 14
+local ARG0 = 17
+
+-- Every script's last ARGV: 0 for Redis TIME, or a test clock in ms.
+local function now_ms()
+  local clock = tonumber(ARGV[#ARGV])
+  if clock and clock > 0 then return clock end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 
 local records = {}  -- id -> parsed record, loaded once per script run
 local dirty = {}    -- ids whose record must be written back
@@ -93,7 +104,7 @@ local function flush(extra)
   end
   if #args > 0 then
     redis.call('HSET', K_TARGETS, unpack(args))
-    redis.call('PEXPIRE', K_TARGETS, P.idle_ttl)
+    redis.call('PEXPIRE', K_TARGETS, P.key_ttl)
   end
 end
 
@@ -133,19 +144,25 @@ local function live_probes(r, id, now)
   return count, earliest
 end
 
--- Leases whose replica never reported back stop counting as in flight.
-local function expire_leases(now)
+-- Leases whose replica never reported back stop counting as in flight. A dry run (explain)
+-- only counts them per target; a decide also removes them.
+local function expire_leases(now, dry)
+  local stale = {}
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now)
-  if #expired == 0 then return end
+  if #expired == 0 then return stale end
   for _, member in ipairs(expired) do
     local id = string.match(member, '^(.*)|[^|]*$')
     if id then
-      local r = load(id)
-      r.inf = r.inf - 1
-      touch(id)
+      stale[id] = (stale[id] or 0) + 1
+      if not dry then
+        local r = load(id)
+        r.inf = r.inf - 1
+        touch(id)
+      end
     end
   end
-  redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
+  if not dry then redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now) end
+  return stale
 end
 
 -- A window field is "<first>:<last>:<S>:<L>:<F>:<I>:<O>|<older slots>|<s>:<l>:<f>:<i>:<o>":
@@ -255,7 +272,7 @@ local function add_sample(id, now, kind, lat_us, tin, tout)
     value = window_encode(slots)
   end
   redis.call('HSET', K_WINDOW, id, value)
-  redis.call('PEXPIRE', K_WINDOW, P.bucket_ms * (P.buckets + 1))
+  redis.call('PEXPIRE', K_WINDOW, P.window_ttl)
 end
 
 -- The target holding the lease `token`, for a client that never learnt which one it was
@@ -291,8 +308,8 @@ local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin,
   if kind ~= NEUTRAL then add_sample(id, now, kind, lat_us, tin, tout) end
   if kind == RATE_LIMITED and retry_after > 0 then
     -- A later, shorter Retry-After never shortens a cooldown already in force; none outlives
-    -- the record that holds it (half the key lifetime: RouteSpec.max_cooldown_ms).
-    local until_ms = now + math.min(retry_after, math.floor(P.idle_ttl / 2))
+    -- the record that holds it (RouteSpec.max_cooldown_ms).
+    local until_ms = now + math.min(retry_after, P.max_cooldown)
     if until_ms > r.cd then
       r.cd = until_ms
       touch(id)
@@ -330,7 +347,8 @@ local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin,
   end
 end
 
--- Outcome fields start at ARGV[i]: id kind latency_us gen token probe retry_after_ms tin tout.
+-- Outcome fields start at ARGV[i], in wire.OUTCOME_FIELDS order:
+--   target_id kind latency_us generation token probe retry_after_ms input_tokens output_tokens
 local OUTCOME_FIELDS = 9
 local function apply_argv(now, i)
   apply(now, ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),

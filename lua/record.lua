@@ -1,6 +1,7 @@
 -- record: apply a batch of finished attempts of one route, in order, atomically.
--- ARGV after the route parameters: k, then k outcomes of OUTCOME_FIELDS fields each.
--- Reply: the number of outcomes applied.
+-- ARGV: k *[outcome] clock_ms
+-- REPLY: applied
+--   k outcomes of OUTCOME_FIELDS fields each, applied in order.
 
 local now = now_ms()
 local k = tonumber(ARGV[ARG0 + 1])

@@ -1,5 +1,6 @@
 -- reset: close one target's breaker and lift its cooldown (an operator's decision).
--- ARGV after the route parameters: the target id. Reply: the new generation.
+-- ARGV: target_id clock_ms
+-- REPLY: generation
 
 local id = ARGV[ARG0 + 1]
 local r = load(id)

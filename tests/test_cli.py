@@ -326,23 +326,22 @@ def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "in-memory" in one_line(err)  # a note, on stderr, so stdout stays pure JSON
     doc = json.loads(out)
     assert doc["route"] == "chat"
-    assert doc["state_backend"] == "memory"
-    assert doc["strategy"]["kind"] == "hybrid"
-    assert sum(doc["strategy"]["weights"].values()) == pytest.approx(1.0)
+    assert doc["strategy"] == "hybrid"
+    assert sum(doc["weights"].values()) == pytest.approx(1.0)
     # Nothing measured yet: the cheaper target wins on cost alone.
     assert doc["order"] == ["cheap:gpt-4o-mini", "fast:gpt-4o"]
     assert doc["reason"].startswith("hybrid: cheap:gpt-4o-mini")
-    targets = {t["id"]: t for t in doc["targets"]}
+    targets = {t["target"]: t for t in doc["targets"]}
     assert targets["cheap:gpt-4o-mini"]["rank"] == 1
     assert targets["fast:gpt-4o"]["rank"] == 2
     for target in targets.values():
-        assert target["state"] == "closed"
+        assert target["breaker"] == "closed"
         assert target["admissible"] is True
-        assert target["excluded_because"] is None
+        assert target["excluded"] is None and target["excluded_because"] is None
         assert 0.0 <= target["score"] <= 1.0
-        assert target["latency_ms"] is None
-        assert target["success_rate"] is None
-        assert target["inflight"] == 0
+        assert target["window"]["latency_ms"] is None
+        assert target["window"]["success_rate"] is None
+        assert target["in_flight"] == 0
     assert targets["cheap:gpt-4o-mini"]["score"] > targets["fast:gpt-4o"]["score"]
     assert "sk-fast-secret-key" not in out
 
@@ -351,8 +350,9 @@ def test_explain_json_round_robin(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, out, _ = run(capsys, "explain", "-c", write(tmp_path, MEMORY_CONFIG), "chat-rr", "--json")
     assert code == 0
     doc = json.loads(out)
-    assert doc["strategy"] == {"kind": "round_robin", "weights": None}
-    assert doc["reason"].startswith("round_robin:")
+    assert (doc["strategy"], doc["weights"]) == ("round_robin", None)
+    # The reason names the cursor the next request takes, and so does rr_cursor.
+    assert doc["reason"].startswith(f"round_robin: cursor {doc['rr_cursor']} ")
     assert len(doc["order"]) == 2
 
 
@@ -400,22 +400,23 @@ def test_explain_shows_why_a_target_is_excluded(
         await router.record("chat", decision.admission, OutcomeKind.SUCCESS, latency_ms=250)
 
     asyncio.run(trip_the_cheap_breaker())
-    monkeypatch.setattr(cli, "state_from_config", lambda _config: state)
+    monkeypatch.setattr(cli, "build_state", lambda _config, **_options: state)
 
     code, out, _ = run(capsys, "explain", "-c", path, "chat", "--json")
     assert code == 0
     doc = json.loads(out)
     assert doc["order"] == ["fast:gpt-4o"]
-    targets = {t["id"]: t for t in doc["targets"]}
+    targets = {t["target"]: t for t in doc["targets"]}
     cheap, fast = targets["cheap:gpt-4o-mini"], targets["fast:gpt-4o"]
-    assert cheap["state"] == "open"
+    assert cheap["breaker"] == "open"
     assert cheap["admissible"] is False
     assert cheap["rank"] is None and cheap["score"] is None
-    assert cheap["excluded_because"].startswith("breaker open for ")
-    assert cheap["failures"] == 3 and cheap["success_rate"] == 0.0
+    assert cheap["excluded"] == "breaker_open"
+    assert cheap["excluded_because"] == f"breaker open for {cheap['excluded_for_ms']} ms"
+    assert cheap["window"]["failures"] == 3 and cheap["window"]["success_rate"] == 0.0
     assert fast["rank"] == 1
-    assert fast["latency_ms"] == pytest.approx(250.0)
-    assert fast["success_rate"] == 1.0
+    assert fast["window"]["latency_ms"] == pytest.approx(250.0)
+    assert fast["window"]["success_rate"] == 1.0
 
     code, out, _ = run(capsys, "explain", "-c", path, "chat")
     assert code == 0
@@ -427,8 +428,8 @@ def test_explain_shows_why_a_target_is_excluded(
 
     code, out, _ = run(capsys, "state", "-c", path, "--route", "chat", "--json")
     assert code == 0
-    snapshot = json.loads(out)["routes"][0]
-    states = {t["id"]: t["state"] for t in snapshot["targets"]}
+    snapshot = json.loads(out)["routes"]["chat"]
+    states = {t["target"]: t["breaker"] for t in snapshot["targets"]}
     assert states == {"fast:gpt-4o": "closed", "cheap:gpt-4o-mini": "open"}
 
 
@@ -462,8 +463,8 @@ def test_state_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     code, out, err = run(capsys, "state", "-c", write(tmp_path, MEMORY_CONFIG))
     assert code == 0
     assert "in-memory" in one_line(err)
-    assert "route chat (rr cursor 0)" in out
-    assert "route chat-rr (rr cursor 0)" in out
+    assert "route chat (hybrid)" in out
+    assert "route chat-rr (round_robin, next rr cursor 1)" in out
     for target in ("fast:gpt-4o", "cheap:gpt-4o-mini", "fast:gpt-4o-mini"):
         assert target in out
     assert "TARGET" in out and "IN-FLIGHT" in out
@@ -475,11 +476,12 @@ def test_state_json_one_route(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
     assert code == 0
     doc = json.loads(out)
-    assert doc["state_backend"] == "memory"
-    (route,) = doc["routes"]
+    assert (doc["state_backend"], doc["shared_state"]) == ("memory", "local")
+    assert list(doc["routes"]) == ["chat-rr"]
+    route = doc["routes"]["chat-rr"]
     assert route["route"] == "chat-rr"
-    assert [t["id"] for t in route["targets"]] == ["fast:gpt-4o-mini", "cheap:gpt-4o-mini"]
-    assert all(t["state"] == "closed" and t["inflight"] == 0 for t in route["targets"])
+    assert [t["target"] for t in route["targets"]] == ["fast:gpt-4o-mini", "cheap:gpt-4o-mini"]
+    assert all(t["breaker"] == "closed" and t["in_flight"] == 0 for t in route["targets"])
 
 
 def test_state_unknown_route(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

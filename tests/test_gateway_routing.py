@@ -299,7 +299,7 @@ async def test_hybrid_explain_numbers_match_the_seed_formula() -> None:
                 assert item["score"] == pytest.approx(expected, rel=1e-9, abs=1e-12), item
             by_score = sorted(admissible, key=lambda t: (-t["score"], t["rank"]))
             assert explanation["order"] == [t["target"] for t in by_score]
-            assert [targets[t]["rank"] for t in explanation["order"]] == [0, 1, 2]
+            assert [targets[t]["rank"] for t in explanation["order"]] == [1, 2, 3]  # 1: the first choice
             best = explanation["order"][0]
             assert explanation["reason"].startswith(
                 f"hybrid: {best} score {targets[best]['score']:.3f}"
@@ -330,7 +330,7 @@ async def test_round_robin_spreads_evenly(state_section: dict[str, Any]) -> None
         async with gateway(document) as gw:
             order = [(await gw.served_by("r"))[0] for _ in range(9)]
             assert order == ["a", "b", "c"] * 3
-            assert (await gw.explain("r"))["rr_cursor"] == 9
+            assert (await gw.explain("r"))["rr_cursor"] == 10  # the next request takes 10
             # Concurrent requests: the cursor moves atomically, so the spread stays exact.
             results = await asyncio.gather(*(gw.chat("r") for _ in range(30)))
             spread = {name: 0 for name in mocks}
@@ -338,7 +338,7 @@ async def test_round_robin_spreads_evenly(state_section: dict[str, Any]) -> None
                 spread[headers["x-edgeroute-provider"]] += 1
             assert spread == {"a": 10, "b": 10, "c": 10}
             assert await counts(mocks) == {"a": 13, "b": 13, "c": 13}
-            assert (await gw.explain("r"))["rr_cursor"] == 39
+            assert (await gw.explain("r"))["rr_cursor"] == 40
 
 
 async def test_least_busy_spreads_in_flight_requests() -> None:
@@ -645,7 +645,7 @@ async def test_breaker_opens_then_recovers_through_half_open(
             await wait_until(half_open, 3.0)
             assert await mocks["a"].requests() == 3  # explain polling sent nothing anywhere
             a = await gw.target("r", "a")
-            assert (a["probes_in_use"], a["admissible"], a["rank"]) == (0, True, 0)
+            assert (a["probes_in_use"], a["admissible"], a["rank"]) == (0, True, 1)
 
             results = await asyncio.gather(*(gw.chat("r") for _ in range(probes + 3)))
             providers = sorted(headers["x-edgeroute-provider"] for headers, _ in results)
@@ -837,7 +837,7 @@ async def test_explain_changes_no_state() -> None:
             await gw.settled("hy")
             before = {name: await gw.explain(name) for name in ("rr", "hy")}
             before_counts = await counts(mocks)
-            assert before["rr"]["rr_cursor"] == 2
+            assert before["rr"]["rr_cursor"] == 3
             assert before["rr"]["order"] == ["c", "a", "b"]
             for _ in range(20):
                 for name in ("rr", "hy"):
@@ -850,7 +850,7 @@ async def test_explain_changes_no_state() -> None:
                 headers, _ = await gw.chat(name)
                 assert headers["x-edgeroute-provider"] == before[name]["order"][0]
                 assert headers["x-edgeroute-reason"] == before[name]["reason"]
-            assert (await gw.explain("rr"))["rr_cursor"] == 3
+            assert (await gw.explain("rr"))["rr_cursor"] == 4
 
 
 # ---- shared state: two gateways on one Redis -----------------------------------------------
@@ -900,8 +900,8 @@ async def test_two_gateways_on_one_redis_agree(redis_url: str) -> None:
             gateways = [one, two]
             order = [(await gateways[i % 2].served_by("rr"))[0] for i in range(9)]
             assert order == ["x", "y", "b"] * 3
-            assert (await one.explain("rr"))["rr_cursor"] == 9
-            assert (await two.explain("rr"))["rr_cursor"] == 9
+            assert (await one.explain("rr"))["rr_cursor"] == 10
+            assert (await two.explain("rr"))["rr_cursor"] == 10
 
             # A Retry-After learnt by one keeps two away from that target too.
             assert await one.served_by("rl") == ("b", "2")

@@ -430,7 +430,8 @@ async def test_round_robin_cursor_skips_open_targets(harness: Harness) -> None:
     await fail(harness, route, "t1")
     seen = [(await admit(harness, route))[1].target_id for _ in range(4)]
     assert set(seen) == {"t0", "t2"} and seen.count("t0") == seen.count("t2") == 2
-    assert (await harness.state.snapshot(route)).rr_cursor == 10
+    # The cursor the next request takes: ten decisions have taken 1..10.
+    assert (await harness.state.snapshot(route)).rr_cursor == 11
 
 
 async def test_least_busy_follows_in_flight_leases(harness: Harness) -> None:
@@ -556,3 +557,77 @@ async def test_a_lease_is_only_released_by_the_target_that_holds_it(harness: Har
     await harness.state.record(route, wrong)
     snapshot = await harness.state.snapshot(route)
     assert [t.inflight for t in snapshot.targets] == [1, 0, 0]
+
+
+# ---- explain: the backend's own reasons, the next decide's own order ----------------------
+
+
+async def test_explain_reports_each_exclusion_reason_from_the_backend(harness: Harness) -> None:
+    route = make_route(
+        breaker=BreakerParams(failure_threshold=1, open_timeout_ms=60_000, half_open_max_probes=1)
+    )
+    await fail(harness, route, "t0")  # breaker open
+    await harness.state.record(
+        route, Outcome(target_id="t1", kind=OutcomeKind.RATE_LIMITED, retry_after_s=30.0)
+    )
+    view = await harness.state.explain(route)
+    rows = {t.target_id: t for t in view.snapshot.targets}
+    assert rows["t0"].excluded == "breaker_open"
+    assert 0 < rows["t0"].excluded_ms <= 60_000
+    assert rows["t0"].excluded_ms == rows["t0"].open_remaining_ms
+    assert rows["t1"].excluded == "rate_limited"
+    assert 0 < rows["t1"].excluded_ms <= 30_000
+    assert rows["t2"].excluded is None and rows["t2"].excluded_ms == 0
+    assert [c.target.id for c in view.decision.candidates] == ["t2"]
+    assert view.decision.admission is None
+
+
+async def test_explain_reports_full_probe_slots(harness: Harness) -> None:
+    route = make_route(
+        prices=(1.0, 2.0),
+        breaker=BreakerParams(failure_threshold=1, open_timeout_ms=200, half_open_max_probes=1),
+    )
+    await fail(harness, route, "t0")
+    await harness.wait(300)
+    _, probe = await admit(harness, route)
+    assert (probe.target_id, probe.probe) == ("t0", True)
+    rows = {t.target_id: t for t in (await harness.state.explain(route)).snapshot.targets}
+    assert rows["t0"].excluded == "probes_full"
+    assert rows["t0"].probes_in_use == 1 and rows["t0"].excluded_ms > 0
+
+
+async def test_explain_changes_nothing_and_predicts_the_next_decide(harness: Harness) -> None:
+    for strategy in (RoutingStrategy.round_robin(), RoutingStrategy.default_hybrid()):
+        route = make_route(strategy)
+        for _ in range(4):
+            _, admission = await admit(harness, route)
+            await harness.state.record(
+                route, Outcome.for_admission(admission, OutcomeKind.SUCCESS, 12.0)
+            )
+        first = await harness.state.explain(route)
+        second = await harness.state.explain(route)
+        assert [c.target.id for c in first.decision.candidates] == [
+            c.target.id for c in second.decision.candidates
+        ]
+        assert first.snapshot.rr_cursor == second.snapshot.rr_cursor
+        assert [t.inflight for t in first.snapshot.targets] == [0, 0, 0]
+        decision, _ = await admit(harness, route)
+        assert [c.target.id for c in decision.candidates] == [
+            c.target.id for c in first.decision.candidates
+        ]
+        assert [c.score for c in decision.candidates] == pytest.approx(
+            [c.score for c in first.decision.candidates]
+        )
+        # The cursor explain reports is the one the next decide took.
+        assert decision.rr_cursor == first.snapshot.rr_cursor == first.decision.rr_cursor
+
+
+async def test_explain_shows_a_held_target_demoted(harness: Harness) -> None:
+    route = make_route(prices=(1.0, 2.0), breaker=BreakerParams(failure_threshold=3))
+    await fail(harness, route, "t0", times=2)  # one failure short of opening
+    await admit(harness, route)  # its last failure budget is now in flight
+    view = await harness.state.explain(route)
+    assert [(c.target.id, c.held) for c in view.decision.candidates] == [
+        ("t1", False),
+        ("t0", True),
+    ]

@@ -440,7 +440,7 @@ async def test_frozen_redis_adds_at_most_the_state_timeout_and_nothing_stays_wed
             await wait_until(settled, 8.0, 0.1)
             proxy = app[PROXY]
             assert proxy.in_flight == 0
-            await wait_until(lambda: proxy.recorder.pending == 0, 5.0)
+            await wait_until(lambda: proxy.accounting.recorder.pending == 0, 5.0)
 
     assert_all_succeeded(load.samples)
     assert_latency_bounded([s for s in load.samples if s.started >= measured_from], latency_bound())

@@ -45,6 +45,42 @@ class RouteSpec:
         cooldown never outlives the record that holds it."""
         return self.key_ttl_ms // 2
 
+    @property
+    def window_ttl_ms(self) -> int:
+        """The window key outlives its newest bucket by one bucket, then goes by itself."""
+        return self.window.bucket_ms * (self.window.buckets + 1)
+
+    @property
+    def lease_set_ttl_ms(self) -> int:
+        """The lease set outlives its newest lease by a minute, so a late release finds it."""
+        return self.lease_ttl_ms + 60_000
+
+
+@dataclass(slots=True)
+class StateView:
+    """What explain shows: the decision the next request would get, changing nothing.
+
+    `decision` ranks every admissible target (no admission); `snapshot` has every target in
+    configuration order with the reason it is excluded, as the backend's own decide sees it.
+    """
+
+    decision: RoutingDecision
+    snapshot: RouteSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class StateHealth:
+    """How a replica's state is doing, as readiness, metrics and the CLI report it.
+
+    backend: "memory" or "redis" (what the config asks for);
+    shared_state: "local" (memory: nothing shared), "live" or "degraded" (routing on local
+    state because Redis is unreachable); error: the last reason it degraded.
+    """
+
+    backend: str
+    shared_state: str
+    error: str | None = None
+
 
 class StateBackend(Protocol):
     """Shared routing state. Each call is atomic; `decide` and `record` are one round trip.
@@ -56,6 +92,7 @@ class StateBackend(Protocol):
       `advance` moves the round-robin cursor (only a request's first decide does);
       `limit` > 0 returns only that many candidates (the gateway needs two: the choice
       and the runner-up its reason names), which saves Redis formatting the rest.
+    - `explain` is a dry-run decide: the same admission rules and ranking, nothing changed.
     - `record` reports a finished attempt: releases the lease and probe, adds the sample to
       the rolling window, moves the breaker when the outcome's generation is current.
     """
@@ -76,7 +113,11 @@ class StateBackend(Protocol):
 
     async def record_many(self, items: Sequence[tuple[RouteSpec, Outcome]]) -> None: ...
 
+    async def explain(self, route: RouteSpec) -> StateView: ...
+
     async def snapshot(self, route: RouteSpec) -> RouteSnapshot: ...
+
+    def health(self) -> StateHealth: ...
 
     async def reset(self, route: RouteSpec, target_id: str) -> None: ...
 

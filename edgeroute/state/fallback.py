@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Sequence
 
 from edgeroute.errors import StateUnavailable
-from edgeroute.state.base import RouteSpec
+from edgeroute.state.base import RouteSpec, StateHealth, StateView
 from edgeroute.state.memory import MemoryState
 from edgeroute.state.redis import RedisState
 from edgeroute.strategy import RoutingDecision
@@ -37,7 +37,9 @@ _RELEASE_BATCH = 512
 
 
 class FallbackState:
-    name = "redis"
+    """Redis state that degrades to local state; see the module comment."""
+
+    name = "redis+local"
 
     def __init__(
         self,
@@ -204,13 +206,21 @@ class FallbackState:
         if local:
             await self.local.record_many(local)
 
-    async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
+    async def explain(self, route: RouteSpec) -> StateView:
         if not self.degraded:
             try:
-                return await self.primary.snapshot(route)
+                return await self.primary.explain(route)
             except StateUnavailable as exc:
-                self._degrade("snapshot", exc)
-        return await self.local.snapshot(route)
+                self._degrade("explain", exc)
+        return self.local.explain_now(route)
+
+    async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
+        return (await self.explain(route)).snapshot
+
+    def health(self) -> StateHealth:
+        if self.degraded:
+            return StateHealth("redis", "degraded", self.last_error)
+        return StateHealth("redis", "live")
 
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         """Fleet-wide or not at all: a reset that only this replica saw would be a lie."""

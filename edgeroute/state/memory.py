@@ -13,20 +13,22 @@ import os
 import time
 from collections.abc import Callable, Collection, Sequence
 
-from edgeroute.state.base import RouteSpec
+from edgeroute.state import wire
+from edgeroute.state.base import RouteSpec, StateHealth, StateView
 from edgeroute.strategy import Candidate, RoutingDecision, is_held, rank
 from edgeroute.types import (
     Admission,
-    CircuitState,
     Outcome,
     OutcomeKind,
     RouteSnapshot,
     TargetSnapshot,
 )
 
-CLOSED, OPEN, HALF_OPEN = 0, 1, 2
-_STATES = (CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN)
+CLOSED, OPEN, HALF_OPEN = (wire.STATE_CODE[s] for s in wire.STATE_CODES)
+_STATES = wire.STATE_CODES
 _WINDOWED = frozenset(("latency", "hybrid"))
+# wire.EXCLUSION_REASONS codes
+_ADMISSIBLE, _BREAKER_OPEN, _RATE_LIMITED, _PROBES_FULL = range(4)
 
 
 class _Target:
@@ -98,6 +100,18 @@ def _live_probes(target: _Target, now: int) -> int:
     for token in expired:
         del target.probes[token]
     return len(target.probes)
+
+
+def _exclusion(target: _Target, now: int, live_probes: int, max_probes: int) -> tuple[int, int]:
+    """Why `target` (its breaker already moved to `now`) is not admissible, and for how
+    long: the one statement of the admission rules, for decide and explain alike."""
+    if target.state == OPEN:
+        return _BREAKER_OPEN, target.open_until - now
+    if target.cooldown_until > now:
+        return _RATE_LIMITED, target.cooldown_until - now
+    if target.state == HALF_OPEN and live_probes >= max_probes:
+        return _PROBES_FULL, min(e for e in target.probes.values() if e > now) - now
+    return _ADMISSIBLE, 0
 
 
 def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, int, int, int, int]:
@@ -190,14 +204,9 @@ class MemoryState:
                 _half_open_if_due(target, now)
             if exclude and spec.id in exclude:
                 continue
-            pause = 0
-            if target.state == OPEN:
-                pause = target.open_until - now
-            elif target.cooldown_until > now:
-                pause = target.cooldown_until - now
-            elif target.state == HALF_OPEN and _live_probes(target, now) >= max_probes:
-                pause = min(target.probes.values()) - now
-            if pause > 0:
+            live = _live_probes(target, now) if target.state == HALF_OPEN else 0
+            reason, pause = _exclusion(target, now, live, max_probes)
+            if reason != _ADMISSIBLE:
                 wait = pause if wait == 0 else min(wait, pause)
                 continue
             if windowed:
@@ -321,45 +330,86 @@ class MemoryState:
         slot[5] += outcome.output_tokens
         target.cached_bucket = -1
 
-    async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
+    async def explain(self, route: RouteSpec) -> StateView:
+        return self.explain_now(route)
+
+    def explain_now(self, route: RouteSpec) -> StateView:
+        """A dry-run decide at this instant: the same rules and ranking, nothing changed."""
         now = self._now()
         state = self._routes.get(route.name) or _Route()
-        targets = []
-        for spec in route.targets:
-            target = state.targets.get(spec.id) or _Target()
+        stale: dict[str, int] = {}
+        for target_id, expiry in state.leases.values():
+            if expiry <= now:
+                stale[target_id] = stale.get(target_id, 0) + 1
+        strategy = route.strategy
+        windowed = strategy.kind in _WINDOWED
+        breaker = route.breaker
+        candidates: list[Candidate] = []
+        rows: list[TargetSnapshot] = []
+        wait = 0
+        for index, spec in enumerate(route.targets):
+            stored = state.targets.get(spec.id) or _Target()
+            # The target as a decide at `now` would see it, on a copy: explain changes nothing.
+            target = _Target()
+            for slot in _Target.__slots__:
+                setattr(target, slot, getattr(stored, slot))
+            target.probes = {t: e for t, e in stored.probes.items() if e > now}
+            target.inflight -= stale.get(spec.id, 0)
+            _half_open_if_due(target, now)
             code = target.state
-            generation = target.generation
-            if code == OPEN and now >= target.open_until:
-                code, generation = HALF_OPEN, generation + 1
-            probes = (
-                sum(1 for expiry in target.probes.values() if expiry > now)
-                if code == target.state == HALF_OPEN
-                else 0
-            )
-            successes, latency, failures, tin, tout = _window_totals(target, now, route)
-            inflight = target.inflight - sum(
-                1 for tid, expiry in state.leases.values() if tid == spec.id and expiry <= now
-            )
-            targets.append(
+            live = len(target.probes) if code == HALF_OPEN else 0
+            reason, pause = _exclusion(target, now, live, breaker.half_open_max_probes)
+            successes, latency, failures, tin, tout = _window_totals(stored, now, route)
+            if reason != _ADMISSIBLE:
+                wait = pause if wait == 0 else min(wait, pause)
+            else:
+                candidates.append(
+                    Candidate(
+                        spec,
+                        index,
+                        _STATES[code],
+                        code == HALF_OPEN,
+                        successes if windowed else 0,
+                        latency if windowed else 0,
+                        failures if windowed else 0,
+                        target.inflight,
+                        0.0,
+                        code == CLOSED
+                        and is_held(target.failures, target.inflight, breaker.failure_threshold),
+                    )
+                )
+            rows.append(
                 TargetSnapshot(
                     target_id=spec.id,
                     state=_STATES[code],
-                    generation=generation,
+                    generation=target.generation,
                     consecutive_failures=target.failures if code == CLOSED else 0,
                     half_open_successes=target.half_open_successes if code == HALF_OPEN else 0,
                     open_remaining_ms=max(0, target.open_until - now) if code == OPEN else 0,
-                    open_timeout_ms=target.open_timeout or route.breaker.open_timeout_ms,
+                    open_timeout_ms=target.open_timeout or breaker.open_timeout_ms,
                     cooldown_remaining_ms=max(0, target.cooldown_until - now),
-                    inflight=inflight,
-                    probes_in_use=probes,
+                    inflight=target.inflight,
+                    probes_in_use=live,
                     successes=successes,
                     failures=failures,
                     latency_sum_us=latency,
                     input_tokens=tin,
                     output_tokens=tout,
+                    excluded=wire.EXCLUSION_REASONS[reason],
+                    excluded_ms=max(0, pause),
                 )
             )
-        return RouteSnapshot(route.name, state.rr_cursor, now, targets)
+        # The next advancing decide moves the cursor first: rank and report with that one.
+        cursor = state.rr_cursor + (1 if strategy.kind == "round_robin" else 0)
+        ordered = rank(strategy, candidates, cursor)
+        decision = RoutingDecision(route.name, strategy, ordered, None, wait / 1000.0, cursor)
+        return StateView(decision, RouteSnapshot(route.name, cursor, now, rows))
+
+    async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
+        return self.explain_now(route).snapshot
+
+    def health(self) -> StateHealth:
+        return StateHealth("memory", "local")
 
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         target = self._target(self._route(route.name), target_id)

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import os
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,16 +20,16 @@ import hiredis
 from redis.crc import key_slot
 
 from edgeroute.errors import StateUnavailable
-from edgeroute.state.base import RouteSpec
+from edgeroute.state import wire
+from edgeroute.state.base import RouteSpec, StateHealth, StateView
 from edgeroute.state.cluster import ClusterRouter
 from edgeroute.state.memory import latency_us
 from edgeroute.state.pipeline import Pipeline
 from edgeroute.state.resp import Arg, Endpoint, command, encode_args
 from edgeroute.state.scripts import load_scripts
 from edgeroute.state.topology import parse_state_url, require_primary, resolve_master
-from edgeroute.strategy import STRATEGY_CODES, Candidate, RoutingDecision
+from edgeroute.strategy import Candidate, RoutingDecision
 from edgeroute.types import (
-    STATE_CODES,
     Admission,
     CircuitState,
     Outcome,
@@ -38,10 +38,14 @@ from edgeroute.types import (
     TargetSnapshot,
 )
 
-_HALF_OPEN_CODE = 2
-_DECIDE_HEAD = 7
-_DECIDE_ROW = 8
-_SNAPSHOT_ROW = 14
+# Reply layout, by name from the wire table (decoded positionally on the hot path).
+_HEAD = len(wire.DECIDE_HEAD)
+_ROW = len(wire.CANDIDATE_ROW)
+_C = {name: i for i, name in enumerate(wire.CANDIDATE_ROW)}
+_C_POSITION, _C_STATE, _C_SCORE = _C["position"], _C["state"], _C["score"]
+_C_S, _C_LAT, _C_F = _C["successes"], _C["latency_us"], _C["failures"]
+_C_INF, _C_HELD = _C["inflight"], _C["held"]
+_HALF_OPEN_CODE = wire.STATE_CODE[CircuitState.HALF_OPEN]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +57,6 @@ class _RouteCommands:
     decide_count: int
     record: bytes
     record_count: int
-    snapshot: bytes
-    snapshot_count: int
     reset: bytes
     reset_count: int
     slot: int
@@ -65,28 +67,33 @@ def route_keys(prefix: str, route: str) -> tuple[str, str, str]:
     return f"{tag}:t", f"{tag}:w", f"{tag}:l"
 
 
-def _route_header(route: RouteSpec) -> list[Arg]:
+def route_params(route: RouteSpec) -> list[Arg]:
+    """ARGV[1..] of every script, in wire.ROUTE_PARAMS order."""
     strategy, breaker, window = route.strategy, route.breaker, route.window
-    idle = route.key_ttl_ms
-    return [
-        STRATEGY_CODES[strategy.kind],
-        repr(strategy.cost_weight),
-        repr(strategy.latency_weight),
-        repr(strategy.reliability_weight),
-        breaker.failure_threshold,
-        breaker.open_timeout_ms,
-        breaker.success_threshold,
-        breaker.half_open_max_probes,
-        breaker.max_open_timeout_ms,
-        breaker.probe_ttl_ms,
-        window.bucket_ms,
-        window.buckets,
-        route.lease_ttl_ms,
-        idle,
-    ]
+    values: dict[str, Arg] = {
+        "strategy": wire.STRATEGY_CODES[strategy.kind],
+        "w_cost": repr(strategy.cost_weight),
+        "w_latency": repr(strategy.latency_weight),
+        "w_reliability": repr(strategy.reliability_weight),
+        "failure_threshold": breaker.failure_threshold,
+        "open_timeout_ms": breaker.open_timeout_ms,
+        "success_threshold": breaker.success_threshold,
+        "half_open_max_probes": breaker.half_open_max_probes,
+        "max_open_timeout_ms": breaker.max_open_timeout_ms,
+        "probe_ttl_ms": breaker.probe_ttl_ms,
+        "bucket_ms": window.bucket_ms,
+        "buckets": window.buckets,
+        "lease_ttl_ms": route.lease_ttl_ms,
+        "key_ttl_ms": route.key_ttl_ms,
+        "max_cooldown_ms": route.max_cooldown_ms,
+        "window_ttl_ms": route.window_ttl_ms,
+        "lease_set_ttl_ms": route.lease_set_ttl_ms,
+    }
+    return [values[name] for name in wire.ROUTE_PARAMS]
 
 
 def outcome_args(outcome: Outcome) -> list[Arg]:
+    """One outcome, in wire.OUTCOME_FIELDS order."""
     return [
         outcome.target_id,
         int(outcome.kind),
@@ -112,8 +119,12 @@ class RedisState:
         key_prefix: str = "edgeroute",
         timeout_ms: float = 50.0,
         cluster: bool = False,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`clock` (seconds) replaces Redis TIME inside the scripts: for tests only, so a
+        property test can step Lua and the reference model through the same instants."""
         self.url = url
+        self._clock = clock
         self.key_prefix = key_prefix
         self.timeout_s = timeout_ms / 1000.0
         self.target = parse_state_url(url, cluster=cluster)
@@ -160,36 +171,32 @@ class RedisState:
         if cached is not None and cached.spec is route:
             return cached
         keys = route_keys(self.key_prefix, route.name)
-        header = _route_header(route)
+        params = route_params(route)
         scripts = self._scripts
 
         def head(script: str) -> list[Arg]:
-            return ["EVALSHA", scripts[script].sha, 3, *keys, *header]
+            return ["EVALSHA", scripts[script].sha, len(keys), *keys, *params]
 
         targets: list[Arg] = [len(route.targets)]
         for target in route.targets:
             targets += [target.id, repr(float(target.price_per_mtok))]
-        ids: list[Arg] = [len(route.targets), *(t.id for t in route.targets)]
-        parts = {
-            "decide": head("decide") + targets,
-            "record": head("record"),
-            "snapshot": head("snapshot") + ids,
-            "reset": head("reset"),
-        }
+        decide, record, reset = head("decide") + targets, head("record"), head("reset")
         built = _RouteCommands(
             route,
-            encode_args(parts["decide"]),
-            len(parts["decide"]),
-            encode_args(parts["record"]),
-            len(parts["record"]),
-            encode_args(parts["snapshot"]),
-            len(parts["snapshot"]),
-            encode_args(parts["reset"]),
-            len(parts["reset"]),
+            encode_args(decide),
+            len(decide),
+            encode_args(record),
+            len(record),
+            encode_args(reset),
+            len(reset),
             key_slot(keys[0].encode()),
         )
         self._routes[route.name] = built
         return built
+
+    def _clock_arg(self) -> int:
+        """The scripts' last ARGV: 0 for Redis TIME, or the injected test clock in ms."""
+        return 0 if self._clock is None else int(self._clock() * 1000)
 
     async def _call(self, cmd: bytes, slot: int = 0) -> Any:
         if self._cluster is not None:
@@ -214,12 +221,14 @@ class RedisState:
     ) -> RoutingDecision:
         static = self._commands(route)
         token = f"{self._token_prefix}{next(self._tokens):x}"
-        dynamic: list[Arg] = [token, b"1" if advance else b"0", limit, len(exclude), *exclude]
+        mode = wire.MODE_ADVANCE if advance else wire.MODE_DECIDE
+        dynamic: list[Arg] = [mode, token, limit, len(exclude), *exclude]
         if outcome is None:
-            dynamic.append(b"0")
+            dynamic.append(0)
         else:
-            dynamic.append(b"1")
+            dynamic.append(1)
             dynamic += outcome_args(outcome)
+        dynamic.append(self._clock_arg())
         try:
             reply = await self._call(
                 command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
@@ -231,6 +240,48 @@ class RedisState:
                 self._reaper = asyncio.get_running_loop().create_task(self._reap())
             raise
         return _decision(route, reply, token)
+
+    async def explain(self, route: RouteSpec) -> StateView:
+        static = self._commands(route)
+        dynamic: list[Arg] = [wire.MODE_EXPLAIN, "", 0, 0, 0, self._clock_arg()]
+        reply = await self._call(
+            command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
+            static.slot,
+        )
+        decision = _decision(route, reply, "")
+        head = wire.Row(wire.DECIDE_HEAD, reply[:_HEAD])
+        start = _HEAD + head["count"] * _ROW
+        targets = [
+            TargetSnapshot(
+                target_id=spec.id,
+                state=wire.STATE_CODES[row["state"]],
+                generation=row["generation"],
+                consecutive_failures=row["consecutive_failures"],
+                half_open_successes=row["half_open_successes"],
+                open_remaining_ms=row["open_remaining_ms"],
+                open_timeout_ms=row["open_timeout_ms"],
+                cooldown_remaining_ms=row["cooldown_remaining_ms"],
+                inflight=row["inflight"],
+                probes_in_use=row["probes_in_use"],
+                successes=row["successes"],
+                failures=row["failures"],
+                latency_sum_us=row["latency_us"],
+                input_tokens=row["input_tokens"],
+                output_tokens=row["output_tokens"],
+                excluded=wire.EXCLUSION_REASONS[row["excluded"]],
+                excluded_ms=row["excluded_ms"],
+            )
+            for spec, row in zip(
+                route.targets,
+                wire.rows(reply, start, wire.TARGET_ROW, len(route.targets)),
+                strict=True,
+            )
+        ]
+        snapshot = RouteSnapshot(route.name, head["rr_cursor"], head["now_ms"], targets)
+        return StateView(decision, snapshot)
+
+    async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
+        return (await self.explain(route)).snapshot
 
     async def _reap(self) -> None:
         """Release the leases of decides that failed here but may have run on the server."""
@@ -275,6 +326,7 @@ class RedisState:
             dynamic: list[Arg] = [len(outcomes)]
             for outcome in outcomes:
                 dynamic += outcome_args(outcome)
+            dynamic.append(self._clock_arg())
             cmd = command(static.record_count + len(dynamic), static.record, encode_args(dynamic))
             calls.append(self._call(cmd, static.slot))
         if len(calls) == 1:
@@ -282,20 +334,16 @@ class RedisState:
         elif calls:
             await asyncio.gather(*calls)
 
-    async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
-        static = self._commands(route)
-        reply = await self._call(command(static.snapshot_count, static.snapshot), static.slot)
-        targets = []
-        for i, spec in enumerate(route.targets):
-            row = reply[2 + i * _SNAPSHOT_ROW : 2 + (i + 1) * _SNAPSHOT_ROW]
-            targets.append(TargetSnapshot(spec.id, STATE_CODES[row[0]], *row[1:]))
-        return RouteSnapshot(route.name, reply[0], reply[1], targets)
-
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         static = self._commands(route)
+        dynamic: list[Arg] = [target_id, self._clock_arg()]
         await self._call(
-            command(static.reset_count + 1, static.reset, encode_args([target_id])), static.slot
+            command(static.reset_count + len(dynamic), static.reset, encode_args(dynamic)),
+            static.slot,
         )
+
+    def health(self) -> StateHealth:
+        return StateHealth("redis", "live")
 
     async def ping(self) -> None:
         """Raises StateUnavailable when Redis does not answer within the timeout."""
@@ -315,25 +363,25 @@ class RedisState:
 
 
 def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision:
-    admitted, generation, probe, wait_ms, rr_cursor, count, admissible = reply[:_DECIDE_HEAD]
+    admitted, generation, probe, wait_ms, rr_cursor, count, admissible, _ = reply[:_HEAD]
     targets = route.targets
+    states = wire.STATE_CODES
     candidates = []
-    end = _DECIDE_HEAD + count * _DECIDE_ROW
-    for j in range(_DECIDE_HEAD, end, _DECIDE_ROW):
-        index = reply[j] - 1
-        code = reply[j + 1]
+    for j in range(_HEAD, _HEAD + count * _ROW, _ROW):
+        index = reply[j + _C_POSITION] - 1
+        code = reply[j + _C_STATE]
         candidates.append(
             Candidate(
                 targets[index],
                 index,
-                STATE_CODES[code],
+                states[code],
                 code == _HALF_OPEN_CODE,
-                reply[j + 3],
-                reply[j + 4],
-                reply[j + 5],
-                reply[j + 6],
-                float(reply[j + 2]),
-                reply[j + 7] == 1,
+                reply[j + _C_S],
+                reply[j + _C_LAT],
+                reply[j + _C_F],
+                reply[j + _C_INF],
+                float(reply[j + _C_SCORE]),
+                reply[j + _C_HELD] == 1,
             )
         )
     admission = None

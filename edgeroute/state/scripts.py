@@ -8,7 +8,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-SCRIPT_NAMES = ("decide", "record", "snapshot", "reset")
+SCRIPT_NAMES = ("decide", "record", "reset")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,149 @@
+"""One accounting step for every way a request can end: metrics, access line, outcome.
+
+The proxy calls exactly one of `rejected`, `unserved` or `served` per request, whatever
+happened; the failover engine reports failed attempts and failovers here as it goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from edgeroute.failover import Attempt, Failure
+from edgeroute.metrics import Metrics
+from edgeroute.providers.base import Usage
+from edgeroute.recorder import Recorder
+from edgeroute.responses import access_log, write_access_line
+from edgeroute.state.base import RouteSpec
+from edgeroute.types import Admission, Outcome, OutcomeKind, TargetSpec
+
+
+class Accounting:
+    def __init__(self, metrics: Metrics, recorder: Recorder) -> None:
+        self.metrics = metrics
+        self.recorder = recorder
+
+    # ---- the engine's observer -----------------------------------------------------------
+
+    def attempt_failed(
+        self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float
+    ) -> None:
+        metrics = self.metrics
+        metrics.attempts.labels(target.provider, target.model, failure.error).inc()
+        metrics.upstream_duration.labels(target.provider, target.model).observe(elapsed_s)
+
+    def failover(self, route: RouteSpec, last: Attempt) -> None:
+        self.metrics.failovers.labels(route.name, last.provider, last.error).inc()
+
+    async def record(self, route: RouteSpec, outcome: Outcome) -> None:
+        """Outcomes go to state off the request path, batched by the recorder."""
+        self.recorder.submit(route, outcome)
+
+    # ---- how a request ended -------------------------------------------------------------
+
+    def rejected(self, request_id: str, status: int, started: float, code: str) -> None:
+        """Refused before routing (bad body, unknown model): no route label, ever."""
+        self.unserved(request_id, None, status, started, code, error=code)
+
+    def unserved(
+        self,
+        request_id: str,
+        route: RouteSpec | None,
+        status: int,
+        started: float,
+        outcome: str,
+        *,
+        attempts: list[Attempt] | None = None,
+        upstream_s: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Ended without a served answer: exhausted, passed-through client error, gone."""
+        total = time.perf_counter() - started
+        last = attempts[-1] if attempts else None
+        provider = last.provider if last else ""
+        model = last.model if last else ""
+        name = route.name if route is not None else ""
+        self.metrics.requests.labels(name, provider, model, outcome).inc()
+        if route is not None:
+            self.metrics.request_duration.labels(name).observe(total)
+        if access_log.isEnabledFor(logging.INFO):
+            write_access_line(
+                request_id,
+                name or None,
+                status,
+                total,
+                attempts=len(attempts) if attempts else 0,
+                provider=provider or None,
+                model=model or None,
+                upstream_s=upstream_s,
+                error=error,
+            )
+
+    def served(
+        self,
+        request_id: str,
+        route: RouteSpec,
+        target: TargetSpec,
+        admission: Admission,
+        *,
+        started: float,
+        status: int,
+        outcome: str,
+        kind: OutcomeKind,
+        latency_s: float,
+        usage: Usage,
+        attempts: int,
+        upstream_s: float,
+        ttft: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Reached a target: record the attempt's outcome, then the request's metrics."""
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        self.recorder.submit(
+            route,
+            Outcome.for_admission(
+                admission,
+                kind,
+                latency_s * 1000,
+                input_tokens=prompt,
+                output_tokens=completion,
+            ),
+        )
+        bound = self.metrics.target(route.name, target.provider, target.model)
+        if kind is OutcomeKind.SUCCESS:
+            bound.attempt_ok.inc()
+            bound.upstream_duration.observe(latency_s)
+            if ttft is not None:
+                bound.ttft.observe(ttft)
+            if prompt or completion:
+                bound.prompt_tokens.inc(prompt)
+                bound.completion_tokens.inc(completion)
+                cost = (
+                    prompt * target.input_cost_per_mtok + completion * target.output_cost_per_mtok
+                )
+                if cost:
+                    bound.cost.inc(cost / 1_000_000)
+        elif kind is OutcomeKind.FAILURE and error is not None:
+            self.metrics.attempts.labels(target.provider, target.model, error).inc()
+        total = time.perf_counter() - started
+        if outcome == "success":
+            bound.success.inc()
+        else:
+            self.metrics.requests.labels(route.name, target.provider, target.model, outcome).inc()
+        bound.request_duration.observe(total)
+        if ttft is None:
+            self.metrics.overhead.observe(max(0.0, total - upstream_s))
+        if access_log.isEnabledFor(logging.INFO):
+            write_access_line(
+                request_id,
+                route.name,
+                status,
+                total,
+                attempts=attempts,
+                provider=target.provider,
+                model=target.model,
+                target=target.id,
+                upstream_s=upstream_s,
+                ttft=ttft,
+                error=error,
+            )

@@ -1,0 +1,80 @@
+"""One JSON schema for explanations: HTTP explain, `/admin/state`, CLI `explain --json` and
+`edgeroute state --json` all render through these two functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeroute.router import Explanation
+from edgeroute.state.base import StateHealth
+
+
+def explanation_json(explanation: Explanation) -> dict[str, Any]:
+    """One route: what the next request would get and why, every target's state.
+
+    `rank` is 1 for the next request's target (None: excluded); `rr_cursor` is the
+    round-robin cursor the next request takes; `excluded` is the backend's reason code
+    and `excluded_because` the same in words.
+    """
+    strategy = explanation.strategy
+    return {
+        "route": explanation.route,
+        "strategy": strategy.kind,
+        "weights": (
+            {
+                "cost": strategy.cost_weight,
+                "latency": strategy.latency_weight,
+                "reliability": strategy.reliability_weight,
+            }
+            if strategy.kind == "hybrid"
+            else None
+        ),
+        "order": list(explanation.order),
+        "reason": explanation.reason,
+        "rr_cursor": explanation.snapshot.rr_cursor,
+        "targets": [
+            {
+                "target": item.spec.id,
+                "provider": item.spec.provider,
+                "model": item.spec.model,
+                "price_per_mtok": item.spec.price_per_mtok,
+                "breaker": item.snapshot.state.value,
+                "generation": item.snapshot.generation,
+                "consecutive_failures": item.snapshot.consecutive_failures,
+                "half_open_successes": item.snapshot.half_open_successes,
+                "open_remaining_ms": item.snapshot.open_remaining_ms,
+                "open_timeout_ms": item.snapshot.open_timeout_ms,
+                "cooldown_remaining_ms": item.snapshot.cooldown_remaining_ms,
+                "in_flight": item.snapshot.inflight,
+                "probes_in_use": item.snapshot.probes_in_use,
+                "window": {
+                    "successes": item.snapshot.successes,
+                    "failures": item.snapshot.failures,
+                    "latency_ms": item.snapshot.latency_ms,
+                    "success_rate": item.snapshot.success_rate,
+                    "input_tokens": item.snapshot.input_tokens,
+                    "output_tokens": item.snapshot.output_tokens,
+                },
+                "admissible": item.admissible,
+                "excluded": item.snapshot.excluded,
+                "excluded_for_ms": item.snapshot.excluded_ms,
+                "excluded_because": item.excluded_because,
+                "held": item.held,
+                "score": item.score,
+                "rank": item.rank,
+            }
+            for item in explanation.targets
+        ],
+    }
+
+
+def state_document(health: StateHealth, explanations: list[Explanation]) -> dict[str, Any]:
+    """Every route of a replica (or of the fleet, read from Redis), keyed by route name."""
+    document: dict[str, Any] = {
+        "state_backend": health.backend,
+        "shared_state": health.shared_state,
+    }
+    if health.error:
+        document["state_error"] = health.error
+    document["routes"] = {e.route: explanation_json(e) for e in explanations}
+    return document

@@ -1,0 +1,178 @@
+"""The Lua wire contract, written once: every ARGV field and reply field of every script.
+
+Python packs arguments and decodes replies from these tuples, and each script's header
+comment lists the same names (`tests/test_wire_contract.py` holds the two equal), so a field
+added on one side and not the other fails a test instead of shifting every field after it.
+
+Codes that cross the wire (breaker states, outcome kinds, strategies, exclusion reasons)
+are defined here and nowhere else in Python; `lua/lib.lua` declares the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from edgeroute.types import CircuitState, OutcomeKind
+
+# ---- codes -------------------------------------------------------------------------------
+
+STATE_CODES: tuple[CircuitState, ...] = (
+    CircuitState.CLOSED,  # 0
+    CircuitState.OPEN,  # 1
+    CircuitState.HALF_OPEN,  # 2
+)
+STATE_CODE = {state: code for code, state in enumerate(STATE_CODES)}
+
+STRATEGY_CODES: dict[str, int] = {
+    "cost": 0,
+    "latency": 1,
+    "hybrid": 2,
+    "round_robin": 3,
+    "least_busy": 4,
+}
+
+# Why a target is not admissible right now (0: it is). Decide and explain report these;
+# nothing else re-derives them.
+EXCLUSION_REASONS: tuple[str | None, ...] = (
+    None,  # 0 admissible
+    "breaker_open",  # 1 until its open timeout ends
+    "rate_limited",  # 2 a Retry-After cooldown is in force
+    "probes_full",  # 3 half-open, every probe reservation is taken
+)
+
+# Decide modes: what a call may change.
+MODE_DECIDE = 0  # admit the best target (a failover: the cursor stays)
+MODE_ADVANCE = 1  # admit the best target and advance the round-robin cursor (first decide)
+MODE_EXPLAIN = 2  # change nothing; rank as the next advancing decide would, report every target
+
+# ---- arguments ---------------------------------------------------------------------------
+
+# ARGV[1..] of every script: the route's parameters (static per route, encoded once).
+ROUTE_PARAMS = (
+    "strategy",
+    "w_cost",
+    "w_latency",
+    "w_reliability",
+    "failure_threshold",
+    "open_timeout_ms",
+    "success_threshold",
+    "half_open_max_probes",
+    "max_open_timeout_ms",
+    "probe_ttl_ms",
+    "bucket_ms",
+    "buckets",
+    "lease_ttl_ms",
+    "key_ttl_ms",
+    "max_cooldown_ms",
+    "window_ttl_ms",
+    "lease_set_ttl_ms",
+)
+
+# One finished attempt, as decide (a failover's report) and record carry it.
+OUTCOME_FIELDS = (
+    "target_id",
+    "kind",
+    "latency_us",
+    "generation",
+    "token",
+    "probe",
+    "retry_after_ms",
+    "input_tokens",
+    "output_tokens",
+)
+
+# What follows the route parameters, per script. `*` marks a repeated group: its count comes
+# first. Every script's last ARGV is `clock_ms`: 0 means Redis TIME (always, in production);
+# a positive value is a test clock (see RedisState's `clock`).
+SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
+    "decide": (
+        "n",
+        "*(target_id price)",
+        "mode",
+        "token",
+        "limit",
+        "m",
+        "*(excluded_id)",
+        "has_outcome",
+        "[outcome]",
+        "clock_ms",
+    ),
+    "record": ("k", "*[outcome]", "clock_ms"),
+    "reset": ("target_id", "clock_ms"),
+}
+
+# ---- replies -----------------------------------------------------------------------------
+
+DECIDE_HEAD = (
+    "admitted",
+    "generation",
+    "probe",
+    "wait_ms",
+    "rr_cursor",
+    "count",
+    "admissible",
+    "now_ms",
+)
+# One ranked candidate, best first (`count` of them).
+CANDIDATE_ROW = (
+    "position",
+    "state",
+    "score",
+    "successes",
+    "latency_us",
+    "failures",
+    "inflight",
+    "held",
+)
+# Explain mode only: one row per target in configuration order, after the candidates.
+TARGET_ROW = (
+    "state",
+    "generation",
+    "consecutive_failures",
+    "half_open_successes",
+    "open_remaining_ms",
+    "open_timeout_ms",
+    "cooldown_remaining_ms",
+    "inflight",
+    "probes_in_use",
+    "successes",
+    "failures",
+    "latency_us",
+    "input_tokens",
+    "output_tokens",
+    "excluded",
+    "excluded_ms",
+)
+SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
+    "decide": (*DECIDE_HEAD, "*[candidate]", "*[target] (explain)"),
+    "record": ("applied",),
+    "reset": ("generation",),
+}
+
+
+class Row:
+    """Named access into one flat reply row: `row[field]` reads by the wire table's name."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, names: Sequence[str], values: Sequence[Any]) -> None:
+        self._index = _INDEXES.setdefault(tuple(names), {n: i for i, n in enumerate(names)})
+        self._values = values
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[self._index[name]]
+
+
+_INDEXES: dict[tuple[str, ...], dict[str, int]] = {}
+
+
+def rows(reply: Sequence[Any], start: int, names: Sequence[str], count: int) -> list[Row]:
+    """`count` consecutive rows of `names` fields each, from `reply[start]` on."""
+    width = len(names)
+    return [Row(names, reply[start + i * width : start + (i + 1) * width]) for i in range(count)]
+
+
+def outcome_kind_codes() -> dict[str, int]:
+    """The outcome kinds by name, as lib.lua declares them (for the contract test)."""
+    return {kind.name: int(kind) for kind in OutcomeKind}
