@@ -131,6 +131,11 @@ class Metrics:
             buckets=_OVERHEAD_BUCKETS,
             registry=r,
         )
+        self.state_repairs = Counter(
+            "edgeroute_state_repairs",
+            "Shared-state keys of the wrong type that a script replaced (tampering, stray keys).",
+            registry=r,
+        )
         self.state_degraded = Gauge(
             "edgeroute_state_degraded",
             "1 while this replica routes on local state because shared state is unreachable.",

@@ -96,6 +96,7 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
             on_change=lambda degraded: metrics.state_degraded.set(1 if degraded else 0),
             on_error=lambda op: metrics.state_errors.labels(op).inc(),
             on_latency=metrics.observe_state_call,
+            on_repair=metrics.state_repairs.inc,
         )
     router = Router(config, state)
     client_keys = _key_digests(config.server.api_keys)

@@ -3,7 +3,7 @@
 -- ARGV: n *(target_id price) mode token limit m *(excluded_id) has_outcome [outcome] clock_ms
 --   (static route data first, so the client can send it pre-encoded)
 --   mode: 0 decide, 1 decide and advance the round-robin cursor, 2 explain
--- REPLY: admitted generation probe wait_ms rr_cursor count admissible now_ms
+-- REPLY: admitted generation probe wait_ms rr_cursor count admissible now_ms repaired
 --        *[candidate] *[target] (explain)
 --   candidate (best first, `count` of them): position state score successes latency_us
 --     failures inflight held   (scores travel as strings: Redis truncates Lua numbers)
@@ -44,7 +44,18 @@ local rr = tonumber(values[1]) or 0
 for k = 1, n do records[ids[k]] = parse(values[k + 1]) end
 
 if ARGV[i] == '1' and not explain then apply_argv(now, i + 1) end
-local stale = expire_leases(now, explain)
+expire_leases(now, explain)
+if explain then
+  -- Explain reads the truth from the lease set itself (rare, and it changes nothing).
+  local live = {}
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '(' .. now, '+inf')) do
+    local id = string.match(member, '^(.*)|[^|]*$')
+    if id then live[id] = (live[id] or 0) + 1 end
+  end
+  for k = 1, n do records[ids[k]].inf = live[ids[k]] or 0 end
+else
+  reconcile_inflight(ids)
+end
 
 local strategy = P.strategy
 local extra = nil
@@ -70,7 +81,6 @@ for k = 1, n do
   local id = ids[k]
   local r = records[id]
   half_open_if_due(r, id, now)
-  r.inf = r.inf - (explain and stale[id] or 0)
   local reason, pause = 0, 0
   local live, earliest = 0, nil
   if r.st == HALF_OPEN then live, earliest = live_probes(r, id, now) end
@@ -196,7 +206,7 @@ local function candidate_rows(reply, upto)
   end
 end
 
-local reply = {0, 0, 0, wait, rr, count, count, now}
+local reply = {0, 0, 0, wait, rr, count, count, now, REPAIRED}
 if explain then
   candidate_rows(reply, count)
   for k = 1, n do

@@ -21,6 +21,19 @@ local SUCCESS, FAILURE, RATE_LIMITED, NEUTRAL = 0, 1, 2, 3
 
 local K_TARGETS, K_WINDOW, K_LEASES = KEYS[1], KEYS[2], KEYS[3]
 
+-- A key of the wrong type (overwritten by hand, a stray client) would fail every call on
+-- the route for good: replace it, say so in Redis's log, and count it in the reply.
+local REPAIRED = 0
+for _, key_type in ipairs({{K_TARGETS, 'hash'}, {K_WINDOW, 'hash'}, {K_LEASES, 'zset'}}) do
+  local found = redis.call('TYPE', key_type[1]).ok
+  if found ~= 'none' and found ~= key_type[2] then
+    redis.call('DEL', key_type[1])
+    redis.log(redis.LOG_WARNING, 'edgeroute: replaced ' .. key_type[1] .. ', a ' .. found ..
+      ' where a ' .. key_type[2] .. ' belongs')
+    REPAIRED = REPAIRED + 1
+  end
+end
+
 -- The route's parameters, ARGV[1..ARG0], in PARAMS order.
 local P = {
   strategy = tonumber(ARGV[1]),
@@ -145,24 +158,48 @@ local function live_probes(r, id, now)
 end
 
 -- Leases whose replica never reported back stop counting as in flight. A dry run (explain)
--- only counts them per target; a decide also removes them.
+-- changes nothing: it counts live leases itself.
 local function expire_leases(now, dry)
-  local stale = {}
+  if dry then return end
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now)
-  if #expired == 0 then return stale end
+  if #expired == 0 then return end
   for _, member in ipairs(expired) do
     local id = string.match(member, '^(.*)|[^|]*$')
     if id then
-      stale[id] = (stale[id] or 0) + 1
-      if not dry then
-        local r = load(id)
-        r.inf = r.inf - 1
-        touch(id)
-      end
+      local r = load(id)
+      r.inf = r.inf - 1
+      touch(id)
     end
   end
-  if not dry then redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now) end
-  return stale
+  redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
+end
+
+-- In-flight counts live in the target records, the leases in K_LEASES; a lost key (eviction,
+-- a stray DEL) must not leave them disagreeing. ZCARD is O(1): only when the total differs
+-- are the leases counted again per target (leases of targets this route no longer lists
+-- keep the totals apart until they expire; the recount then simply runs each time).
+local function lease_counts()
+  local counts = {}
+  for _, member in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    local id = string.match(member, '^(.*)|[^|]*$')
+    if id then counts[id] = (counts[id] or 0) + 1 end
+  end
+  return counts
+end
+
+local function reconcile_inflight(ids)
+  local total = 0
+  for _, id in ipairs(ids) do total = total + records[id].inf end
+  if total == redis.call('ZCARD', K_LEASES) then return end
+  local counts = lease_counts()
+  for _, id in ipairs(ids) do
+    local r = records[id]
+    local held = counts[id] or 0
+    if r.inf ~= held then
+      r.inf = held
+      touch(id)
+    end
+  end
 end
 
 -- A window field is "<first>:<last>:<S>:<L>:<F>:<I>:<O>|<older slots>|<s>:<l>:<f>:<i>:<o>":

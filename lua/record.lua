@@ -1,6 +1,6 @@
 -- record: apply a batch of finished attempts of one route, in order, atomically.
 -- ARGV: k *[outcome] clock_ms
--- REPLY: applied
+-- REPLY: applied repaired
 --   k outcomes of OUTCOME_FIELDS fields each, applied in order.
 
 local now = now_ms()
@@ -11,4 +11,4 @@ for _ = 1, k do
   i = i + OUTCOME_FIELDS
 end
 flush(nil)
-return k
+return {k, REPAIRED}

@@ -1,6 +1,6 @@
 -- reset: close one target's breaker and lift its cooldown (an operator's decision).
 -- ARGV: target_id clock_ms
--- REPLY: generation
+-- REPLY: generation repaired
 
 local id = ARGV[ARG0 + 1]
 local r = load(id)
@@ -14,4 +14,4 @@ r.cd = 0
 r.probes = {}
 touch(id)
 flush(nil)
-return r.gen
+return {r.gen, REPAIRED}

@@ -24,12 +24,14 @@ def build_state(
     on_change: Callable[[bool], None] | None = None,
     on_error: Callable[[str], None] | None = None,
     on_latency: Callable[[str, float], None] | None = None,
+    on_repair: Callable[[int], None] | None = None,
 ) -> StateBackend:
     """No Redis URL: in-memory state. Otherwise the fleet-wide Redis state, wrapped for
     degraded mode unless `degrade` is false (the CLI wants Redis's answer or an error).
 
     `min_timeout_ms` raises the per-call timeout for callers that can afford to wait (the
-    CLI); the callbacks feed metrics: degraded on/off, failed calls, call latency.
+    CLI); the callbacks feed metrics: degraded on/off, failed calls, call latency, keys of
+    the wrong type replaced.
     """
     url = config.redis_url
     if not url:
@@ -40,6 +42,7 @@ def build_state(
             key_prefix=config.key_prefix,
             timeout_ms=max(config.timeout_ms, min_timeout_ms),
             cluster=config.cluster,
+            on_repair=on_repair,
         )
     except (ValueError, OSError) as exc:  # bad URL, unreadable CA file
         raise ConfigError(f"$.state.redis_url: {exc}") from None

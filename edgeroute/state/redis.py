@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -46,6 +47,14 @@ _C_POSITION, _C_STATE, _C_SCORE = _C["position"], _C["state"], _C["score"]
 _C_S, _C_LAT, _C_F = _C["successes"], _C["latency_us"], _C["failures"]
 _C_INF, _C_HELD = _C["inflight"], _C["held"]
 _HALF_OPEN_CODE = wire.STATE_CODE[CircuitState.HALF_OPEN]
+_H = {name: i for i, name in enumerate(wire.DECIDE_HEAD)}
+_H_ADMITTED, _H_GENERATION, _H_PROBE = _H["admitted"], _H["generation"], _H["probe"]
+_H_WAIT, _H_CURSOR, _H_COUNT = _H["wait_ms"], _H["rr_cursor"], _H["count"]
+_H_ADMISSIBLE, _REPAIRED = _H["admissible"], _H["repaired"]
+_RECORD_REPAIRED = wire.SCRIPT_REPLIES["record"].index("repaired")
+_RESET_REPAIRED = wire.SCRIPT_REPLIES["reset"].index("repaired")
+
+log = logging.getLogger("edgeroute.state")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +129,13 @@ class RedisState:
         timeout_ms: float = 50.0,
         cluster: bool = False,
         clock: Callable[[], float] | None = None,
+        on_repair: Callable[[int], None] | None = None,
     ) -> None:
         """`clock` (seconds) replaces Redis TIME inside the scripts: for tests only, so a
         property test can step Lua and the reference model through the same instants."""
         self.url = url
         self._clock = clock
+        self._on_repair = on_repair
         self.key_prefix = key_prefix
         self.timeout_s = timeout_ms / 1000.0
         self.target = parse_state_url(url, cluster=cluster)
@@ -239,7 +250,18 @@ class RedisState:
             if self._reaper is None:
                 self._reaper = asyncio.get_running_loop().create_task(self._reap())
             raise
+        if reply[_REPAIRED]:
+            self._repaired(route, reply[_REPAIRED])
         return _decision(route, reply, token)
+
+    def _repaired(self, route: RouteSpec, count: int) -> None:
+        log.warning(
+            "shared state of route %r held %d key(s) of the wrong type; replaced them",
+            route.name,
+            count,
+        )
+        if self._on_repair is not None:
+            self._on_repair(count)
 
     async def explain(self, route: RouteSpec) -> StateView:
         static = self._commands(route)
@@ -321,7 +343,9 @@ class RedisState:
         for route, outcome in items:
             by_route.setdefault(route.name, (route, []))[1].append(outcome)
         calls = []
+        routes = []
         for route, outcomes in by_route.values():
+            routes.append(route)
             static = self._commands(route)
             dynamic: list[Arg] = [len(outcomes)]
             for outcome in outcomes:
@@ -330,17 +354,24 @@ class RedisState:
             cmd = command(static.record_count + len(dynamic), static.record, encode_args(dynamic))
             calls.append(self._call(cmd, static.slot))
         if len(calls) == 1:
-            await calls[0]
+            replies = [await calls[0]]
         elif calls:
-            await asyncio.gather(*calls)
+            replies = await asyncio.gather(*calls)
+        else:
+            return
+        for route, reply in zip(routes, replies, strict=True):
+            if reply[_RECORD_REPAIRED]:
+                self._repaired(route, reply[_RECORD_REPAIRED])
 
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         static = self._commands(route)
         dynamic: list[Arg] = [target_id, self._clock_arg()]
-        await self._call(
+        reply = await self._call(
             command(static.reset_count + len(dynamic), static.reset, encode_args(dynamic)),
             static.slot,
         )
+        if reply[_RESET_REPAIRED]:
+            self._repaired(route, reply[_RESET_REPAIRED])
 
     def health(self) -> StateHealth:
         return StateHealth("redis", "live")
@@ -363,7 +394,8 @@ class RedisState:
 
 
 def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision:
-    admitted, generation, probe, wait_ms, rr_cursor, count, admissible, _ = reply[:_HEAD]
+    admitted, generation, probe = reply[_H_ADMITTED], reply[_H_GENERATION], reply[_H_PROBE]
+    count = reply[_H_COUNT]
     targets = route.targets
     states = wire.STATE_CODES
     candidates = []
@@ -392,9 +424,9 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
         route.strategy,
         candidates,
         admission,
-        wait_ms / 1000.0,
-        rr_cursor,
-        admissible,
+        reply[_H_WAIT] / 1000.0,
+        reply[_H_CURSOR],
+        reply[_H_ADMISSIBLE],
     )
 
 

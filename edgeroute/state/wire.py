@@ -113,6 +113,7 @@ DECIDE_HEAD = (
     "count",
     "admissible",
     "now_ms",
+    "repaired",  # keys of the wrong type this call replaced (0 but after tampering)
 )
 # One ranked candidate, best first (`count` of them).
 CANDIDATE_ROW = (
@@ -146,8 +147,8 @@ TARGET_ROW = (
 )
 SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
     "decide": (*DECIDE_HEAD, "*[candidate]", "*[target] (explain)"),
-    "record": ("applied",),
-    "reset": ("generation",),
+    "record": ("applied", "repaired"),
+    "reset": ("generation", "repaired"),
 }
 
 
