@@ -229,7 +229,6 @@ if count > 0 then
   r.inf = r.inf + 1
   touch(first.id)
   redis.call('ZADD', K_LEASES, now + P.lease_ttl, first.id .. '|' .. token)
-  redis.call('PEXPIRE', K_LEASES, P.lease_set_ttl)
   reply[1] = 1
   reply[2] = r.gen
   if first.probe then reply[3] = 1 end

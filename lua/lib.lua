@@ -14,7 +14,7 @@
 --
 -- PARAMS: strategy w_cost w_latency w_reliability failure_threshold open_timeout_ms
 --         success_threshold half_open_max_probes max_open_timeout_ms probe_ttl_ms bucket_ms
---         buckets lease_ttl_ms key_ttl_ms max_cooldown_ms window_ttl_ms lease_set_ttl_ms
+--         buckets lease_ttl_ms key_ttl_ms max_cooldown_ms
 
 local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 local SUCCESS, FAILURE, RATE_LIMITED, NEUTRAL = 0, 1, 2, 3
@@ -49,10 +49,8 @@ local P = {
   lease_ttl = tonumber(ARGV[13]),
   key_ttl = tonumber(ARGV[14]),
   max_cooldown = tonumber(ARGV[15]),
-  window_ttl = tonumber(ARGV[16]),
-  lease_set_ttl = tonumber(ARGV[17]),
 }
-local ARG0 = 17
+local ARG0 = 15
 
 -- Every script's last ARGV: 0 for Redis TIME, or a test clock in ms.
 local function now_ms()
@@ -105,6 +103,19 @@ local function load(id)
   return r
 end
 
+-- The three keys of a route exist together and share one lifetime: during a Redis Cluster
+-- slot migration a script whose keys are partly missing on a node is refused (TRYAGAIN),
+-- while one whose keys all exist follows the ASK redirection. So the window hash and the
+-- lease set each hold a placeholder member '#' (never a target id: ids never contain '#'
+-- alone, and lease members always contain '|'), and every write refreshes all three TTLs.
+local function keep_together()
+  redis.call('HSET', K_WINDOW, '#', 1)
+  redis.call('ZADD', K_LEASES, 'inf', '#')
+  redis.call('PEXPIRE', K_TARGETS, P.key_ttl)
+  redis.call('PEXPIRE', K_WINDOW, P.key_ttl)
+  redis.call('PEXPIRE', K_LEASES, P.key_ttl)
+end
+
 -- Write every changed record back in one HSET; `extra` adds more field/value pairs.
 local function flush(extra)
   local args = {}
@@ -117,7 +128,7 @@ local function flush(extra)
   end
   if #args > 0 then
     redis.call('HSET', K_TARGETS, unpack(args))
-    redis.call('PEXPIRE', K_TARGETS, P.key_ttl)
+    keep_together()
   end
 end
 
@@ -190,7 +201,9 @@ end
 local function reconcile_inflight(ids)
   local total = 0
   for _, id in ipairs(ids) do total = total + records[id].inf end
-  if total == redis.call('ZCARD', K_LEASES) then return end
+  local leases = redis.call('ZCARD', K_LEASES)
+  if redis.call('ZSCORE', K_LEASES, '#') then leases = leases - 1 end
+  if total == leases then return end
   local counts = lease_counts()
   for _, id in ipairs(ids) do
     local r = records[id]
@@ -309,7 +322,7 @@ local function add_sample(id, now, kind, lat_us, tin, tout)
     value = window_encode(slots)
   end
   redis.call('HSET', K_WINDOW, id, value)
-  redis.call('PEXPIRE', K_WINDOW, P.window_ttl)
+  keep_together()
 end
 
 -- The target holding the lease `token`, for a client that never learnt which one it was

@@ -112,8 +112,6 @@ def test_route_params_pack_every_field_in_order() -> None:
     # Every expiry is computed once, on the RouteSpec, and sent by name.
     assert named["key_ttl_ms"] == route.key_ttl_ms
     assert named["max_cooldown_ms"] == route.max_cooldown_ms
-    assert named["window_ttl_ms"] == route.window_ttl_ms
-    assert named["lease_set_ttl_ms"] == route.lease_set_ttl_ms
 
 
 def test_no_script_hard_codes_an_expiry() -> None:

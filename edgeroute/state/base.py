@@ -28,8 +28,9 @@ class RouteSpec:
 
     @property
     def key_ttl_ms(self) -> int:
-        """How long a route's state outlives its last use: never shorter than anything it
-        holds (an open breaker, the window, a lease, a probe reservation)."""
+        """How long a route's state outlives its last write: never shorter than anything it
+        holds (an open breaker, the window, a lease, a probe reservation). All three keys of
+        a route share it, so they exist together (see keep_together in lua/lib.lua)."""
         window = self.window
         return max(
             self.idle_ttl_ms,
@@ -44,16 +45,6 @@ class RouteSpec:
         """A Retry-After is honoured up to half the key lifetime (30 min by default), so a
         cooldown never outlives the record that holds it."""
         return self.key_ttl_ms // 2
-
-    @property
-    def window_ttl_ms(self) -> int:
-        """The window key outlives its newest bucket by one bucket, then goes by itself."""
-        return self.window.bucket_ms * (self.window.buckets + 1)
-
-    @property
-    def lease_set_ttl_ms(self) -> int:
-        """The lease set outlives its newest lease by a minute, so a late release finds it."""
-        return self.lease_ttl_ms + 60_000
 
 
 @dataclass(slots=True)

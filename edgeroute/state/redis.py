@@ -95,8 +95,6 @@ def route_params(route: RouteSpec) -> list[Arg]:
         "lease_ttl_ms": route.lease_ttl_ms,
         "key_ttl_ms": route.key_ttl_ms,
         "max_cooldown_ms": route.max_cooldown_ms,
-        "window_ttl_ms": route.window_ttl_ms,
-        "lease_set_ttl_ms": route.lease_set_ttl_ms,
     }
     return [values[name] for name in wire.ROUTE_PARAMS]
 

@@ -65,8 +65,6 @@ ROUTE_PARAMS = (
     "lease_ttl_ms",
     "key_ttl_ms",
     "max_cooldown_ms",
-    "window_ttl_ms",
-    "lease_set_ttl_ms",
 )
 
 # One finished attempt, as decide (a failover's report) and record carry it.
