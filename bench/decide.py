@@ -617,8 +617,13 @@ async def measure_memory(
         }
         figure.bytes_total += int(usage)
     figure.bytes_per_target = figure.bytes_total / n
-    figure.leases = int(client.zcard(keys[2]))
-    fields = [bytes(v) if isinstance(v, bytes) else v.encode() for v in client.hvals(keys[1])]
+    # Lease members hold '|'; the '#' placeholder keeps the set alive (lua/lib.lua).
+    figure.leases = sum(1 for m in client.zrange(keys[2], 0, -1) if b"|" in m)
+    fields = [
+        bytes(v) if isinstance(v, bytes) else v.encode()
+        for k, v in client.hgetall(keys[1]).items()
+        if k != b"#"
+    ]
     figure.buckets_filled = min((v.count(b";") + 1 for v in fields), default=0)
     if len(fields) < n:
         figure.buckets_filled = 0

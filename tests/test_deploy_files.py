@@ -732,7 +732,9 @@ def test_alert_rules_are_documented_and_use_real_metrics() -> None:
         assert used <= exported, f"{name} uses unknown metrics {used - exported}"
         for outcome in re.findall(r'outcome=~?"([^"]+)"', rule["expr"]):
             for value in outcome.split("|"):
-                assert f'"{value}"' in proxy_source, f"{name}: no outcome {value!r} on the request path"
+                assert f'"{value}"' in proxy_source, (
+                    f"{name}: no outcome {value!r} on the request path"
+                )
 
 
 def test_alert_rules_cover_what_operators_need() -> None:

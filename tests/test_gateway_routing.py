@@ -299,7 +299,11 @@ async def test_hybrid_explain_numbers_match_the_seed_formula() -> None:
                 assert item["score"] == pytest.approx(expected, rel=1e-9, abs=1e-12), item
             by_score = sorted(admissible, key=lambda t: (-t["score"], t["rank"]))
             assert explanation["order"] == [t["target"] for t in by_score]
-            assert [targets[t]["rank"] for t in explanation["order"]] == [1, 2, 3]  # 1: the first choice
+            assert [targets[t]["rank"] for t in explanation["order"]] == [
+                1,
+                2,
+                3,
+            ]  # 1: the first choice
             best = explanation["order"][0]
             assert explanation["reason"].startswith(
                 f"hybrid: {best} score {targets[best]['score']:.3f}"

@@ -29,7 +29,7 @@ from edgeroute.state.pipeline import Pipeline
 from edgeroute.state.resp import Arg, Endpoint, command, encode_args
 from edgeroute.state.scripts import load_scripts
 from edgeroute.state.topology import parse_state_url, require_primary, resolve_master
-from edgeroute.strategy import Candidate, RoutingDecision
+from edgeroute.strategy import Candidate, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
     CircuitState,
@@ -37,6 +37,7 @@ from edgeroute.types import (
     OutcomeKind,
     RouteSnapshot,
     TargetSnapshot,
+    TargetSpec,
 )
 
 # Reply layout, by name from the wire table (decoded positionally on the hot path).
@@ -159,6 +160,7 @@ class RedisState:
 
             self._pipeline = Pipeline(resolve_fixed, self.timeout_s, self._scripts)
         self._routes: dict[str, _RouteCommands] = {}
+        self._probe_routes: dict[int, RouteSpec] = {}
         self._token_prefix = os.urandom(4).hex() + "-"
         self._tokens = itertools.count(1)
         # Decides that failed on our side may still run on the server (a frozen Redis
@@ -374,6 +376,22 @@ class RedisState:
     def health(self) -> StateHealth:
         return StateHealth("redis", "live")
 
+    def shard_of(self, route: RouteSpec) -> int:
+        """Which part of shared state serves `route`: its cluster slot, or 0 when one
+        server (or one Sentinel-managed primary) holds everything."""
+        return self._commands(route).slot if self.target.kind == "cluster" else 0
+
+    async def probe(self, shard: int) -> None:
+        """A real script call that writes, on the node serving `shard`: a decide and its
+        release on a probe route of that slot. PING is not enough: a server out of memory
+        answers PING and refuses every script that writes."""
+        route = self._probe_routes.get(shard)
+        if route is None:
+            route = self._probe_routes[shard] = _probe_route(self.key_prefix, shard)
+        decision = await self.decide(route, advance=False)
+        if decision.admission is not None:
+            await self.record(route, Outcome.for_admission(decision.admission, OutcomeKind.NEUTRAL))
+
     async def ping(self) -> None:
         """Raises StateUnavailable when Redis does not answer within the timeout."""
         reply = await self._call(command(1, encode_args(["PING"])))
@@ -389,6 +407,23 @@ class RedisState:
             await self._cluster.close()
         if self._pipeline is not None:
             await self._pipeline.close()
+
+
+def _probe_route(prefix: str, slot: int) -> RouteSpec:
+    """A one-target route whose keys hash to `slot` (found by trying names: a few thousand
+    CRC16s, once per slot that ever degrades). Its keys expire by themselves."""
+    name = "#probe"
+    for i in itertools.count():
+        name = f"#probe-{i}"
+        if key_slot(route_keys(prefix, name)[0].encode()) == slot:
+            break
+    return RouteSpec(
+        name=name,
+        strategy=RoutingStrategy.cost_based(),
+        targets=(TargetSpec("probe", "probe", "probe"),),
+        lease_ttl_ms=10_000,
+        idle_ttl_ms=60_000,
+    )
 
 
 def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision:
