@@ -21,8 +21,10 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from tests.support.ci import missing  # noqa: E402
 from tests.support.redis_servers import (  # noqa: E402
     RedisCluster,
+    RedisSentinelSetup,
     RedisServer,
     RedisServerError,
     find_redis_server_binary,
@@ -48,19 +50,12 @@ REDIS_CONTAINER_IMAGE = "redis:7-alpine"
 _DOCKER_PROBE_TIMEOUT = 3.0
 
 
-def _running_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
 def _redis_unavailable(reason: str) -> NoReturn:
-    if _running_in_ci():
-        pytest.fail(
-            f"No real Redis server available under CI (CI=true, so this is not skipped): "
-            f"{reason}. Install redis-server/valkey-server, provide a Docker engine, or set "
-            f"{REDIS_URL_ENV}.",
-            pytrace=False,
-        )
-    pytest.skip(f"no real Redis server available: {reason}")
+    missing(
+        f"a real Redis server ({reason})",
+        install=f"install redis-server/valkey-server, provide a Docker engine, or set "
+        f"{REDIS_URL_ENV}",
+    )
 
 
 def _docker_socket_candidates() -> list[Path]:
@@ -203,3 +198,35 @@ def redis_cluster() -> Iterator[RedisCluster]:
 # ============================================================================================
 # End of the real Redis servers section.
 # ============================================================================================
+
+
+# ============================================================================================
+# The state backend table (see tests/support/backends.py)
+#
+#   fakeredis_url   session   fakeredis over TCP (runs the same Lua through lupa)
+#   redis_sentinel  session   a RedisSentinelSetup: primary, replica, three sentinels
+# ============================================================================================
+
+
+@pytest.fixture(scope="session")
+def fakeredis_url() -> Iterator[str]:
+    import threading
+
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{server.server_address[1]}/0"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelSetup]:
+    from tests.support.backends import SENTINEL_MASTER
+
+    if find_redis_server_binary() is None:
+        _redis_unavailable("no redis-server or valkey-server binary on PATH")
+    with RedisSentinelSetup(master_name=SENTINEL_MASTER) as setup:
+        yield setup

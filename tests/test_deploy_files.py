@@ -39,6 +39,7 @@ import yaml
 from edgeroute.config import Config, load_config
 from edgeroute.metrics import Metrics
 from edgeroute.mock_provider import build_arg_parser, settings_from_args
+from tests.support.ci import missing
 from tests.support.gateway import HOST, GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +59,6 @@ IMAGE_CONFIG_PATH = "/etc/edgeroute/config.yaml"
 SERVE = ["edgeroute", "serve", "--config", IMAGE_CONFIG_PATH]
 GATEWAY_PORT = 8080
 ADMIN_TOKEN = "demo-admin"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
 
 
 # --- compose ------------------------------------------------------------------------------
@@ -309,7 +306,7 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
     )
     if nginx is None:
-        pytest.skip("nginx is not installed")
+        missing("nginx", install="Debian package nginx")
     # The replica names only resolve inside compose's network: check a copy on loopback.
     text = NGINX_CONF.read_text()
     for name in GATEWAYS:
@@ -617,7 +614,7 @@ def test_the_image_build_context_makes_a_wheel_that_carries_its_lua(tmp_path: Pa
     try:
         import hatchling  # noqa: F401
     except ImportError:
-        pytest.skip("hatchling is not installed (needed for pip wheel --no-build-isolation)")
+        missing("hatchling (pip wheel --no-build-isolation)", install="pip install -e '.[test]'")
     context = _context_copy(tmp_path / "src")
     dist = tmp_path / "dist"
     result = subprocess.run(
@@ -671,9 +668,7 @@ def test_the_image_build_context_makes_a_wheel_that_carries_its_lua(tmp_path: Pa
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        if _in_ci():
-            pytest.fail("promtool is required when CI=true (Debian package `prometheus`)")
-        pytest.skip("promtool is not installed")
+        missing("promtool", install="Debian package prometheus")
     return path
 
 

@@ -34,6 +34,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from edgeroute.mock_provider import MockSettings
+from tests.support.ci import missing
 from tests.support.gateway import (
     GatewayProcess,
     Mock,
@@ -732,7 +733,7 @@ async def test_replicas_with_skewed_clocks_agree_because_only_redis_time_counts(
     """
     library = libfaketime()
     if library is None:
-        pytest.skip("libfaketime is not installed (Debian package `faketime`)")
+        missing("libfaketime", install="Debian package faketime")
     skew_s = 2 * 3600.0
     open_timeout_s = 4.0
     skewed_env = {

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import uuid
@@ -32,6 +31,7 @@ from edgeroute.errors import ConfigError
 from edgeroute.mock_provider import MockSettings
 from edgeroute.server import PROXY
 from tests.support import sdk
+from tests.support.ci import missing
 from tests.support.gateway import (
     Mock,
     gateway_config,
@@ -789,9 +789,7 @@ def samples(families: dict[str, Any], name: str) -> dict[tuple[tuple[str, str], 
 def promtool_check(exposition: str) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
-            pytest.fail("promtool is required under CI (.ci/run installs Debian's prometheus)")
-        pytest.skip("promtool not installed")
+        missing("promtool", install="Debian package prometheus")
     result = subprocess.run(
         [promtool, "check", "metrics"],
         input=exposition.encode(),

@@ -25,6 +25,7 @@ from aiohttp import web
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from edgeroute.mock_provider import MockSettings
+from tests.support.backends import GATEWAY_KINDS, table
 from tests.support.gateway import (
     Mock,
     gateway_config,
@@ -84,7 +85,7 @@ def unique_prefix() -> str:
     return f"gwtest-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=table(GATEWAY_KINDS))
 def state_section(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Extra config sections selecting the state backend: in-process, or a real Redis."""
     if request.param == "memory":

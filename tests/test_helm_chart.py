@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import copy
 import importlib
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,10 +25,7 @@ import pytest
 import yaml
 
 from edgeroute.config import Config, loads_config
-
-
-def _running_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+from tests.support.ci import running_in_ci
 
 
 def _require(module: str) -> ModuleType:
@@ -37,7 +33,7 @@ def _require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except (ImportError, OSError) as exc:
-        if _running_in_ci():
+        if running_in_ci():
             raise
         pytest.skip(
             f"{module} unavailable ({exc}): pip install -e '.[test]'", allow_module_level=True

@@ -20,6 +20,7 @@ from edgeroute import CircuitState, RoutingStrategy, StateUnavailable
 from edgeroute.state import RedisState
 from edgeroute.state.redis import route_keys
 from edgeroute.types import BreakerParams, Outcome, OutcomeKind
+from tests.support.ci import missing
 from tests.support.redis_servers import (
     RedisCluster,
     RedisSentinelSetup,
@@ -182,7 +183,7 @@ def _openssl(*args: str, cwd: Path) -> None:
 def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, int, Path]]:
     """A redis-server with a TLS port (certificate from a throwaway CA) and an ACL user."""
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a throwaway CA")
+        missing("openssl (a throwaway CA)", install="Debian package openssl")
     _openssl(
         "req",
         "-x509",

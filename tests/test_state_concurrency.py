@@ -122,7 +122,13 @@ class Backends:
         return (await self.first.snapshot(route)).targets[index]
 
 
-@pytest.fixture(params=["memory", "redis-1", "redis-4"])
+@pytest.fixture(
+    params=[
+        pytest.param("memory", marks=pytest.mark.memory),
+        pytest.param("redis-1", marks=pytest.mark.redis),
+        pytest.param("redis-4", marks=pytest.mark.redis),
+    ]
+)
 async def backends(request: pytest.FixtureRequest) -> AsyncIterator[Backends]:
     if request.param == "memory":
         yield Backends("memory", [MemoryState()])

@@ -1,23 +1,21 @@
-"""One conformance suite, run unchanged against MemoryState and RedisState (real Redis).
+"""One conformance suite, run unchanged over every row of the backend table
+(tests/support/backends.py): MemoryState, fakeredis, real Redis, a Redis Cluster, Sentinel
+and the degraded-mode wrapper.
 
-MemoryState gets a controllable clock; RedisState lives on Redis TIME, so `wait` really
-sleeps there. Timeouts are kept short (hundreds of ms) and every assertion about "still
-open" is made right after the transition, far from any boundary.
+Every backend reads one virtual clock (Redis-backed ones through the scripts' `clock_ms`),
+so `wait` steps time instead of sleeping, and boundaries are exact.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-import redis
 
 from edgeroute import CircuitBreaker, CircuitBreakerOpen, CircuitState, RoutingStrategy
-from edgeroute.state import MemoryState, RedisState, StateBackend
+from edgeroute.state import StateBackend
 from edgeroute.state.base import RouteSpec
 from edgeroute.strategy import RoutingDecision
 from edgeroute.types import (
@@ -28,67 +26,31 @@ from edgeroute.types import (
     TargetSpec,
     WindowParams,
 )
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.backends import VirtualClock, open_backend, table
 
 
 @dataclass
 class Harness:
     state: StateBackend
-    clock: FakeClock | None
-    url: str | None = None
+    clock: VirtualClock
+    kind: str
 
     async def wait(self, ms: float) -> None:
-        if self.clock is not None:
-            self.clock.now += ms / 1000
-        else:
-            await asyncio.sleep(ms / 1000)
+        self.clock.advance(ms)
 
     async def align(self, bucket_ms: int, offset_ms: int = 10) -> None:
-        """Move to `offset_ms` past the next bucket boundary of the backend's own clock."""
-        if self.clock is not None:
-            now_ms = self.clock.now * 1000
-        else:
-            seconds, micros = redis.Redis.from_url(self.url or "").time()
-            now_ms = seconds * 1000 + micros / 1000
+        """Move to `offset_ms` past the next bucket boundary."""
+        now_ms = self.clock.now * 1000
         boundary = (now_ms // bucket_ms + 1) * bucket_ms
         await self.wait(boundary + offset_ms - now_ms)
 
 
-@pytest.fixture(scope="session")
-def fakeredis_url() -> Iterator[str]:
-    """fakeredis over TCP runs the same Lua (via lupa): fast, but never instead of Redis."""
-    from fakeredis import TcpFakeServer
-
-    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"redis://127.0.0.1:{server.server_address[1]}/0"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(params=["memory", "redis", "fakeredis", "cluster"])
+@pytest.fixture(params=table())
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    if request.param == "memory":
-        clock = FakeClock()
-        yield Harness(MemoryState(clock), clock)
-        return
-    if request.param == "cluster":
-        cluster = request.getfixturevalue("redis_cluster")
-        nodes = ",".join(f"{host}:{port}" for host, port in cluster.startup_nodes)
-        url, clock_url = f"redis+cluster://{nodes}", cluster.url
-    else:
-        url = clock_url = request.getfixturevalue(f"{request.param}_url")
-    state = RedisState(url, key_prefix=f"conf-{uuid.uuid4().hex[:12]}", timeout_ms=2000)
-    yield Harness(state, None, clock_url)
-    await state.close()
+    clock = VirtualClock()
+    backend = open_backend(request.param, request, clock=clock)
+    yield Harness(backend.state, clock, backend.kind)
+    await backend.state.close()
 
 
 def make_route(

@@ -3,28 +3,20 @@
 A hypothesis rule-based state machine drives one route through both backends with the very
 same operations (decide with excludes and piggy-backed outcomes, record / record_many of
 outstanding admissions - late ones included -, unleased breaker-API outcomes, reset, and
-"wait past the open timeout") and, after every step, holds the decision and the full
-snapshot of the two equal.
+waits of chosen lengths) and, after every step, holds the decision and the full snapshot
+of the two equal.
 
-Time: RedisState lives on Redis TIME, MemoryState on the wall clock (corrected by the offset
-measured against Redis TIME when the example starts). The two backends see every operation
-a little apart, so each timing boundary (a breaker's open timeout, a cooldown's end) is an
-interval: from where the model puts it to where Redis does. Before each step the machine
-sleeps past any boundary closer than `MARGIN_MS`; a step that straddles one anyway (the
-process was descheduled on a loaded machine) cannot be judged, and neither can a step that
-took so long that a boundary it created itself may have passed before the snapshot learnt
-of it: from there on the example compares nothing more (it still draws the same data, so
-hypothesis sees a deterministic test), and it never fails for it. Probe reservations, leases
-and the rolling window are sized in minutes, far from any edge. Remaining-time fields are
-compared as zero / non-zero and to within the longest step a judged example may take.
+Time: both backends read one virtual clock (MemoryState's `clock`; RedisState's `clock`
+sends it as every script's `clock_ms` instead of Redis TIME), and only the `wait` rule moves
+it. So every step is compared exactly, remaining times included, and waits can land on
+either side of any boundary (an open timeout, a cooldown, a lease or probe expiry, a window
+bucket) to the millisecond, with nothing waved through and no real sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, TypeVar
 
@@ -36,7 +28,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -48,7 +39,6 @@ from edgeroute.strategy import STRATEGY_KINDS, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
     BreakerParams,
-    CircuitState,
     Outcome,
     OutcomeKind,
     RouteSnapshot,
@@ -61,13 +51,12 @@ U = TypeVar("U")
 
 OPEN_TIMEOUT_MS = 150
 MAX_OPEN_TIMEOUT_MS = 600  # half-open failures double the timeout: 150, 300, 600
-WAIT_MS = OPEN_TIMEOUT_MS + 60
-MARGIN_MS = 25.0  # no step starts closer than this to a known timing boundary
-SLACK_MS = 3.0  # clock granularity (whole ms on both sides) and offset measurement error
-# A step (its operation and the snapshots after it) must finish well within the shortest
-# timing constant (a 50 ms cooldown): a boundary it creates is only learnt from the snapshot.
-STEP_LIMIT_MS = 40.0
-MAX_WAITS = 6  # per example: keeps the whole file well under a minute
+PROBE_TTL_MS = 2_000
+LEASE_TTL_MS = 20_000
+# Waits straddle every constant above, the cooldowns below and the 5 s window buckets.
+WAITS_MS = st.sampled_from(
+    [1, 49, 50, 51, 149, 150, 151, 299, 300, 301, 600, 1_999, 2_000, 5_000, 20_001, 61_000]
+)
 SCORE_TOLERANCE = 1e-9
 
 KINDS = st.sampled_from(
@@ -84,8 +73,8 @@ LATENCIES = st.one_of(
     st.sampled_from([0.0, 1.0, 100.0, 250.5]),
     st.floats(min_value=0.0, max_value=5_000.0, allow_nan=False, allow_infinity=False),
 )
-# 0.05 s and 0.3 s cooldowns end inside an example (boundaries the machine steps around);
-# 30 s ones outlast it; 0 means a 429 without Retry-After (no cooldown).
+# 0.05 s and 0.3 s cooldowns end inside an example, 30 s ones only after the longer waits;
+# 0 means a 429 without Retry-After (no cooldown).
 RETRY_AFTERS = st.sampled_from([0.0, 0.0, 0.05, 0.3, 30.0])
 TOKENS = st.integers(min_value=0, max_value=2_000)
 PRICES = st.one_of(
@@ -212,7 +201,7 @@ def assert_same_decision(memory: RoutingDecision, actual: RoutingDecision) -> No
             memory.admission.generation,
             memory.admission.probe,
         ), f"admission differs{detail}"
-    assert (actual.retry_after_s > 0) == (memory.retry_after_s > 0), f"wait differs{detail}"
+    assert actual.retry_after_s == memory.retry_after_s, f"wait differs{detail}"
     assert actual.rr_cursor == memory.rr_cursor, f"rr_cursor differs{detail}"
     assert actual.admissible == memory.admissible, f"admissible count differs{detail}"
 
@@ -231,8 +220,10 @@ def assert_same_snapshot(memory: RouteSnapshot, actual: RouteSnapshot) -> None:
                 "consecutive_failures": t.consecutive_failures,
                 "half_open_successes": t.half_open_successes,
                 "open_timeout_ms": t.open_timeout_ms,
-                "open_remaining>0": t.open_remaining_ms > 0,
-                "cooldown_remaining>0": t.cooldown_remaining_ms > 0,
+                "open_remaining_ms": t.open_remaining_ms,
+                "cooldown_remaining_ms": t.cooldown_remaining_ms,
+                "excluded": t.excluded,
+                "excluded_ms": t.excluded_ms,
                 "inflight": t.inflight,
                 "probes_in_use": t.probes_in_use,
                 "successes": t.successes,
@@ -244,44 +235,39 @@ def assert_same_snapshot(memory: RouteSnapshot, actual: RouteSnapshot) -> None:
 
         want, have = view(expected), view(got)
         diff = {k: (want[k], have[k]) for k in want if want[k] != have[k]}
-        # Remaining times differ by how far apart the backends saw the operation that set
-        # them and the snapshot: both within one step, and a step is at most STEP_LIMIT_MS.
-        for name in ("open_remaining_ms", "cooldown_remaining_ms"):
-            mine, theirs = getattr(expected, name), getattr(got, name)
-            if abs(mine - theirs) > STEP_LIMIT_MS + SLACK_MS:
-                diff[name] = (mine, theirs)
         assert not diff, f"{got.target_id}: snapshot differs (memory, redis): {diff}"
 
 
+class VirtualClock:
+    """Seconds; both backends read it, only the `wait` rule moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class StateMachine(RuleBasedStateMachine):
-    """One route, two backends, one sequence of operations."""
+    """One route, two backends, one clock, one sequence of operations."""
 
     redis_url: ClassVar[str]
     strategy_kind: ClassVar[str]
-    examples: ClassVar[int] = 0
-    tainted_examples: ClassVar[int] = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.prefix = f"test-{uuid.uuid4().hex[:12]}"
-        self.redis = RedisState(self.redis_url, key_prefix=self.prefix, timeout_ms=5_000)
-        self.offset_s = 0.0
-        self.memory = MemoryState(clock=self._memory_clock)
+        self.clock = VirtualClock()
+        self.redis = RedisState(
+            self.redis_url, key_prefix=self.prefix, timeout_ms=5_000, clock=self.clock
+        )
+        self.memory = MemoryState(clock=self.clock)
         self.route: RouteSpec | None = None
         self.outstanding: list[Outstanding] = []
-        # (earliest, latest) ms, Redis-TIME frame, at which the backends change by themselves
-        self.boundaries: set[tuple[float, float]] = set()
-        self.step_started: float | None = None
-        self.tainted = False  # a step could not be judged: the backends may now differ
-        self.waits = 0
         self.labels = 0
-        self.last: RouteSnapshot | None = None  # the model's snapshot after the last step
 
     # ---- plumbing ---------------------------------------------------------------------
-
-    def _memory_clock(self) -> float:
-        return time.time() + self.offset_s
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coroutine)
@@ -291,55 +277,15 @@ class StateMachine(RuleBasedStateMachine):
         assert self.route is not None
         return self.route
 
-    def _now_ms(self) -> float:
-        return self._memory_clock() * 1000
-
-    def settle(self) -> None:
-        """Sleep past any timing boundary closer than MARGIN_MS (either side)."""
-        while True:
-            now = self._now_ms()
-            near = [hi for lo, hi in self.boundaries if lo - MARGIN_MS <= now <= hi + MARGIN_MS]
-            if not near:
-                break
-            time.sleep((max(near) + MARGIN_MS - now) / 1000 + 0.001)
-        now = self._now_ms()
-        self.boundaries = {(lo, hi) for lo, hi in self.boundaries if hi + SLACK_MS > now}
-
     def both(
         self,
         memory_call: Callable[[], Coroutine[Any, Any, T]],
         redis_call: Callable[[], Coroutine[Any, Any, U]],
-        *,
-        ends_step: bool = False,
-    ) -> tuple[T, U] | None:
-        """One operation on each backend, or None once a step straddled a boundary.
-
-        A rule's operation settles first; the snapshot that ends a step with an operation
-        must not (a boundary the operation created is not known yet) and instead bounds the
-        step's duration.
-        """
-        if self.tainted:
-            return None
-        if not ends_step or self.step_started is None:
-            self.settle()
-        start = self._now_ms()
-        if self.step_started is None:
-            self.step_started = start
-        expected = self.run(memory_call())
-        actual = self.run(redis_call())
-        end = self._now_ms()
-        for lo, hi in self.boundaries:
-            if lo - SLACK_MS <= end and start <= hi + SLACK_MS:
-                self.tainted = True  # the two backends may legitimately disagree now
-        if ends_step:
-            began, self.step_started = self.step_started, None
-            if end - began > STEP_LIMIT_MS:
-                self.tainted = True  # descheduled mid-step: a fresh boundary may have passed
-        return None if self.tainted else (expected, actual)
+    ) -> tuple[T, U]:
+        """One operation on each backend, at the same virtual instant."""
+        return self.run(memory_call()), self.run(redis_call())
 
     def teardown(self) -> None:
-        type(self).examples += 1
-        type(self).tainted_examples += self.tainted
         try:
             self.run(self.redis.close())
             if self.route is not None:
@@ -400,17 +346,12 @@ class StateMachine(RuleBasedStateMachine):
                 success_threshold=success_threshold,
                 half_open_max_probes=half_open_max_probes,
                 max_open_timeout_ms=MAX_OPEN_TIMEOUT_MS,
-                probe_ttl_ms=600_000,
+                probe_ttl_ms=PROBE_TTL_MS,
             ),
             window=WindowParams(bucket_ms=5_000, buckets=12),
-            lease_ttl_ms=600_000,
+            lease_ttl_ms=LEASE_TTL_MS,
             idle_ttl_ms=120_000,
         )
-        # Align the model's clock with Redis TIME (the same host clock, normally ~0 ms).
-        before = time.time()
-        snapshot = self.run(self.redis.snapshot(self.spec))
-        after = time.time()
-        self.offset_s = snapshot.now_ms / 1000 - (before + after) / 2
 
     # ---- operations -------------------------------------------------------------------
 
@@ -443,7 +384,7 @@ class StateMachine(RuleBasedStateMachine):
             item = self._take(piggyback[0], consume=True)
             memory_outcome = piggyback[1].for_admission(item.memory)
             redis_outcome = piggyback[1].for_admission(item.redis)
-        pair = self.both(
+        expected, actual = self.both(
             lambda: self.memory.decide(
                 route, exclude=excluded, outcome=memory_outcome, advance=advance, limit=limit
             ),
@@ -451,14 +392,9 @@ class StateMachine(RuleBasedStateMachine):
                 route, exclude=excluded, outcome=redis_outcome, advance=advance, limit=limit
             ),
         )
-        if pair is None:
-            return
-        expected, actual = pair
         assert_same_decision(expected, actual)
         self._admitted(expected, actual)
 
-    # Rules carry no state-dependent preconditions: the state depends on wall-clock time,
-    # so a replay (shrinking) must draw the same data whatever the breakers did meanwhile.
     # A record with nothing outstanding makes a plain decide instead.
 
     @rule(index=INDICES, outcome=OUTCOMES, consume=st.booleans() | st.just(True))
@@ -510,15 +446,9 @@ class StateMachine(RuleBasedStateMachine):
             lambda: self.redis.reset(self.spec, target_id),
         )
 
-    @precondition(lambda self: self.waits < MAX_WAITS)
-    @rule()
-    def wait_past_open_timeout(self) -> None:
-        self.waits += 1
-        if self.tainted:
-            return
-        # Only worth the time when some breaker is open (per the model, which agrees).
-        if self.last is not None and any(t.state is CircuitState.OPEN for t in self.last.targets):
-            time.sleep(WAIT_MS / 1000)
+    @rule(ms=WAITS_MS)
+    def wait(self, ms: int) -> None:
+        self.clock.now += ms / 1000
 
     # ---- the comparison ---------------------------------------------------------------
 
@@ -526,25 +456,12 @@ class StateMachine(RuleBasedStateMachine):
     def snapshots_agree(self) -> None:
         if self.route is None:
             return
-        pair = self.both(
+        expected, actual = self.both(
             lambda: self.memory.snapshot(self.spec),
             lambda: self.redis.snapshot(self.spec),
-            ends_step=True,
         )
-        if pair is None:
-            return
-        expected, actual = pair
+        assert expected.now_ms == actual.now_ms
         assert_same_snapshot(expected, actual)
-        self.last = expected
-        # Where each backend will change by itself: the model's instant and Redis's.
-        for mine, theirs in zip(expected.targets, actual.targets, strict=True):
-            for m_left, r_left in (
-                (mine.open_remaining_ms, theirs.open_remaining_ms),
-                (mine.cooldown_remaining_ms, theirs.cooldown_remaining_ms),
-            ):
-                if m_left > 0 or r_left > 0:
-                    at = (expected.now_ms + m_left, actual.now_ms + r_left)
-                    self.boundaries.add((min(at), max(at)))
 
 
 @pytest.mark.parametrize("strategy_kind", STRATEGY_KINDS)
@@ -567,9 +484,3 @@ def test_redis_state_matches_memory_state(redis_url: str, strategy_kind: str) ->
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
-    if machine.tainted_examples * 2 > machine.examples:
-        warnings.warn(
-            f"{machine.tainted_examples} of {machine.examples} examples hit a timing boundary"
-            " mid-step (a heavily loaded machine?) and were only partly compared",
-            stacklevel=1,
-        )

@@ -28,6 +28,7 @@ import aiohttp
 import pytest
 
 from edgeroute.mock_provider import MockSettings
+from tests.support.backends import GATEWAY_KINDS, table
 from tests.support.gateway import (
     Mock,
     gateway_config,
@@ -42,7 +43,7 @@ ADMIN_TOKEN = "upstream-faults-admin"
 OPEN_FOR_TEST_S = 60.0  # longer than any test: an open breaker stays open
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=table(GATEWAY_KINDS))
 def state_section(request: pytest.FixtureRequest) -> dict[str, Any]:
     if request.param == "memory":
         return {}

@@ -7,14 +7,13 @@ like the Redis fixtures: CI never passes by not running.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.support import ci
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,14 +22,11 @@ def run_quick(
     script: str, *, tools: tuple[str, ...] = (), timeout_s: float = 240
 ) -> dict[str, Any]:
     """Run `bench/<script> --quick --json`; a redis-server (or valkey-server) is always needed."""
-    missing = [tool for tool in tools if shutil.which(tool) is None]
+    absent = [tool for tool in tools if shutil.which(tool) is None]
     if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
-        missing.append("redis-server")
-    if missing:
-        names = ", ".join(missing)
-        if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
-            pytest.fail(f"CI=true but {names} missing: bench/{script} cannot run")
-        pytest.skip(f"{names} not on PATH")
+        absent.append("redis-server")
+    if absent:
+        ci.missing(", ".join(absent), install=f"needed by bench/{script}; see .ci/run")
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), "--quick", "--json"],
         cwd=REPO,
