@@ -92,8 +92,10 @@ async def test_a_lost_target_hash_never_goes_negative(
     await _admit(backend, route)
     counts = await _inflight(backend, route)
     assert min(counts.values()) >= 0 and sum(counts.values()) == 2
-    raw = await client.hgetall(route_keys(backend.key_prefix, "r")[0])
-    inflight = {k.decode(): int(v.split()[7]) for k, v in raw.items() if not k.startswith(b"#")}
+    text = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    raw = await text.hgetall(route_keys(backend.key_prefix, "r")[0])
+    await text.aclose()
+    inflight = {str(k): int(str(v).split()[7]) for k, v in raw.items() if str(k)[0] != "#"}
     assert inflight == counts  # the stored counts were reconciled, not only the view
     await client.aclose()
 
@@ -112,6 +114,7 @@ async def test_a_key_of_the_wrong_type_is_replaced_and_counted(
     await backend.record(route, Outcome.for_admission(admission, OutcomeKind.SUCCESS, 5.0))
     assert repairs == [1]
     await _admit(backend, route)  # holds a lease, so every key exists again
-    assert (await client.type(key)).decode() == ("zset" if which == 2 else "hash")
+    key_type = await client.type(key)
+    assert key_type in ((b"zset", "zset") if which == 2 else (b"hash", "hash"))
     assert await client.pttl(key) > 0  # it expires again like every edgeroute key
     await client.aclose()
