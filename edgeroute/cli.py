@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from edgeroute.config import Config, load_config
+from edgeroute.config import Config, ConfigErrors, load_config, require_routes
 from edgeroute.errors import ConfigError, StateUnavailable
 from edgeroute.explain import explanation_json, state_document
 from edgeroute.router import Explanation, Router, TargetExplanation
@@ -142,8 +142,10 @@ def _plural(count: int, word: str) -> str:
 # --- shared plumbing -----------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace, out: _Output) -> Config:
-    config = load_config(args.config)
+def _load(args: argparse.Namespace, out: _Output, *, state_only: bool = False) -> Config:
+    """The config of `--config`; `state_only` for commands that only read shared state (they
+    must run without the fleet's provider keys and tokens: see config.parse_config)."""
+    config = load_config(args.config, state_only=state_only)
     out.redact.add_config(config)
     out.state_url = config.state.redis_url
     return config
@@ -160,7 +162,9 @@ def _make_router(config: Config) -> Router:
         state = build_state(config.state, degrade=False, min_timeout_ms=_CLI_STATE_TIMEOUT_MS)
     except ConfigError as exc:
         source = " (from EDGEROUTE_REDIS_URL)" if os.environ.get("EDGEROUTE_REDIS_URL") else ""
-        raise ConfigError(f"{exc}{source}") from None
+        # build_state names the path already: say where the URL came from, once.
+        message = str(exc).removeprefix("$.state.redis_url: ")
+        raise ConfigError(f"$.state.redis_url{source}: {message}") from None
     return Router(config, state)
 
 
@@ -177,10 +181,18 @@ def _in_memory_note(out: _Output, config: Config) -> None:
 
 def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
     config = _load(args, out)
+    require_routes(config)
 
     async def build() -> None:
         router = _make_router(config)  # compiles every route and parses the state URL
-        await router.close()
+        try:
+            if args.connect:
+                # A read of every route: connects (to each slot's node on a cluster), loads
+                # the Lua scripts and runs one; changes nothing.
+                for route in config.routes:
+                    await router.state.snapshot(router.route(route.model))
+        finally:
+            await router.close()
 
     asyncio.run(build())
     state = _state_label(config)
@@ -190,6 +202,14 @@ def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
         f"config OK: {_plural(len(config.providers), 'provider')}, "
         f"{_plural(len(config.routes), 'route')} (state: {state})"
     )
+    if args.connect:
+        if config.state.redis_url:
+            out.print(
+                f"state OK: reached {config.state.redis_url}, loaded the scripts and read "
+                f"{_plural(len(config.routes), 'route')}"
+            )
+        else:
+            out.print("state OK: in-memory, nothing to connect to")
     return 0
 
 
@@ -245,7 +265,7 @@ def _by_rank(targets: list[TargetExplanation]) -> list[TargetExplanation]:
 
 
 def _cmd_explain(args: argparse.Namespace, out: _Output) -> int:
-    config = _load(args, out)
+    config = _load(args, out, state_only=True)
     _require_route(config, args.route)
 
     async def run() -> Explanation:
@@ -320,7 +340,7 @@ def _snapshot_text(snapshot: RouteSnapshot, strategy: RoutingStrategy) -> str:
 
 
 def _cmd_state(args: argparse.Namespace, out: _Output) -> int:
-    config = _load(args, out)
+    config = _load(args, out, state_only=True)
     if args.route is not None:
         _require_route(config, args.route)
         names = [args.route]
@@ -427,10 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="validate a config file",
-        description="Load and validate a config file "
-        "(no network I/O); exit 0 if the gateway could run it, 2 otherwise.",
+        description="Load and validate a config file and report every problem, one "
+        "`$.path: ...` line each; exit 0 if the gateway could run it, 2 otherwise. No network "
+        "I/O unless --connect.",
     )
     _add_config_option(check)
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach the shared state (Redis), load the Lua scripts and read every route; "
+        "exit 1 with one line if it is unreachable",
+    )
     check.set_defaults(handler=_cmd_check)
 
     explain = sub.add_parser(
@@ -510,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace, _Output], int] = args.handler
     try:
         return handler(args, out)
+    except ConfigErrors as exc:
+        for error in exc.errors:  # every problem at once, one line each
+            out.note(f"{PROG}: {error}")
+        return 2
     except (ConfigError, _UsageError) as exc:
         out.note(f"{PROG}: {exc}")
         return 2

@@ -56,6 +56,11 @@ routes:
       - {provider: cheap, model: gpt-4o-mini}
 """
 
+ONE_ROUTE = """\
+providers: [{name: p, base_url: "http://127.0.0.1:9101/v1"}]
+routes: [{model: r, targets: [{provider: p, model: m}]}]
+"""
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,9 +165,19 @@ def test_check_full_example_without_env_names_the_missing_variable(
         monkeypatch.delenv(name, raising=False)
     code, out, err = run(capsys, "check", "-c", str(FULL_EXAMPLE))
     assert (code, out) == (2, "")
-    line = one_line(err)
-    assert line.startswith("edgeroute: $.")
-    assert "is not set" in line
+    # All six variables in one run, one line each, in the file's order.
+    assert err.splitlines() == [
+        "edgeroute: $.server.admin_token: environment variable EDGEROUTE_ADMIN_TOKEN is not set",
+        "edgeroute: $.server.api_keys[0]: environment variable EDGEROUTE_CLIENT_KEY is not set",
+        "edgeroute: $.providers[0].api_key (provider openai): "
+        "environment variable OPENAI_API_KEY is not set",
+        "edgeroute: $.providers[1].api_key (provider anthropic): "
+        "environment variable ANTHROPIC_API_KEY is not set",
+        "edgeroute: $.providers[2].base_url (provider azure-eastus): "
+        "environment variable AZURE_OPENAI_ENDPOINT is not set",
+        "edgeroute: $.providers[2].api_key (provider azure-eastus): "
+        "environment variable AZURE_OPENAI_API_KEY is not set",
+    ]
 
 
 def test_check_pluralises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,11 +189,6 @@ def test_check_pluralises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert run(capsys, "check", "-c", path) == (
         0,
         "config OK: 1 provider, 1 route (state: memory)\n",
-        "",
-    )
-    assert run(capsys, "check", "-c", write(tmp_path, "{}\n", "empty.yaml")) == (
-        0,
-        "config OK: 0 providers, 0 routes (state: memory)\n",
         "",
     )
 
@@ -220,24 +230,74 @@ def test_check_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_check_bad_redis_url_scheme(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, "state: {redis_url: 'memcached://u:hunter22@h:1'}\n")
+    path = write(tmp_path, "state: {redis_url: 'memcached://u:hunter22@h:1'}\n" + ONE_ROUTE)
     code, out, err = run(capsys, "check", "-c", path)
     assert (code, out) == (2, "")
     line = one_line(err)
     assert line.startswith("edgeroute: $.state.redis_url: ")
+    assert line.count("$.state.redis_url") == 1, line
     assert "hunter22" not in line
+
+
+def test_check_bad_redis_url_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEROUTE_REDIS_URL", "http://h:1")
+    code, out, err = run(capsys, "check", "-c", write(tmp_path, ONE_ROUTE))
+    assert (code, out) == (2, "")
+    line = one_line(err)
+    assert line.startswith("edgeroute: $.state.redis_url (from EDGEROUTE_REDIS_URL): ")
+    assert line.count("$.state.redis_url") == 1, line
+
+
+def test_check_refuses_a_config_without_routes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "check", "-c", write(tmp_path, "{}\n"))
+    assert (code, out) == (2, "")
+    assert one_line(err).startswith("edgeroute: $.routes: no routes configured")
+
+
+def test_check_reports_every_problem_with_suggestions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = """\
+server: {port: "8080"}
+breaker: {failure_treshold: 2}
+providers:
+  - {name: openai, kind: openia, base_url: "https://api.openai.com/v1"}
+routes:
+  - model: chat
+    strategy: cheapest
+    targets: [{provider: opneai, model: gpt-4o-mini}]
+"""
+    code, out, err = run(capsys, "check", "-c", write(tmp_path, text))
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "edgeroute: $.server.port: Expected `int`, got `str`",
+        "edgeroute: $.breaker: unknown field `failure_treshold`; did you mean `failure_threshold`?",
+        "edgeroute: $.providers[0].kind (provider openai): unknown value 'openia'; "
+        "expected one of: openai, azure, anthropic; did you mean `openai`?",
+        "edgeroute: $.routes[0].strategy (route chat): unknown value 'cheapest'; "
+        "expected one of: cost, latency, hybrid, round_robin, least_busy",
+        "edgeroute: $.routes[0].targets[0].provider (route chat): unknown provider 'opneai'; "
+        "known providers: openai; did you mean `openai`?",
+    ]
 
 
 # --- secrets -------------------------------------------------------------------------------
 
 
 def test_check_masks_the_redis_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, "state: {redis_url: 'redis://admin:hunter22@redis.internal:6379/0'}\n")
+    path = write(
+        tmp_path,
+        "state: {redis_url: 'redis://admin:hunter22@redis.internal:6379/0'}\n" + ONE_ROUTE,
+    )
     code, out, err = run(capsys, "check", "-c", path)
     assert (code, err) == (0, "")
     assert (
         out
-        == "config OK: 0 providers, 0 routes (state: redis redis://admin:***@redis.internal:6379/0)\n"
+        == "config OK: 1 provider, 1 route (state: redis redis://admin:***@redis.internal:6379/0)\n"
     )
     assert "hunter22" not in out
 
@@ -493,6 +553,83 @@ def test_state_unknown_route(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_state_without_routes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "state", "-c", write(tmp_path, "{}\n"))
     assert (code, out) == (0, "no routes configured (state: memory)\n")
+
+
+# --- state and explain need only Redis ----------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["state"], ["explain", "chat"], ["state", "--json"]])
+def test_state_and_explain_need_no_provider_secrets(
+    argv: list[str],
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The full example needs six variables to serve; reading the fleet's state needs none.
+    for name in FULL_EXAMPLE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EDGEROUTE_REDIS_URL", redis_url)
+    code, out, err = run(capsys, argv[0], "-c", str(FULL_EXAMPLE), *argv[1:])
+    assert (code, err) == (0, ""), err
+    assert "chat" in out and "<unset" not in out
+
+
+def test_serving_still_needs_every_secret(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in FULL_EXAMPLE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    code, out, err = run(capsys, "serve", "-c", str(FULL_EXAMPLE))
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == len(FULL_EXAMPLE_ENV)
+
+
+def test_state_still_checks_what_it_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = MEMORY_CONFIG.replace("strategy: round_robin", "strategy: round-robin")
+    code, out, err = run(capsys, "state", "-c", write(tmp_path, text))
+    assert (code, out) == (2, "")
+    assert one_line(err).startswith("edgeroute: $.routes[1].strategy (route chat-rr): ")
+    assert "did you mean `round_robin`?" in err
+
+
+# --- check --connect -----------------------------------------------------------------------
+
+
+def test_check_connect_reaches_redis_and_loads_the_scripts(
+    redis_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EDGEROUTE_REDIS_URL", redis_url)
+    code, out, err = run(capsys, "check", "--connect", "-c", write(tmp_path, MEMORY_CONFIG))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith("config OK: 2 providers, 2 routes (state: redis ")
+    assert lines[1].startswith("state OK: reached ")
+    assert lines[1].endswith(", loaded the scripts and read 2 routes")
+
+
+def test_check_connect_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "check", "--connect", "-c", write(tmp_path, MEMORY_CONFIG))
+    assert code == 0
+    assert out.splitlines()[1] == "state OK: in-memory, nothing to connect to"
+
+
+def test_check_connect_unreachable_redis_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo'd port: `check` alone cannot know, `--connect` says so.
+    url = f"redis://ops:hunter22@127.0.0.1:{free_port()}/0"
+    text = f"state: {{redis_url: '{url}'}}\n" + MEMORY_CONFIG
+    assert run(capsys, "check", "-c", write(tmp_path, text))[0] == 0
+    code, out, err = run(capsys, "check", "--connect", "-c", write(tmp_path, text))
+    assert (code, out) == (1, "")
+    line = one_line(err)
+    assert line.startswith("edgeroute: state unavailable at redis://ops:***@127.0.0.1:")
+    assert "hunter22" not in line
 
 
 # --- arguments -----------------------------------------------------------------------------
