@@ -29,7 +29,14 @@ from typing import Any
 
 import msgspec
 
-from edgeroute.config import Config, ConfigErrors, load_config, require_routes
+from edgeroute.config import (
+    FALLBACK_ROUTE,
+    Config,
+    ConfigErrors,
+    config_from_models,
+    load_config,
+    require_routes,
+)
 from edgeroute.errors import ConfigError, StateUnavailable
 from edgeroute.explain import explanation_json, state_document
 from edgeroute.router import Explanation, Router, TargetExplanation
@@ -393,10 +400,37 @@ def _cmd_mock_provider(args: argparse.Namespace, out: _Output) -> int:
 # --- serve and demo ------------------------------------------------------------------------
 
 
+def _serve_config(args: argparse.Namespace, out: _Output) -> Config:
+    """`--config FILE`, or with `--model NAME...` a config built from the environment."""
+    if args.model and args.config:
+        raise _UsageError("give --config FILE or --model MODEL, not both")
+    if not args.model:
+        if not args.config:
+            raise _UsageError(
+                "serve needs --config FILE, or --model MODEL (repeatable) to serve models with "
+                "OPENAI_API_KEY / ANTHROPIC_API_KEY from the environment"
+            )
+        config = _load(args, out)
+        require_routes(config)
+        return config
+    config = config_from_models(args.model, os.environ)
+    out.redact.add_config(config)
+    out.state_url = config.state.redis_url
+    routes = []
+    for route in config.routes:
+        via = ", then ".join(t.model for t in route.targets)
+        if route.model == FALLBACK_ROUTE:
+            routes.append(f"{route.model} ({via})")
+        else:
+            routes.append(f"{route.model} ({route.targets[0].provider})")
+    out.note(f"{PROG}: no config file; models: {', '.join(routes)}")
+    return config
+
+
 def _cmd_serve(args: argparse.Namespace, out: _Output) -> int:
     from edgeroute.launch import serve_config
 
-    config = _load(args, out)
+    config = _serve_config(args, out)
     server = config.server
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -486,9 +520,20 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gateway",
         description="Run the gateway until SIGTERM/SIGINT, then drain in-flight requests "
-        "(server.shutdown_timeout_s) and exit 0. No Redis configured: in-memory state.",
+        "(server.shutdown_timeout_s) and exit 0. No Redis configured: in-memory state. "
+        "Without a config file: `edgeroute serve --model gpt-4o-mini --model "
+        "claude-3-5-haiku-latest` with the providers' keys in the environment.",
     )
-    _add_config_option(serve)
+    serve.add_argument("--config", "-c", metavar="FILE", help="edgeroute YAML config file")
+    serve.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        metavar="MODEL",
+        help="serve MODEL with no config file (repeatable): claude* and anthropic:NAME go to "
+        "Anthropic (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL), others to OpenAI (OPENAI_API_KEY, "
+        f"OPENAI_BASE_URL); with several, route `{FALLBACK_ROUTE}` tries them in order",
+    )
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     serve.set_defaults(handler=_cmd_serve)
@@ -511,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     mock = sub.add_parser(
         "mock-provider",
         add_help=False,
-        help="run a fake OpenAI-compatible upstream",
-        description="Run a fake OpenAI-compatible upstream; see `edgeroute mock-provider -h`.",
+        help="run a fake upstream (OpenAI API and Anthropic Messages API)",
+        description="Run a fake upstream; see `edgeroute mock-provider -h`.",
     )
     mock.set_defaults(handler=_cmd_mock_provider)
     return parser

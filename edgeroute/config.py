@@ -609,6 +609,67 @@ def loads_config(
     return apply_env_overrides(config, os.environ if env is None else env)
 
 
+# `edgeroute serve --model NAME`: the provider each model name goes to, and where that
+# provider's key and (overridable, e.g. to a local mock or proxy) base URL come from.
+QUICK_PROVIDERS: dict[str, tuple[str, str, str]] = {
+    "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "https://api.anthropic.com/v1"),
+}
+# With two or more models, this route tries them in the order given (cost strategy, no prices:
+# ties keep configuration order), failing over to the next one.
+FALLBACK_ROUTE = "auto"
+
+
+def config_from_models(models: Sequence[str], env: Mapping[str, str]) -> Config:
+    """A config with no file: one route per model (clients ask for it by name), plus
+    FALLBACK_ROUTE over all of them when there are several.
+
+    A model goes to Anthropic when it is written `anthropic:NAME` or starts with `claude`, to
+    OpenAI (or any OpenAI-compatible server at OPENAI_BASE_URL) otherwise or when written
+    `openai:NAME`. EDGEROUTE_ADMIN_TOKEN and EDGEROUTE_CLIENT_KEY, when set, turn on the
+    admin endpoints and client authentication; EDGEROUTE_REDIS_URL shares state as usual.
+    """
+
+    def literal(value: str) -> str:
+        return value.replace("$", "$$")  # values from the environment are never ${...} templates
+
+    providers: dict[str, dict[str, Any]] = {}
+    targets: dict[str, dict[str, str]] = {}
+    for spec in models:
+        prefix, sep, rest = spec.partition(":")
+        provider, model = (prefix, rest) if sep and prefix in QUICK_PROVIDERS else ("", spec)
+        provider = provider or ("anthropic" if model.startswith("claude") else "openai")
+        key_var, url_var, default_url = QUICK_PROVIDERS[provider]
+        key, url = env.get(key_var), env.get(url_var)
+        if not key and not url:
+            raise ConfigError(
+                f"--model {spec}: set {key_var} (or {url_var}, for an {provider}-compatible "
+                "server that needs no key)"
+            )
+        entry: dict[str, Any] = {"name": provider, "kind": provider, "base_url": default_url}
+        if url:
+            entry["base_url"] = literal(url)
+        if key:
+            entry["api_key"] = literal(key)
+        providers[provider] = entry
+        targets.setdefault(model, {"provider": provider, "model": model})
+    routes: list[dict[str, Any]] = [
+        {"model": model, "strategy": "cost", "targets": [target]}
+        for model, target in targets.items()
+    ]
+    if len(targets) > 1 and FALLBACK_ROUTE not in targets:
+        routes.append(
+            {"model": FALLBACK_ROUTE, "strategy": "cost", "targets": list(targets.values())}
+        )
+    server: dict[str, Any] = {}
+    if env.get("EDGEROUTE_ADMIN_TOKEN"):
+        server["admin_token"] = literal(env["EDGEROUTE_ADMIN_TOKEN"])
+    if env.get("EDGEROUTE_CLIENT_KEY"):
+        server["api_keys"] = [literal(env["EDGEROUTE_CLIENT_KEY"])]
+    document = {"server": server, "providers": list(providers.values()), "routes": routes}
+    return apply_env_overrides(parse_config(document, env={}), env)
+
+
 def apply_env_overrides(config: Config, env: Mapping[str, str]) -> Config:
     """EDGEROUTE_REDIS_URL wins over `state.redis_url` so one image serves every environment."""
     url = env.get("EDGEROUTE_REDIS_URL")

@@ -824,3 +824,133 @@ def test_subprocess_mock_provider_serves_and_stops() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
+
+
+# --- serve with no config file -------------------------------------------------------------
+
+
+def start_process(argv: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[str]:
+    """Start `edgeroute ...` and wait for the stdout line containing `ready`."""
+    proc = subprocess.Popen(
+        [*edgeroute_command(), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if ready in line:
+            return proc
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise AssertionError(f"{argv[0]} did not start: {err[-2000:]}")
+
+
+def stop_process(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, wait, and return what it wrote on stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    return err
+
+
+def test_serve_models_with_no_config_file() -> None:
+    import openai
+
+    # Two mock-provider processes stand in for OpenAI and (in Anthropic mode) for Anthropic.
+    openai_port, anthropic_port, gateway_port = free_port(), free_port(), free_port()
+    mocks = [
+        start_process(
+            ["mock-provider", "--port", str(port), "--name", name], subprocess_env(), "listening"
+        )
+        for port, name in ((openai_port, "fake-openai"), (anthropic_port, "fake-anthropic"))
+    ]
+    env = subprocess_env(
+        OPENAI_API_KEY="sk-openai-secret-1234",
+        OPENAI_BASE_URL=f"http://127.0.0.1:{openai_port}/v1",
+        ANTHROPIC_API_KEY="sk-ant-secret-5678",
+        ANTHROPIC_BASE_URL=f"http://127.0.0.1:{anthropic_port}/v1",
+    )
+    argv = ["serve", "--model", "gpt-4o-mini", "-m", "claude-3-5-haiku-latest"]
+    gateway = start_process([*argv, "--port", str(gateway_port)], env, "listening on")
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="unused", max_retries=0
+        )
+        assert [m.id for m in client.models.list()] == [
+            "gpt-4o-mini",
+            "claude-3-5-haiku-latest",
+            "auto",
+        ]
+        for model, upstream in (
+            ("gpt-4o-mini", "fake-openai"),
+            ("claude-3-5-haiku-latest", "fake-anthropic"),
+            ("auto", "fake-openai"),
+        ):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}]
+            )
+            content = reply.choices[0].message.content or ""
+            assert content.startswith(f"Hello from {upstream} "), (model, content)
+        # `auto` fails over to the next model when the first one fails.
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://127.0.0.1:{openai_port}/_mock/config",
+                data=b'{"error_rate": 1}',
+                method="POST",
+            ),
+            timeout=10,
+        ).close()
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.headers["x-edgeroute-provider"] == "anthropic"
+        assert raw.headers["x-edgeroute-attempts"] == "2"
+    finally:
+        err = stop_process(gateway)
+        for mock in mocks:
+            stop_process(mock)
+    assert gateway.returncode == 0, err
+    assert err.splitlines()[0] == (
+        "edgeroute: no config file; models: gpt-4o-mini (openai), claude-3-5-haiku-latest "
+        "(anthropic), auto (gpt-4o-mini, then claude-3-5-haiku-latest)"
+    )
+    assert "secret" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve"], "edgeroute: serve needs --config FILE, or --model MODEL"),
+        (["serve", "-c", "x.yaml", "-m", "gpt-4o"], "edgeroute: give --config FILE or --model"),
+        (["serve", "-m", "gpt-4o"], "edgeroute: --model gpt-4o: set OPENAI_API_KEY"),
+    ],
+)
+def test_serve_argument_errors(
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert one_line(err).startswith(message)
+
+
+def test_serve_refuses_a_config_without_routes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "serve", "-c", write(tmp_path, "server: {port: 0}\n"))
+    assert code == 2
+    assert one_line(err).startswith("edgeroute: $.routes: no routes configured")

@@ -15,6 +15,7 @@ from edgeroute.config import (
     ConfigErrors,
     LatencyConfig,
     StateConfig,
+    config_from_models,
     effective_breaker,
     effective_latency,
     load_config,
@@ -863,3 +864,48 @@ def test_require_routes_refuses_an_empty_config() -> None:
     require_routes(parse_config(minimal(), env={}))
     with pytest.raises(ConfigError, match=r"^\$\.routes: no routes configured"):
         require_routes(parse_config({}, env={}))
+
+
+# --- a config from model names (`edgeroute serve --model`) ----------------------------------
+
+
+def test_config_from_models_picks_providers_and_adds_a_fallback_route() -> None:
+    env = {"OPENAI_API_KEY": "sk-o", "ANTHROPIC_API_KEY": "sk-a"}
+    config = config_from_models(["gpt-4o-mini", "claude-3-5-haiku-latest", "gpt-4o-mini"], env)
+    assert {p.name: (p.kind, p.base_url, p.api_key) for p in config.providers} == {
+        "openai": ("openai", "https://api.openai.com/v1", "sk-o"),
+        "anthropic": ("anthropic", "https://api.anthropic.com/v1", "sk-a"),
+    }
+    assert [r.model for r in config.routes] == ["gpt-4o-mini", "claude-3-5-haiku-latest", "auto"]
+    assert [t.target_id for t in config.route("auto").targets] == [
+        "openai:gpt-4o-mini",
+        "anthropic:claude-3-5-haiku-latest",
+    ]
+    assert config.server.admin_token is None and config.server.api_keys == []
+    assert config.state.redis_url is None
+
+
+def test_config_from_models_reads_base_urls_tokens_and_prefixes() -> None:
+    env = {
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:9/v1",  # no key needed for a local server
+        "OPENAI_API_KEY": "sk-$weird",
+        "EDGEROUTE_ADMIN_TOKEN": "admin-t",
+        "EDGEROUTE_CLIENT_KEY": "client-k",
+        "EDGEROUTE_REDIS_URL": "redis://r:6379/0",
+    }
+    config = config_from_models(["anthropic:my-model", "openai:o1"], env)
+    assert config.provider("anthropic").base_url == "http://127.0.0.1:9/v1"
+    assert config.provider("anthropic").api_key is None
+    assert config.provider("openai").api_key == "sk-$weird"
+    assert [r.model for r in config.routes] == ["my-model", "o1", "auto"]
+    assert (config.server.admin_token, config.server.api_keys) == ("admin-t", ["client-k"])
+    assert config.state.redis_url == "redis://r:6379/0"
+
+
+def test_config_from_models_names_the_missing_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_models(["claude-3-5-haiku-latest"], {"OPENAI_API_KEY": "sk"})
+    assert str(info.value) == (
+        "--model claude-3-5-haiku-latest: set ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL, "
+        "for an anthropic-compatible server that needs no key)"
+    )
