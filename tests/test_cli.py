@@ -20,6 +20,7 @@ import pytest
 from edgeroute import cli
 from edgeroute.cli import Redactor, build_parser, main, mask_url_credentials
 from edgeroute.config import load_config
+from edgeroute.mock_provider import MockSettings
 from edgeroute.router import Router
 from edgeroute.state import MemoryState
 from edgeroute.types import OutcomeKind
@@ -954,3 +955,69 @@ def test_serve_refuses_a_config_without_routes(
     code, _, err = run(capsys, "serve", "-c", write(tmp_path, "server: {port: 0}\n"))
     assert code == 2
     assert one_line(err).startswith("edgeroute: $.routes: no routes configured")
+
+
+# --- the real-provider examples, with the mock standing in ---------------------------------
+
+
+OPENAI_EXAMPLE = EXAMPLES / "openai.yaml"
+OPENAI_ANTHROPIC_EXAMPLE = EXAMPLES / "openai-anthropic.yaml"
+
+
+async def test_openai_example_falls_back_to_the_second_model() -> None:
+    import openai
+
+    from edgeroute.server import create_app
+    from tests.support.gateway import mock_upstreams, running_app
+
+    async with mock_upstreams(fake=MockSettings()) as mocks:
+        env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": mocks["fake"].base_url}
+        config = load_config(OPENAI_EXAMPLE, env=env)
+        assert [p.name for p in config.providers] == ["openai"]
+        async with (
+            running_app(create_app(config)) as url,
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client,
+        ):
+            messages: list[Any] = [{"role": "user", "content": "hi"}]
+            raw = await client.chat.completions.with_raw_response.create(
+                model="chat", messages=messages
+            )
+            assert raw.headers["x-edgeroute-model"] == "gpt-4o-mini"  # the cheaper first
+            await mocks["fake"].configure(fault="status", status=503, fault_count=1)
+            raw = await client.chat.completions.with_raw_response.create(
+                model="chat", messages=messages
+            )
+            assert raw.headers["x-edgeroute-model"] == "gpt-4o"  # then the fallback
+            assert raw.headers["x-edgeroute-attempts"] == "2"
+            assert (mocks["fake"].provider.last_authorization or "") == "Bearer sk-x"
+
+
+async def test_openai_anthropic_example_reaches_both_apis() -> None:
+    import openai
+
+    from edgeroute.server import create_app
+    from tests.support.gateway import mock_upstreams, running_app
+
+    async with mock_upstreams(fake=MockSettings()) as mocks:
+        base = mocks["fake"].base_url
+        env = {
+            "OPENAI_API_KEY": "sk-x",
+            "ANTHROPIC_API_KEY": "sk-ant-x",
+            "OPENAI_BASE_URL": base,
+            "ANTHROPIC_BASE_URL": base,
+        }
+        config = load_config(OPENAI_ANTHROPIC_EXAMPLE, env=env)
+        async with (
+            running_app(create_app(config)) as url,
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client,
+        ):
+            providers = set()
+            for _ in range(2):  # round robin: one request to each
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="smart", messages=[{"role": "user", "content": "hi"}]
+                )
+                assert (raw.parse().choices[0].message.content or "").startswith("Hello from")
+                providers.add(raw.headers["x-edgeroute-provider"])
+            assert providers == {"openai", "anthropic"}
+        stats = await mocks["fake"].stats()
+        assert stats["by_path"] == {"/v1/chat/completions": 1, "/v1/messages": 1}
