@@ -221,9 +221,13 @@ class _Problems:
                     self.labels[f"$.{section}[{i}]"] = f"{word} {item[key]}"
 
     def _position(self, path: str) -> int:
-        while path not in self.order and path != "$":
-            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) or "$"
-        return self.order.get(path, 0)
+        """The document position of `path`, or of its nearest ancestor the walk visited."""
+        while path not in self.order:
+            parent = re.sub(r"(\.[^.\[]*|\[[^\]]*\])$", "", path)
+            if parent in ("", path):  # a path the walk never produced: report it last
+                return len(self.order)
+            path = parent
+        return self.order[path]
 
     def messages(self) -> list[str]:
         out: list[str] = []

@@ -909,3 +909,14 @@ def test_config_from_models_names_the_missing_key() -> None:
         "--model claude-3-5-haiku-latest: set ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL, "
         "for an anthropic-compatible server that needs no key)"
     )
+
+
+def test_problems_inside_mappings_and_lists_of_values_keep_their_place() -> None:
+    # msgspec names a bad mapping value `[...]`: still one line, still in document order.
+    raw = minimal()
+    raw["server"] = {"api_keys": ["ok", 5]}
+    raw["providers"][0]["headers"] = {"a": 1, "b.c": 2}
+    assert all_errors(raw) == [  # `server` comes last in this document
+        "$.providers[0].headers[...] (provider p): Expected `str`, got `int`",
+        "$.server.api_keys[1]: Expected `str`, got `int`",
+    ]
