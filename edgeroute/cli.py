@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import os
 import re
@@ -300,7 +301,9 @@ def _require_route(config: Config, name: str) -> None:
     known = [route.model for route in config.routes]
     if name not in known:
         choices = ", ".join(known) if known else "none configured"
-        raise _UsageError(f"unknown route {name!r} (routes: {choices})")
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise _UsageError(f"unknown route {name!r} (routes: {choices}){hint}")
 
 
 # --- state ---------------------------------------------------------------------------------

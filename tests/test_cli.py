@@ -498,6 +498,11 @@ def test_explain_unknown_route(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, out, err = run(capsys, "explain", "-c", write(tmp_path, MEMORY_CONFIG), "nope")
     assert (code, out) == (2, "")
     assert one_line(err) == "edgeroute: unknown route 'nope' (routes: chat, chat-rr)"
+    code, _, err = run(capsys, "explain", "-c", write(tmp_path, MEMORY_CONFIG), "caht")
+    assert code == 2
+    assert one_line(err) == (
+        "edgeroute: unknown route 'caht' (routes: chat, chat-rr); did you mean `chat`?"
+    )
 
 
 def test_explain_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -689,6 +694,14 @@ def test_mock_provider_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
             "mock-fast",
             "--fault",
             "rate_limit",
+            "--retry-after-s",
+            "2.5",
+            "--status",
+            "529",
+            "--cut-after-chunks",
+            "2",
+            "--first-token-delay-ms",
+            "40",
         ]
     )
     assert code == 0
@@ -698,6 +711,8 @@ def test_mock_provider_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.error_rate == pytest.approx(0.1)
     assert settings.stream_chunks == 3
     assert settings.fault == "rate_limit"
+    assert (settings.retry_after_s, settings.status) == (2.5, 529)
+    assert (settings.cut_after_chunks, settings.first_token_delay_ms) == (2, 40)
 
 
 @pytest.mark.parametrize(
