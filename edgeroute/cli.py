@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import os
 import re
@@ -29,7 +30,14 @@ from typing import Any
 
 import msgspec
 
-from edgeroute.config import Config, load_config
+from edgeroute.config import (
+    FALLBACK_ROUTE,
+    Config,
+    ConfigErrors,
+    config_from_models,
+    load_config,
+    require_routes,
+)
 from edgeroute.errors import ConfigError, StateUnavailable
 from edgeroute.explain import explanation_json, state_document
 from edgeroute.router import Explanation, Router, TargetExplanation
@@ -142,8 +150,10 @@ def _plural(count: int, word: str) -> str:
 # --- shared plumbing -----------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace, out: _Output) -> Config:
-    config = load_config(args.config)
+def _load(args: argparse.Namespace, out: _Output, *, state_only: bool = False) -> Config:
+    """The config of `--config`; `state_only` for commands that only read shared state (they
+    must run without the fleet's provider keys and tokens: see config.parse_config)."""
+    config = load_config(args.config, state_only=state_only)
     out.redact.add_config(config)
     out.state_url = config.state.redis_url
     return config
@@ -160,7 +170,9 @@ def _make_router(config: Config) -> Router:
         state = build_state(config.state, degrade=False, min_timeout_ms=_CLI_STATE_TIMEOUT_MS)
     except ConfigError as exc:
         source = " (from EDGEROUTE_REDIS_URL)" if os.environ.get("EDGEROUTE_REDIS_URL") else ""
-        raise ConfigError(f"{exc}{source}") from None
+        # build_state names the path already: say where the URL came from, once.
+        message = str(exc).removeprefix("$.state.redis_url: ")
+        raise ConfigError(f"$.state.redis_url{source}: {message}") from None
     return Router(config, state)
 
 
@@ -177,10 +189,18 @@ def _in_memory_note(out: _Output, config: Config) -> None:
 
 def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
     config = _load(args, out)
+    require_routes(config)
 
     async def build() -> None:
         router = _make_router(config)  # compiles every route and parses the state URL
-        await router.close()
+        try:
+            if args.connect:
+                # A read of every route: connects (to each slot's node on a cluster), loads
+                # the Lua scripts and runs one; changes nothing.
+                for route in config.routes:
+                    await router.state.snapshot(router.route(route.model))
+        finally:
+            await router.close()
 
     asyncio.run(build())
     state = _state_label(config)
@@ -190,6 +210,14 @@ def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
         f"config OK: {_plural(len(config.providers), 'provider')}, "
         f"{_plural(len(config.routes), 'route')} (state: {state})"
     )
+    if args.connect:
+        if config.state.redis_url:
+            out.print(
+                f"state OK: reached {config.state.redis_url}, loaded the scripts and read "
+                f"{_plural(len(config.routes), 'route')}"
+            )
+        else:
+            out.print("state OK: in-memory, nothing to connect to")
     return 0
 
 
@@ -245,7 +273,7 @@ def _by_rank(targets: list[TargetExplanation]) -> list[TargetExplanation]:
 
 
 def _cmd_explain(args: argparse.Namespace, out: _Output) -> int:
-    config = _load(args, out)
+    config = _load(args, out, state_only=True)
     _require_route(config, args.route)
 
     async def run() -> Explanation:
@@ -273,7 +301,9 @@ def _require_route(config: Config, name: str) -> None:
     known = [route.model for route in config.routes]
     if name not in known:
         choices = ", ".join(known) if known else "none configured"
-        raise _UsageError(f"unknown route {name!r} (routes: {choices})")
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise _UsageError(f"unknown route {name!r} (routes: {choices}){hint}")
 
 
 # --- state ---------------------------------------------------------------------------------
@@ -320,7 +350,7 @@ def _snapshot_text(snapshot: RouteSnapshot, strategy: RoutingStrategy) -> str:
 
 
 def _cmd_state(args: argparse.Namespace, out: _Output) -> int:
-    config = _load(args, out)
+    config = _load(args, out, state_only=True)
     if args.route is not None:
         _require_route(config, args.route)
         names = [args.route]
@@ -373,10 +403,37 @@ def _cmd_mock_provider(args: argparse.Namespace, out: _Output) -> int:
 # --- serve and demo ------------------------------------------------------------------------
 
 
+def _serve_config(args: argparse.Namespace, out: _Output) -> Config:
+    """`--config FILE`, or with `--model NAME...` a config built from the environment."""
+    if args.model and args.config:
+        raise _UsageError("give --config FILE or --model MODEL, not both")
+    if not args.model:
+        if not args.config:
+            raise _UsageError(
+                "serve needs --config FILE, or --model MODEL (repeatable) to serve models with "
+                "OPENAI_API_KEY / ANTHROPIC_API_KEY from the environment"
+            )
+        config = _load(args, out)
+        require_routes(config)
+        return config
+    config = config_from_models(args.model, os.environ)
+    out.redact.add_config(config)
+    out.state_url = config.state.redis_url
+    routes = []
+    for route in config.routes:
+        via = ", then ".join(t.model for t in route.targets)
+        if route.model == FALLBACK_ROUTE:
+            routes.append(f"{route.model} ({via})")
+        else:
+            routes.append(f"{route.model} ({route.targets[0].provider})")
+    out.note(f"{PROG}: no config file; models: {', '.join(routes)}")
+    return config
+
+
 def _cmd_serve(args: argparse.Namespace, out: _Output) -> int:
     from edgeroute.launch import serve_config
 
-    config = _load(args, out)
+    config = _serve_config(args, out)
     server = config.server
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -427,10 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="validate a config file",
-        description="Load and validate a config file "
-        "(no network I/O); exit 0 if the gateway could run it, 2 otherwise.",
+        description="Load and validate a config file and report every problem, one "
+        "`$.path: ...` line each; exit 0 if the gateway could run it, 2 otherwise. No network "
+        "I/O unless --connect.",
     )
     _add_config_option(check)
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach the shared state (Redis), load the Lua scripts and read every route; "
+        "exit 1 with one line if it is unreachable",
+    )
     check.set_defaults(handler=_cmd_check)
 
     explain = sub.add_parser(
@@ -459,9 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gateway",
         description="Run the gateway until SIGTERM/SIGINT, then drain in-flight requests "
-        "(server.shutdown_timeout_s) and exit 0. No Redis configured: in-memory state.",
+        "(server.shutdown_timeout_s) and exit 0. No Redis configured: in-memory state. "
+        "Without a config file: `edgeroute serve --model gpt-4o-mini --model "
+        "claude-3-5-haiku-latest` with the providers' keys in the environment.",
     )
-    _add_config_option(serve)
+    serve.add_argument("--config", "-c", metavar="FILE", help="edgeroute YAML config file")
+    serve.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        metavar="MODEL",
+        help="serve MODEL with no config file (repeatable): claude* and anthropic:NAME go to "
+        "Anthropic (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL), others to OpenAI (OPENAI_API_KEY, "
+        f"OPENAI_BASE_URL); with several, route `{FALLBACK_ROUTE}` tries them in order",
+    )
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     serve.set_defaults(handler=_cmd_serve)
@@ -484,8 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     mock = sub.add_parser(
         "mock-provider",
         add_help=False,
-        help="run a fake OpenAI-compatible upstream",
-        description="Run a fake OpenAI-compatible upstream; see `edgeroute mock-provider -h`.",
+        help="run a fake upstream (OpenAI API and Anthropic Messages API)",
+        description="Run a fake upstream; see `edgeroute mock-provider -h`.",
     )
     mock.set_defaults(handler=_cmd_mock_provider)
     return parser
@@ -510,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace, _Output], int] = args.handler
     try:
         return handler(args, out)
+    except ConfigErrors as exc:
+        for error in exc.errors:  # every problem at once, one line each
+            out.note(f"{PROG}: {error}")
+        return 2
     except (ConfigError, _UsageError) as exc:
         out.note(f"{PROG}: {exc}")
         return 2

@@ -7,12 +7,14 @@ config that loads is a config the gateway can run.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import msgspec
@@ -45,6 +47,7 @@ PositiveSeconds = Annotated[float, msgspec.Meta(gt=0.0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
 StrategyName = Literal["cost", "latency", "hybrid", "round_robin", "least_busy"]
 ProviderKind = Literal["openai", "azure", "anthropic"]
+_T = TypeVar("_T")
 
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -158,90 +161,371 @@ class Config(_Base, frozen=True, kw_only=True):
 
 _ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+# Fields `edgeroute state` / `explain` never use: they read shared state, and talk to neither
+# clients nor upstreams. With `state_only`, an unset ${VAR} here is a placeholder, not an error,
+# so those commands run from any machine that reaches Redis without the fleet's secrets.
+_STATE_ONLY_OPTIONAL = re.compile(
+    r"\$\.server(\..*)?|\$\.providers\[\d+\]\.(api_key|base_url|api_version|headers(\..*)?)"
+)
 
-def _interpolate(value: str, path: str, env: Mapping[str, str]) -> str:
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one config, in document order; each is one `$.path: ...` line.
+
+    `str()` is the first problem (plus a count of the others), so code that catches
+    ConfigError keeps working; `errors` has them all.
+    """
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = tuple(errors)
+        more = len(self.errors) - 1
+        suffix = f" (and {_count(more, 'more error')})" if more else ""
+        super().__init__(self.errors[0] + suffix)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class _Problems:
+    """Collects `$.path: message` problems instead of stopping at the first one."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, bool]] = []
+        # Paths whose value came from ${VAR} (may be converted from text, e.g. a port) and
+        # paths holding a placeholder for an unset variable (errors there would only repeat it).
+        self.interpolated: set[str] = set()
+        self.quiet: set[str] = set()
+        self.labels: dict[str, str] = {}
+        # Where each path appears in the document, to report problems in reading order.
+        self.order: dict[str, int] = {}
+
+    def add(self, path: str, message: str, *, cause: bool = False) -> None:
+        """`cause`: the problem that made `path` quiet (reported even though it is)."""
+        self.items.append((path, message, cause))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def is_quiet(self, path: str) -> bool:
+        return any(path == q or path.startswith((f"{q}.", f"{q}[")) for q in self.quiet)
+
+    def label(self, raw: dict[str, Any]) -> None:
+        """Name routes and providers next to their index: `$.routes[1].x (route chat)`."""
+        for section, key, word in (("routes", "model", "route"), ("providers", "name", "provider")):
+            items = raw.get(section)
+            if not isinstance(items, list):
+                continue
+            for i, item in enumerate(items):
+                if isinstance(item, dict) and isinstance(item.get(key), str) and item[key]:
+                    self.labels[f"$.{section}[{i}]"] = f"{word} {item[key]}"
+
+    def _position(self, path: str) -> int:
+        """The document position of `path`, or of its nearest ancestor the walk visited."""
+        while path not in self.order:
+            parent = re.sub(r"(\.[^.\[]*|\[[^\]]*\])$", "", path)
+            if parent in ("", path):  # a path the walk never produced: report it last
+                return len(self.order)
+            path = parent
+        return self.order[path]
+
+    def messages(self) -> list[str]:
+        out: list[str] = []
+        items = sorted(self.items, key=lambda item: self._position(item[0]))
+        for path, message, cause in items:
+            if not cause and self.is_quiet(path):
+                continue
+            match = re.match(r"\$\.(routes|providers)\[\d+\]", path)
+            if match:
+                item = match.group(0)
+                label = self.labels.get(item)
+                # Not next to the name field's own errors: the label would repeat the value.
+                if label and path not in (f"{item}.model", f"{item}.name"):
+                    path = f"{path} ({label})"
+            line = _printable(f"{path}: {message}")
+            if line not in out:  # one cause reported once, even when reached twice
+                out.append(line)
+        return out
+
+    def raise_if_any(self) -> None:
+        messages = self.messages()
+        if messages:
+            raise ConfigErrors(messages)
+
+
+def _interpolate(
+    value: str, path: str, env: Mapping[str, str], problems: _Problems, state_only: bool
+) -> str:
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
+        problems.interpolated.add(path)
         name, default = match.group(1), match.group(2)
         if name in env and (env[name] != "" or default is None):
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{_printable(path)}: environment variable {name} is not set")
+        problems.quiet.add(path)
+        if not (state_only and _STATE_ONLY_OPTIONAL.fullmatch(path)):
+            problems.add(path, f"environment variable {name} is not set", cause=True)
+        # Keeps the document's shape, so every other problem is still found in this pass.
+        return f"<unset {name}>"
 
     return _ENV_RE.sub(substitute, value)
 
 
-def _walk(node: Any, path: str, env: Mapping[str, str]) -> Any:
+def _walk(
+    node: Any, path: str, env: Mapping[str, str], problems: _Problems, state_only: bool
+) -> Any:
+    problems.order.setdefault(path, len(problems.order))
     if isinstance(node, str):
-        return _interpolate(node, path, env) if "$" in node else node
+        return _interpolate(node, path, env, problems, state_only) if "$" in node else node
     if isinstance(node, dict):
-        return {key: _walk(value, f"{path}.{key}", env) for key, value in node.items()}
+        return {
+            key: _walk(value, f"{path}.{key}", env, problems, state_only)
+            for key, value in node.items()
+        }
     if isinstance(node, list):
-        return [_walk(item, f"{path}[{i}]", env) for i, item in enumerate(node)]
+        return [
+            _walk(item, f"{path}[{i}]", env, problems, state_only) for i, item in enumerate(node)
+        ]
     if isinstance(node, float) and not math.isfinite(node):
         # YAML spells these .inf/.nan; no duration, price or weight can be one.
-        raise ConfigError(f"{_printable(path)}: expected a finite number, got {node}")
+        problems.quiet.add(path)
+        problems.add(path, f"expected a finite number, got {node}", cause=True)
     return node
 
 
-def _merge_route_defaults(raw: dict[str, Any]) -> None:
-    """Per-route `breaker`/`latency` blocks override the global ones field by field."""
-    routes = raw.get("routes")
+# --- type validation that reports every problem ---------------------------------------------
+# msgspec stops at the first error. This walks the Struct types field by field (so fields added
+# to the Structs above are covered without touching it), lets msgspec judge each leaf, and
+# collects what it says. Leaves are converted strictly: `port: "8080"` is an error, while a
+# value that came from ${VAR} (always text) is converted, so `port: ${PORT}` works.
+
+
+def _unwrap(tp: Any) -> tuple[Any, list[msgspec.Meta]]:
+    if get_origin(tp) is Annotated:
+        inner, *extras = get_args(tp)
+        return inner, [m for m in extras if isinstance(m, msgspec.Meta)]
+    return tp, []
+
+
+def _is_struct(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
+def _did_you_mean(value: str, choices: Iterable[str]) -> str:
+    # 0.7: catches transpositions and dropped letters (`failure_treshold`, `hots`), not
+    # unrelated words that share a few letters (`price` is not `provider`).
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.7)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _validate(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
+    inner, metas = _unwrap(tp)
+    if _is_struct(inner):
+        return _validate_struct(value, inner, path, problems)
+    origin = get_origin(inner)
+    if origin in (Union, UnionType):
+        args = get_args(inner)
+        structs = [a for a in args if _is_struct(a)]
+        if value is None and type(None) in args:
+            return None
+        if len(structs) == 1 and isinstance(value, dict):
+            return _validate_struct(value, structs[0], path, problems)
+    if origin is list and isinstance(value, list):
+        (item_type,) = get_args(inner)
+        if _is_struct(_unwrap(item_type)[0]):
+            items = [_validate(v, item_type, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+            for meta in metas:
+                if meta.min_length is not None and len(value) < meta.min_length:
+                    problems.add(path, f"Expected `array` of length >= {meta.min_length}")
+            return items
+    if origin is Literal:
+        choices = [str(c) for c in get_args(inner)]
+        if isinstance(value, str) and value not in choices:
+            problems.add(
+                path,
+                f"unknown value {value!r}; expected one of: {', '.join(choices)}"
+                + _did_you_mean(value, choices),
+            )
+            return value
+        if not isinstance(value, str):
+            kind = type(value).__name__
+            problems.add(path, f"expected one of: {', '.join(choices)}; got a {kind}")
+            return value
+    return _leaf(value, tp, path, problems)
+
+
+def _leaf(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
+    try:
+        return msgspec.convert(value, tp, strict=True)
+    except msgspec.ValidationError as exc:
+        error = exc
+    if path in problems.interpolated and isinstance(value, str):
+        try:
+            return msgspec.convert(value, tp, strict=False)
+        except msgspec.ValidationError as exc:
+            error = exc
+    problems.add(*_msgspec_problem(str(error), path))
+    return value
+
+
+def _validate_struct(value: Any, cls: type[msgspec.Struct], path: str, problems: _Problems) -> Any:
+    if not isinstance(value, dict):
+        return _leaf(value, cls, path, problems)
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            problems.add(path, f"mapping key: Expected `str`, got `{type(key).__name__}`")
+            continue
+        field = fields.get(key)
+        if field is None:
+            problems.add(path, f"unknown field `{key}`" + _did_you_mean(key, fields))
+            continue
+        before = len(problems)
+        value_path = f"{path}.{key}"
+        checked = _validate(item, field.type, value_path, problems)
+        if len(problems) > before and problems.is_quiet(value_path) and not _required(field):
+            continue  # a placeholder that is not even the right type: keep the default
+        out[key] = checked
+    for name, field in fields.items():
+        if _required(field) and name not in value:
+            problems.add(path, f"missing required field `{name}`")
+    return out
+
+
+def _required(field: msgspec.structs.FieldInfo) -> bool:
+    return field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT
+
+
+def _msgspec_problem(message: str, path: str) -> tuple[str, str]:
+    """msgspec's "Expected `int`, got `str` - at `$[0]`" → (path + "[0]", "Expected ...")."""
+    text, sep, where = message.rpartition(" - at ")
+    if not sep:
+        text, where = message, ""
+    for pattern, help_text in _PATTERN_HELP.items():
+        text = text.replace(f"Expected `str` matching regex {pattern!r}", f"expected {help_text}")
+    where = where.strip("`")
+    key, in_sep, parent = where.partition("` in `")
+    if in_sep and key == "key":  # a bad mapping key: "- at `key` in `$`"
+        return path + parent[1:], f"mapping key: {text}"
+    return path + where[1:], text
+
+
+def _merge_route_defaults(doc: dict[str, Any]) -> None:
+    """Per-route `breaker`/`latency` blocks override the global ones field by field.
+
+    Runs on validated values, so a problem in the global block is reported once, at its own
+    path, not again under every route that overrides something.
+    """
+    routes = doc.get("routes")
     if not isinstance(routes, list):
         return
     for section in ("breaker", "latency"):
-        base = raw.get(section)
+        base = doc.get(section)
         base = base if isinstance(base, dict) else {}
         for route in routes:
             if isinstance(route, dict) and isinstance(route.get(section), dict):
                 route[section] = {**base, **route[section]}
 
 
-def _check_semantics(config: Config) -> Config:
-    providers: dict[str, ProviderConfig] = {}
-    for i, key in enumerate(config.server.api_keys):
-        if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
-            raise ConfigError(f"$.server.api_keys[{i}]: sha256: must be followed by 64 hex digits")
-    for i, provider in enumerate(config.providers):
-        if provider.name in providers:
-            raise ConfigError(f"$.providers[{i}].name: duplicate provider name {provider.name!r}")
-        if not provider.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"$.providers[{i}].base_url: must start with http:// or https://")
-        if not _is_plain_url(provider.base_url):
-            raise ConfigError(
-                f"$.providers[{i}].base_url: needs a host and no spaces or control characters"
-            )
-        if provider.kind == "azure" and not provider.api_version:
-            raise ConfigError(f"$.providers[{i}].api_version: required for kind azure")
-        providers[provider.name] = provider
+def _typed(value: Any, cls: type[_T]) -> _T | None:
+    """`value` as `cls` when it validated cleanly, else None (its problems are reported)."""
+    if value is None:
+        return None
+    try:
+        return msgspec.convert(value, cls, strict=True)
+    except msgspec.ValidationError:
+        return None
+
+
+def _check_semantics(doc: dict[str, Any], raw: dict[str, Any], problems: _Problems) -> None:
+    """Checks across fields and items. Each runs on the fields it needs as soon as those are
+    valid, so a typo in one field never hides a problem in another."""
+    server = _typed(doc.get("server", {}), ServerConfig)
+    if server is not None:
+        for i, key in enumerate(server.api_keys):
+            if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
+                problems.add(f"$.server.api_keys[{i}]", "sha256: must be followed by 64 hex digits")
+    # Names come from the raw document: a provider with a problem of its own still exists, so
+    # routes naming it are not reported as well.
+    names = [p["name"] for p in _items(raw, "providers") if isinstance(p.get("name"), str)]
+    seen_providers: set[str] = set()
+    for i, provider in enumerate(_items(doc, "providers")):
+        _check_provider(f"$.providers[{i}]", provider, seen_providers, problems)
     seen_routes: set[str] = set()
-    for i, route in enumerate(config.routes):
-        where = f"$.routes[{i}]"
-        if route.model in seen_routes:
-            raise ConfigError(f"{where}.model: duplicate route {route.model!r}")
-        seen_routes.add(route.model)
-        if route.weights is not None:
-            if route.strategy != "hybrid":
-                raise ConfigError(f"{where}.weights: weights only apply to strategy hybrid")
-            w = route.weights
-            if w.cost + w.latency + w.reliability <= 0.0:
-                raise ConfigError(f"{where}.weights: all weights are zero")
-        seen_targets: set[str] = set()
-        for j, target in enumerate(route.targets):
-            twhere = f"{where}.targets[{j}]"
-            if target.provider not in providers:
-                raise ConfigError(f"{twhere}.provider: unknown provider {target.provider!r}")
-            target_id = target.target_id
-            if target.id is None and not NAME_RE.fullmatch(target_id):
-                raise ConfigError(
-                    f"{twhere}.model: {target_id!r} is not a safe target id; set `id` explicitly"
-                )
-            if target_id in seen_targets:
-                raise ConfigError(f"{twhere}: duplicate target id {target_id!r}; set `id`")
-            seen_targets.add(target_id)
-    return config
+    for i, route in enumerate(_items(doc, "routes")):
+        _check_route(f"$.routes[{i}]", route, names, seen_routes, problems)
+
+
+def _items(doc: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    """The mappings of a list section (anything else there is reported by the type walk)."""
+    items = doc.get(section)
+    return (
+        [item if isinstance(item, dict) else {} for item in items]
+        if isinstance(items, list)
+        else []
+    )
+
+
+def _check_provider(
+    where: str, provider: dict[str, Any], seen: set[str], problems: _Problems
+) -> None:
+    name, base_url = provider.get("name"), provider.get("base_url")
+    if isinstance(name, str):
+        if name in seen:
+            problems.add(f"{where}.name", f"duplicate provider name {name!r}")
+        seen.add(name)
+    if isinstance(base_url, str):
+        if not base_url.startswith(("http://", "https://")):
+            problems.add(f"{where}.base_url", "must start with http:// or https://")
+        elif not _is_plain_url(base_url):
+            problems.add(f"{where}.base_url", "needs a host and no spaces or control characters")
+    if provider.get("kind") == "azure" and not provider.get("api_version"):
+        problems.add(f"{where}.api_version", "required for kind azure")
+
+
+def _check_route(
+    where: str, route: dict[str, Any], providers: list[str], seen: set[str], problems: _Problems
+) -> None:
+    model = route.get("model")
+    if isinstance(model, str):
+        if model in seen:
+            problems.add(f"{where}.model", f"duplicate route {model!r}")
+        seen.add(model)
+    weights = _typed(route.get("weights"), WeightsConfig)
+    if weights is not None:
+        if route.get("strategy", "hybrid") != "hybrid":
+            problems.add(f"{where}.weights", "weights only apply to strategy hybrid")
+        elif weights.cost + weights.latency + weights.reliability <= 0.0:
+            problems.add(f"{where}.weights", "all weights are zero")
+    seen_targets: set[str] = set()
+    for j, item in enumerate(_items(route, "targets")):
+        twhere = f"{where}.targets[{j}]"
+        provider = item.get("provider")
+        if isinstance(provider, str) and provider not in providers:
+            known = (
+                f"known providers: {', '.join(providers)}"
+                if providers
+                else "no providers are configured (add them under `providers:`)"
+            )
+            problems.add(
+                f"{twhere}.provider",
+                f"unknown provider {provider!r}; {known}" + _did_you_mean(provider, providers),
+            )
+        target = _typed(item, TargetConfig)
+        if target is None:
+            continue
+        target_id = target.target_id
+        if target.id is None and not NAME_RE.fullmatch(target_id):
+            problems.add(
+                f"{twhere}.model", f"{target_id!r} is not a safe target id; set `id` explicitly"
+            )
+        elif target_id in seen_targets:
+            problems.add(twhere, f"duplicate target id {target_id!r}; set `id`")
+        seen_targets.add(target_id)
 
 
 def _is_plain_url(url: str) -> bool:
@@ -253,33 +537,40 @@ def _is_plain_url(url: str) -> bool:
         return False
 
 
-def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-parsed YAML/JSON document and return the Config."""
+def parse_config(
+    raw: Any, *, env: Mapping[str, str] | None = None, state_only: bool = False
+) -> Config:
+    """Validate an already-parsed YAML/JSON document and return the Config.
+
+    Raises ConfigErrors listing every problem found (`errors`), each a `$.path: ...` line.
+    `state_only`: load for commands that only read shared state (`edgeroute state`,
+    `explain`): unset ${VAR}s in server settings and provider connection fields (keys, URLs,
+    headers) become placeholders instead of errors. Never serve such a config.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError("$: expected a mapping at the top level")
-    expanded = _walk(raw, "$", os.environ if env is None else env)
-    _merge_route_defaults(expanded)
+        raise ConfigErrors(["$: expected a mapping at the top level"])
+    problems = _Problems()
+    expanded = _walk(raw, "$", os.environ if env is None else env, problems, state_only)
+    problems.label(expanded)
+    doc = _validate(expanded, Config, "$", problems)
+    _merge_route_defaults(doc)
+    _check_semantics(doc, expanded, problems)
+    problems.raise_if_any()
     try:
-        config = msgspec.convert(expanded, Config, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(_one_line(str(exc))) from None
-    return _check_semantics(config)
+        return msgspec.convert(doc, Config, strict=True)
+    except msgspec.ValidationError as exc:  # pragma: no cover - the walk above is stricter
+        raise ConfigErrors([_printable(": ".join(_msgspec_problem(str(exc), "$")))]) from None
 
 
-def _one_line(message: str) -> str:
-    # msgspec says "Expected `int`, got `str` - at `$.server.port`"; lead with the path.
-    # A bad mapping key reads "... - at `key` in `$.server`".
-    text, sep, path = message.rpartition(" - at ")
-    for pattern, help_text in _PATTERN_HELP.items():
-        text = text.replace(f"Expected `str` matching regex {pattern!r}", f"expected {help_text}")
-    if sep:
-        key, in_sep, parent = path.partition("` in `")
-        if in_sep and key == "`key":
-            return _printable(f"{parent.strip('`')}: mapping key: {text}")
-        return _printable(f"{path.strip('`')}: {text}")
-    return _printable(f"$: {message}")
+def require_routes(config: Config) -> None:
+    """A gateway without routes answers every request with 404: refuse to check or serve it."""
+    if not config.routes:
+        raise ConfigError(
+            "$.routes: no routes configured, so every request would get a 404; add a route "
+            "(see examples/openai.yaml) or start with `edgeroute serve --model gpt-4o-mini`"
+        )
 
 
 def _printable(text: str) -> str:
@@ -287,8 +578,11 @@ def _printable(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
-    """Read, interpolate and validate a YAML config file; raises ConfigError (one line)."""
+def load_config(
+    path: str | Path, *, env: Mapping[str, str] | None = None, state_only: bool = False
+) -> Config:
+    """Read, interpolate and validate a YAML config file; raises ConfigError (ConfigErrors
+    with every problem found when the file is readable YAML). See parse_config."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -298,11 +592,15 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Co
         raise ConfigError(
             _printable(f"$: cannot read {file}: not UTF-8 (byte offset {exc.start})")
         ) from None
-    return loads_config(text, source=str(file), env=env)
+    return loads_config(text, source=str(file), env=env, state_only=state_only)
 
 
 def loads_config(
-    text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    state_only: bool = False,
 ) -> Config:
     try:
         raw = yaml.safe_load(text)
@@ -311,8 +609,69 @@ def loads_config(
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(_printable(f"$: invalid YAML at {where}: {problem}")) from None
-    config = parse_config(raw, env=env)
+    config = parse_config(raw, env=env, state_only=state_only)
     return apply_env_overrides(config, os.environ if env is None else env)
+
+
+# `edgeroute serve --model NAME`: the provider each model name goes to, and where that
+# provider's key and (overridable, e.g. to a local mock or proxy) base URL come from.
+QUICK_PROVIDERS: dict[str, tuple[str, str, str]] = {
+    "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "https://api.anthropic.com/v1"),
+}
+# With two or more models, this route tries them in the order given (cost strategy, no prices:
+# ties keep configuration order), failing over to the next one.
+FALLBACK_ROUTE = "auto"
+
+
+def config_from_models(models: Sequence[str], env: Mapping[str, str]) -> Config:
+    """A config with no file: one route per model (clients ask for it by name), plus
+    FALLBACK_ROUTE over all of them when there are several.
+
+    A model goes to Anthropic when it is written `anthropic:NAME` or starts with `claude`, to
+    OpenAI (or any OpenAI-compatible server at OPENAI_BASE_URL) otherwise or when written
+    `openai:NAME`. EDGEROUTE_ADMIN_TOKEN and EDGEROUTE_CLIENT_KEY, when set, turn on the
+    admin endpoints and client authentication; EDGEROUTE_REDIS_URL shares state as usual.
+    """
+
+    def literal(value: str) -> str:
+        return value.replace("$", "$$")  # values from the environment are never ${...} templates
+
+    providers: dict[str, dict[str, Any]] = {}
+    targets: dict[str, dict[str, str]] = {}
+    for spec in models:
+        prefix, sep, rest = spec.partition(":")
+        provider, model = (prefix, rest) if sep and prefix in QUICK_PROVIDERS else ("", spec)
+        provider = provider or ("anthropic" if model.startswith("claude") else "openai")
+        key_var, url_var, default_url = QUICK_PROVIDERS[provider]
+        key, url = env.get(key_var), env.get(url_var)
+        if not key and not url:
+            raise ConfigError(
+                f"--model {spec}: set {key_var} (or {url_var}, for an {provider}-compatible "
+                "server that needs no key)"
+            )
+        entry: dict[str, Any] = {"name": provider, "kind": provider, "base_url": default_url}
+        if url:
+            entry["base_url"] = literal(url)
+        if key:
+            entry["api_key"] = literal(key)
+        providers[provider] = entry
+        targets.setdefault(model, {"provider": provider, "model": model})
+    routes: list[dict[str, Any]] = [
+        {"model": model, "strategy": "cost", "targets": [target]}
+        for model, target in targets.items()
+    ]
+    if len(targets) > 1 and FALLBACK_ROUTE not in targets:
+        routes.append(
+            {"model": FALLBACK_ROUTE, "strategy": "cost", "targets": list(targets.values())}
+        )
+    server: dict[str, Any] = {}
+    if env.get("EDGEROUTE_ADMIN_TOKEN"):
+        server["admin_token"] = literal(env["EDGEROUTE_ADMIN_TOKEN"])
+    if env.get("EDGEROUTE_CLIENT_KEY"):
+        server["api_keys"] = [literal(env["EDGEROUTE_CLIENT_KEY"])]
+    document = {"server": server, "providers": list(providers.values()), "routes": routes}
+    return apply_env_overrides(parse_config(document, env={}), env)
 
 
 def apply_env_overrides(config: Config, env: Mapping[str, str]) -> Config:

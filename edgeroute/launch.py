@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -135,7 +136,9 @@ async def _demo(gateway_port: int, base_port: int) -> int:
             "\n"
             f"  curl -s {url}/v1/routes/chat/explain\n"
             f"  curl -s -H 'Authorization: Bearer demo-admin' {url}/admin/state\n"
-            f"  python -c \"import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='x'); "
+            # This interpreter: the one `./dev demo` installed the openai SDK into.
+            f'  {shlex.quote(sys.executable)} -c "import openai; '
+            f"c = openai.OpenAI(base_url='{url}/v1', api_key='x'); "
             "print(c.chat.completions.create(model='chat', "
             "messages=[{'role': 'user', 'content': 'hi'}]).choices[0].message.content)\"\n",
             flush=True,

@@ -1,7 +1,8 @@
-"""A fake OpenAI-compatible upstream for tests, benchmarks, docker compose and the quickstart.
+"""A fake LLM upstream for tests, benchmarks, docker compose and the quickstart.
 
 It answers the OpenAI endpoints the gateway forwards (chat, completions, embeddings, models)
-with realistic bodies, and it can misbehave on purpose: latency, random 500s, 429s with
+and Anthropic's Messages API (`POST /v1/messages`, so `kind: anthropic` can be tried without a
+key) with realistic bodies, and it can misbehave on purpose: latency, random 500s, 429s with
 `Retry-After`, connection resets, hangs, slow first tokens and cut streams. A small control
 plane under `/_mock/` lets a test reconfigure faults at runtime and read back what the mock
 saw (request counts, the last `Authorization` header and body) without restarting it.
@@ -161,7 +162,26 @@ class _EmbeddingRequest(msgspec.Struct):
     dimensions: int | None = None
 
 
+class _AnthropicBlock(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+
+
+class _AnthropicMessage(msgspec.Struct):
+    role: str | None = None
+    content: str | list[_AnthropicBlock] | None = None
+
+
+class _MessagesRequest(msgspec.Struct):
+    model: str | None = None
+    max_tokens: int | None = None
+    messages: list[_AnthropicMessage] | None = None
+    system: str | list[_AnthropicBlock] | None = None
+    stream: bool | None = None
+
+
 _CHAT_DECODER: Final = msgspec.json.Decoder(_ChatRequest)
+_MESSAGES_DECODER: Final = msgspec.json.Decoder(_MessagesRequest)
 _COMPLETION_DECODER: Final = msgspec.json.Decoder(_CompletionRequest)
 _EMBEDDING_DECODER: Final = msgspec.json.Decoder(_EmbeddingRequest)
 _ANY_DECODER: Final = msgspec.json.Decoder()
@@ -213,6 +233,37 @@ def _error_body(
     return _ENCODER.encode(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
     )
+
+
+def _anthropic_error_body(message: str, type_: str) -> bytes:
+    return _ENCODER.encode({"type": "error", "error": {"type": type_, "message": message}})
+
+
+# The error `type` Anthropic's API sends with each status (its SDKs and edgeroute branch on it).
+_ANTHROPIC_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_error_type(status: int) -> str:
+    default = "api_error" if status >= 500 else "invalid_request_error"
+    return _ANTHROPIC_ERROR_TYPES.get(status, default)
+
+
+def _sse_event(event: str, data: Mapping[str, Any]) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), _ENCODER.encode(data))
+
+
+def _block_chars(content: str | list[_AnthropicBlock] | None) -> int:
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(block.text) for block in content or () if block.text)
 
 
 def _status_error_kind(status: int) -> tuple[str, str | None]:
@@ -417,6 +468,7 @@ class _Reply:
     stream: bool
     parts: list[bytes]
     content_chunks: int = 0  # streamed content events at the front of `parts`
+    api: str = "openai"  # which API's error shapes faults use: "openai" or "anthropic"
 
 
 class MockProvider:
@@ -633,6 +685,84 @@ class MockProvider:
         prompt_tokens = _prompt_tokens(req.prompt)
         return self._render(canned, "cmpl", prompt_tokens, bool(req.stream), include_usage)
 
+    def _parse_messages(self, body: bytes) -> _Reply:
+        """Anthropic's Messages API: a text reply, whole or as its event stream."""
+        try:
+            req = _MESSAGES_DECODER.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise _BadRequest(f"Invalid request: {exc}") from None
+        for field in ("model", "max_tokens", "messages"):
+            if getattr(req, field) is None:
+                raise _BadRequest(f"{field}: Field required")
+        assert req.model is not None and req.messages is not None and req.max_tokens is not None
+        if not req.messages:
+            raise _BadRequest("messages: at least one message is required")
+        if req.max_tokens < 1:
+            raise _BadRequest("max_tokens: must be at least 1")
+        model = self.settings.model_name or req.model
+        chars = _block_chars(req.system) + sum(_block_chars(m.content) for m in req.messages)
+        input_tokens = _estimate_tokens(chars)
+        message_id = "msg_" + self._next_id("mock").decode().replace("-", "")
+        chunks = self.settings.stream_chunks
+        words = _reply_words(self.name, model, chunks if req.stream else 0)
+        output_tokens = len(words)
+        message = {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": " ".join(words)}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        }
+        if not req.stream:
+            return _Reply(False, [_ENCODER.encode(message)], api="anthropic")
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+        }
+        deltas = [
+            _sse_event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": piece},
+                },
+            )
+            for piece in _split_pieces(words, chunks)
+        ]
+        # The preamble rides with the first delta, so `cut_after_chunks: N` sends N deltas.
+        deltas[0] = (
+            _sse_event("message_start", {"type": "message_start", "message": start})
+            + _sse_event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+            + _sse_event("ping", {"type": "ping"})
+            + deltas[0]
+        )
+        tail = [
+            _sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _sse_event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": output_tokens},
+                },
+            ),
+            _sse_event("message_stop", {"type": "message_stop"}),
+        ]
+        return _Reply(True, deltas + tail, content_chunks=len(deltas), api="anthropic")
+
     def _parse_embedding(self, body: bytes) -> _Reply:
         req = _decode(_EMBEDDING_DECODER, body)
         if not req.model:
@@ -677,16 +807,25 @@ class MockProvider:
     # -- serving ------------------------------------------------------------------------------
 
     async def _inference(
-        self, request: web.Request, path: str, parse: Callable[[bytes], _Reply]
+        self,
+        request: web.Request,
+        path: str,
+        parse: Callable[[bytes], _Reply],
+        api: str = "openai",
     ) -> web.StreamResponse:
         self.in_flight += 1
         try:
             body = await request.read()
             self._record(request, path, body)
             try:
+                if api == "anthropic" and not request.headers.get("anthropic-version"):
+                    raise _BadRequest("anthropic-version: header is required")
                 reply = parse(body)
             except _BadRequest as exc:
                 # A rejected request consumes no fault, so fault counts stay predictable.
+                if api == "anthropic":
+                    body_out = _anthropic_error_body(exc.message, "invalid_request_error")
+                    return self._json(body_out, 400)
                 return self._bad_request(exc)
             fault = self._take_fault(reply.stream)
             if fault == "hang":
@@ -715,6 +854,8 @@ class MockProvider:
         self, request: web.Request, reply: _Reply, fault: str
     ) -> web.StreamResponse:
         s = self.settings
+        if reply.api == "anthropic" and fault in ("error_rate", "rate_limit", "status"):
+            return self._anthropic_fault(fault)
         if fault == "error_rate":
             return self._json(self._server_error, 500)
         if fault == "rate_limit":
@@ -730,6 +871,21 @@ class MockProvider:
         if fault == "cut_stream":
             return await self._send_cut(request, reply, s.cut_after_chunks)
         raise AssertionError(f"unhandled fault {fault!r}")  # pragma: no cover
+
+    def _anthropic_fault(self, fault: str) -> web.Response:
+        """An injected error in Anthropic's shape (`{"type": "error", "error": {...}}`)."""
+        s = self.settings
+        if fault == "rate_limit":
+            retry = _format_seconds(s.retry_after_s)
+            body = _anthropic_error_body(
+                f"{self.name}: rate limit reached (simulated); retry after {retry}s",
+                "rate_limit_error",
+            )
+            headers = {**self._json_headers, "retry-after": retry}
+            return web.Response(body=body, status=429, headers=headers)
+        status = 500 if fault == "error_rate" else s.status
+        message = f"{self.name}: simulated upstream error (HTTP {status})"
+        return self._json(_anthropic_error_body(message, _anthropic_error_type(status)), status)
 
     def _status_body(self, status: int) -> bytes:
         body = self._status_bodies.get(status)
@@ -814,6 +970,9 @@ class MockProvider:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._inference(request, "/v1/embeddings", self._parse_embedding)
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, "/v1/messages", self._parse_messages, api="anthropic")
+
     async def models(self, request: web.Request) -> web.StreamResponse:
         self._record(request, "/v1/models", None)
         return self._json(self._models_body)
@@ -868,6 +1027,7 @@ def create_mock_app(settings: MockSettings, *, name: str = "mock") -> web.Applic
     router.add_post("/v1/chat/completions", provider.chat_completions)
     router.add_post("/v1/completions", provider.completions)
     router.add_post("/v1/embeddings", provider.embeddings)
+    router.add_post("/v1/messages", provider.messages)
     router.add_get("/v1/models", provider.models)
     router.add_get("/healthz", provider.healthz)
     router.add_get("/_mock/stats", provider.get_stats)
@@ -950,11 +1110,47 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+_HELP_EPILOG = """\
+endpoints:
+  POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models   OpenAI API
+  POST /v1/messages   Anthropic Messages API (needs an anthropic-version header; any key)
+  GET /healthz
+
+runtime control (not counted in stats):
+  GET  /_mock/stats         requests, by_path, faults_served, in_flight, last headers/body
+  POST /_mock/reset_stats
+  GET  /_mock/config        the settings below
+  POST /_mock/config        change any of them, e.g. -d '{"fault": "rate_limit", "fault_count": 2}'
+
+settings (flags above; same names in /_mock/config):
+  latency_ms, latency_jitter_ms  delay of every reply, +/- uniform jitter
+  error_rate          fraction of requests answered 500 (0..1)
+  stream_chunks       content chunks per streamed reply
+  model_name          report this model (null: echo the request's)
+  fault               none | status | rate_limit | reset | hang | slow_first_token | cut_stream:
+                        status            answer `status` with an error body of the right API
+                        rate_limit        429 with Retry-After: `retry_after_s`
+                        reset             send half the reply, then drop the connection
+                        hang              never answer
+                        slow_first_token  wait `first_token_delay_ms` before the first byte
+                        cut_stream        stream `cut_after_chunks` chunks, then close
+  fault_count         faulty requests before `fault` returns to none (0: every request)
+  status              HTTP status for fault `status` (400-599, default 500)
+  retry_after_s       Retry-After of fault `rate_limit` (default 1)
+  first_token_delay_ms  delay of fault `slow_first_token`
+  cut_after_chunks    chunks sent before fault `cut_stream` closes (default 0)
+  seed                seed for error_rate and jitter (reproducible runs)
+"""
+
+
 def build_arg_parser(prog: str = "mock-provider") -> argparse.ArgumentParser:
     """The mock's command-line options; the edgeroute CLI reuses this parser."""
     parser = _OneLineErrorParser(
         prog=prog,
-        description="Run a fake OpenAI-compatible upstream (no API keys needed).",
+        description="Run a fake LLM upstream speaking the OpenAI API and Anthropic's "
+        "Messages API (no API keys needed), with faults to inject.",
+        epilog=_HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--port", type=int, required=True, help="TCP port (0 = any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -966,6 +1162,16 @@ def build_arg_parser(prog: str = "mock-provider") -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default=None, help="report this model instead of echoing")
     parser.add_argument("--fault", default="none", choices=FAULTS, help="injected fault")
     parser.add_argument("--fault-count", type=int, default=0, help="faulty requests (0 = all)")
+    parser.add_argument("--status", type=int, default=500, help="HTTP status of fault `status`")
+    parser.add_argument(
+        "--retry-after-s", type=float, default=1.0, help="Retry-After of fault `rate_limit`"
+    )
+    parser.add_argument(
+        "--first-token-delay-ms", type=float, default=0.0, help="delay of `slow_first_token`"
+    )
+    parser.add_argument(
+        "--cut-after-chunks", type=int, default=0, help="chunks sent before `cut_stream` closes"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for error_rate and jitter")
     return parser
 
@@ -980,6 +1186,10 @@ def settings_from_args(args: argparse.Namespace) -> MockSettings:
         model_name=args.model_name,
         fault=args.fault,
         fault_count=args.fault_count,
+        status=args.status,
+        retry_after_s=args.retry_after_s,
+        first_token_delay_ms=args.first_token_delay_ms,
+        cut_after_chunks=args.cut_after_chunks,
         seed=args.seed,
     )
 

@@ -273,7 +273,10 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/admin/state", admin_state)
-    app.router.add_post(r"/admin/routes/{route:.+}/targets/{target:[^/]+}/reset", admin_reset)
+    # Route names and target ids may contain `/` (`vllm:meta-llama/Llama-3.1-8B-Instruct`):
+    # the route runs to the first `/targets/`, the target to `/reset`. Matching is on the raw
+    # path, so `%2F` works too (and keeps a route name containing `/targets/` unambiguous).
+    app.router.add_post(r"/admin/routes/{route:.+?}/targets/{target:.+}/reset", admin_reset)
     return app
 
 

@@ -20,6 +20,7 @@ import pytest
 from edgeroute import cli
 from edgeroute.cli import Redactor, build_parser, main, mask_url_credentials
 from edgeroute.config import load_config
+from edgeroute.mock_provider import MockSettings
 from edgeroute.router import Router
 from edgeroute.state import MemoryState
 from edgeroute.types import OutcomeKind
@@ -54,6 +55,11 @@ routes:
     targets:
       - {provider: fast, model: gpt-4o-mini}
       - {provider: cheap, model: gpt-4o-mini}
+"""
+
+ONE_ROUTE = """\
+providers: [{name: p, base_url: "http://127.0.0.1:9101/v1"}]
+routes: [{model: r, targets: [{provider: p, model: m}]}]
 """
 
 
@@ -160,9 +166,19 @@ def test_check_full_example_without_env_names_the_missing_variable(
         monkeypatch.delenv(name, raising=False)
     code, out, err = run(capsys, "check", "-c", str(FULL_EXAMPLE))
     assert (code, out) == (2, "")
-    line = one_line(err)
-    assert line.startswith("edgeroute: $.")
-    assert "is not set" in line
+    # All six variables in one run, one line each, in the file's order.
+    assert err.splitlines() == [
+        "edgeroute: $.server.admin_token: environment variable EDGEROUTE_ADMIN_TOKEN is not set",
+        "edgeroute: $.server.api_keys[0]: environment variable EDGEROUTE_CLIENT_KEY is not set",
+        "edgeroute: $.providers[0].api_key (provider openai): "
+        "environment variable OPENAI_API_KEY is not set",
+        "edgeroute: $.providers[1].api_key (provider anthropic): "
+        "environment variable ANTHROPIC_API_KEY is not set",
+        "edgeroute: $.providers[2].base_url (provider azure-eastus): "
+        "environment variable AZURE_OPENAI_ENDPOINT is not set",
+        "edgeroute: $.providers[2].api_key (provider azure-eastus): "
+        "environment variable AZURE_OPENAI_API_KEY is not set",
+    ]
 
 
 def test_check_pluralises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,11 +190,6 @@ def test_check_pluralises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert run(capsys, "check", "-c", path) == (
         0,
         "config OK: 1 provider, 1 route (state: memory)\n",
-        "",
-    )
-    assert run(capsys, "check", "-c", write(tmp_path, "{}\n", "empty.yaml")) == (
-        0,
-        "config OK: 0 providers, 0 routes (state: memory)\n",
         "",
     )
 
@@ -220,24 +231,74 @@ def test_check_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_check_bad_redis_url_scheme(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, "state: {redis_url: 'memcached://u:hunter22@h:1'}\n")
+    path = write(tmp_path, "state: {redis_url: 'memcached://u:hunter22@h:1'}\n" + ONE_ROUTE)
     code, out, err = run(capsys, "check", "-c", path)
     assert (code, out) == (2, "")
     line = one_line(err)
     assert line.startswith("edgeroute: $.state.redis_url: ")
+    assert line.count("$.state.redis_url") == 1, line
     assert "hunter22" not in line
+
+
+def test_check_bad_redis_url_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEROUTE_REDIS_URL", "http://h:1")
+    code, out, err = run(capsys, "check", "-c", write(tmp_path, ONE_ROUTE))
+    assert (code, out) == (2, "")
+    line = one_line(err)
+    assert line.startswith("edgeroute: $.state.redis_url (from EDGEROUTE_REDIS_URL): ")
+    assert line.count("$.state.redis_url") == 1, line
+
+
+def test_check_refuses_a_config_without_routes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "check", "-c", write(tmp_path, "{}\n"))
+    assert (code, out) == (2, "")
+    assert one_line(err).startswith("edgeroute: $.routes: no routes configured")
+
+
+def test_check_reports_every_problem_with_suggestions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = """\
+server: {port: "8080"}
+breaker: {failure_treshold: 2}
+providers:
+  - {name: openai, kind: openia, base_url: "https://api.openai.com/v1"}
+routes:
+  - model: chat
+    strategy: cheapest
+    targets: [{provider: opneai, model: gpt-4o-mini}]
+"""
+    code, out, err = run(capsys, "check", "-c", write(tmp_path, text))
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "edgeroute: $.server.port: Expected `int`, got `str`",
+        "edgeroute: $.breaker: unknown field `failure_treshold`; did you mean `failure_threshold`?",
+        "edgeroute: $.providers[0].kind (provider openai): unknown value 'openia'; "
+        "expected one of: openai, azure, anthropic; did you mean `openai`?",
+        "edgeroute: $.routes[0].strategy (route chat): unknown value 'cheapest'; "
+        "expected one of: cost, latency, hybrid, round_robin, least_busy",
+        "edgeroute: $.routes[0].targets[0].provider (route chat): unknown provider 'opneai'; "
+        "known providers: openai; did you mean `openai`?",
+    ]
 
 
 # --- secrets -------------------------------------------------------------------------------
 
 
 def test_check_masks_the_redis_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, "state: {redis_url: 'redis://admin:hunter22@redis.internal:6379/0'}\n")
+    path = write(
+        tmp_path,
+        "state: {redis_url: 'redis://admin:hunter22@redis.internal:6379/0'}\n" + ONE_ROUTE,
+    )
     code, out, err = run(capsys, "check", "-c", path)
     assert (code, err) == (0, "")
     assert (
         out
-        == "config OK: 0 providers, 0 routes (state: redis redis://admin:***@redis.internal:6379/0)\n"
+        == "config OK: 1 provider, 1 route (state: redis redis://admin:***@redis.internal:6379/0)\n"
     )
     assert "hunter22" not in out
 
@@ -437,6 +498,11 @@ def test_explain_unknown_route(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, out, err = run(capsys, "explain", "-c", write(tmp_path, MEMORY_CONFIG), "nope")
     assert (code, out) == (2, "")
     assert one_line(err) == "edgeroute: unknown route 'nope' (routes: chat, chat-rr)"
+    code, _, err = run(capsys, "explain", "-c", write(tmp_path, MEMORY_CONFIG), "caht")
+    assert code == 2
+    assert one_line(err) == (
+        "edgeroute: unknown route 'caht' (routes: chat, chat-rr); did you mean `chat`?"
+    )
 
 
 def test_explain_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -495,6 +561,83 @@ def test_state_without_routes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (code, out) == (0, "no routes configured (state: memory)\n")
 
 
+# --- state and explain need only Redis ----------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["state"], ["explain", "chat"], ["state", "--json"]])
+def test_state_and_explain_need_no_provider_secrets(
+    argv: list[str],
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The full example needs six variables to serve; reading the fleet's state needs none.
+    for name in FULL_EXAMPLE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EDGEROUTE_REDIS_URL", redis_url)
+    code, out, err = run(capsys, argv[0], "-c", str(FULL_EXAMPLE), *argv[1:])
+    assert (code, err) == (0, ""), err
+    assert "chat" in out and "<unset" not in out
+
+
+def test_serving_still_needs_every_secret(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in FULL_EXAMPLE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    code, out, err = run(capsys, "serve", "-c", str(FULL_EXAMPLE))
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == len(FULL_EXAMPLE_ENV)
+
+
+def test_state_still_checks_what_it_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = MEMORY_CONFIG.replace("strategy: round_robin", "strategy: round-robin")
+    code, out, err = run(capsys, "state", "-c", write(tmp_path, text))
+    assert (code, out) == (2, "")
+    assert one_line(err).startswith("edgeroute: $.routes[1].strategy (route chat-rr): ")
+    assert "did you mean `round_robin`?" in err
+
+
+# --- check --connect -----------------------------------------------------------------------
+
+
+def test_check_connect_reaches_redis_and_loads_the_scripts(
+    redis_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EDGEROUTE_REDIS_URL", redis_url)
+    code, out, err = run(capsys, "check", "--connect", "-c", write(tmp_path, MEMORY_CONFIG))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith("config OK: 2 providers, 2 routes (state: redis ")
+    assert lines[1].startswith("state OK: reached ")
+    assert lines[1].endswith(", loaded the scripts and read 2 routes")
+
+
+def test_check_connect_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "check", "--connect", "-c", write(tmp_path, MEMORY_CONFIG))
+    assert code == 0
+    assert out.splitlines()[1] == "state OK: in-memory, nothing to connect to"
+
+
+def test_check_connect_unreachable_redis_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo'd port: `check` alone cannot know, `--connect` says so.
+    url = f"redis://ops:hunter22@127.0.0.1:{free_port()}/0"
+    text = f"state: {{redis_url: '{url}'}}\n" + MEMORY_CONFIG
+    assert run(capsys, "check", "-c", write(tmp_path, text))[0] == 0
+    code, out, err = run(capsys, "check", "--connect", "-c", write(tmp_path, text))
+    assert (code, out) == (1, "")
+    line = one_line(err)
+    assert line.startswith("edgeroute: state unavailable at redis://ops:***@127.0.0.1:")
+    assert "hunter22" not in line
+
+
 # --- arguments -----------------------------------------------------------------------------
 
 
@@ -551,6 +694,14 @@ def test_mock_provider_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
             "mock-fast",
             "--fault",
             "rate_limit",
+            "--retry-after-s",
+            "2.5",
+            "--status",
+            "529",
+            "--cut-after-chunks",
+            "2",
+            "--first-token-delay-ms",
+            "40",
         ]
     )
     assert code == 0
@@ -560,6 +711,8 @@ def test_mock_provider_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.error_rate == pytest.approx(0.1)
     assert settings.stream_chunks == 3
     assert settings.fault == "rate_limit"
+    assert (settings.retry_after_s, settings.status) == (2.5, 529)
+    assert (settings.cut_after_chunks, settings.first_token_delay_ms) == (2, 40)
 
 
 @pytest.mark.parametrize(
@@ -687,3 +840,199 @@ def test_subprocess_mock_provider_serves_and_stops() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
+
+
+# --- serve with no config file -------------------------------------------------------------
+
+
+def start_process(argv: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[str]:
+    """Start `edgeroute ...` and wait for the stdout line containing `ready`."""
+    proc = subprocess.Popen(
+        [*edgeroute_command(), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if ready in line:
+            return proc
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise AssertionError(f"{argv[0]} did not start: {err[-2000:]}")
+
+
+def stop_process(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, wait, and return what it wrote on stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    return err
+
+
+def test_serve_models_with_no_config_file() -> None:
+    import openai
+
+    # Two mock-provider processes stand in for OpenAI and (in Anthropic mode) for Anthropic.
+    openai_port, anthropic_port, gateway_port = free_port(), free_port(), free_port()
+    mocks = [
+        start_process(
+            ["mock-provider", "--port", str(port), "--name", name], subprocess_env(), "listening"
+        )
+        for port, name in ((openai_port, "fake-openai"), (anthropic_port, "fake-anthropic"))
+    ]
+    env = subprocess_env(
+        OPENAI_API_KEY="sk-openai-secret-1234",
+        OPENAI_BASE_URL=f"http://127.0.0.1:{openai_port}/v1",
+        ANTHROPIC_API_KEY="sk-ant-secret-5678",
+        ANTHROPIC_BASE_URL=f"http://127.0.0.1:{anthropic_port}/v1",
+    )
+    argv = ["serve", "--model", "gpt-4o-mini", "-m", "claude-3-5-haiku-latest"]
+    gateway = start_process([*argv, "--port", str(gateway_port)], env, "listening on")
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="unused", max_retries=0
+        )
+        assert [m.id for m in client.models.list()] == [
+            "gpt-4o-mini",
+            "claude-3-5-haiku-latest",
+            "auto",
+        ]
+        for model, upstream in (
+            ("gpt-4o-mini", "fake-openai"),
+            ("claude-3-5-haiku-latest", "fake-anthropic"),
+            ("auto", "fake-openai"),
+        ):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}]
+            )
+            content = reply.choices[0].message.content or ""
+            assert content.startswith(f"Hello from {upstream} "), (model, content)
+        # `auto` fails over to the next model when the first one fails.
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://127.0.0.1:{openai_port}/_mock/config",
+                data=b'{"error_rate": 1}',
+                method="POST",
+            ),
+            timeout=10,
+        ).close()
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.headers["x-edgeroute-provider"] == "anthropic"
+        assert raw.headers["x-edgeroute-attempts"] == "2"
+    finally:
+        err = stop_process(gateway)
+        for mock in mocks:
+            stop_process(mock)
+    assert gateway.returncode == 0, err
+    assert err.splitlines()[0] == (
+        "edgeroute: no config file; models: gpt-4o-mini (openai), claude-3-5-haiku-latest "
+        "(anthropic), auto (gpt-4o-mini, then claude-3-5-haiku-latest)"
+    )
+    assert "secret" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve"], "edgeroute: serve needs --config FILE, or --model MODEL"),
+        (["serve", "-c", "x.yaml", "-m", "gpt-4o"], "edgeroute: give --config FILE or --model"),
+        (["serve", "-m", "gpt-4o"], "edgeroute: --model gpt-4o: set OPENAI_API_KEY"),
+    ],
+)
+def test_serve_argument_errors(
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert one_line(err).startswith(message)
+
+
+def test_serve_refuses_a_config_without_routes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "serve", "-c", write(tmp_path, "server: {port: 0}\n"))
+    assert code == 2
+    assert one_line(err).startswith("edgeroute: $.routes: no routes configured")
+
+
+# --- the real-provider examples, with the mock standing in ---------------------------------
+
+
+OPENAI_EXAMPLE = EXAMPLES / "openai.yaml"
+OPENAI_ANTHROPIC_EXAMPLE = EXAMPLES / "openai-anthropic.yaml"
+
+
+async def test_openai_example_falls_back_to_the_second_model() -> None:
+    import openai
+
+    from edgeroute.server import create_app
+    from tests.support.gateway import mock_upstreams, running_app
+
+    async with mock_upstreams(fake=MockSettings()) as mocks:
+        env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": mocks["fake"].base_url}
+        config = load_config(OPENAI_EXAMPLE, env=env)
+        assert [p.name for p in config.providers] == ["openai"]
+        async with (
+            running_app(create_app(config)) as url,
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client,
+        ):
+            messages: list[Any] = [{"role": "user", "content": "hi"}]
+            raw = await client.chat.completions.with_raw_response.create(
+                model="chat", messages=messages
+            )
+            assert raw.headers["x-edgeroute-model"] == "gpt-4o-mini"  # the cheaper first
+            await mocks["fake"].configure(fault="status", status=503, fault_count=1)
+            raw = await client.chat.completions.with_raw_response.create(
+                model="chat", messages=messages
+            )
+            assert raw.headers["x-edgeroute-model"] == "gpt-4o"  # then the fallback
+            assert raw.headers["x-edgeroute-attempts"] == "2"
+            assert (mocks["fake"].provider.last_authorization or "") == "Bearer sk-x"
+
+
+async def test_openai_anthropic_example_reaches_both_apis() -> None:
+    import openai
+
+    from edgeroute.server import create_app
+    from tests.support.gateway import mock_upstreams, running_app
+
+    async with mock_upstreams(fake=MockSettings()) as mocks:
+        base = mocks["fake"].base_url
+        env = {
+            "OPENAI_API_KEY": "sk-x",
+            "ANTHROPIC_API_KEY": "sk-ant-x",
+            "OPENAI_BASE_URL": base,
+            "ANTHROPIC_BASE_URL": base,
+        }
+        config = load_config(OPENAI_ANTHROPIC_EXAMPLE, env=env)
+        async with (
+            running_app(create_app(config)) as url,
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client,
+        ):
+            providers = set()
+            for _ in range(2):  # round robin: one request to each
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="smart", messages=[{"role": "user", "content": "hi"}]
+                )
+                assert (raw.parse().choices[0].message.content or "").startswith("Hello from")
+                providers.add(raw.headers["x-edgeroute-provider"])
+            assert providers == {"openai", "anthropic"}
+        stats = await mocks["fake"].stats()
+        assert stats["by_path"] == {"/v1/chat/completions": 1, "/v1/messages": 1}

@@ -12,13 +12,16 @@ import pytest
 from edgeroute.config import (
     BreakerConfig,
     Config,
+    ConfigErrors,
     LatencyConfig,
     StateConfig,
+    config_from_models,
     effective_breaker,
     effective_latency,
     load_config,
     loads_config,
     parse_config,
+    require_routes,
 )
 from edgeroute.errors import ConfigError
 
@@ -240,8 +243,12 @@ def test_interpolation_does_not_recurse() -> None:
 
 def test_missing_env_var_names_the_path() -> None:
     message = text_error(DOCUMENTED_EXAMPLE, env={})
-    assert re.match(r"\$\.providers\[0\]\.api_key: .*OPENAI_API_KEY", message), message
-    with pytest.raises(ConfigError, match=r"^\$\.providers\[0\]\.api_key: .*OPENAI_API_KEY"):
+    assert re.match(r"\$\.providers\[0\]\.api_key \(provider [^)]+\): .*OPENAI_API_KEY", message), (
+        message
+    )
+    with pytest.raises(
+        ConfigError, match=r"^\$\.providers\[0\]\.api_key \(provider [^)]+\): .*OPENAI_API_KEY"
+    ):
         loads_config(DOCUMENTED_EXAMPLE, env={})
 
 
@@ -256,7 +263,7 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("EDGEROUTE_REDIS_URL", raising=False)
     assert loads_config(DOCUMENTED_EXAMPLE).providers[0].api_key == "from-process"
     monkeypatch.delenv("OPENAI_API_KEY")
-    with pytest.raises(ConfigError, match=r"^\$\.providers\[0\]\.api_key: "):
+    with pytest.raises(ConfigError, match=r"^\$\.providers\[0\]\.api_key \(provider [^)]+\): "):
         loads_config(DOCUMENTED_EXAMPLE)
 
 
@@ -348,9 +355,9 @@ def test_routes_override_independently() -> None:
 
 def test_bad_route_override_names_the_route_path() -> None:
     message = config_error(minimal(breaker={"failure_threshold": 0}))
-    assert message.startswith("$.routes[0].breaker.failure_threshold: ")
+    assert message.startswith("$.routes[0].breaker.failure_threshold (route r): ")
     message = config_error(minimal(latency={"windows": 10}))
-    assert message.startswith("$.routes[0].latency: ") and "windows" in message
+    assert message.startswith("$.routes[0].latency (route r): ") and "windows" in message
 
 
 # --- one-line errors that start with the $.path --------------------------------------------
@@ -365,12 +372,12 @@ def test_bad_route_override_names_the_route_path() -> None:
         ),
         pytest.param(
             {"providers": [{"name": "p", "base_url": "http://x", "apikey": "k"}]},
-            r"^\$\.providers\[0\]: .*unknown field `apikey`",
+            r"^\$\.providers\[0\] \(provider [^)]+\): .*unknown field `apikey`",
             id="unknown-in-provider",
         ),
         pytest.param(
             minimal(targets=[{"provider": "p", "model": "m", "price": 1}]),
-            r"^\$\.routes\[0\]\.targets\[0\]: .*unknown field `price`",
+            r"^\$\.routes\[0\]\.targets\[0\] \(route r\): .*unknown field `price`",
             id="unknown-in-target",
         ),
         pytest.param(
@@ -403,95 +410,97 @@ def test_bad_route_override_names_the_route_path() -> None:
         pytest.param({"latency": {"buckets": 0}}, r"^\$\.latency\.buckets: ", id="zero-buckets"),
         pytest.param(
             minimal(weights={"cost": 1.5}),
-            r"^\$\.routes\[0\]\.weights\.cost: .*1\.0",
+            r"^\$\.routes\[0\]\.weights\.cost \(route r\): .*1\.0",
             id="weight-above-1",
         ),
         pytest.param(
             minimal(weights={"latency": -0.1}),
-            r"^\$\.routes\[0\]\.weights\.latency: .*0\.0",
+            r"^\$\.routes\[0\]\.weights\.latency \(route r\): .*0\.0",
             id="weight-below-0",
         ),
         pytest.param(
             minimal(weights={"cost": float("nan")}),
-            r"^\$\.routes\[0\]\.weights\.cost: ",
+            r"^\$\.routes\[0\]\.weights\.cost \(route r\): ",
             id="weight-nan",
         ),
         pytest.param(
             minimal(weights={"cost": 0, "latency": 0, "reliability": 0}),
-            r"^\$\.routes\[0\]\.weights: all weights are zero",
+            r"^\$\.routes\[0\]\.weights \(route r\): all weights are zero",
             id="weights-all-zero",
         ),
         pytest.param(
             minimal(strategy="round_robin", weights={"cost": 1}),
-            r"^\$\.routes\[0\]\.weights: .*hybrid",
+            r"^\$\.routes\[0\]\.weights \(route r\): .*hybrid",
             id="weights-non-hybrid",
         ),
         pytest.param(
             minimal(strategy="cost", weights={"cost": 1}),
-            r"^\$\.routes\[0\]\.weights: .*hybrid",
+            r"^\$\.routes\[0\]\.weights \(route r\): .*hybrid",
             id="weights-cost-strategy",
         ),
         pytest.param(
             minimal(strategy="fastest"),
-            r"^\$\.routes\[0\]\.strategy: .*'fastest'",
+            r"^\$\.routes\[0\]\.strategy \(route r\): .*'fastest'",
             id="unknown-strategy",
         ),
         pytest.param(
             minimal(targets=[{"provider": "nope", "model": "m"}]),
-            r"^\$\.routes\[0\]\.targets\[0\]\.provider: unknown provider 'nope'",
+            r"^\$\.routes\[0\]\.targets\[0\]\.provider \(route r\): unknown provider 'nope'",
             id="missing-provider",
         ),
         pytest.param(
-            minimal(targets=[]), r"^\$\.routes\[0\]\.targets: .*length >= 1", id="empty-targets"
+            minimal(targets=[]),
+            r"^\$\.routes\[0\]\.targets \(route r\): .*length >= 1",
+            id="empty-targets",
         ),
         pytest.param(
             {"routes": [{"model": "r"}]},
-            r"^\$\.routes\[0\]: .*missing required field `targets`",
+            r"^\$\.routes\[0\] \(route r\): .*missing required field `targets`",
             id="no-targets",
         ),
         pytest.param(
             minimal(targets=[{"provider": "p", "model": ""}]),
-            r"^\$\.routes\[0\]\.targets\[0\]\.model: ",
+            r"^\$\.routes\[0\]\.targets\[0\]\.model \(route r\): ",
             id="empty-target-model",
         ),
         pytest.param(
             {"providers": [{"name": "p"}]},
-            r"^\$\.providers\[0\]: .*missing required field `base_url`",
+            r"^\$\.providers\[0\] \(provider [^)]+\): .*missing required field `base_url`",
             id="missing-base-url",
         ),
         pytest.param(
             {"providers": [{"name": "p", "kind": "cohere", "base_url": "http://x"}]},
-            r"^\$\.providers\[0\]\.kind: .*'cohere'",
+            r"^\$\.providers\[0\]\.kind \(provider [^)]+\): .*'cohere'",
             id="unknown-kind",
         ),
         pytest.param(
             {"providers": [{"name": "az", "kind": "azure", "base_url": "https://x"}]},
-            r"^\$\.providers\[0\]\.api_version: required for kind azure",
+            r"^\$\.providers\[0\]\.api_version \(provider [^)]+\): required for kind azure",
             id="azure-without-api-version",
         ),
         pytest.param(
             {"providers": [{"name": "p", "base_url": "ftp://x"}]},
-            r"^\$\.providers\[0\]\.base_url: must start with http:// or https://",
+            r"^\$\.providers\[0\]\.base_url \(provider [^)]+\): must start with http:// or https://",
             id="base-url-ftp",
         ),
         pytest.param(
             {"providers": [{"name": "p", "base_url": "api.openai.com/v1"}]},
-            r"^\$\.providers\[0\]\.base_url: must start with http",
+            r"^\$\.providers\[0\]\.base_url \(provider [^)]+\): must start with http",
             id="base-url-bare",
         ),
         pytest.param(
             {"providers": [{"name": "p", "base_url": "https://"}]},
-            r"^\$\.providers\[0\]\.base_url: needs a host",
+            r"^\$\.providers\[0\]\.base_url \(provider [^)]+\): needs a host",
             id="base-url-no-host",
         ),
         pytest.param(
             {"providers": [{"name": "p", "base_url": "http://a b/v1"}]},
-            r"^\$\.providers\[0\]\.base_url: .*spaces",
+            r"^\$\.providers\[0\]\.base_url \(provider [^)]+\): .*spaces",
             id="base-url-space",
         ),
         pytest.param(
             {"providers": [{"name": "p", "base_url": "http://x", "headers": ["a"]}]},
-            r"^\$\.providers\[0\]\.headers: Expected `object`",
+            r"^\$\.providers\[0\]\.headers \(provider [^)]+\): Expected `object`",
             id="headers-list",
         ),
         pytest.param({1: "x"}, r"^\$: mapping key: Expected `str`", id="non-string-key"),
@@ -524,7 +533,7 @@ def test_bad_input_is_one_line_naming_the_path(raw: Any, pattern: str) -> None:
         ),
         pytest.param(
             minimal(targets=[{"provider": "p", "model": "m"}, {"provider": "p", "model": "m"}]),
-            r"^\$\.routes\[0\]\.targets\[1\]: duplicate target id 'p:m'",
+            r"^\$\.routes\[0\]\.targets\[1\] \(route r\): duplicate target id 'p:m'",
             id="target-default-id",
         ),
         pytest.param(
@@ -534,7 +543,7 @@ def test_bad_input_is_one_line_naming_the_path(raw: Any, pattern: str) -> None:
                     {"provider": "p", "model": "b", "id": "t"},
                 ]
             ),
-            r"^\$\.routes\[0\]\.targets\[1\]: duplicate target id 't'",
+            r"^\$\.routes\[0\]\.targets\[1\] \(route r\): duplicate target id 't'",
             id="target-explicit-id",
         ),
         pytest.param(
@@ -544,7 +553,7 @@ def test_bad_input_is_one_line_naming_the_path(raw: Any, pattern: str) -> None:
                     {"provider": "p", "model": "x"},
                 ]
             ),
-            r"^\$\.routes\[0\]\.targets\[1\]: duplicate target id 'p:x'",
+            r"^\$\.routes\[0\]\.targets\[1\] \(route r\): duplicate target id 'p:x'",
             id="explicit-id-vs-default-id",
         ),
     ],
@@ -577,14 +586,14 @@ def test_unsafe_provider_names(name: str) -> None:
 @pytest.mark.parametrize("name", UNSAFE_NAMES)
 def test_unsafe_target_ids(name: str) -> None:
     raw = minimal(targets=[{"provider": "p", "model": "m", "id": name}])
-    assert config_error(raw).startswith("$.routes[0].targets[0].id: ")
+    assert config_error(raw).startswith("$.routes[0].targets[0].id (route r): ")
 
 
 @pytest.mark.parametrize("model", ["gpt 4o", "a|b", "x{y}", "m\n"])
 def test_unsafe_model_without_id_asks_for_an_id(model: str) -> None:
     raw = minimal(targets=[{"provider": "p", "model": model}])
     message = config_error(raw)
-    assert message.startswith("$.routes[0].targets[0].model: ")
+    assert message.startswith("$.routes[0].targets[0].model (route r): ")
     assert "`id`" in message
 
 
@@ -623,14 +632,16 @@ def test_control_characters_never_break_the_line() -> None:
     message = config_error({"server": {"x\r\ny": 1}})
     assert message.startswith("$.server: ")
     message = config_error({"providers": [{"name": "p", "kind": "x\ny", "base_url": "http://x"}]})
-    assert message.startswith("$.providers[0].kind: ")
+    assert message.startswith("$.providers[0].kind (provider p): ")
 
 
 def test_semantic_checks_run_on_top_of_valid_types() -> None:
     # A route naming a missing provider is found even when everything else is well typed.
     raw: dict[str, Any] = minimal()
     raw["routes"].append({"model": "r2", "targets": [{"provider": "ghost", "model": "m"}]})
-    assert config_error(raw).startswith("$.routes[1].targets[0].provider: unknown provider")
+    assert config_error(raw).startswith(
+        "$.routes[1].targets[0].provider (route r2): unknown provider"
+    )
 
 
 # --- YAML, top level and files -------------------------------------------------------------
@@ -725,3 +736,187 @@ def test_errors_do_not_echo_secrets() -> None:
 def test_round_trip_through_msgspec() -> None:
     config = loads_config(DOCUMENTED_EXAMPLE, env=ENV)
     assert parse_config(msgspec.to_builtins(config), env={}) == config
+
+
+# --- every problem at once, with suggestions -----------------------------------------------
+
+
+def all_errors(raw: Any, *, env: dict[str, str] | None = None, **kwargs: Any) -> list[str]:
+    """Every problem parse_config reports for `raw`, each checked to be one `$` line."""
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(raw, env={} if env is None else env, **kwargs)
+    for message in info.value.errors:
+        assert "\n" not in message and message.startswith("$"), message
+    return list(info.value.errors)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    raw: dict[str, Any] = {
+        "server": {"port": "8080", "admin_token": "${ADMIN}"},
+        "breaker": {"failure_treshold": 2},
+        "providers": [
+            {"name": "openai", "base_url": "ftp://x", "api_key": "${OPENAI_KEY}"},
+            {"name": "claude", "kind": "antropic", "base_url": "https://api.anthropic.com/v1"},
+        ],
+        "routes": [
+            {"model": "chat", "strategy": "fastest", "targets": [{"provider": "p", "model": "m"}]},
+            {"model": "cheap", "targets": [{"provider": "opnai", "model": "gpt-4o-mini"}]},
+        ],
+    }
+    errors = all_errors(raw)
+    # In document order; names next to indexes; near names and valid values suggested.
+    assert errors == [
+        "$.server.port: Expected `int`, got `str`",
+        "$.server.admin_token: environment variable ADMIN is not set",
+        "$.breaker: unknown field `failure_treshold`; did you mean `failure_threshold`?",
+        "$.providers[0].base_url (provider openai): must start with http:// or https://",
+        "$.providers[0].api_key (provider openai): environment variable OPENAI_KEY is not set",
+        "$.providers[1].kind (provider claude): unknown value 'antropic'; "
+        "expected one of: openai, azure, anthropic; did you mean `anthropic`?",
+        "$.routes[0].strategy (route chat): unknown value 'fastest'; "
+        "expected one of: cost, latency, hybrid, round_robin, least_busy",
+        "$.routes[0].targets[0].provider (route chat): unknown provider 'p'; "
+        "known providers: openai, claude",
+        "$.routes[1].targets[0].provider (route cheap): unknown provider 'opnai'; "
+        "known providers: openai, claude; did you mean `openai`?",
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, env={})
+    assert str(info.value) == f"{errors[0]} (and 8 more errors)"
+
+
+def test_a_route_with_a_bad_field_still_has_its_targets_checked_by_provider() -> None:
+    # A provider with its own problem still exists for the routes that name it.
+    raw = minimal()
+    raw["providers"][0]["timeout_s"] = -1
+    assert all_errors(raw) == [
+        "$.providers[0].timeout_s (provider p): Expected `float` > 0.0",
+    ]
+
+
+def test_unknown_provider_when_none_are_configured() -> None:
+    (error,) = all_errors(
+        {"routes": [{"model": "r", "targets": [{"provider": "x", "model": "m"}]}]}
+    )
+    assert error.endswith(
+        "unknown provider 'x'; no providers are configured (add them under `providers:`)"
+    )
+
+
+def test_no_suggestion_for_unrelated_names() -> None:
+    (error,) = all_errors(minimal(targets=[{"provider": "p", "model": "m", "price": 1}]))
+    assert error == "$.routes[0].targets[0] (route r): unknown field `price`"
+
+
+def test_enum_of_the_wrong_type_lists_the_values() -> None:
+    (error,) = all_errors(minimal(strategy=3))
+    assert error == (
+        "$.routes[0].strategy (route r): expected one of: "
+        "cost, latency, hybrid, round_robin, least_busy; got a int"
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [("port", "8080"), ("max_attempts", "3"), ("request_timeout_s", "60")],
+)
+def test_numbers_written_as_text_are_refused(section: str, value: str) -> None:
+    (error,) = all_errors({"server": {section: value}})
+    assert error.startswith(f"$.server.{section}: Expected ")
+    assert error.endswith("got `str`")
+
+
+def test_numbers_from_the_environment_are_converted() -> None:
+    raw = {"server": {"port": "${PORT}", "request_timeout_s": "${T:-60}"}}
+    server = parse_config(raw, env={"PORT": "9000"}).server
+    assert (server.port, server.request_timeout_s) == (9000, 60.0)
+    (error,) = all_errors(raw, env={"PORT": "ninety"})
+    assert error == "$.server.port: Expected `int`, got `str`"
+
+
+def test_a_missing_variable_is_reported_once_not_again_as_a_bad_value() -> None:
+    raw = {
+        "providers": [
+            {"name": "az", "kind": "azure", "base_url": "${AZ_URL}", "api_version": "v"},
+        ],
+        "server": {"port": "${PORT}"},
+    }
+    assert all_errors(raw) == [
+        "$.providers[0].base_url (provider az): environment variable AZ_URL is not set",
+        "$.server.port: environment variable PORT is not set",
+    ]
+
+
+def test_state_only_loads_without_upstream_and_client_secrets() -> None:
+    raw = minimal()
+    raw["server"] = {"admin_token": "${ADMIN}", "api_keys": ["${CLIENT}"], "port": "${PORT}"}
+    raw["providers"][0].update(api_key="${KEY}", base_url="${URL}", headers={"x-team": "${TEAM}"})
+    config = parse_config(raw, env={}, state_only=True)
+    assert config.routes[0].targets[0].provider == "p"
+    assert config.server.admin_token == "<unset ADMIN>"
+    # Fields state and explain read are still checked, variables there still required.
+    raw["routes"][0]["targets"][0]["model"] = "${MODEL}"
+    (error,) = all_errors(raw, state_only=True)
+    assert error == "$.routes[0].targets[0].model (route r): environment variable MODEL is not set"
+
+
+def test_require_routes_refuses_an_empty_config() -> None:
+    require_routes(parse_config(minimal(), env={}))
+    with pytest.raises(ConfigError, match=r"^\$\.routes: no routes configured"):
+        require_routes(parse_config({}, env={}))
+
+
+# --- a config from model names (`edgeroute serve --model`) ----------------------------------
+
+
+def test_config_from_models_picks_providers_and_adds_a_fallback_route() -> None:
+    env = {"OPENAI_API_KEY": "sk-o", "ANTHROPIC_API_KEY": "sk-a"}
+    config = config_from_models(["gpt-4o-mini", "claude-3-5-haiku-latest", "gpt-4o-mini"], env)
+    assert {p.name: (p.kind, p.base_url, p.api_key) for p in config.providers} == {
+        "openai": ("openai", "https://api.openai.com/v1", "sk-o"),
+        "anthropic": ("anthropic", "https://api.anthropic.com/v1", "sk-a"),
+    }
+    assert [r.model for r in config.routes] == ["gpt-4o-mini", "claude-3-5-haiku-latest", "auto"]
+    assert [t.target_id for t in config.route("auto").targets] == [
+        "openai:gpt-4o-mini",
+        "anthropic:claude-3-5-haiku-latest",
+    ]
+    assert config.server.admin_token is None and config.server.api_keys == []
+    assert config.state.redis_url is None
+
+
+def test_config_from_models_reads_base_urls_tokens_and_prefixes() -> None:
+    env = {
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:9/v1",  # no key needed for a local server
+        "OPENAI_API_KEY": "sk-$weird",
+        "EDGEROUTE_ADMIN_TOKEN": "admin-t",
+        "EDGEROUTE_CLIENT_KEY": "client-k",
+        "EDGEROUTE_REDIS_URL": "redis://r:6379/0",
+    }
+    config = config_from_models(["anthropic:my-model", "openai:o1"], env)
+    assert config.provider("anthropic").base_url == "http://127.0.0.1:9/v1"
+    assert config.provider("anthropic").api_key is None
+    assert config.provider("openai").api_key == "sk-$weird"
+    assert [r.model for r in config.routes] == ["my-model", "o1", "auto"]
+    assert (config.server.admin_token, config.server.api_keys) == ("admin-t", ["client-k"])
+    assert config.state.redis_url == "redis://r:6379/0"
+
+
+def test_config_from_models_names_the_missing_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_models(["claude-3-5-haiku-latest"], {"OPENAI_API_KEY": "sk"})
+    assert str(info.value) == (
+        "--model claude-3-5-haiku-latest: set ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL, "
+        "for an anthropic-compatible server that needs no key)"
+    )
+
+
+def test_problems_inside_mappings_and_lists_of_values_keep_their_place() -> None:
+    # msgspec names a bad mapping value `[...]`: still one line, still in document order.
+    raw = minimal()
+    raw["server"] = {"api_keys": ["ok", 5]}
+    raw["providers"][0]["headers"] = {"a": 1, "b.c": 2}
+    assert all_errors(raw) == [  # `server` comes last in this document
+        "$.providers[0].headers[...] (provider p): Expected `str`, got `int`",
+        "$.server.api_keys[1]: Expected `str`, got `int`",
+    ]

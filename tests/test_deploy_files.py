@@ -563,6 +563,7 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     for path in (
         ".git",
         ".venv",
+        ".venv-test",
         "venv",
         ".pytest_cache",
         ".mypy_cache",
@@ -907,3 +908,63 @@ def test_the_compose_fleet_rehearsed_on_loopback(redis_url: str, tmp_path: Path)
             gateway.kill()
         for mock in mocks.values():
             mock.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# ./dev, run against a stand-in Python that records what it is asked to do
+# --------------------------------------------------------------------------------------------
+
+# Plays `python3` and every venv's `bin/python`: `-m venv DIR` makes DIR/bin/python (this
+# script again) and DIR/bin/edgeroute; anything else is logged, so no network, no pip.
+_FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$0 $*" >> "$DEV_LOG"
+if [ "$1 $2" = "-m venv" ]; then
+  mkdir -p "$3/bin"
+  cp "$FAKE_PYTHON" "$3/bin/python"
+  printf '#!/usr/bin/env bash\\necho "$0 $*" >> "$DEV_LOG"\\n' > "$3/bin/edgeroute"
+  chmod +x "$3/bin/python" "$3/bin/edgeroute"
+fi
+if [ "$1" = "-c" ]; then exit 1; fi  # "is edgeroute installed here?": no
+exit 0
+"""
+
+
+def _run_dev(tmp_path: Path, *args: str) -> list[str]:
+    work = tmp_path / "repo"
+    work.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "dev", work / "dev")
+    fake = tmp_path / "python3"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "dev.log"
+    log.write_text("")
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_PYTHON": str(fake), "DEV_LOG": str(log)}
+    env.pop("EDGEROUTE_VENV", None)
+    env.pop("EDGEROUTE_TEST_VENV", None)
+    subprocess.run([str(work / "dev"), *args], cwd=work, env=env, check=True, timeout=60)
+    return [line.replace(str(work) + "/", "") for line in log.read_text().splitlines()]
+
+
+def test_dev_test_keeps_the_users_venv(tmp_path: Path) -> None:
+    user_venv = tmp_path / "repo" / ".venv"
+    user_venv.mkdir(parents=True)
+    (user_venv / "something-i-installed").write_text("keep me")
+    stale = tmp_path / "repo" / ".venv-test" / "stale"
+    stale.parent.mkdir()
+    stale.write_text("from an earlier run")
+    calls = _run_dev(tmp_path, "test", "-k", "smoke")
+    assert (user_venv / "something-i-installed").read_text() == "keep me"
+    assert not stale.exists()  # the test venv is rebuilt from scratch
+    assert any(c.endswith("-m venv .venv-test") for c in calls)
+    assert calls[-1] == ".venv-test/bin/python -m pytest -q -k smoke"
+    assert any(".venv-test/bin/python -m pip install --quiet -e .[test]" in c for c in calls)
+
+
+def test_dev_demo_installs_the_openai_sdk_for_the_readme_snippet(tmp_path: Path) -> None:
+    calls = _run_dev(tmp_path, "demo", "--port", "8181")
+    assert any(c.endswith("-m pip install --quiet -e .[fast] openai") for c in calls), calls
+    assert calls[-1] == ".venv/bin/edgeroute demo --port 8181"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("exec ./dev test")

@@ -332,7 +332,8 @@ def test_bad_config_exits_nonzero_with_one_readable_line(
 
 def test_port_in_use_exits_nonzero_with_one_readable_line(tmp_path: Path) -> None:
     config = tmp_path / "edgeroute.yaml"
-    config.write_text(json.dumps({"providers": [GOOD_PROVIDER]}))
+    route = {"model": "chat", "targets": [{"provider": "a", "model": "m"}]}
+    config.write_text(json.dumps({"providers": [GOOD_PROVIDER], "routes": [route]}))
     with occupied_port() as port:
         result = run_serve(config, port)
     assert result.returncode != 0

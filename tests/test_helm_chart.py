@@ -61,15 +61,25 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+# Every install must name its image (none is published) and give at least one route.
+IMAGE = "registry.example.com/team/edgeroute"
+MINIMAL_CONFIG: dict[str, Any] = {
+    "providers": [{"name": "openai", "base_url": "https://api.openai.com/v1"}],
+    "routes": [{"model": "chat", "targets": [{"provider": "openai", "model": "gpt-4o-mini"}]}],
+}
+
 VALUE_SETS: dict[str, dict[str, Any]] = {
-    "default": {},
+    # The chart's defaults plus the one required part of `config`.
+    "default": {"config": MINIMAL_CONFIG},
     **{path.stem: _load_yaml(path) for path in EXAMPLES},
 }
 
 
 def with_secrets(values: dict[str, Any]) -> dict[str, Any]:
-    """The value set with every secret the chart would store given as a sentinel."""
+    """The value set with every secret the chart would store given as a sentinel (and the
+    image every install names)."""
     values = copy.deepcopy(values)
+    values.setdefault("image", {}).setdefault("repository", IMAGE)
     secret = values.setdefault("secret", {})
     secret["env"] = {name: f"{SENTINEL}-{name}" for name in secret.get("env") or {}}
     redis = values.get("redis") or {}
@@ -169,12 +179,26 @@ def _expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", substitute, value)
 
 
-def render(chart: Any, values: dict[str, Any]) -> Rendered:
+def with_required(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` plus what every install gives when the test does not: an image, a route."""
+    values = copy.deepcopy(values)
+    values.setdefault("image", {}).setdefault("repository", IMAGE)
+    config = values.setdefault("config", {})
+    if not values.get("configFile") and not config.get("routes"):
+        config.setdefault("providers", MINIMAL_CONFIG["providers"])
+        config["routes"] = MINIMAL_CONFIG["routes"]
+    return values
+
+
+def render(chart: Any, values: dict[str, Any], *, complete: bool = True) -> Rendered:
+    """`helm template`; `complete` adds what with_required adds."""
+    values = with_required(values) if complete else values
     files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return Rendered(files)
 
 
-def render_error(chart: Any, values: dict[str, Any]) -> str:
+def render_error(chart: Any, values: dict[str, Any], *, complete: bool = True) -> str:
+    values = with_required(values) if complete else values
     with pytest.raises(helm.HelmError) as info:
         chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return str(info.value)
@@ -711,3 +735,135 @@ def test_every_value_is_documented() -> None:
     assert paths - table == set(), "values missing from the README table"
     unknown = {row for row in table - paths if not any(row.startswith(f"{o}.") for o in _OPAQUE)}
     assert unknown == set(), "README documents values that do not exist"
+
+
+# --------------------------------------------------------------------------------------------
+# The first install: what must be given, a local config file, the documented commands
+# --------------------------------------------------------------------------------------------
+
+
+def test_chart_defaults_say_what_is_missing(chart: Any) -> None:
+    message = render_error(chart, {}, complete=False)
+    assert "image.repository is not set: no edgeroute image is published" in message
+    assert "docker build" in message and "--set image.repository=" in message
+    message = render_error(chart, {"image": {"repository": IMAGE}}, complete=False)
+    assert "no routes" in message and "--set-file configFile=edgeroute.yaml" in message
+
+
+@pytest.mark.parametrize("example", ["openai.yaml", "openai-anthropic.yaml"])
+def test_a_local_config_file_is_used_as_is(chart: Any, example: str) -> None:
+    text = (REPO / "examples" / example).read_text(encoding="utf-8")
+    names = sorted(set(re.findall(r"\$\{([A-Z_]+)\}", text)))
+    values = {
+        "configFile": text,
+        "config": {"routes": [{"model": "ignored", "targets": []}]},  # configFile wins
+        "secret": {"env": {name: f"{SENTINEL}-{name}" for name in names}},
+    }
+    rendered = render(chart, values)
+    config = rendered.config()
+    local = loads_config(text, env={name: "x" for name in names})
+    assert [r.model for r in config.routes] == [r.model for r in local.routes]
+    assert config.server.host == "0.0.0.0"  # the file says 127.0.0.1: unreachable in a pod
+    assert config.server.port == local.server.port
+    for provider in config.providers:
+        assert provider.api_key is not None and provider.api_key.startswith(SENTINEL)
+    assert "Models (routes): " + ", ".join(r.model for r in local.routes) in rendered.notes
+
+
+def test_a_config_file_sets_the_port_and_keeps_its_own_host(chart: Any) -> None:
+    text = (REPO / "examples" / "openai.yaml").read_text(encoding="utf-8")
+    text = text.replace("host: 127.0.0.1", "host: '::'").replace("port: 8080", "port: 9000")
+    rendered = render(chart, {"configFile": text, "secret": {"env": {"OPENAI_API_KEY": "sk-1"}}})
+    assert rendered.config().server.host == "::"
+    assert {p["containerPort"] for p in rendered.container["ports"]} == {9000}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("state: {redis_url: 'redis://:pw@r:6379'}\n", "configFile: state.redis_url: do not set"),
+        ("- a list\n", "configFile is not a YAML mapping"),
+        ("server: {port: 8080}\n", "no routes"),
+    ],
+)
+def test_a_config_file_is_refused_with_a_reason(chart: Any, text: str, message: str) -> None:
+    assert message in render_error(chart, {"configFile": text})
+
+
+def _documented_install_commands() -> list[tuple[str, str]]:
+    """Every `helm install`/`helm upgrade --install` in README.md and the chart README."""
+    commands = []
+    for readme in (REPO / "README.md", CHART / "README.md"):
+        text = readme.read_text(encoding="utf-8")
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if re.match(r"\s*helm (upgrade --install|install) ", line):
+                    where = str(readme.relative_to(REPO))
+                    commands.append((where, line.split(" #", 1)[0].strip()))
+    return commands
+
+
+def _shell_value(word: str) -> str:
+    """A documented command's `$VAR` / `$(cmd)` as a plausible value (secrets as sentinels)."""
+    known = {"REGISTRY": "registry.example.com/team", "TAG": "0.1.0"}
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(2) or ""
+        return known.get(name, f"{SENTINEL}-doc-{name or 'generated'}")
+
+    return re.sub(r"\$\(([^)]*)\)|\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", substitute, word)
+
+
+def _values_from_command(command: str) -> dict[str, Any]:
+    """The values a helm command line gives: -f files, then --set/--set-string/--set-file."""
+    import shlex
+
+    words = [_shell_value(w) for w in shlex.split(command)]
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in ("-f", "--values"):
+            values = _merge(values, _load_yaml(REPO / words[i + 1]))
+        elif word in ("--set", "--set-string", "--set-file"):
+            key, _, value = words[i + 1].partition("=")
+            if word == "--set-file":
+                value = (REPO / value).read_text(encoding="utf-8")
+            node = values
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        else:
+            i += 1
+            continue
+        i += 2
+    return values
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def test_readmes_have_install_commands() -> None:
+    documents = {name for name, _ in _documented_install_commands()}
+    assert documents == {"README.md", "helm/edgeroute/README.md"}
+    assert len(_documented_install_commands()) >= 3
+
+
+@pytest.mark.parametrize(
+    "command", [c for _, c in _documented_install_commands()], ids=lambda c: c[:60]
+)
+def test_documented_install_commands_render(chart: Any, command: str) -> None:
+    # Exactly what the docs say, nothing added: it must render, and the gateway must load it.
+    rendered = render(chart, _values_from_command(command), complete=False)
+    config = rendered.config()
+    assert config.routes
+    assert config.server.host in ("0.0.0.0", "::")
+    assert rendered.container["image"].startswith("registry.example.com/team/edgeroute:")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import re
 import signal
 import socket
 import sys
@@ -18,12 +21,14 @@ import pytest
 from aiohttp import web
 
 from edgeroute.mock_provider import (
+    FAULTS,
     MOCK_PROVIDER,
     MockSettings,
     build_arg_parser,
     create_mock_app,
     run_mock_provider,
 )
+from tests.support.gateway import running_gateway
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello to the routing gateway!"}]
@@ -515,3 +520,161 @@ async def test_module_entry_point_rejects_bad_values() -> None:
     message = stderr.decode().strip()
     assert "\n" not in message
     assert "error_rate" in message
+
+
+# --- Anthropic Messages mode ----------------------------------------------------------------
+
+ANTHROPIC_HEADERS = {"x-api-key": "any", "anthropic-version": "2023-06-01"}
+ANTHROPIC_BODY: dict[str, Any] = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 64,
+    "system": "Be brief.",
+    "messages": MESSAGES,
+}
+
+
+async def anthropic_post(
+    mock: Mock, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{mock.v1}/messages",
+            json=body,
+            headers=ANTHROPIC_HEADERS if headers is None else headers,
+        ) as resp,
+    ):
+        data = b""
+        # A cut stream ends without its final chunk: keep what arrived.
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            async for piece in resp.content.iter_any():
+                data += piece
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, data
+
+
+def sse_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of an Anthropic event stream."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+async def test_anthropic_message(mock: Mock) -> None:
+    status, headers, raw = await anthropic_post(mock, ANTHROPIC_BODY)
+    assert status == 200 and headers["content-type"] == "application/json"
+    message = json.loads(raw)
+    assert message["type"] == "message" and message["role"] == "assistant"
+    assert message["id"].startswith("msg_")
+    assert message["model"] == "claude-3-5-haiku-latest"
+    (block,) = message["content"]
+    assert block["type"] == "text"
+    assert block["text"].startswith("Hello from mock-a (claude-3-5-haiku-latest)")
+    assert message["stop_reason"] == "end_turn"
+    chars = len("Be brief.") + len(MESSAGES[0]["content"])
+    assert message["usage"] == {
+        "input_tokens": chars // 4,
+        "output_tokens": len(block["text"].split()),
+    }
+    assert (await mock.stats())["by_path"] == {"/v1/messages": 1}
+
+
+async def test_anthropic_stream(mock: Mock) -> None:
+    await mock.configure(stream_chunks=3)
+    status, headers, raw = await anthropic_post(mock, {**ANTHROPIC_BODY, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = sse_events(raw)
+    names = [name for name, _ in events]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert all(data["type"] == name for name, data in events)
+    text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
+    assert text.startswith("Hello from mock-a (claude-3-5-haiku-latest)")
+    assert events[-2][1]["usage"]["output_tokens"] == len(text.split())
+
+
+async def test_anthropic_bad_requests_use_anthropic_error_shape(mock: Mock) -> None:
+    status, _, raw = await anthropic_post(mock, ANTHROPIC_BODY, headers={"x-api-key": "k"})
+    assert status == 400
+    assert json.loads(raw) == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "anthropic-version: header is required",
+        },
+    }
+    body = {k: v for k, v in ANTHROPIC_BODY.items() if k != "max_tokens"}
+    status, _, raw = await anthropic_post(mock, body)
+    assert status == 400
+    assert json.loads(raw)["error"]["message"] == "max_tokens: Field required"
+    assert (await mock.stats())["faults_served"] == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "error_type"),
+    [
+        ({"fault": "status", "status": 529}, 529, "overloaded_error"),
+        ({"fault": "status", "status": 401}, 401, "authentication_error"),
+        ({"error_rate": 1.0}, 500, "api_error"),
+        ({"fault": "rate_limit", "retry_after_s": 7}, 429, "rate_limit_error"),
+    ],
+)
+async def test_anthropic_faults(
+    mock: Mock, changes: dict[str, Any], status: int, error_type: str
+) -> None:
+    await mock.configure(**changes)
+    got, headers, raw = await anthropic_post(mock, ANTHROPIC_BODY)
+    assert got == status
+    body = json.loads(raw)
+    assert body["type"] == "error" and body["error"]["type"] == error_type
+    if status == 429:
+        assert headers["retry-after"] == "7"
+
+
+async def test_anthropic_cut_stream(mock: Mock) -> None:
+    await mock.configure(fault="cut_stream", cut_after_chunks=2, fault_count=1)
+    _, _, raw = await anthropic_post(mock, {**ANTHROPIC_BODY, "stream": True})
+    names = [name for name, _ in sse_events(raw)]
+    assert names.count("content_block_delta") == 2
+    assert "message_stop" not in names
+
+
+async def test_gateway_kind_anthropic_against_the_mock(mock: Mock) -> None:
+    # What a user does to try `kind: anthropic` without a key: the mock is the upstream.
+    document = {
+        "providers": [{"name": "claude", "kind": "anthropic", "base_url": mock.v1}],
+        "routes": [{"model": "chat", "targets": [{"provider": "claude", "model": "claude-x"}]}],
+    }
+    async with (
+        running_gateway(document) as (url, _),
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as sdk,
+    ):
+        reply = await sdk.chat.completions.create(model="chat", messages=MESSAGES)
+        assert reply.choices[0].message.content is not None
+        assert reply.choices[0].message.content.startswith("Hello from mock-a (claude-x)")
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+        stream = await sdk.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text.startswith("Hello from mock-a (claude-x)")
+    assert (await mock.stats())["by_path"] == {"/v1/messages": 2}
+
+
+def test_help_documents_every_runtime_setting() -> None:
+    help_text = build_arg_parser().format_help()
+    for field in MockSettings.__struct_fields__:
+        assert re.search(rf"^  (\w+, )?{field}[ ,]", help_text, re.M), field
+    for fault in FAULTS:
+        assert fault in help_text
+    assert "/_mock/config" in help_text and "/v1/messages" in help_text

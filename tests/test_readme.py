@@ -33,3 +33,26 @@ def test_readme_example_runs(index: int, redis_url: str, tmp_path: Path) -> None
 
 def test_readme_has_runnable_examples() -> None:
     assert len(python_blocks()) >= 4
+
+
+def test_readme_documents_every_mock_setting() -> None:
+    from edgeroute.mock_provider import FAULTS, MockSettings
+
+    text = README.read_text()
+    table = text.split("/_mock/config", 1)[1].split("## Endpoints", 1)[0]
+    for field in MockSettings.__struct_fields__:
+        assert f"`{field}`" in table, field
+    for fault in FAULTS:
+        assert f"`{fault}`" in table, fault
+
+
+def test_readme_shows_the_first_hour_commands() -> None:
+    text = README.read_text()
+    for command in (
+        "edgeroute serve --model gpt-4o-mini --model claude-3-5-haiku-latest",
+        "examples/openai.yaml",
+        "examples/openai-anthropic.yaml",
+        "check --config FILE [--connect]",
+        "--set-file configFile=",
+    ):
+        assert command in text, command

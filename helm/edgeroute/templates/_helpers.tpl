@@ -59,6 +59,9 @@ app.kubernetes.io/part-of: edgeroute
 {{- end }}
 
 {{- define "edgeroute.image" -}}
+{{- if not .Values.image.repository -}}
+{{- fail "image.repository is not set: no edgeroute image is published to a registry. Build it from the repository root (docker build -t REGISTRY/edgeroute:TAG .), push it (docker push REGISTRY/edgeroute:TAG) and install with --set image.repository=REGISTRY/edgeroute --set image.tag=TAG; see the chart README" -}}
+{{- end -}}
 {{- $tag := .Values.image.tag | default .Chart.AppVersion -}}
 {{- if .Values.image.digest -}}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
@@ -68,10 +71,34 @@ app.kubernetes.io/part-of: edgeroute
 {{- end }}
 
 {{/*
-The container port: config.server.port is the one source of truth.
+The edgeroute config the pods run, as YAML: `configFile` (a whole edgeroute config file, e.g.
+--set-file configFile=edgeroute.yaml) when given, else `config`. A file written for a laptop
+listens on 127.0.0.1, which nothing outside the pod reaches: a loopback or missing
+server.host becomes 0.0.0.0. Use it as `include "edgeroute.effectiveConfig" . | fromYaml`.
+*/}}
+{{- define "edgeroute.effectiveConfig" -}}
+{{- if .Values.configFile -}}
+{{- $file := fromYaml .Values.configFile -}}
+{{- if hasKey $file "Error" -}}
+{{- fail (printf "configFile is not a YAML mapping: %s" $file.Error) -}}
+{{- end -}}
+{{- $server := $file.server | default dict -}}
+{{- if has (toString ($server.host | default "127.0.0.1")) (list "127.0.0.1" "localhost" "::1") -}}
+{{- $_ := set $server "host" "0.0.0.0" -}}
+{{- end -}}
+{{- $_ := set $file "server" $server -}}
+{{- toYaml $file -}}
+{{- else -}}
+{{- toYaml (.Values.config | default dict) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The container port: the config's server.port is the one source of truth.
 */}}
 {{- define "edgeroute.port" -}}
-{{- $server := .Values.config.server | default dict -}}
+{{- $config := include "edgeroute.effectiveConfig" . | fromYaml -}}
+{{- $server := $config.server | default dict -}}
 {{- $server.port | default 8080 | int -}}
 {{- end }}
 
@@ -79,7 +106,8 @@ The container port: config.server.port is the one source of truth.
 Whole seconds of edgeroute's drain window (config.server.shutdown_timeout_s, default 20).
 */}}
 {{- define "edgeroute.shutdownTimeoutSeconds" -}}
-{{- $server := .Values.config.server | default dict -}}
+{{- $config := include "edgeroute.effectiveConfig" . | fromYaml -}}
+{{- $server := $config.server | default dict -}}
 {{- if hasKey $server "shutdown_timeout_s" -}}
 {{- $server.shutdown_timeout_s | ceil | int -}}
 {{- else -}}
@@ -233,21 +261,25 @@ The rendered edgeroute config. Refuses a config that carries a secret given in v
 Redis URL (that travels as EDGEROUTE_REDIS_URL, built from redis.*).
 */}}
 {{- define "edgeroute.configYaml" -}}
-{{- $config := .Values.config | default dict -}}
+{{- $config := include "edgeroute.effectiveConfig" . | fromYaml -}}
+{{- $source := ternary "configFile" "config" (not (empty .Values.configFile)) -}}
 {{- $state := $config.state | default dict -}}
 {{- if hasKey $state "redis_url" -}}
-{{- fail "config.state.redis_url: do not set it here (a ConfigMap is no place for credentials); use redis.external.url or redis.bundled.enabled" -}}
+{{- fail (printf "%s: state.redis_url: do not set it here (a ConfigMap is no place for credentials); use redis.external.url or redis.bundled.enabled" $source) -}}
+{{- end -}}
+{{- if not $config.routes -}}
+{{- fail "no routes: every request would get 404. Give config.providers and config.routes in values, or a whole edgeroute config file with --set-file configFile=edgeroute.yaml (e.g. examples/openai.yaml); see the chart README" -}}
 {{- end -}}
 {{- $text := toYaml $config -}}
 {{- range $name, $value := .Values.secret.env -}}
 {{- $value = toString $value -}}
 {{- if and (ge (len $value) 6) (contains $value $text) -}}
-{{- fail (printf "config contains the value of secret.env.%s: write ${%s} in the config instead" $name $name) -}}
+{{- fail (printf "%s contains the value of secret.env.%s: write ${%s} in the config instead" $source $name $name) -}}
 {{- end -}}
 {{- end -}}
 {{- $password := toString .Values.redis.external.password -}}
 {{- if and (ge (len $password) 6) (contains $password $text) -}}
-{{- fail "config contains the value of redis.external.password" -}}
+{{- fail (printf "%s contains the value of redis.external.password" $source) -}}
 {{- end -}}
 {{- $text -}}
 {{- end }}
