@@ -34,13 +34,17 @@ async def _serve(state: FallbackState, route: RouteSpec) -> None:
     await state.record(route, Outcome.for_admission(decision.admission, OutcomeKind.SUCCESS, 2.0))
 
 
-async def _traffic(state: FallbackState, routes: list[RouteSpec], seconds: float) -> None:
+async def _traffic(state: FallbackState, routes: list[RouteSpec], seconds: float) -> int:
+    """Rounds of one decision per route until `seconds` have passed; returns the rounds."""
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
+    rounds = 0
     while loop.time() < end:
         for route in routes:
             await _serve(state, route)
+        rounds += 1
         await asyncio.sleep(0.02)
+    return rounds
 
 
 async def test_out_of_memory_redis_is_one_degraded_spell_not_a_flapping_one(
@@ -113,7 +117,7 @@ async def test_a_frozen_cluster_node_sends_only_its_routes_to_local_state(
         prefix = f"part-{uuid.uuid4().hex[:6]}"
         changes: list[bool] = []
         # Roomy: a healthy node must never time out here, even on a loaded machine.
-        primary = RedisState(url, key_prefix=prefix, timeout_ms=1000)
+        primary = RedisState(url, key_prefix=prefix, timeout_ms=500)
         state = FallbackState(primary, probe_min_s=0.02, probe_max_s=0.2, on_change=changes.append)
         routes = [make_route(RoutingStrategy.round_robin()) for _ in range(12)]
         owner = {}
@@ -130,20 +134,21 @@ async def test_a_frozen_cluster_node_sends_only_its_routes_to_local_state(
         healthy = [r for r in routes if owner[r.name] != frozen_port]
         assert healthy, "12 routes all on one node"
         try:
-            await _traffic(state, routes, 0.2)
+            rounds = await _traffic(state, routes, 0.2)
             assert changes == []
             with caplog.at_level(logging.WARNING, logger="edgeroute.state"):
                 frozen.pause()
-                await _traffic(state, routes, 2.0)
+                rounds += await _traffic(state, routes, 3.0)
                 assert changes == [True]  # one spell, no flapping
                 degraded = set(state.degraded_shards)
                 assert degraded == {
                     key_slot(route_keys(prefix, r.name)[0].encode()) for r in broken
                 }
-                # The healthy routes kept shared state: their cursor is in Redis.
+                # The healthy routes kept shared state: every decision moved their cursor
+                # in Redis (the next request takes rounds + 1).
                 for route in healthy:
                     snapshot = await primary.snapshot(route)
-                    assert snapshot.rr_cursor > 10
+                    assert snapshot.rr_cursor == rounds + 1
                 frozen.resume()
                 await _traffic(state, routes, 1.5)
             assert changes == [True, False]
