@@ -64,6 +64,15 @@ class ServerConfig(_Base, frozen=True, kw_only=True):
     shutdown_timeout_s: NonNegative = 20.0
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     request_timeout_s: PositiveSeconds = 600.0
+    # Connection hygiene (see README, Operations): a client must finish its request headers
+    # this long after connecting or after starting a request, and its body this long after
+    # the headers; an idle keep-alive connection is closed after keepalive_timeout_s.
+    header_timeout_s: PositiveSeconds = 10.0
+    body_timeout_s: PositiveSeconds = 60.0
+    keepalive_timeout_s: PositiveSeconds = 75.0
+    # Open client connections beyond this (or beyond what the fd limit leaves room for,
+    # counting one upstream socket per client) are answered 503 and closed at once.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
 
 
 class StateConfig(_Base, frozen=True, kw_only=True):
@@ -109,6 +118,33 @@ class ProviderConfig(_Base, frozen=True, kw_only=True):
     connect_timeout_s: PositiveSeconds = 5.0
     # Ask OpenAI-compatible upstreams for usage on streams (hidden from clients that did not).
     stream_usage: bool = True
+    # Bounds on what an upstream may send, counted after decompression: a whole non-streamed
+    # body, and one SSE event. Over either, the attempt fails (502, a breaker failure).
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024 * 1024
+    max_event_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
+    # Longest wait for the next complete SSE event (None: timeout_s), and an optional cap
+    # on a whole stream: a trickling upstream must not hold a client and a lease forever.
+    stream_idle_timeout_s: PositiveSeconds | None = None
+    stream_timeout_s: PositiveSeconds | None = None
+
+    def __post_init__(self) -> None:
+        # aiohttp turns `user:pass@` into a Basic Authorization header and refuses to send
+        # it next to another one: say so at load time instead of failing every request.
+        if "@" in self.base_url and _has_userinfo(self.base_url):
+            bearer = self.kind == "openai" and bool(self.api_key)
+            header = any(name.lower() == "authorization" for name in self.headers)
+            if bearer or header:
+                clash = "api_key (sent as Authorization: Bearer)" if bearer else "headers"
+                raise ValueError(
+                    f"base_url: credentials in the URL (user:pass@) become an Authorization "
+                    f"header, which clashes with {clash}; keep only one of them"
+                )
+
+    @property
+    def stream_idle_s(self) -> float:
+        return (
+            self.stream_idle_timeout_s if self.stream_idle_timeout_s is not None else self.timeout_s
+        )
 
 
 class TargetConfig(_Base, frozen=True, kw_only=True):
@@ -526,6 +562,14 @@ def _check_route(
         elif target_id in seen_targets:
             problems.add(twhere, f"duplicate target id {target_id!r}; set `id`")
         seen_targets.add(target_id)
+
+
+def _has_userinfo(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # refused with its own message by _check_semantics
+        return False
+    return parts.username is not None or parts.password is not None
 
 
 def _is_plain_url(url: str) -> bool:

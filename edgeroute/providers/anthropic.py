@@ -9,6 +9,7 @@ import msgspec
 
 from edgeroute.config import ProviderConfig
 from edgeroute.providers.anthropic_translate import (
+    MalformedUpstream,
     MessagesStreamTranslator,
     TranslationError,
     UpstreamStreamError,
@@ -23,12 +24,24 @@ from edgeroute.providers.base import (
     UpstreamRequest,
     Usage,
 )
-from edgeroute.providers.openai import post, read_body
-from edgeroute.providers.sse import PrimedStream, event_data, event_name, split_events
+from edgeroute.providers.sse import (
+    PrimedStream,
+    StreamLimits,
+    event_data,
+    event_name,
+    split_events,
+)
+from edgeroute.providers.transport import expect_event_stream, post, read_body
 
 ANTHROPIC_VERSION = "2023-06-01"
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
+# msgspec recurses while decoding: too deep a document is RecursionError, not DecodeError.
+_UNDECODABLE = (msgspec.DecodeError, RecursionError)
+
+
+def _bad(message: str) -> UpstreamError:
+    return UpstreamError(ErrorClass.BAD_RESPONSE, message)
 
 
 def _client_error(message: str, param: str | None = None) -> UpstreamError:
@@ -42,9 +55,12 @@ class AnthropicStream(PrimedStream):
     """Translates Anthropic stream events into OpenAI chunks, ending with `[DONE]`."""
 
     def __init__(
-        self, response: aiohttp.ClientResponse, translator: MessagesStreamTranslator
+        self,
+        response: aiohttp.ClientResponse,
+        limits: StreamLimits,
+        translator: MessagesStreamTranslator,
     ) -> None:
-        super().__init__(response)
+        super().__init__(response, limits)
         self._translator = translator
         self._done = False
 
@@ -63,10 +79,10 @@ class AnthropicStream(PrimedStream):
                     raise UpstreamError(
                         ErrorClass.STREAM, f"upstream stream error: {exc}"
                     ) from None
-                except msgspec.DecodeError:
-                    raise UpstreamError(
-                        ErrorClass.BAD_RESPONSE, "upstream sent an event that is not JSON"
-                    ) from None
+                except _UNDECODABLE:
+                    raise _bad("upstream sent an event that is not JSON") from None
+                except MalformedUpstream as exc:
+                    raise _bad(f"upstream sent a malformed {name} event: {exc}") from None
                 for chunk in chunks:
                     out += b"data: " + _encode(chunk) + b"\n\n"
                 if name == "message_stop":
@@ -98,6 +114,7 @@ class AnthropicAdapter:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
         )
+        self._limits = StreamLimits.of(config)
 
     async def send(self, request: UpstreamRequest) -> UpstreamReply | AnthropicStream:
         if request.endpoint != "chat":
@@ -111,6 +128,9 @@ class AnthropicAdapter:
             raise UpstreamError(
                 ErrorClass.CLIENT, str(exc), status=400, body=_encode(exc.to_openai())
             ) from None
+        except RecursionError:
+            # The gateway's parser bounds nesting; this is the backstop if that bound grows.
+            raise _client_error("request JSON is nested too deeply") from None
         headers = self._headers
         if request.stream:
             headers = {**headers, "Accept": "text/event-stream"}
@@ -123,33 +143,34 @@ class AnthropicAdapter:
                         anthropic_error_to_openai(exc.status or 500, _decode(exc.body))
                     )
                     exc.content_type = "application/json"
-                except msgspec.DecodeError:
+                except _UNDECODABLE:
                     pass
             raise
         if request.stream:
             translator = MessagesStreamTranslator(
                 model=request.model, include_usage=request.client_wants_usage
             )
-            stream = AnthropicStream(response, translator)
+            expect_event_stream(response)
+            stream = AnthropicStream(response, self._limits, translator)
             try:
                 await stream.prime()
             except BaseException:
                 await stream.aclose()
                 raise
             return stream
-        data = await read_body(response)
+        data = await read_body(response, self.config.max_response_bytes)
         try:
             chat = messages_response_to_chat(
                 _decode(data), model=request.model, request_id=request.request_id
             )
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
-            raise UpstreamError(
-                ErrorClass.BAD_RESPONSE, "upstream answered 2xx with an unexpected body"
-            ) from None
-        usage = chat.get("usage") or {}
+        except _UNDECODABLE:
+            raise _bad("upstream answered 2xx with a body that is not JSON") from None
+        except MalformedUpstream as exc:
+            raise _bad(f"upstream answered 2xx with a malformed message: {exc}") from None
+        usage = chat["usage"]  # built by the translation: non-negative ints
         return UpstreamReply(
             200,
             _encode(chat),
             "application/json",
-            Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
+            Usage(usage["prompt_tokens"], usage["completion_tokens"]),
         )

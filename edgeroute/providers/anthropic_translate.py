@@ -19,6 +19,7 @@ import msgspec
 from edgeroute.errors import EdgerouteError
 
 __all__ = [
+    "MalformedUpstream",
     "MessagesStreamTranslator",
     "StreamUsage",
     "TranslationError",
@@ -65,6 +66,39 @@ class UpstreamStreamError(EdgerouteError):
         super().__init__(message)
         self.message = message
         self.error_type = error_type
+
+
+class MalformedUpstream(EdgerouteError, ValueError):
+    """Anthropic's answer (a message or a stream event) is not shaped as the API says.
+
+    The request side trusts the client only as far as `TranslationError` allows; the response
+    side trusts the upstream no further: a wrong type anywhere is this error, never a stray
+    TypeError, so the adapter can count it as the provider's failure and fail over.
+    """
+
+
+def _expect_dict(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedUpstream(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def _optional_str(value: Any, what: str) -> str:
+    """Strings the API may leave out (null counts as absent, as the lenient reads did)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedUpstream(f"{what} is {type(value).__name__}, not a string")
+    return value
+
+
+def _count(usage: dict[str, Any], key: str) -> int:
+    value = usage.get(key)
+    if value is None:
+        return 0
+    if type(value) is not int or value < 0:
+        raise MalformedUpstream(f"usage.{key} is not a non-negative integer: {value!r:.40}")
+    return value
 
 
 class StreamUsage(NamedTuple):
@@ -594,23 +628,29 @@ def messages_response_to_chat(
     decides); `request_id` lets the gateway use its own id so logs and responses agree.
     Thinking and server-tool blocks have no OpenAI counterpart and are left out.
     """
+    resp = _expect_dict(resp, "the message")
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
-    for block in resp.get("content") or ():
+    content = resp.get("content")
+    if content is not None and not isinstance(content, list):
+        raise MalformedUpstream("message content is not an array")
+    for k, block in enumerate(content or ()):
+        block = _expect_dict(block, f"content[{k}]")
         btype = block.get("type")
         if btype == "text":
-            texts.append(block.get("text") or "")
+            texts.append(_optional_str(block.get("text"), f"content[{k}].text"))
         elif btype == "tool_use":
             tool_calls.append(
                 {
-                    "id": block.get("id") or "",
+                    "id": _optional_str(block.get("id"), f"content[{k}].id"),
                     "type": "function",
                     "function": {
-                        "name": block.get("name") or "",
+                        "name": _optional_str(block.get("name"), f"content[{k}].name"),
                         "arguments": _json_encode(block.get("input") or {}).decode(),
                     },
                 }
             )
+    message_id = resp.get("id")
     message: dict[str, Any] = {
         "role": "assistant",
         # OpenAI sends null content for a pure tool-call turn, and "" for an empty answer.
@@ -620,7 +660,7 @@ def messages_response_to_chat(
     if tool_calls:
         message["tool_calls"] = tool_calls
     return {
-        "id": request_id or resp.get("id") or _new_id(),
+        "id": request_id or (message_id if isinstance(message_id, str) else "") or _new_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -642,15 +682,14 @@ def _finish_reason(stop_reason: Any) -> str:
 
 def _usage(usage: Any) -> dict[str, Any]:
     """OpenAI usage; cache reads and writes count as prompt tokens, as they do for OpenAI."""
-    if not isinstance(usage, dict):
+    if usage is None:
         return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    cache_read = usage.get("cache_read_input_tokens") or 0
+    usage = _expect_dict(usage, "usage")
+    cache_read = _count(usage, "cache_read_input_tokens")
     prompt = (
-        (usage.get("input_tokens") or 0)
-        + (usage.get("cache_creation_input_tokens") or 0)
-        + cache_read
+        _count(usage, "input_tokens") + _count(usage, "cache_creation_input_tokens") + cache_read
     )
-    completion = usage.get("output_tokens") or 0
+    completion = _count(usage, "output_tokens")
     out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -711,7 +750,11 @@ class MessagesStreamTranslator:
         return StreamUsage(self._prompt_tokens, self._completion_tokens)
 
     def feed(self, event: str, data: dict[str, Any]) -> list[dict[str, Any]]:
-        """Translate one event; `event` may be empty, then the payload's `type` decides."""
+        """Translate one event; `event` may be empty, then the payload's `type` decides.
+
+        Raises MalformedUpstream when the event's payload is not shaped as documented.
+        """
+        data = _expect_dict(data, f"{event or 'stream'} event data")
         kind = event or data.get("type", "")
         # Ordered by frequency: deltas are nearly every event of a stream.
         if kind == "content_block_delta":
@@ -754,7 +797,7 @@ class MessagesStreamTranslator:
         message = data.get("message")
         if isinstance(message, dict):
             if not self._id:
-                self._id = message.get("id") or _new_id()
+                self._id = _optional_str(message.get("id"), "message.id") or _new_id()
             self._take_usage(message.get("usage"))
         elif not self._id:
             self._id = _new_id()
@@ -767,16 +810,19 @@ class MessagesStreamTranslator:
         btype = block.get("type")
         if btype == "tool_use":
             tool_index = len(self._tool_index)
-            self._tool_index[data.get("index", tool_index)] = tool_index
+            self._tool_index[_block_index(data, tool_index)] = tool_index
             call = {
                 "index": tool_index,
-                "id": block.get("id") or "",
+                "id": _optional_str(block.get("id"), "content_block.id"),
                 "type": "function",
-                "function": {"name": block.get("name") or "", "arguments": ""},
+                "function": {
+                    "name": _optional_str(block.get("name"), "content_block.name"),
+                    "arguments": "",
+                },
             }
             return [self._chunk({"tool_calls": [call]})]
         if btype == "text":
-            text = block.get("text")
+            text = _optional_str(block.get("text"), "content_block.text")
             if text:
                 return [self._chunk({"content": text})]
         return []
@@ -787,11 +833,11 @@ class MessagesStreamTranslator:
             return []
         dtype = delta.get("type")
         if dtype == "text_delta":
-            text = delta.get("text")
+            text = _optional_str(delta.get("text"), "delta.text")
             return [self._chunk({"content": text})] if text else []
         if dtype == "input_json_delta":
-            partial = delta.get("partial_json")
-            tool_index = self._tool_index.get(data.get("index", -1))
+            partial = _optional_str(delta.get("partial_json"), "delta.partial_json")
+            tool_index = self._tool_index.get(_block_index(data, -1))
             # Deltas of blocks we did not announce (server tools) have no OpenAI tool call.
             if not partial or tool_index is None:
                 return []
@@ -839,20 +885,28 @@ class MessagesStreamTranslator:
 
     def _take_usage(self, usage: Any) -> None:
         """Fold in a usage object; Anthropic's counts are cumulative, so later values replace."""
-        if not isinstance(usage, dict):
+        if usage is None:
             return
+        usage = _expect_dict(usage, "usage")
         if "output_tokens" in usage:
-            self._completion_tokens = usage["output_tokens"] or 0
+            self._completion_tokens = _count(usage, "output_tokens")
         if "input_tokens" in usage or "cache_read_input_tokens" in usage:
-            cache_read = usage.get("cache_read_input_tokens") or 0
+            cache_read = _count(usage, "cache_read_input_tokens")
             self._prompt_tokens = (
-                (usage.get("input_tokens") or 0)
-                + (usage.get("cache_creation_input_tokens") or 0)
+                _count(usage, "input_tokens")
+                + _count(usage, "cache_creation_input_tokens")
                 + cache_read
             )
             if "cache_read_input_tokens" in usage:
                 self._cache_seen = True
                 self._cache_read = cache_read
+
+
+def _block_index(data: dict[str, Any], default: int) -> int:
+    index = data.get("index", default)
+    if type(index) is not int:
+        raise MalformedUpstream(f"content block index is not an integer: {index!r:.40}")
+    return index
 
 
 # --------------------------------------------------------------------------------------------

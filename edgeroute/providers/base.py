@@ -13,7 +13,7 @@ import enum
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 
@@ -36,6 +36,7 @@ class ErrorClass(enum.Enum):
     REJECTED = "upstream_rejected"  # 401/403/404: our key or deployment is wrong, not the client
     STREAM = "stream_error"
     BAD_RESPONSE = "bad_response"
+    TOO_LARGE = "response_too_large"  # a body or one SSE event over the provider's bound
 
 
 _OUTCOMES = {
@@ -75,9 +76,14 @@ class UpstreamError(Exception):
         return _OUTCOMES.get(self.error_class, OutcomeKind.FAILURE)
 
 
+# Token counts feed Prometheus counters and cost sums: a negative or non-integer count from
+# an upstream is a malformed answer, refused when decoded rather than crashing later.
+TokenCount = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class Usage(msgspec.Struct, omit_defaults=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: TokenCount = 0
+    completion_tokens: TokenCount = 0
 
 
 class UsageOnly(msgspec.Struct):

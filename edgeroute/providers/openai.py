@@ -16,62 +16,20 @@ from edgeroute.providers.base import (
     UpstreamRequest,
     Usage,
     UsageOnly,
-    classify_status,
-    parse_retry_after,
 )
-from edgeroute.providers.sse import PrimedStream, event_data, split_events
+from edgeroute.providers.sse import PrimedStream, StreamLimits, event_data, split_events
+from edgeroute.providers.transport import expect_event_stream, post, read_body
 
 _INCLUDE_USAGE = msgspec.Raw(b'{"include_usage":true}')
 _USAGE_DECODER = msgspec.json.Decoder(UsageOnly)
+# What decoding an upstream's JSON can raise besides DecodeError: msgspec recurses, so a
+# document nested deeper than the interpreter allows is RecursionError.
+_MALFORMED = (msgspec.DecodeError, RecursionError)
+_SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
 
 
-async def post(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    client_timeout: aiohttp.ClientTimeout,
-) -> aiohttp.ClientResponse:
-    """POST and classify transport failures; an HTTP error status is raised as UpstreamError."""
-    try:
-        response = await session.post(url, data=body, headers=headers, timeout=client_timeout)
-    except TimeoutError:
-        raise UpstreamError(ErrorClass.TIMEOUT, "upstream timed out before answering") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(
-            ErrorClass.CONNECT, f"cannot reach upstream: {type(exc).__name__}"
-        ) from None
-    if response.status >= 400:
-        try:
-            data = await response.read()
-        except (aiohttp.ClientError, TimeoutError):
-            data = b""
-        finally:
-            response.release()
-        raise UpstreamError(
-            classify_status(response.status),
-            f"upstream answered {response.status}",
-            status=response.status,
-            body=data,
-            content_type=response.headers.get("Content-Type", "application/json"),
-            retry_after_s=parse_retry_after(
-                response.headers.get("Retry-After"), response.headers.get("retry-after-ms")
-            ),
-        )
-    return response
-
-
-async def read_body(response: aiohttp.ClientResponse) -> bytes:
-    try:
-        return await response.read()
-    except TimeoutError:
-        raise UpstreamError(ErrorClass.TIMEOUT, "upstream stalled mid-response") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(
-            ErrorClass.STREAM, f"upstream response broke: {type(exc).__name__}"
-        ) from None
-    finally:
-        response.release()
+def _bad(message: str) -> UpstreamError:
+    return UpstreamError(ErrorClass.BAD_RESPONSE, message)
 
 
 class OpenAIStream(PrimedStream):
@@ -81,10 +39,13 @@ class OpenAIStream(PrimedStream):
     the client sees exactly the stream it asked for.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, *, strip_usage_chunk: bool) -> None:
-        super().__init__(response)
+    def __init__(
+        self, response: aiohttp.ClientResponse, limits: StreamLimits, *, strip_usage_chunk: bool
+    ) -> None:
+        super().__init__(response, limits)
         self._strip = strip_usage_chunk
         self._done = False
+        self._checked_first = False
 
     async def _next(self) -> bytes | None:
         while True:
@@ -93,10 +54,39 @@ class OpenAIStream(PrimedStream):
                 if not self._done:
                     raise UpstreamError(ErrorClass.STREAM, "upstream stream ended without [DONE]")
                 return None
+            if not self._checked_first:
+                # Before the first byte goes out: is this OpenAI's stream at all? (A JSON
+                # document or an HTML page relabelled as SSE fails over here.)
+                self._check_first(block)
+            elif b"data: [" in block or b"data:[" in block:
+                self._check_arrays(block)
             if b'"usage":{' in block or b'"usage": {' in block or b"[DONE]" in block:
                 block = self._inspect(block)
             if block:
                 return block
+
+    def _check_first(self, block: bytes) -> None:
+        for event in split_events(block):
+            for line in event.split(b"\n"):
+                if line and not line.startswith(_SSE_FIELDS):
+                    raise _bad("upstream stream is not Server-Sent Events")
+            data = event_data(event)
+            if not data:
+                continue  # a comment or a keep-alive: nothing to judge yet
+            if data != b"[DONE]":
+                try:
+                    msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+                except _MALFORMED:
+                    raise _bad("upstream stream data is not a JSON object") from None
+            self._checked_first = True
+            return
+
+    def _check_arrays(self, block: bytes) -> None:
+        """Chunks are passed through unparsed; one that is a JSON array is refused."""
+        for event in split_events(block):
+            data = event_data(event)
+            if data.startswith(b"[") and data != b"[DONE]":
+                raise _bad("upstream stream data is a JSON array, not a chunk object")
 
     def _inspect(self, block: bytes) -> bytes:
         kept = []
@@ -107,8 +97,10 @@ class OpenAIStream(PrimedStream):
             elif b'"usage"' in data:
                 try:
                     usage = _USAGE_DECODER.decode(data).usage
-                except msgspec.DecodeError:
-                    usage = None
+                except _MALFORMED:
+                    # Token counts feed metrics, cost and TPM quotas: garbage here is an
+                    # upstream fault, not something to count as zero.
+                    raise _bad("upstream stream chunk with malformed usage") from None
                 if usage is not None:
                     self.usage = usage
                     if self._strip and (b'"choices":[]' in data or b'"choices": []' in data):
@@ -132,6 +124,7 @@ class OpenAIAdapter:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
         )
+        self._limits = StreamLimits.of(config)
 
     @staticmethod
     def _auth_headers(config: ProviderConfig) -> dict[str, str]:
@@ -157,19 +150,20 @@ class OpenAIAdapter:
             self._session, self.url(request), request.body(**overrides), headers, self._timeout
         )
         if request.stream:
-            stream = OpenAIStream(response, strip_usage_chunk=bool(inject_usage))
+            expect_event_stream(response)
+            stream = OpenAIStream(response, self._limits, strip_usage_chunk=bool(inject_usage))
             try:
                 await stream.prime()
             except BaseException:
                 await stream.aclose()
                 raise
             return stream
-        data = await read_body(response)
+        data = await read_body(response, self.config.max_response_bytes)
         try:
             usage = _USAGE_DECODER.decode(data).usage or Usage()
-        except msgspec.DecodeError:
-            raise UpstreamError(
-                ErrorClass.BAD_RESPONSE, "upstream answered 2xx with a body that is not JSON"
+        except _MALFORMED:
+            raise _bad(
+                "upstream answered 2xx with a body that is not a JSON object with valid usage"
             ) from None
         return UpstreamReply(
             response.status, data, response.headers.get("Content-Type", "application/json"), usage
