@@ -463,7 +463,10 @@ async def test_sdk_client_sees_a_stalled_stream_as_an_error() -> None:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         async with client:
             stream = await client.chat.completions.create(
-                model="failover", messages=MESSAGES, stream=True, timeout=15
+                model="failover",
+                messages=[{"role": "user", "content": "hello"}],
+                stream=True,
+                timeout=15,
             )
             with pytest.raises(openai.APIError, match="failed mid-stream"):
                 async for _chunk in stream:
