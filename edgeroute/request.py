@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
+from edgeroute.jsonguard import refuse_deep_json
 from edgeroute.providers import UpstreamRequest
 from edgeroute.providers.base import Endpoint
 from edgeroute.responses import error_response, too_large
@@ -51,6 +52,8 @@ async def parse_request(
         return Rejected(too_large(max_body_bytes), "invalid_request")
     if len(body) > max_body_bytes:
         return Rejected(too_large(max_body_bytes), "invalid_request")
+    if (too_deep := refuse_deep_json(body)) is not None:
+        return Rejected(too_deep, "invalid_request")
     try:
         fields = _FIELDS.decode(body)
     except msgspec.DecodeError as exc:
