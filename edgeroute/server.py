@@ -20,10 +20,17 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from edgeroute import logfilter
 from edgeroute.accounting import Accounting
 from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
 from edgeroute.explain import explanation_json, state_document
+from edgeroute.httpguard import (
+    GuardedSite,
+    connection_cap,
+    openai_errors,
+    raise_open_file_limit,
+)
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
 from edgeroute.proxy import Proxy
@@ -135,7 +142,9 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         return await handler(request)
 
     # Without client keys, only /admin/* needs the check: keep it off the request path.
-    middlewares = [auth] if client_keys else [admin_only(auth)]
+    # openai_errors is outermost: whatever is refused further in still answers in JSON.
+    errors = openai_errors()
+    middlewares = [errors, auth] if client_keys else [errors, admin_only(auth)]
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes + 1)
     app[CONFIG] = config
     app[ROUTER] = router
@@ -310,12 +319,34 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     whatever is still running then is cancelled, so the process exits within that time.
     """
     app = create_app(config)
+    server = config.server
+    logfilter.install()  # identical errors (EMFILE, resets) once per window, then a count
+    open_files = raise_open_file_limit()
+    cap = connection_cap(server.max_connections, open_files)
+    if cap < server.max_connections:
+        log.warning(
+            "connection cap lowered from %d to %d: the open-file limit is %d",
+            server.max_connections,
+            cap,
+            open_files,
+        )
     # The drain below does the waiting; the runner only cancels what outlived it.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=0.1,
+        keepalive_timeout=server.keepalive_timeout_s,
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner, config.server.host, config.server.port, reuse_address=True, backlog=2048
+        site = GuardedSite(
+            runner,
+            server.host,
+            server.port,
+            cap=cap,
+            header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s,
         )
         await site.start()
         stop = asyncio.Event()
