@@ -180,6 +180,12 @@ CASES: dict[str, Case] = {
         "bad_response",
     ),
     "anthropic-nested-deep": Case("anthropic", json_reply(deep(5000)), "bad_response"),
+    "anthropic-error-object-with-200": Case(
+        "anthropic",
+        json_reply({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}),
+        "bad_response",
+    ),
+    "anthropic-empty-object": Case("anthropic", json_reply({}), "bad_response"),
     "anthropic-body-too-large": Case(
         "anthropic",
         json_reply({**ANTHROPIC_OK, "pad": "x" * 300_000}),
@@ -392,6 +398,13 @@ async def test_bad_upstream_answer_is_a_classified_failure_that_fails_over(name:
 
 
 MID_STREAM: dict[str, Case] = {
+    "idle-defaults-to-timeout_s": Case(
+        "openai",
+        sse_reply(OPENAI_CHUNK, then=trickle(OPENAI_CHUNK * 100, 0.1)),
+        "timeout",
+        True,
+        provider={"timeout_s": 0.5},  # bytes every 0.1 s: only an event-level timer stops it
+    ),
     "idle-after-first-event": Case(
         "openai",
         sse_reply(OPENAI_CHUNK, then=trickle(OPENAI_CHUNK * 100, 0.1)),

@@ -631,10 +631,13 @@ def messages_response_to_chat(
     resp = _expect_dict(resp, "the message")
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
+    if resp.get("type") == "error":
+        # Some proxies answer 200 with Anthropic's error body: still a failed attempt.
+        raise MalformedUpstream("the message is an error object")
     content = resp.get("content")
-    if content is not None and not isinstance(content, list):
-        raise MalformedUpstream("message content is not an array")
-    for k, block in enumerate(content or ()):
+    if not isinstance(content, list):
+        raise MalformedUpstream("the message has no content array")
+    for k, block in enumerate(content):
         block = _expect_dict(block, f"content[{k}]")
         btype = block.get("type")
         if btype == "text":
