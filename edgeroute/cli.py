@@ -79,7 +79,7 @@ class Redactor:
     def add_config(self, config: Config) -> None:
         self.add(config.server.admin_token, *config.server.api_keys)
         for provider in config.providers:
-            self.add(provider.api_key, *provider.headers.values())
+            self.add(provider.api_key, _url_password(provider.base_url), *provider.headers.values())
         if config.state.redis_url:
             self.add(_url_password(config.state.redis_url))
 
