@@ -48,8 +48,8 @@ from _goals import Goals  # bench/ is on sys.path
 from edgeroute.errors import StateUnavailable
 from edgeroute.state.base import RouteSpec, StateBackend
 from edgeroute.state.memory import MemoryState
+from edgeroute.state.pipeline import Pipeline
 from edgeroute.state.redis import RedisState, route_keys
-from edgeroute.state.resp import RespConnection
 from edgeroute.state.scripts import load_scripts
 from edgeroute.state.topology import parse_state_url
 from edgeroute.strategy import RoutingStrategy
@@ -665,21 +665,21 @@ class Ceiling:
 async def capture_decide_args(state: RedisState, route: RouteSpec) -> list[str]:
     """The exact EVALSHA argument list RedisState sends for one decide of `route`."""
     sent: list[bytes] = []
-    original = RespConnection.write
+    original = Pipeline.submit
 
-    def spy(self: RespConnection, data: bytes) -> None:
-        sent.append(data)
-        original(self, data)
+    def spy(self: Pipeline, cmd: bytes, *, asking: bool = False) -> asyncio.Future[Any]:
+        sent.append(cmd)
+        return original(self, cmd, asking=asking)
 
     sha = load_scripts()["decide"].sha.encode()
-    RespConnection.write = spy  # type: ignore[method-assign]
+    Pipeline.submit = spy  # type: ignore[method-assign]
     try:
         await state.decide(route)
     finally:
-        RespConnection.write = original  # type: ignore[method-assign]
+        Pipeline.submit = original  # type: ignore[method-assign]
     for data in sent:
         reader = hiredis.Reader()
-        reader.feed(data)  # a write may hold several commands: look at each
+        reader.feed(data)
         while (args := reader.gets()) is not False:
             if isinstance(args, list) and args[:2] == [b"EVALSHA", sha]:
                 return [a.decode() for a in args]
@@ -693,13 +693,13 @@ def run_redis_benchmark(
     if binary is None:
         raise FileNotFoundError("redis-benchmark")
     target = parse_state_url(url)
-    endpoint = target.endpoint(*target.nodes[0])
+    host, port = target.nodes[0]
     cmd = [
         binary,
         "-h",
-        endpoint.host,
+        host,
         "-p",
-        str(endpoint.port),
+        str(port),
         "-n",
         str(requests),
         "-c",
@@ -708,13 +708,13 @@ def run_redis_benchmark(
         str(pipeline),
         "--csv",
     ]
-    if endpoint.db:
-        cmd += ["--dbnum", str(endpoint.db)]
-    if endpoint.username:
-        cmd += ["--user", endpoint.username]
+    if target.db:
+        cmd += ["--dbnum", str(target.db)]
+    if target.username:
+        cmd += ["--user", target.username]
     env = dict(os.environ)
-    if endpoint.password is not None:
-        env["REDISCLI_AUTH"] = endpoint.password
+    if target.password is not None:
+        env["REDISCLI_AUTH"] = target.password
     out = subprocess.run(
         [*cmd, *args], capture_output=True, text=True, check=True, timeout=300, env=env
     ).stdout

@@ -18,6 +18,7 @@ from redis.crc import key_slot
 
 from edgeroute import CircuitState, RoutingStrategy, StateUnavailable
 from edgeroute.state import RedisState
+from edgeroute.state.fallback import FallbackState
 from edgeroute.state.redis import route_keys
 from edgeroute.types import BreakerParams, Outcome, OutcomeKind
 from tests.support.ci import missing
@@ -173,6 +174,79 @@ async def test_sentinel_failover_is_followed_during_traffic() -> None:
         for _ in range(20):
             assert (await state.decide(route)).admission is not None
         await state.close()
+
+
+def sentinel_url(setup: RedisSentinelSetup) -> str:
+    sentinels = ",".join(f"{h}:{p}" for h, p in setup.sentinels)
+    return f"redis+sentinel://{sentinels}/{setup.master_name}/0"
+
+
+@pytest.mark.slow
+async def test_a_gateway_starting_while_the_first_sentinel_hangs_reaches_redis() -> None:
+    """A sentinel that accepts connections but never answers (SIGSTOP: a hung host) must not
+    be waited on: the others are asked too, and the state reaches the primary at once."""
+    with RedisSentinelSetup(master_name="edge-hung-start") as setup:
+        hung = setup.sentinel_servers[0]  # listed first in the URL
+        hung.pause()
+        try:
+            state = RedisState(sentinel_url(setup), key_prefix="hung-start", timeout_ms=100)
+            answered = 0
+            for _ in range(20):
+                try:
+                    await state.ping()
+                    answered += 1
+                except StateUnavailable:
+                    pass
+                await asyncio.sleep(0.05)
+            # Before the fix: 0 of 20, every attempt spent its timeout on the hung sentinel.
+            assert answered >= 15, f"only {answered} of 20 pings reached Redis"
+            assert (await state.decide(make_route())).admission is not None
+            await state.close()
+        finally:
+            hung.resume()
+
+
+@pytest.mark.slow
+async def test_a_hung_sentinel_does_not_keep_the_state_off_a_promoted_primary() -> None:
+    """Sentinel failover while the first-listed sentinel hangs: the replica routing through
+    the degraded-mode wrapper (default probe backoff, default 50 ms timeout) is live on the
+    promoted primary within 3 s of the promotion, not when the hung sentinel thaws."""
+    with RedisSentinelSetup(master_name="edge-hung-failover") as setup:
+        primary, replica = setup.primary, setup.replica
+        assert primary is not None and replica is not None
+        prefix = f"hung-fo-{uuid.uuid4().hex[:6]}"
+        state = FallbackState(RedisState(sentinel_url(setup), key_prefix=prefix))
+        route = make_route(RoutingStrategy.round_robin())
+        for _ in range(5):
+            assert (await state.decide(route)).admission is not None
+        assert not state.degraded
+        hung = setup.sentinel_servers[0]
+        hung.pause()
+        replica_client = redis.Redis(host=replica.host, port=replica.port, socket_timeout=1)
+        try:
+            primary.kill()
+            promoted_at: float | None = None
+            live_at: float | None = None
+            was_degraded = False
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and live_at is None:
+                await state.decide(route)  # about 50 requests/s, as a quiet gateway sees
+                was_degraded = was_degraded or state.degraded
+                if promoted_at is None and replica_client.info("replication")["role"] == "master":
+                    promoted_at = time.monotonic()
+                if promoted_at is not None and was_degraded and not state.degraded:
+                    live_at = time.monotonic()
+                await asyncio.sleep(0.02)
+            assert promoted_at is not None, "Sentinel never promoted the replica"
+            assert was_degraded, "the state never noticed the primary was gone"
+            assert live_at is not None, "never live again while a sentinel hangs"
+            assert live_at - promoted_at <= 3.0, f"live {live_at - promoted_at:.2f} s after"
+            # Live on the promoted primary: this route's keys are written there now.
+            await state.decide(route)
+            assert replica_client.exists(*route_keys(prefix, route.name)) > 0
+        finally:
+            hung.resume()
+            await state.close()
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -1,9 +1,10 @@
 """Redis Cluster: every route's keys share one hash tag, so each call goes to one node.
 
-A slot map from CLUSTER SLOTS picks the node; each node gets its own coalescing pipeline.
-MOVED updates the map (and refreshes it in the background), ASK retries once on the
-importing node with ASKING, TRYAGAIN/CLUSTERDOWN and a lost node back off briefly and
-refresh; the whole call stays within the state timeout.
+The slot map is redis-py's (`NodesManager`: CLUSTER SLOTS from the seed nodes, then every
+node found, `move_slot` on MOVED); each node gets its own coalescing pipeline. MOVED
+updates the map (and refreshes it in the background), ASK retries once on the importing
+node with ASKING, TRYAGAIN/CLUSTERDOWN and a lost node back off briefly and refresh; the
+whole call stays within the state timeout.
 """
 
 from __future__ import annotations
@@ -12,28 +13,45 @@ import asyncio
 import contextlib
 from typing import Any
 
-import hiredis
+from redis.asyncio.cluster import ClusterNode, NodesManager
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from edgeroute.errors import StateUnavailable
-from edgeroute.state.pipeline import Pipeline
-from edgeroute.state.resp import Endpoint, RespConnection, command, encode_args
+from edgeroute.state.pipeline import ConnectionFactory, FixedAddress, Pipeline
 from edgeroute.state.scripts import Script
-from edgeroute.state.topology import StateTarget
+from edgeroute.state.topology import Address, StateTarget
 
-SLOTS = 16384
-_CLUSTER_SLOTS = command(2, encode_args(["CLUSTER", "SLOTS"]))
 _MAX_REDIRECTS = 8
-
-Address = tuple[str, int]
+# CLUSTER SLOTS asked of one node must not wedge the (single-flight) refresh on a hung node.
+_MAP_TIMEOUT_S = 1.0
 
 
 class ClusterRouter:
-    def __init__(self, target: StateTarget, timeout_s: float, scripts: dict[str, Script]) -> None:
-        self._target = target
+    def __init__(
+        self,
+        target: StateTarget,
+        factory: ConnectionFactory,
+        timeout_s: float,
+        scripts: dict[str, Script],
+    ) -> None:
+        self._factory = factory
         self._timeout = timeout_s
         self._scripts = scripts
-        self._slots: list[Address] | None = None
-        self._known: list[Address] = list(target.nodes)
+        kwargs = {
+            **target.connection_kwargs(),
+            "socket_timeout": _MAP_TIMEOUT_S,
+            "socket_connect_timeout": _MAP_TIMEOUT_S,
+        }
+        seeds = [ClusterNode(host, port, **kwargs) for host, port in target.nodes]
+        self._map = NodesManager(seeds, require_full_coverage=False, connection_kwargs=kwargs)
+        self._mapped = False
         self._pipelines: dict[Address, Pipeline] = {}
         self._refresh_task: asyncio.Task[None] | None = None
 
@@ -44,48 +62,21 @@ class ClusterRouter:
     def _pipeline(self, address: Address) -> Pipeline:
         pipeline = self._pipelines.get(address)
         if pipeline is None:
-            endpoint = self._target.endpoint(*address)
-
-            async def resolve() -> Endpoint:
-                return endpoint
-
-            pipeline = self._pipelines[address] = Pipeline(resolve, self._timeout, self._scripts)
+            pipeline = self._pipelines[address] = Pipeline(
+                FixedAddress(address), self._factory, self._timeout, self._scripts
+            )
         return pipeline
 
-    async def _load_slots(self) -> None:
-        errors = []
-        for address in list(dict.fromkeys(self._known)):
-            try:
-                connection = await RespConnection.open(self._target.endpoint(*address))
-            except OSError as exc:
-                errors.append(f"{address[0]}:{address[1]}: {exc}")
-                continue
-            try:
-                (reply,) = await connection.execute([_CLUSTER_SLOTS])
-            except (OSError, ConnectionError) as exc:
-                errors.append(f"{address[0]}:{address[1]}: {exc}")
-                continue
-            finally:
-                connection.close()
-            if isinstance(reply, hiredis.ReplyError) or not reply:
-                errors.append(f"{address[0]}:{address[1]}: {reply!r}")
-                continue
-            slots: list[Address] = [address] * SLOTS
-            for start, end, primary, *_replicas in reply:
-                owner = (primary[0].decode() or address[0], int(primary[1]))
-                slots[start : end + 1] = [owner] * (end - start + 1)
-                if owner not in self._known:
-                    self._known.append(owner)
-            self._slots = slots
-            return
-        raise ConnectionError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
-
-    async def _refresh(self) -> None:
+    def _refresh(self, failed: str | None = None) -> asyncio.Task[None]:
         """Single-flight: concurrent callers share one CLUSTER SLOTS round."""
         if self._refresh_task is None:
-            self._refresh_task = asyncio.get_running_loop().create_task(self._load_slots())
+            self._refresh_task = asyncio.get_running_loop().create_task(self._load_map(failed))
             self._refresh_task.add_done_callback(self._refresh_done)
-        await asyncio.shield(self._refresh_task)
+        return self._refresh_task
+
+    async def _load_map(self, failed: str | None) -> None:
+        await self._map.initialize(last_failed_node_name=failed)
+        self._mapped = True
 
     def _refresh_done(self, task: asyncio.Task[None]) -> None:
         self._refresh_task = None
@@ -96,7 +87,7 @@ class ClusterRouter:
         try:
             async with asyncio.timeout(self._timeout):
                 return await self._call(slot, cmd)
-        except (TimeoutError, OSError, ConnectionError) as exc:
+        except (TimeoutError, OSError, RedisError) as exc:
             raise StateUnavailable(
                 f"redis cluster did not answer: {type(exc).__name__}: {exc}".strip()
             ) from None
@@ -105,43 +96,42 @@ class ClusterRouter:
         address: Address | None = None
         asking = False
         for _ in range(_MAX_REDIRECTS):
-            if self._slots is None:
-                await self._refresh()
-            assert self._slots is not None
-            node = address or self._slots[slot]
+            if not self._mapped or slot not in self._map.slots_cache:
+                await asyncio.shield(self._refresh())
+            if address is None:
+                owner = self._map.get_node_from_slot(slot)
+                node = (owner.host, int(owner.port))
+            else:
+                node = address
             try:
                 reply = await self._pipeline(node).submit(cmd, asking=asking)
             except StateUnavailable:
                 # That node is gone or unreachable: the map is stale, ask the others.
-                self._slots = None
-                self._known = [known for known in self._known if known != node] + [node]
-                address, asking = None, False
+                self._mapped = False
                 await asyncio.sleep(0.005)
+                self._refresh(failed=f"{node[0]}:{node[1]}")
+                address, asking = None, False
                 continue
-            if not isinstance(reply, hiredis.ReplyError):
+            if not isinstance(reply, ResponseError):
                 return reply
-            message = str(reply)
-            kind = message.split(" ", 1)[0]
-            if kind in ("MOVED", "ASK"):
-                _, _, where = message.split(" ")
-                host, _, port = where.rpartition(":")
-                address = (host or node[0], int(port))
-                asking = kind == "ASK"
-                if kind == "MOVED":
-                    self._slots[slot] = address
-                    self._background_refresh()
+            if isinstance(reply, AskError) and not reply.host:
+                # A node without an announced endpoint answers "MOVED 3999 :7001": same host.
+                reply.host = node[0]
+                reply.node_addr = (node[0], reply.port)
+            if isinstance(reply, MovedError):
+                await self._map.move_slot(reply)
+                self._refresh()  # a reshard moves many slots: learn them all at once
+                address, asking = reply.node_addr, False
                 continue
-            if kind in ("TRYAGAIN", "CLUSTERDOWN"):
+            if isinstance(reply, AskError):
+                address, asking = reply.node_addr, True
+                continue
+            if isinstance(reply, TryAgainError | ClusterDownError):
                 address, asking = None, False
                 await asyncio.sleep(0.01)
                 continue
-            raise StateUnavailable(f"redis refused the call: {message}")
+            raise StateUnavailable(f"redis refused the call: {_text(reply)}")
         raise StateUnavailable("redis cluster redirections did not settle")
-
-    def _background_refresh(self) -> None:
-        if self._refresh_task is None:
-            self._refresh_task = asyncio.get_running_loop().create_task(self._load_slots())
-            self._refresh_task.add_done_callback(self._refresh_done)
 
     async def close(self) -> None:
         if self._refresh_task is not None:
@@ -150,3 +140,13 @@ class ClusterRouter:
                 await self._refresh_task
         for pipeline in self._pipelines.values():
             await pipeline.close()
+        with contextlib.suppress(Exception):
+            await self._map.aclose()
+        with contextlib.suppress(Exception):
+            await self._map.aclose("startup_nodes")
+
+
+def _text(error: ResponseError) -> str:
+    """The reply as Redis wrote it: redis-py keeps the code (READONLY, ...) apart."""
+    code = getattr(error, "status_code", None)
+    return f"{code} {error}" if code else str(error)

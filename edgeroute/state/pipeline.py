@@ -1,16 +1,22 @@
-"""One continuously pipelined connection to one Redis server.
+"""One continuously pipelined connection to one Redis server, on redis-py's Connection.
 
-Commands submitted during one event-loop iteration go out in one write; a reader task hands
-replies back in order as they arrive. Writing never waits for earlier replies, so the
-client's Python work and the server's Lua overlap instead of taking turns, and a busy
-gateway pays one network round trip per loop iteration rather than per request. Each
-command is still exactly one Redis command (one EVALSHA per decide).
+redis-py does the connection work: TCP or TLS (`SSLConnection`), AUTH with an ACL user or a
+password, SELECT, and reply parsing with hiredis. This module only decides when to write
+and whose each reply is. Commands submitted during one event-loop iteration go out in one
+write (a writer task); a reader task hands replies back in order as they arrive. Writing
+never waits for earlier replies, so the client's Python work and the server's Lua overlap
+instead of taking turns, and a busy gateway pays one network round trip per loop iteration
+rather than per request — which redis-py's own clients do not do: a `Redis` client waits
+for each reply before its connection takes the next command, and its explicit pipelines
+batch only what one caller gathered. Each command is still exactly one Redis command (one
+EVALSHA per decide).
 
 No command waits longer than the timeout from the moment it was submitted: one timer
 watches the oldest outstanding command, and when it expires the connection is presumed
 stuck (a frozen or partitioned server), closed, and every waiting command fails with
 StateUnavailable. The next submit reconnects, re-resolving the server and reloading the
-scripts.
+scripts. redis-py's own socket timeouts stay off: one timer per batch is cheaper than a
+timeout context per reply.
 """
 
 from __future__ import annotations
@@ -18,39 +24,64 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-import hiredis
+from redis.asyncio.connection import AbstractConnection, Connection
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from edgeroute.errors import StateUnavailable
-from edgeroute.state.resp import Endpoint, RespConnection, command, encode_args
+from edgeroute.state.resp import command, encode_args
 from edgeroute.state.scripts import Script
+from edgeroute.state.topology import Address, StateTarget
 
 _ASKING = command(1, encode_args(["ASKING"]))
+_ROLE = command(1, encode_args(["ROLE"]))
 
-Resolver = Callable[[], Awaitable[Endpoint]]
-Check = Callable[[RespConnection], Awaitable[None]]
 # (future or None for a reply nobody waits for, deadline, the command for a NOSCRIPT replay)
 _Item = tuple["asyncio.Future[Any] | None", float, bytes]
+# Builds an unconnected redis-py connection to one address.
+ConnectionFactory = Callable[[Address], AbstractConnection]
+
+
+class Resolver(Protocol):
+    """Where the server is now (fixed, or asked of Sentinel) and what became of it."""
+
+    async def resolve(self) -> Address: ...
+
+    def failed(self, address: Address) -> None:
+        """A connection to `address` could not be made or checked: look again."""
+
+
+class FixedAddress:
+    def __init__(self, address: Address) -> None:
+        self.address = address
+
+    async def resolve(self) -> Address:
+        return self.address
+
+    def failed(self, address: Address) -> None:
+        pass
 
 
 class Pipeline:
-    """Replies come back raw: error replies are `hiredis.ReplyError` values for the caller
-    to interpret (MOVED, READONLY, ...); transport trouble raises StateUnavailable."""
+    """Replies come back raw: error replies are redis-py `ResponseError` values (MovedError,
+    ReadOnlyError, ...) for the caller to interpret; transport trouble raises
+    StateUnavailable."""
 
     def __init__(
         self,
-        resolve: Resolver,
+        resolver: Resolver,
+        factory: ConnectionFactory,
         timeout_s: float,
         scripts: dict[str, Script],
         *,
-        check: Check | None = None,
+        check_primary: bool = False,
     ) -> None:
-        self._resolve = resolve
-        self._check = check
+        self._resolver = resolver
+        self._factory = factory
+        self._check_primary = check_primary
         self._timeout = timeout_s
-        self._scripts = scripts
         self._load = [
             command(3, encode_args(["SCRIPT", "LOAD", script.source]))
             for script in scripts.values()
@@ -58,12 +89,10 @@ class Pipeline:
         self._outbox: list[bytes] = []
         self._outbox_items: list[_Item] = []
         self._pending: deque[_Item] = deque()
-        self._connection: RespConnection | None = None
-        self._connecting: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._driver: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._suspect: _Item | None = None
-        self._flush_scheduled = False
         self.batches = 0
 
     # ---- submitting ------------------------------------------------------------------
@@ -78,80 +107,129 @@ class Pipeline:
             self._outbox_items.append((None, deadline, _ASKING))
         self._outbox.append(cmd)
         self._outbox_items.append((future, deadline, cmd))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        self._kick(loop)
         return future
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if not self._outbox:
-            return
-        connection = self._connection
-        if connection is None:
-            if self._connecting is None:
-                self._connecting = asyncio.get_running_loop().create_task(self._connect())
-            return  # the connect task flushes when it is done
-        data = b"".join(self._outbox)
-        self._pending.extend(self._outbox_items)
-        self._outbox.clear()
-        self._outbox_items.clear()
-        self.batches += 1
-        connection.write(data)
-        if self._timer is None:
-            self._arm_timer()
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._driver is None:
+            self._driver = loop.create_task(self._drive())
+        elif self._wake is not None and not self._wake.done():
+            # The writer runs on the next loop iteration, after every caller of this
+            # iteration has queued its command: they all leave in one write.
+            self._wake.set_result(None)
 
-    # ---- connecting ------------------------------------------------------------------
+    # ---- the writer: connect, then write whatever has accumulated --------------------
 
-    async def _connect(self) -> None:
-        deadline = self._outbox_items[0][1] if self._outbox_items else None
+    async def _drive(self) -> None:
+        connection: AbstractConnection | None = None
+        reader: asyncio.Task[None] | None = None
         try:
-            async with asyncio.timeout_at(deadline):
-                connection = await RespConnection.open(await self._resolve())
-                try:
-                    if self._check is not None:
-                        await self._check(connection)
-                    # Load up front: a fresh server (or a promoted replica) has no scripts.
-                    await self.load_scripts(connection)
-                except BaseException:
-                    connection.close()
-                    raise
-        except (TimeoutError, OSError, ConnectionError, hiredis.ProtocolError) as exc:
-            self._connecting = None
-            self._fail_outbox(_unavailable(exc))
-            return
-        except BaseException:
-            self._connecting = None
-            self._fail_outbox(StateUnavailable("redis connection attempt was cancelled"))
-            raise
-        self._connection = connection
-        self._connecting = None
-        self._reader = asyncio.get_running_loop().create_task(self._read(connection))
-        self._flush()
-
-    async def load_scripts(self, connection: RespConnection) -> None:
-        for reply in await connection.execute(self._load):
-            if isinstance(reply, hiredis.ReplyError):
-                raise ConnectionError(f"redis refused to load the edgeroute scripts: {reply}")
-
-    # ---- reading ---------------------------------------------------------------------
-
-    async def _read(self, connection: RespConnection) -> None:
-        pending = self._pending
-        try:
+            connection = await self._open()
+            if connection is None:
+                return
+            owner = asyncio.current_task()
+            reader = asyncio.get_running_loop().create_task(self._read(connection, owner))
             while True:
-                for reply in await connection.replies():
-                    future, _, cmd = pending.popleft()
-                    if future is None or future.done():
-                        continue
-                    if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                        self._replay(future, cmd)
-                    else:
-                        future.set_result(reply)
+                if not self._outbox:
+                    self._wake = asyncio.get_running_loop().create_future()
+                    await self._wake
+                    self._wake = None
+                    continue
+                data = b"".join(self._outbox)
+                self._pending.extend(self._outbox_items)
+                self._outbox.clear()
+                self._outbox_items.clear()
+                self.batches += 1
+                if self._timer is None:
+                    self._arm_timer()
+                # Returns at once unless the socket buffer is full (then: back-pressure).
+                await connection.send_packed_command(data, check_health=False)
         except asyncio.CancelledError:
             raise
-        except (OSError, ConnectionError, hiredis.ProtocolError, IndexError) as exc:
-            if self._connection is connection:
+        except (RedisError, OSError) as exc:
+            if self._driver is asyncio.current_task():
+                self._break(_unavailable(exc))
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)
+
+    async def _open(self) -> AbstractConnection | None:
+        deadline = self._outbox_items[0][1] if self._outbox_items else None
+        address: Address | None = None
+        connection: AbstractConnection | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                address = await self._resolver.resolve()
+                connection = self._factory(address)
+                await connection.connect()  # type: ignore[no-untyped-call]
+                await self._prepare(connection)
+            return connection
+        except (TimeoutError, RedisError, OSError) as exc:
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)
+            if address is not None:
+                self._resolver.failed(address)
+            if self._driver is asyncio.current_task():
+                self._driver = None
+            self._fail_outbox(_unavailable(exc))
+            return None
+        except BaseException:
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)
+            if self._driver is asyncio.current_task():
+                self._driver = None
+            self._fail_outbox(StateUnavailable("redis connection attempt was cancelled"))
+            raise
+
+    async def _prepare(self, connection: AbstractConnection) -> None:
+        """ROLE (Sentinel) and SCRIPT LOADs in one round trip, before any command is written.
+
+        Load up front: a fresh server (or a promoted replica) has no scripts. Sentinel may be
+        a moment behind a failover: never write to a demoted primary.
+        """
+        setup = ([_ROLE] if self._check_primary else []) + self._load
+        await connection.send_packed_command(b"".join(setup), check_health=False)
+        replies = []
+        for _ in setup:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        if self._check_primary:
+            role = replies.pop(0)
+            if not (isinstance(role, list) and role and role[0] == b"master"):
+                raise ConnectionError("the server Sentinel named is not a primary (failover)")
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise ConnectionError(f"redis refused to load the edgeroute scripts: {reply}")
+
+    # ---- the reader ------------------------------------------------------------------
+
+    async def _read(self, connection: AbstractConnection, owner: asyncio.Task[Any] | None) -> None:
+        pending = self._pending
+        read = connection.read_response
+        try:
+            while True:
+                try:
+                    reply = await read(disconnect_on_error=False)
+                except ResponseError as error:
+                    reply = error
+                future, _, cmd = pending.popleft()
+                if future is None or future.done():
+                    continue
+                if isinstance(reply, NoScriptError):
+                    self._replay(future, cmd)
+                else:
+                    future.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError, IndexError) as exc:
+            if self._driver is owner:  # not a connection an earlier failure already replaced
                 self._break(_unavailable(exc))
 
     def _replay(self, future: asyncio.Future[Any], cmd: bytes) -> None:
@@ -163,9 +241,7 @@ class Pipeline:
             self._outbox_items.append((None, deadline, load))
         self._outbox.append(cmd)
         self._outbox_items.append((future, deadline, cmd))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        self._kick(loop)
 
     # ---- deadlines and failure -------------------------------------------------------
 
@@ -197,13 +273,13 @@ class Pipeline:
             self._break(StateUnavailable("redis did not answer within the state timeout"))
 
     def _break(self, error: StateUnavailable) -> None:
-        """Close the connection and fail everything waiting on it."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.close()
-        if self._reader is not None and self._reader is not asyncio.current_task():
-            self._reader.cancel()
-        self._reader = None
+        """Drop the connection (its writer closes it) and fail everything waiting on it."""
+        driver, self._driver = self._driver, None
+        if driver is not None and driver is not asyncio.current_task():
+            driver.cancel()
+        if self._wake is not None and not self._wake.done():
+            self._wake.cancel()
+        self._wake = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -226,13 +302,30 @@ class Pipeline:
         self._break(StateUnavailable("redis connection dropped"))
 
     async def close(self) -> None:
-        for task in (self._connecting, self._reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        driver = self._driver
         self._break(StateUnavailable("state backend closed"))
+        if driver is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await driver
 
 
 def _unavailable(exc: BaseException) -> StateUnavailable:
     return StateUnavailable(f"redis did not answer: {type(exc).__name__}: {exc}".strip())
+
+
+def connection_factory(target: StateTarget) -> ConnectionFactory:
+    """redis-py connections to any address of `target`, with its credentials, db and TLS."""
+    kwargs = target.connection_kwargs()
+    connection_class: type[Connection] = kwargs.pop("connection_class")
+
+    def make(address: Address) -> AbstractConnection:
+        # No redis-py socket timeouts: the pipeline's deadlines bound every wait.
+        return connection_class(
+            host=address[0],
+            port=address[1],
+            socket_timeout=None,
+            socket_connect_timeout=None,
+            **kwargs,
+        )
+
+    return make

@@ -17,18 +17,19 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import hiredis
 from redis.crc import key_slot
+from redis.exceptions import BusyLoadingError, MasterDownError, ReadOnlyError, ResponseError
 
 from edgeroute.errors import StateUnavailable
 from edgeroute.state import wire
 from edgeroute.state.base import RouteSpec, StateHealth, StateView
 from edgeroute.state.cluster import ClusterRouter
 from edgeroute.state.memory import latency_us
-from edgeroute.state.pipeline import Pipeline
-from edgeroute.state.resp import Arg, Endpoint, command, encode_args
+from edgeroute.state.pipeline import FixedAddress, Pipeline, connection_factory
+from edgeroute.state.resp import Arg, command, encode_args
 from edgeroute.state.scripts import load_scripts
-from edgeroute.state.topology import parse_state_url, require_primary, resolve_master
+from edgeroute.state.sentinel import SentinelResolver
+from edgeroute.state.topology import parse_state_url
 from edgeroute.strategy import Candidate, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
@@ -141,24 +142,20 @@ class RedisState:
         self._scripts = load_scripts()
         self._cluster: ClusterRouter | None = None
         self._pipeline: Pipeline | None = None
+        self._sentinel: SentinelResolver | None = None
         target = self.target
+        factory = connection_factory(target)
         if target.kind == "cluster":
-            self._cluster = ClusterRouter(target, self.timeout_s, self._scripts)
+            self._cluster = ClusterRouter(target, factory, self.timeout_s, self._scripts)
         elif target.kind == "sentinel":
-
-            async def resolve_sentinel() -> Endpoint:
-                return await resolve_master(target)
-
+            self._sentinel = SentinelResolver(target)
             self._pipeline = Pipeline(
-                resolve_sentinel, self.timeout_s, self._scripts, check=require_primary
+                self._sentinel, factory, self.timeout_s, self._scripts, check_primary=True
             )
         else:
-            endpoint = target.endpoint(*target.nodes[0])
-
-            async def resolve_fixed() -> Endpoint:
-                return endpoint
-
-            self._pipeline = Pipeline(resolve_fixed, self.timeout_s, self._scripts)
+            self._pipeline = Pipeline(
+                FixedAddress(target.nodes[0]), factory, self.timeout_s, self._scripts
+            )
         self._routes: dict[str, _RouteCommands] = {}
         self._probe_routes: dict[int, RouteSpec] = {}
         self._token_prefix = os.urandom(4).hex() + "-"
@@ -214,11 +211,12 @@ class RedisState:
             return await self._cluster.call(slot, cmd)
         assert self._pipeline is not None
         reply = await self._pipeline.submit(cmd)
-        if isinstance(reply, hiredis.ReplyError):
-            if str(reply).startswith(("READONLY", "MASTERDOWN", "LOADING")):
+        if isinstance(reply, ResponseError):
+            if isinstance(reply, ReadOnlyError | MasterDownError | BusyLoadingError):
                 # A demoted primary (failover) or a restarting one: find the primary again.
                 self._pipeline.drop_connection()
-            raise StateUnavailable(f"redis refused the call: {reply}")
+            code = getattr(reply, "status_code", None)
+            raise StateUnavailable(f"redis refused the call: {f'{code} ' if code else ''}{reply}")
         return reply
 
     async def decide(
@@ -407,6 +405,8 @@ class RedisState:
             await self._cluster.close()
         if self._pipeline is not None:
             await self._pipeline.close()
+        if self._sentinel is not None:
+            await self._sentinel.close()
 
 
 def _probe_route(prefix: str, slot: int) -> RouteSpec:

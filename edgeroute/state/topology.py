@@ -5,21 +5,24 @@ URLs (credentials, TLS options and the database work the same in each):
   redis+cluster://host:port[,host:port...]   (or any redis:// URL with `state.cluster: true`)
   redis+sentinel://[user:pass@]host:port[,host:port...]/master-name[/db]
       ?sentinel_password=...                 (sentinels with their own password)
+
+redis-py understands one host per URL and neither the cluster nor the sentinel form, so this
+module only splits off the host list (and the master name); everything else — credentials,
+database, the `ssl_*` options — goes through `redis.asyncio.connection.parse_url`, and the
+result is the keyword arguments of redis-py's own `Connection`/`SSLConnection`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-from dataclasses import dataclass
-from typing import Literal
-from urllib.parse import parse_qs, unquote
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qs, quote, unquote, urlencode
 
-import hiredis
-
-from edgeroute.state.resp import Endpoint, RespConnection, command, encode_args
+from redis.asyncio.connection import Connection, RedisSSLContext, SSLConnection, parse_url
 
 Kind = Literal["standalone", "cluster", "sentinel"]
+Address = tuple[str, int]
 _SCHEMES: dict[str, tuple[Kind, bool]] = {
     "redis": ("standalone", False),
     "rediss": ("standalone", True),
@@ -28,44 +31,60 @@ _SCHEMES: dict[str, tuple[Kind, bool]] = {
     "redis+sentinel": ("sentinel", False),
     "rediss+sentinel": ("sentinel", True),
 }
+# The TLS options SSLConnection takes from a URL query (redis-py spells them the same).
+_SSL_OPTIONS = (
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_check_hostname",
+    "ssl_min_version",
+    "ssl_ciphers",
+    "ssl_password",
+)
+# Not connection options: consumed here, never passed to redis-py.
+_OWN_OPTIONS = ("sentinel_password",)
 
 
 @dataclass(frozen=True, slots=True)
 class StateTarget:
     kind: Kind
-    nodes: tuple[tuple[str, int], ...]  # the server, cluster seed nodes, or the sentinels
+    nodes: tuple[Address, ...]  # the server, cluster seed nodes, or the sentinels
     username: str | None = None
     password: str | None = None
     db: int = 0
-    ssl_context: ssl.SSLContext | None = None
+    tls: dict[str, Any] | None = None  # SSLConnection's ssl_* keyword arguments
     master_name: str | None = None
     sentinel_password: str | None = None
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
 
-    def endpoint(self, host: str, port: int) -> Endpoint:
-        return Endpoint(
-            host=host,
-            port=port,
-            username=self.username,
-            password=self.password,
-            db=self.db if self.kind != "cluster" else 0,
-            ssl_context=self.ssl_context,
-            server_hostname=host,
-        )
+    def connection_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for redis-py's Connection/SSLConnection (all but host/port).
+
+        RESP2, because the scripts' replies are decoded as RESP2 shapes (redis-py 8 would
+        otherwise say HELLO 3, one more round trip per connect and other reply types).
+        """
+        kwargs: dict[str, Any] = {
+            "connection_class": SSLConnection if self.tls is not None else Connection,
+            "username": self.username,
+            "password": self.password,
+            "db": self.db if self.kind != "cluster" else 0,
+            "protocol": 2,
+        }
+        if self.tls is not None:
+            kwargs.update(self.tls)
+        return kwargs
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """Sentinels share TLS with the data nodes, with their own (optional) password."""
+        kwargs: dict[str, Any] = {"password": self.sentinel_password, "protocol": 2}
+        if self.tls is not None:
+            kwargs.update(self.tls, ssl=True)
+        return kwargs
 
 
-def _ssl_context(query: dict[str, str]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
-    if query.get("ssl_certfile"):
-        context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
-    if query.get("ssl_cert_reqs", "required") == "none":
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif query.get("ssl_check_hostname", "true").lower() in ("false", "0", "no"):
-        context.check_hostname = False
-    return context
-
-
-def _hosts(text: str, default_port: int) -> tuple[tuple[str, int], ...]:
+def _hosts(text: str, default_port: int) -> tuple[Address, ...]:
     hosts = []
     for item in filter(None, text.split(",")):
         if item.startswith("["):  # [::1]:6379
@@ -93,17 +112,10 @@ def parse_state_url(url: str, *, cluster: bool = False) -> StateTarget:
     if cluster and kind == "standalone":
         kind = "cluster"
     rest, _, query_text = rest.partition("?")
-    query = {key: values[-1] for key, values in parse_qs(query_text).items()}
     netloc, _, path = rest.partition("/")
     credentials, at, hosts_text = netloc.rpartition("@")
     if not at:
         credentials, hosts_text = "", netloc
-    username: str | None = None
-    password: str | None = None
-    if credentials:
-        user, has_password, secret = credentials.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if has_password else None
     nodes = _hosts(hosts_text, 26379 if kind == "sentinel" else 6379)
     segments = [segment for segment in path.split("/") if segment]
     master_name = None
@@ -111,60 +123,37 @@ def parse_state_url(url: str, *, cluster: bool = False) -> StateTarget:
         if not segments:
             raise ValueError("a redis+sentinel URL needs the master name: .../<master-name>[/db]")
         master_name = unquote(segments.pop(0))
-    db = int(segments[0]) if segments else int(query.get("db", "0"))
+    query = {key: values[-1] for key, values in parse_qs(query_text).items()}
+    own = {key: query.pop(key) for key in _OWN_OPTIONS if key in query}
+    # What is left is one ordinary redis:// URL: let redis-py read credentials, db and TLS.
+    single = f"{'rediss' if tls else 'redis'}://{credentials}{at}{quote('x')}/"
+    single += "/".join(segments[:1]) + ("?" + urlencode(query) if query else "")
+    parsed: dict[str, Any] = dict(parse_url(single))
+    tls_options = {key: parsed[key] for key in _SSL_OPTIONS if key in parsed} if tls else None
     return StateTarget(
         kind=kind,
         nodes=nodes,
-        username=username,
-        password=password,
-        db=db,
-        ssl_context=_ssl_context(query) if tls else None,
+        username=parsed.get("username"),
+        password=parsed.get("password"),
+        db=int(parsed.get("db", 0)),
+        tls=tls_options,
         master_name=master_name,
-        sentinel_password=query.get("sentinel_password"),
+        sentinel_password=own.get("sentinel_password"),
+        # Built now so that a bad CA or key file is a configuration error at start, not a
+        # failed connection later; redis-py builds the context each connection uses.
+        ssl_context=_context(tls_options) if tls_options is not None else None,
     )
 
 
-async def resolve_master(target: StateTarget) -> Endpoint:
-    """Ask the sentinels, in turn, where the primary of `target.master_name` is now."""
-    assert target.master_name is not None
-    last_error = "no sentinel answered"
-    for host, port in target.nodes:
-        sentinel = Endpoint(
-            host,
-            port,
-            password=target.sentinel_password,
-            ssl_context=target.ssl_context,
-            server_hostname=host,
-        )
-        try:
-            connection = await RespConnection.open(sentinel)
-        except OSError as exc:
-            last_error = f"sentinel {host}:{port}: {exc}"
-            continue
-        try:
-            (reply,) = await connection.execute(
-                [
-                    command(
-                        3, encode_args(["SENTINEL", "get-master-addr-by-name", target.master_name])
-                    )
-                ]
-            )
-        except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            last_error = f"sentinel {host}:{port}: {exc}"
-            continue
-        finally:
-            connection.close()
-        if isinstance(reply, list) and len(reply) == 2:
-            return target.endpoint(reply[0].decode(), int(reply[1]))
-        if isinstance(reply, hiredis.ReplyError):
-            last_error = f"sentinel {host}:{port}: {reply}"
-        else:
-            last_error = f"sentinel {host}:{port} does not know {target.master_name!r}"
-    raise ConnectionError(last_error)
-
-
-async def require_primary(connection: RespConnection) -> None:
-    """Sentinel may be a moment behind a failover: never write to a demoted primary."""
-    (role,) = await connection.execute([command(1, encode_args(["ROLE"]))])
-    if not (isinstance(role, list) and role and role[0] == b"master"):
-        raise ConnectionError("the server sentinel named is not a primary (failover underway)")
+def _context(options: dict[str, Any]) -> ssl.SSLContext:
+    return RedisSSLContext(
+        keyfile=options.get("ssl_keyfile"),
+        certfile=options.get("ssl_certfile"),
+        cert_reqs=options.get("ssl_cert_reqs", "required"),
+        ca_certs=options.get("ssl_ca_certs"),
+        ca_path=options.get("ssl_ca_path"),
+        check_hostname=options.get("ssl_check_hostname", True),
+        min_version=options.get("ssl_min_version"),
+        ciphers=options.get("ssl_ciphers"),
+        password=options.get("ssl_password"),
+    ).get()
