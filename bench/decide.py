@@ -44,12 +44,15 @@ from typing import Any, TypeVar
 import hiredis
 import redis as redis_py
 from _goals import Goals  # bench/ is on sys.path
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.connection import Connection
 
 from edgeroute.errors import StateUnavailable
 from edgeroute.state.base import RouteSpec, StateBackend
 from edgeroute.state.memory import MemoryState
 from edgeroute.state.pipeline import Pipeline
 from edgeroute.state.redis import RedisState, route_keys
+from edgeroute.state.resp import command, encode_args
 from edgeroute.state.scripts import load_scripts
 from edgeroute.state.topology import parse_state_url
 from edgeroute.strategy import RoutingStrategy
@@ -827,6 +830,26 @@ def render(report: dict[str, Any]) -> str:
             f"{_fmt(c['redis_cpu_us_per_decision'], '.1f'):>11}"
             f"{c['client_cpu_us_per_decision']:>11.1f}{c['errors']:>7}"
         )
+    transport = report.get("transport")
+    if transport:
+        lines += [
+            "",
+            "Transport: the same decide EVALSHA (8-target hybrid, captured from the wire and "
+            "replayed unchanged),",
+            "decide only, through edgeroute's pipeline and through redis-py's own client:",
+            f"  {'transport':<44}{'conc':>5}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'cli cpu us':>11}{'rt/call':>8}",
+        ]
+        for row in transport["rows"]:
+            lines.append(
+                f"  {row['transport']:<44}{row['concurrency']:>5}{row['calls_per_s']:>10,.0f}"
+                f"{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
+                f"{row['client_cpu_us_per_call']:>11.1f}"
+                f"{_fmt(row['round_trips_per_call'], '.3f'):>8}"
+            )
+        lines.append("  encoding one decide EVALSHA (no I/O):")
+        for enc in transport["encoding"]:
+            lines.append(f"    {enc['encoder']:<72}{enc['ns_per_call'] / 1000:>7.2f} us")
     acc = report.get("accounting")
     if acc:
         lines += [
@@ -908,6 +931,130 @@ def render(report: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Transport: the hand-written parts of the Redis client, each beside redis-py doing the same job
+# ---------------------------------------------------------------------------------------------
+
+# The decide EVALSHA's trailing arguments that change per call (token, advance, limit,
+# exclusion count, outcome flag); everything before them is the route's, encoded once.
+DYNAMIC_DECIDE_ARGS = 5
+
+
+@dataclass(slots=True)
+class TransportRow:
+    transport: str
+    concurrency: int
+    calls: int
+    calls_per_s: float
+    p50_ms: float
+    p99_ms: float
+    client_cpu_us_per_call: float
+    round_trips_per_call: float | None
+
+
+@dataclass(slots=True)
+class EncodingRow:
+    encoder: str
+    ns_per_call: float
+
+
+async def _call_loop(
+    call: Callable[[], Coroutine[Any, Any, Any]], concurrency: int, seconds: float
+) -> tuple[int, float, float, list[int]]:
+    stop = [False]
+    latencies: list[list[int]] = [[] for _ in range(concurrency)]
+
+    async def worker(lat: list[int]) -> None:
+        perf = time.perf_counter_ns
+        while not stop[0]:
+            t0 = perf()
+            await call()
+            lat.append(perf() - t0)
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    tasks = [asyncio.create_task(worker(lat)) for lat in latencies]
+    await asyncio.sleep(seconds)
+    stop[0] = True
+    await asyncio.gather(*tasks)
+    merged = sorted(x for lat in latencies for x in lat)
+    return len(merged), time.perf_counter() - t0, time.process_time() - cpu0, merged
+
+
+async def run_transport(
+    url: str, state: RedisState, route: RouteSpec, settings: Settings
+) -> tuple[list[TransportRow], list[EncodingRow]]:
+    """The same decide EVALSHA (captured from the wire, replayed unchanged so Redis does the
+    same work for both) through edgeroute's pipeline and through redis-py's asyncio client.
+
+    edgeroute's pipeline: RedisState's per-call encoding (route prefix encoded once, the
+    dynamic tail per call) and its auto-pipelining writer/reader pair on a redis-py
+    Connection. redis-py: `Redis.execute_command` with a pool as large as the concurrency,
+    which packs every argument per call and waits for each reply before the connection
+    takes the next command.
+    """
+    args = await capture_decide_args(state, route)
+    split = len(args) - DYNAMIC_DECIDE_ARGS
+    prefix, dynamic = encode_args(args[:split]), args[split:]
+    count = len(args)
+
+    async def edgeroute_call() -> Any:
+        return await state._call(command(count, prefix, encode_args(dynamic)))
+
+    client = AsyncRedis.from_url(url, max_connections=64, protocol=2)
+
+    async def redis_py_call() -> Any:
+        return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    rows: list[TransportRow] = []
+    try:
+        for concurrency in CONCURRENCIES:
+            for name, call in (
+                ("edgeroute pipeline on redis-py Connection", edgeroute_call),
+                ("redis-py asyncio Redis client (pool)", redis_py_call),
+            ):
+                await _call_loop(call, concurrency, settings.warmup_s)
+                batches0 = state.batches
+                calls, elapsed, cpu, latencies = await _call_loop(
+                    call, concurrency, settings.cell_s
+                )
+                n = max(1, calls)
+                rows.append(
+                    TransportRow(
+                        name,
+                        concurrency,
+                        calls,
+                        calls / elapsed,
+                        percentile_ms(latencies, 0.50),
+                        percentile_ms(latencies, 0.99),
+                        cpu / n * 1e6,
+                        (state.batches - batches0) / n if call is edgeroute_call else 1.0,
+                    )
+                )
+                log(f"  transport {name} c={concurrency}: {calls / elapsed:,.0f} calls/s")
+    finally:
+        await client.aclose()
+
+    packer = Connection()
+    repeat = max(2_000, int(200_000 * settings.cell_s / 3.0))
+    encoders: list[tuple[str, Callable[[], object]]] = [
+        (
+            f"route prefix encoded once + {DYNAMIC_DECIDE_ARGS} args per call (edgeroute resp.py)",
+            lambda: command(count, prefix, encode_args(dynamic)),
+        ),
+        (
+            f"all {count} args per call (redis-py Connection.pack_command)",
+            lambda: packer.pack_command(*args),
+        ),
+    ]
+    encoding = []
+    for name, encode in encoders:
+        t0 = time.perf_counter_ns()
+        for _ in range(repeat):
+            encode()
+        encoding.append(EncodingRow(name, (time.perf_counter_ns() - t0) / repeat))
+    return rows, encoding
+
+
+# ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
 
@@ -981,6 +1128,12 @@ async def run_all(url: str, settings: Settings, prefix: str, report: dict[str, A
                 ceiling.ratio = c64["decisions_per_s"] / rps
                 log(f"  ceiling {rps:,.0f} EVALSHA/s; RedisState c=64 = {ceiling.ratio:.2f}")
         report["ceiling"] = asdict(ceiling)
+
+        rows, encoding = await run_transport(url, redis_state, routes[("hybrid", 8, 64)], settings)
+        report["transport"] = {
+            "rows": [asdict(row) for row in rows],
+            "encoding": [asdict(row) for row in encoding],
+        }
 
         accounting = await run_accounting(redis_state, probe, settings, "acct")
         report["accounting"] = asdict(accounting)
@@ -1113,6 +1266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "memory": [],
             "accounting": None,
             "ceiling": None,
+            "transport": None,
         }
         log(f"edgeroute decide benchmark: loop {loop_name}, Redis at {url}")
         run_with_loop(factory, run_all(url, settings, prefix, report))
