@@ -47,6 +47,8 @@ ConnectionFactory = Callable[[Address], AbstractConnection]
 class Resolver(Protocol):
     """Where the server is now (fixed, or asked of Sentinel) and what became of it."""
 
+    last_error: str  # why no address is known, if none is
+
     async def resolve(self) -> Address: ...
 
     def failed(self, address: Address) -> None:
@@ -54,6 +56,8 @@ class Resolver(Protocol):
 
 
 class FixedAddress:
+    last_error = ""
+
     def __init__(self, address: Address) -> None:
         self.address = address
 
@@ -173,9 +177,14 @@ class Pipeline:
                     await connection.disconnect(nowait=True)
             if address is not None:
                 self._resolver.failed(address)
+                error = _unavailable(exc)
+            else:
+                error = StateUnavailable(
+                    f"redis did not answer: no server known yet ({self._resolver.last_error})"
+                )
             if self._driver is asyncio.current_task():
                 self._driver = None
-            self._fail_outbox(_unavailable(exc))
+            self._fail_outbox(error)
             return None
         except BaseException:
             if connection is not None:

@@ -61,7 +61,7 @@ class SentinelResolver:
         self._leftovers: set[asyncio.Task[Any]] = set()
         self._address: Address | None = None
         self._discovery: asyncio.Task[Address] | None = None
-        self.last_error = "no sentinel asked yet"
+        self.last_error = "no sentinel has answered yet"
 
     async def resolve(self) -> Address:
         if self._address is not None:
