@@ -48,6 +48,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.connection import Connection
 
 from edgeroute.errors import StateUnavailable
+from edgeroute.state import wire
 from edgeroute.state.base import RouteSpec, StateBackend
 from edgeroute.state.memory import MemoryState
 from edgeroute.state.pipeline import Pipeline
@@ -934,9 +935,13 @@ def render(report: dict[str, Any]) -> str:
 # Transport: the hand-written parts of the Redis client, each beside redis-py doing the same job
 # ---------------------------------------------------------------------------------------------
 
-# The decide EVALSHA's trailing arguments that change per call (token, advance, limit,
-# exclusion count, outcome flag); everything before them is the route's, encoded once.
-DYNAMIC_DECIDE_ARGS = 5
+# The decide EVALSHA's trailing arguments that change per call (from `mode` on, as the wire
+# table lists them; no exclusions, no outcome); everything before them is the route's,
+# encoded once.
+_DECIDE_ARGS = wire.SCRIPT_ARGS["decide"]
+DYNAMIC_DECIDE_ARGS = sum(
+    1 for name in _DECIDE_ARGS[_DECIDE_ARGS.index("mode") :] if not name.startswith(("*", "["))
+)
 
 
 @dataclass(slots=True)
