@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 
 from edgeroute import CircuitState, RoutingStrategy, StateUnavailable
 from edgeroute.state import RedisState
 from edgeroute.state.fallback import FallbackState
 from edgeroute.state.redis import route_keys
+from edgeroute.state.topology import parse_state_url
 from edgeroute.types import BreakerParams, Outcome, OutcomeKind
 from tests.support.ci import missing
 from tests.support.redis_servers import (
@@ -359,6 +361,31 @@ async def test_tls_with_a_throwaway_ca_and_an_acl_user(
     with pytest.raises(StateUnavailable, match=r"(?i)certificate"):
         await untrusted.decide(route)
     await untrusted.close()
+
+
+def test_url_options_become_redis_py_connection_arguments() -> None:
+    """Credentials, db and every ssl_* option are read by redis-py's parse_url and handed to
+    its SSLConnection; options that are edgeroute's own never reach a data node."""
+    url = (
+        "rediss://edge:p%40ss@redis.example:6380/2?ssl_cert_reqs=none"
+        "&ssl_check_hostname=false&ssl_ca_certs=/nonexistent-but-unused.pem"
+    )
+    target = parse_state_url(url.replace("&ssl_ca_certs=/nonexistent-but-unused.pem", ""))
+    kwargs = target.connection_kwargs()
+    assert kwargs["connection_class"] is SSLConnection
+    assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("edge", "p@ss", 2)
+    assert (kwargs["ssl_cert_reqs"], kwargs["ssl_check_hostname"]) == ("none", False)
+    assert kwargs["protocol"] == 2  # the scripts' replies are decoded as RESP2
+    with pytest.raises(OSError):  # a missing CA file is a start-up error, not a later one
+        parse_state_url(url)
+    with pytest.raises(ValueError):
+        parse_state_url("rediss://redis.example?ssl_cert_reqs=sometimes")
+    sentinel = parse_state_url("redis+sentinel://:pw@s1,s2/primary/1?sentinel_password=spw")
+    assert "sentinel_password" not in sentinel.connection_kwargs()
+    assert sentinel.connection_kwargs()["password"] == "pw"
+    assert sentinel.sentinel_kwargs()["password"] == "spw"
+    cluster = parse_state_url("redis+cluster://a:7000,b:7001/3")
+    assert cluster.connection_kwargs()["db"] == 0  # a cluster has only database 0
 
 
 def test_binary_is_there_for_topology_tests() -> None:

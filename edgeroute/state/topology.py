@@ -20,6 +20,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from redis.asyncio.connection import Connection, RedisSSLContext, SSLConnection, parse_url
+from redis.exceptions import RedisError
 
 Kind = Literal["standalone", "cluster", "sentinel"]
 Address = tuple[str, int]
@@ -146,6 +147,13 @@ def parse_state_url(url: str, *, cluster: bool = False) -> StateTarget:
 
 
 def _context(options: dict[str, Any]) -> ssl.SSLContext:
+    try:
+        return _redis_ssl_context(options)
+    except RedisError as exc:  # e.g. an unknown ssl_cert_reqs: a bad URL, said as such
+        raise ValueError(f"bad TLS option in redis URL: {exc}") from None
+
+
+def _redis_ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
     return RedisSSLContext(
         keyfile=options.get("ssl_keyfile"),
         certfile=options.get("ssl_certfile"),
