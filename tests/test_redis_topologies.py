@@ -20,7 +20,10 @@ from redis.crc import key_slot
 from edgeroute import CircuitState, RoutingStrategy, StateUnavailable
 from edgeroute.state import RedisState
 from edgeroute.state.fallback import FallbackState
+from edgeroute.state.pipeline import Pipeline, connection_factory
 from edgeroute.state.redis import route_keys
+from edgeroute.state.resp import command, encode_args
+from edgeroute.state.scripts import load_scripts
 from edgeroute.state.topology import parse_state_url
 from edgeroute.types import BreakerParams, Outcome, OutcomeKind
 from tests.support.ci import missing
@@ -361,6 +364,42 @@ async def test_tls_with_a_throwaway_ca_and_an_acl_user(
     with pytest.raises(StateUnavailable, match=r"(?i)certificate"):
         await untrusted.decide(route)
     await untrusted.close()
+
+
+class _SlowResolver:
+    """Finds the server only when told to: a slow Sentinel, a slow DNS, a loaded machine."""
+
+    last_error = "still looking"
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.found = asyncio.Event()
+        self.calls = 0
+
+    async def resolve(self) -> tuple[str, int]:
+        self.calls += 1
+        await self.found.wait()
+        return self.address
+
+    def failed(self, address: tuple[str, int]) -> None:
+        pass
+
+
+async def test_a_connection_attempt_outlives_the_commands_that_started_it(
+    redis_server: RedisServer,
+) -> None:
+    """The commands waiting for a connection fail at their own deadline, but the attempt
+    goes on, so the next command finds it made instead of starting it over."""
+    resolver = _SlowResolver(redis_server.address)
+    target = parse_state_url(redis_server.url)
+    pipeline = Pipeline(resolver, connection_factory(target), 0.5, load_scripts())
+    ping = command(1, encode_args(["PING"]))
+    with pytest.raises(StateUnavailable, match="connecting"):
+        await pipeline.submit(ping)
+    resolver.found.set()
+    assert await pipeline.submit(ping) == b"PONG"
+    assert resolver.calls == 1  # one attempt, not one per command
+    await pipeline.close()
 
 
 def test_url_options_become_redis_py_connection_arguments() -> None:

@@ -17,6 +17,11 @@ stuck (a frozen or partitioned server), closed, and every waiting command fails 
 StateUnavailable. The next submit reconnects, re-resolving the server and reloading the
 scripts. redis-py's own socket timeouts stay off: one timer per batch is cheaper than a
 timeout context per reply.
+
+Connecting is not bounded by the commands waiting for it: they fail at their own deadlines,
+but the attempt (finding the server, TLS, AUTH, ROLE, loading the scripts) goes on for up
+to CONNECT_TIMEOUT_S, so on a slow machine or after a failover the next command finds the
+connection ready instead of starting the same attempt over and abandoning it again.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from edgeroute.state.topology import Address, StateTarget
 
 _ASKING = command(1, encode_args(["ASKING"]))
 _ROLE = command(1, encode_args(["ROLE"]))
+
+# The longest a connection attempt may take (or the state timeout, if that is longer).
+CONNECT_TIMEOUT_S = 1.0
 
 # (future or None for a reply nobody waits for, deadline, the command for a NOSCRIPT replay)
 _Item = tuple["asyncio.Future[Any] | None", float, bytes]
@@ -96,6 +104,8 @@ class Pipeline:
         self._driver: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._outbox_timer: asyncio.TimerHandle | None = None
+        self._connecting = False
         self._suspect: _Item | None = None
         self.batches = 0
 
@@ -117,6 +127,9 @@ class Pipeline:
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._driver is None:
             self._driver = loop.create_task(self._drive())
+        elif self._connecting:
+            if self._outbox_timer is None:
+                self._expire_outbox()
         elif self._wake is not None and not self._wake.done():
             # The writer runs on the next loop iteration, after every caller of this
             # iteration has queued its command: they all leave in one write.
@@ -161,17 +174,20 @@ class Pipeline:
                     await connection.disconnect(nowait=True)
 
     async def _open(self) -> AbstractConnection | None:
-        deadline = self._outbox_items[0][1] if self._outbox_items else None
         address: Address | None = None
         connection: AbstractConnection | None = None
+        self._connecting = True
+        self._expire_outbox()
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(max(CONNECT_TIMEOUT_S, self._timeout)):
                 address = await self._resolver.resolve()
                 connection = self._factory(address)
                 await connection.connect()  # type: ignore[no-untyped-call]
                 await self._prepare(connection)
+            self._stop_outbox_timer()
             return connection
         except (TimeoutError, RedisError, OSError) as exc:
+            self._stop_outbox_timer()
             if connection is not None:
                 with contextlib.suppress(Exception):
                     await connection.disconnect(nowait=True)
@@ -187,6 +203,7 @@ class Pipeline:
             self._fail_outbox(error)
             return None
         except BaseException:
+            self._stop_outbox_timer()
             if connection is not None:
                 with contextlib.suppress(Exception):
                     await connection.disconnect(nowait=True)
@@ -254,6 +271,31 @@ class Pipeline:
 
     # ---- deadlines and failure -------------------------------------------------------
 
+    def _expire_outbox(self) -> None:
+        """While connecting: fail the commands whose deadline passed, watch the next one."""
+        self._outbox_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        items = self._outbox_items
+        expired = 0
+        while expired < len(items) and items[expired][1] <= now:
+            expired += 1
+        if expired:
+            error = StateUnavailable("redis did not answer within the state timeout (connecting)")
+            for future, _, _ in items[:expired]:
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            del items[:expired]
+            del self._outbox[:expired]
+        if items:
+            self._outbox_timer = loop.call_at(items[0][1], self._expire_outbox)
+
+    def _stop_outbox_timer(self) -> None:
+        self._connecting = False
+        if self._outbox_timer is not None:
+            self._outbox_timer.cancel()
+            self._outbox_timer = None
+
     def _arm_timer(self) -> None:
         if self._pending:
             loop = asyncio.get_running_loop()
@@ -292,6 +334,7 @@ class Pipeline:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stop_outbox_timer()
         pending, self._pending = self._pending, deque()
         for future, _, _ in pending:
             if future is not None and not future.done():
