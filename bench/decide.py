@@ -45,11 +45,13 @@ import hiredis
 import redis as redis_py
 from _goals import Goals  # bench/ is on sys.path
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.connection import Connection
 
 from edgeroute.errors import StateUnavailable
 from edgeroute.state import wire
 from edgeroute.state.base import RouteSpec, StateBackend
+from edgeroute.state.cluster import SLOTS, slot_map
 from edgeroute.state.memory import MemoryState
 from edgeroute.state.pipeline import Pipeline
 from edgeroute.state.redis import RedisState, route_keys
@@ -851,6 +853,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append("  encoding one decide EVALSHA (no I/O):")
         for enc in transport["encoding"]:
             lines.append(f"    {enc['encoder']:<72}{enc['ns_per_call'] / 1000:>7.2f} us")
+        lines.append("  cluster slot map from one CLUSTER SLOTS reply (3 primaries; no I/O):")
+        for enc in transport.get("slot_map") or []:
+            lines.append(f"    {enc['encoder']:<72}{enc['ns_per_call'] / 1e6:>7.2f} ms")
     acc = report.get("accounting")
     if acc:
         lines += [
@@ -1059,6 +1064,50 @@ async def run_transport(
     return rows, encoding
 
 
+def _cluster_slots_reply() -> list[Any]:
+    """A 3-primary, 3-replica cluster's CLUSTER SLOTS reply, as the server sends it."""
+    third = SLOTS // 3
+    ranges = [(0, third - 1), (third, 2 * third - 1), (2 * third, SLOTS - 1)]
+    return [
+        [start, end, [b"10.0.0.1", 7000 + i, b"p%d" % i], [b"10.0.0.2", 7100 + i, b"r%d" % i]]
+        for i, (start, end) in enumerate(ranges)
+    ]
+
+
+class _CannedNode(ClusterNode):
+    """A seed node that answers CLUSTER SLOTS from memory: only the map building is timed."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return _cluster_slots_reply()
+
+
+async def run_slot_maps(settings: Settings) -> list[EncodingRow]:
+    """Building the cluster slot map from one CLUSTER SLOTS reply, no I/O: edgeroute's list
+    filled range by range against redis-py's NodesManager.initialize (slot-by-slot dicts)."""
+    repeat = max(5, int(100 * settings.cell_s / 3.0))
+    manager = NodesManager([_CannedNode("10.0.0.1", 7000)], False, {})
+    rows = []
+    t0 = time.perf_counter_ns()
+    for _ in range(repeat):
+        slot_map(_cluster_slots_reply(), ("10.0.0.1", 7000))
+    rows.append(
+        EncodingRow(
+            "edgeroute cluster.slot_map: one list, filled range by range",
+            (time.perf_counter_ns() - t0) / repeat,
+        )
+    )
+    t0 = time.perf_counter_ns()
+    for _ in range(repeat):
+        await manager.initialize()
+    rows.append(
+        EncodingRow(
+            "redis-py NodesManager.initialize: dicts, slot by slot",
+            (time.perf_counter_ns() - t0) / repeat,
+        )
+    )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
@@ -1138,6 +1187,7 @@ async def run_all(url: str, settings: Settings, prefix: str, report: dict[str, A
         report["transport"] = {
             "rows": [asdict(row) for row in rows],
             "encoding": [asdict(row) for row in encoding],
+            "slot_map": [asdict(row) for row in await run_slot_maps(settings)],
         }
 
         accounting = await run_accounting(redis_state, probe, settings, "acct")

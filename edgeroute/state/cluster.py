@@ -1,19 +1,24 @@
 """Redis Cluster: every route's keys share one hash tag, so each call goes to one node.
 
-The slot map is redis-py's (`NodesManager`: CLUSTER SLOTS from the seed nodes, then every
-node found, `move_slot` on MOVED); each node gets its own coalescing pipeline. MOVED
-updates the map (and refreshes it in the background), ASK retries once on the importing
-node with ASKING, TRYAGAIN/CLUSTERDOWN and a lost node back off briefly and refresh; the
-whole call stays within the state timeout.
+The slot map comes from CLUSTER SLOTS, asked through a redis-py connection (the seed nodes,
+then every node found, a node that just failed last); each node gets its own coalescing
+pipeline. MOVED updates the map (and refreshes it in the background), ASK retries once on
+the importing node with ASKING, TRYAGAIN/CLUSTERDOWN and a lost node back off briefly and
+refresh; the whole call stays within the state timeout.
+
+The map itself is edgeroute's: one list of 16,384 owners filled range by range. redis-py's
+`NodesManager` builds its map slot by slot into dicts and checks coverage slot by slot —
+10 to 25 ms of event-loop time per refresh on the 2-core bench machine, during which no route
+is served — where this takes well under a millisecond (bench/decide.py, Transport rows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -28,9 +33,25 @@ from edgeroute.state.pipeline import ConnectionFactory, FixedAddress, Pipeline
 from edgeroute.state.scripts import Script
 from edgeroute.state.topology import Address, StateTarget
 
+SLOTS = 16384
 _MAX_REDIRECTS = 8
 # CLUSTER SLOTS asked of one node must not wedge the (single-flight) refresh on a hung node.
 _MAP_TIMEOUT_S = 1.0
+# The least time between two map refreshes that a failing node or a MOVED asks for.
+_REFRESH_INTERVAL_S = 0.25
+
+SlotMap = list[Address | None]
+
+
+def slot_map(reply: Sequence[Any], asked: Address) -> SlotMap:
+    """Each slot's primary from a CLUSTER SLOTS reply (None: unserved). A node that does not
+    know its own address answers an empty host: the host we asked."""
+    slots: SlotMap = [None] * SLOTS
+    for start, end, primary, *_replicas in reply:
+        host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+        owner = (host or asked[0], int(primary[1]))
+        slots[start : end + 1] = [owner] * (end - start + 1)
+    return slots
 
 
 class ClusterRouter:
@@ -44,16 +65,12 @@ class ClusterRouter:
         self._factory = factory
         self._timeout = timeout_s
         self._scripts = scripts
-        kwargs = {
-            **target.connection_kwargs(),
-            "socket_timeout": _MAP_TIMEOUT_S,
-            "socket_connect_timeout": _MAP_TIMEOUT_S,
-        }
-        seeds = [ClusterNode(host, port, **kwargs) for host, port in target.nodes]
-        self._map = NodesManager(seeds, require_full_coverage=False, connection_kwargs=kwargs)
-        self._mapped = False
+        self._known: list[Address] = list(target.nodes)
+        self._slots: SlotMap | None = None
         self._pipelines: dict[Address, Pipeline] = {}
         self._refresh_task: asyncio.Task[None] | None = None
+        self._last_refresh: asyncio.Task[None] | None = None
+        self._refreshed_at = float("-inf")
 
     @property
     def batches(self) -> int:
@@ -67,19 +84,52 @@ class ClusterRouter:
             )
         return pipeline
 
-    def _refresh(self, failed: str | None = None) -> asyncio.Task[None]:
-        """Single-flight: concurrent callers share one CLUSTER SLOTS round."""
-        if self._refresh_task is None:
-            self._refresh_task = asyncio.get_running_loop().create_task(self._load_map(failed))
-            self._refresh_task.add_done_callback(self._refresh_done)
-        return self._refresh_task
+    def _refresh(
+        self, failed: str | None = None, *, force: bool = False
+    ) -> asyncio.Task[None] | None:
+        """Single-flight: concurrent callers share one CLUSTER SLOTS round. Without `force`,
+        at most one round per _REFRESH_INTERVAL_S: a node that stays down fails calls many
+        times a second."""
+        task = self._refresh_task
+        if task is None:
+            loop = asyncio.get_running_loop()
+            if force or loop.time() - self._refreshed_at >= _REFRESH_INTERVAL_S:
+                task = self._refresh_task = loop.create_task(self._load_map(failed))
+                task.add_done_callback(self._refresh_done)
+            else:
+                task = self._last_refresh
+        return task
 
     async def _load_map(self, failed: str | None) -> None:
-        await self._map.initialize(last_failed_node_name=failed)
-        self._mapped = True
+        known = [a for a in dict.fromkeys(self._known) if f"{a[0]}:{a[1]}" != failed]
+        known += [a for a in self._known if f"{a[0]}:{a[1]}" == failed][:1]
+        errors = []
+        for address in known:
+            connection = self._factory(address)
+            try:
+                async with asyncio.timeout(_MAP_TIMEOUT_S):
+                    await connection.connect()  # type: ignore[no-untyped-call]
+                    await connection.send_command("CLUSTER", "SLOTS", check_health=False)
+                    reply = await connection.read_response()
+            except (TimeoutError, RedisError, OSError) as exc:
+                errors.append(f"{address[0]}:{address[1]}: {type(exc).__name__}: {exc}")
+                continue
+            finally:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)
+            if not reply:
+                errors.append(f"{address[0]}:{address[1]}: no slots")
+                continue
+            slots = slot_map(reply, address)
+            self._slots = slots
+            self._known = known + [a for a in dict.fromkeys(slots) if a and a not in known]
+            return
+        raise ConnectionError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
 
     def _refresh_done(self, task: asyncio.Task[None]) -> None:
         self._refresh_task = None
+        self._last_refresh = task
+        self._refreshed_at = asyncio.get_running_loop().time()
         if not task.cancelled():
             task.exception()  # retrieved: the awaiting callers saw it
 
@@ -96,20 +146,23 @@ class ClusterRouter:
         address: Address | None = None
         asking = False
         for _ in range(_MAX_REDIRECTS):
-            if not self._mapped or slot not in self._map.slots_cache:
-                await asyncio.shield(self._refresh())
-            if address is None:
-                owner = self._map.get_node_from_slot(slot)
-                node = (owner.host, int(owner.port))
-            else:
-                node = address
+            if self._slots is None or self._slots[slot] is None:
+                refresh = self._refresh(force=self._slots is None)
+                if refresh is not None and not refresh.done():
+                    await asyncio.shield(refresh)  # its error is this call's error
+            owner = self._slots[slot] if self._slots is not None else None
+            if owner is None:
+                raise StateUnavailable(f"redis cluster: no node serves slot {slot}")
+            node = address or owner
             try:
                 reply = await self._pipeline(node).submit(cmd, asking=asking)
             except StateUnavailable:
-                # That node is gone or unreachable: the map is stale, ask the others.
-                self._mapped = False
+                # That node is gone or unreachable: learn the map again, asking it last. Only
+                # this call waits; routes on the other nodes keep using the map they have.
+                refresh = self._refresh(failed=f"{node[0]}:{node[1]}")
+                if refresh is not None and not refresh.done():
+                    await asyncio.shield(refresh)
                 await asyncio.sleep(0.005)
-                self._refresh(failed=f"{node[0]}:{node[1]}")
                 address, asking = None, False
                 continue
             if not isinstance(reply, ResponseError):
@@ -119,7 +172,8 @@ class ClusterRouter:
                 reply.host = node[0]
                 reply.node_addr = (node[0], reply.port)
             if isinstance(reply, MovedError):
-                await self._map.move_slot(reply)
+                assert self._slots is not None
+                self._slots[slot] = reply.node_addr
                 self._refresh()  # a reshard moves many slots: learn them all at once
                 address, asking = reply.node_addr, False
                 continue
@@ -140,10 +194,6 @@ class ClusterRouter:
                 await self._refresh_task
         for pipeline in self._pipelines.values():
             await pipeline.close()
-        with contextlib.suppress(Exception):
-            await self._map.aclose()
-        with contextlib.suppress(Exception):
-            await self._map.aclose("startup_nodes")
 
 
 def _text(error: ResponseError) -> str:
