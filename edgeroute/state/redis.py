@@ -1,8 +1,9 @@
 """Shared state in Redis: every change is one atomic Lua script, one EVALSHA per call.
 
-This module speaks the state contract (what goes into each script call, what comes back);
-`pipeline` coalesces calls into pipelined batches on one connection, `cluster` routes them
-by slot, and `topology` finds the servers (standalone, Cluster, Sentinel; TLS and ACLs).
+This module speaks the state contract (what goes into each script call and what comes back,
+by the names in `wire`); `pipeline` coalesces calls into pipelined batches on one redis-py
+connection, `cluster` routes them by slot, `sentinel` finds the primary (every sentinel at
+once), and `topology` turns the URL into servers (standalone, Cluster, Sentinel; TLS, ACLs).
 """
 
 from __future__ import annotations
