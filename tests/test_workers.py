@@ -367,3 +367,19 @@ def test_logged_tracebacks_carry_no_uvloop_import_error(
     error = record.exc_info[1]
     assert error is not None and error.__context__ is None and error.__cause__ is None
     assert "uvloop" not in caplog.text
+
+
+# --- deployment files pass the worker count through -----------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_deployments_pass_the_worker_count_through() -> None:
+    assert "EDGEROUTE_WORKERS=1" in (REPO / "Dockerfile").read_text()
+    assert "EDGEROUTE_WORKERS: ${EDGEROUTE_WORKERS:-1}" in (REPO / "compose.yaml").read_text()
+    template = (REPO / "helm/edgeroute/templates/deployment.yaml").read_text()
+    assert "- name: EDGEROUTE_WORKERS\n              value: {{ .Values.workers | quote }}" in (
+        template
+    )
+    values = (REPO / "helm/edgeroute/values.yaml").read_text()
+    assert "\nworkers: 1\n" in values and "resources.requests.cpu" in values
