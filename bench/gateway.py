@@ -80,8 +80,11 @@ SYSTEM_LIST = (
     System("redis-w2", "Redis, log on, 2 workers", "redis", workers=2, latency=False),
     System("memory", "memory state, log on", "memory"),
     System("direct", "direct to upstream", None),
+    # Only when a LiteLLM proxy is installed (--litellm PATH, or `litellm` on PATH): the
+    # other Python gateway, 1 worker, Redis, latency routing over the same two deployments.
+    System("litellm", "LiteLLM proxy, 1 worker", "litellm", latency=False),
 )
-SYSTEMS = tuple(system.name for system in SYSTEM_LIST)
+SYSTEMS = tuple(system.name for system in SYSTEM_LIST if system.name != "litellm")
 BY_NAME = {system.name: system for system in SYSTEM_LIST}
 LABELS = {system.name: system.label for system in SYSTEM_LIST}
 DEFAULT = "redis"  # the configuration users get: its rows lead and its Redis use is counted
@@ -115,6 +118,7 @@ GOAL_REDIS_RATIO = 0.95
 GOAL_CPU_MS = 0.2
 GOAL_ACCESS_LOG_RATIO = 0.95  # access log on costs at most 5 % of throughput
 GOAL_WORKERS_SCALING = 1.4  # --workers 2 / --workers 1 on a 2-core machine shared with wrk
+GOAL_LITELLM_RATIO = 60.0
 GOAL_ADDED_P50_MS = 1.0
 GOAL_ADDED_P99_MS = 5.0
 GOAL_COMMANDS = 2.0
@@ -281,10 +285,59 @@ def child_env(access_log: bool = True) -> dict[str, str]:
     return env
 
 
-def start_stack(processes: Processes, systems: Sequence[str]) -> Stack:
+def start_litellm(
+    processes: Processes, upstream_url: str, redis_url: str, binary: str | None
+) -> tuple[str, int]:
+    """A LiteLLM proxy over the same upstream: 1 worker, Redis, latency-based routing."""
+    if binary is None:
+        raise SystemExit("the litellm system needs --litellm PATH (or `litellm` on PATH)")
+    port = _free_port()
+    redis_host, _, redis_port = redis_url.removeprefix("redis://").split("/")[0].partition(":")
+    config = processes.workdir / "litellm.yaml"
+    deployments = "".join(
+        "  - model_name: chat\n"
+        "    litellm_params:\n"
+        f"      model: openai/{model}\n"
+        f"      api_base: '{upstream_url}'\n"
+        "      api_key: sk-bench\n"
+        for model in ("gpt-4o-mini", "gpt-4o")
+    )
+    config.write_text(
+        f"model_list:\n{deployments}"
+        "router_settings:\n"
+        "  routing_strategy: latency-based-routing\n"
+        f"  redis_host: {redis_host}\n"
+        f"  redis_port: {redis_port}\n"
+    )
+    env = child_env()
+    # No master key on a loopback-only benchmark; LiteLLM refuses to start without one unless
+    # told this is local development.
+    env["LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"] = "true"
+    env["LITELLM_LOG"] = "ERROR"
+    argv = [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    pid = processes.start("litellm", [*argv, "--num_workers", "1"], env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180.0  # it imports a great deal
+    while time.monotonic() < deadline:
+        if not processes.alive("litellm"):
+            break
+        try:
+            http_get(f"{base}/health/liveliness")
+            return f"{base}/v1", pid
+        except OSError:
+            time.sleep(0.5)
+    tail = (processes.workdir / "litellm.err").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"LiteLLM did not start:\n{tail}")
+
+
+def find_litellm(option: str | None) -> str | None:
+    return option or shutil.which("litellm")
+
+
+def start_stack(processes: Processes, systems: Sequence[str], litellm: str | None = None) -> Stack:
     env = child_env()
     redis_url, redis_pid = ("", 0)
-    if any(BY_NAME[name].state == "redis" for name in systems):
+    if any(BY_NAME[name].state in ("redis", "litellm") for name in systems):
         redis_url, redis_pid = start_redis(processes)
     cli = [sys.executable, "-m", "edgeroute.cli"]
     upstream_pid = processes.start(
@@ -297,6 +350,9 @@ def start_stack(processes: Processes, systems: Sequence[str]) -> Stack:
     for system in systems:
         spec = BY_NAME[system]
         if spec.state is None:
+            continue
+        if spec.state == "litellm":
+            gateways[system] = start_litellm(processes, upstream_url, redis_url, litellm)
             continue
         config = processes.workdir / f"gateway-{system}.yaml"
         config.write_text(
@@ -700,6 +756,8 @@ class Measure:
         if system not in self.stack.gateways:
             return {}, 0.0, None
         base, pid = self.stack.gateways[system]
+        if BY_NAME[system].state == "litellm":  # no edgeroute metrics there: CPU only
+            return {}, tree_cpu_seconds(pid), None
         # Redis commands are accounted for the default configuration only: one table.
         redis = redis_sample(self.redis) if system == DEFAULT and self.redis else None
         return gateway_metrics(base), tree_cpu_seconds(pid), redis
@@ -717,6 +775,9 @@ class Measure:
         metrics1, cpu1, redis1 = self._snapshot(system)
         n = max(1, result.requests)
         counters = counters_delta(metrics0, metrics1) if system in self.stack.gateways else None
+        if counters is not None and BY_NAME[system].state == "litellm":
+            # Its own count is not available: wrk's completed requests stand in for it.
+            counters = GatewayCounters(result.requests, 0, 0, 0, False)
         redis_cpu: float | None = None
         if redis0 is not None and redis1 is not None and counters is not None:
             acct = redis_accounting(
@@ -992,6 +1053,14 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         "",
         True,
     )
+    if "litellm" in throughput:  # only when LiteLLM is installed: else no row at all
+        add(
+            "default config / LiteLLM req/s, c=64",
+            ratio("redis", "litellm"),
+            GOAL_LITELLM_RATIO,
+            "",
+            True,
+        )
     memory = throughput.get("memory")
     add(
         "gateway CPU per request, memory state, c=64",
@@ -1216,13 +1285,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile",
-        choices=[system.name for system in SYSTEM_LIST if system.state is not None],
+        choices=[system.name for system in SYSTEM_LIST if system.state not in (None, "litellm")],
         help="instead: py-spy one gateway under wrk c=64 and print where its CPU goes",
     )
     parser.add_argument(
         "--profile-out",
         type=Path,
         help="keep the profile: collapsed stacks, or speedscope when the name ends in .json",
+    )
+    parser.add_argument(
+        "--litellm",
+        metavar="PATH",
+        help="the `litellm` executable of a LiteLLM proxy install (default: `litellm` on "
+        "PATH); when found, a LiteLLM row runs beside the others, else it is skipped",
     )
     parser.add_argument("--open-loop-worker", metavar="JSON", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -1237,7 +1312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(run_profile(options.profile, settings, options.profile_out))
         return 0
     systems = [name.strip() for name in options.systems.split(",") if name.strip()]
-    unknown = sorted(set(systems) - set(SYSTEMS))
+    litellm = find_litellm(options.litellm)
+    if litellm is None:
+        log("LiteLLM is not installed (no --litellm, no `litellm` on PATH): its row is skipped")
+        systems = [name for name in systems if name != "litellm"]
+    elif "litellm" not in systems and options.systems == ",".join(SYSTEMS):
+        systems.append("litellm")
+    unknown = sorted(set(systems) - set(BY_NAME))
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
     started = time.perf_counter()
@@ -1253,6 +1334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "redis_version": None,
             "quick": options.quick,
             "systems": systems,
+            "litellm": litellm,
             "concurrency": CONCURRENCY,
             "throughput_s": settings.throughput_s,
             "throughput_warmup_s": settings.throughput_warmup_s,
@@ -1268,7 +1350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "edgeroute gateway benchmark: starting redis-server, mock upstream, "
             f"{len(systems) - ('direct' in systems)} gateways"
         )
-        stack = start_stack(processes, systems)
+        stack = start_stack(processes, systems, litellm)
         if stack.redis_url:
             with redis_py.Redis.from_url(stack.redis_url) as client:
                 report["meta"]["redis_version"] = str(client.info("server")["redis_version"])
