@@ -997,6 +997,67 @@ def run_profile(system: str, settings: Settings, out: Path | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The access line alone: through `logging` (before) and the writer thread (now), one process
+# ---------------------------------------------------------------------------------------------
+
+
+def access_line_cost(lines: int = 50_000, rounds: int = 3) -> str:
+    """CPU per access line on the calling thread, both paths alternated in one process.
+
+    Lines go to a temporary file on stderr's descriptor, as the gateway's do under the
+    benchmark. `logging` is what every line cost before the writer thread: a LogRecord, the
+    handler's lock and a write(2) + flush per line; the writer path is the msgspec encode and
+    a deque append on the loop, with the writing done by the thread (its CPU is counted too:
+    process time, all threads).
+    """
+    import logging
+    import tempfile
+
+    from edgeroute import accesslog
+    from edgeroute.responses import write_access_line
+
+    saved = os.dup(2)
+    results: dict[str, list[float]] = {"logging": [], "writer": []}
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            handler = logging.StreamHandler(os.fdopen(os.dup(2), "w"))
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger = logging.getLogger("edgeroute.access")
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            for _ in range(rounds):
+                for path in ("logging", "writer"):
+                    if path == "writer":
+                        accesslog.install(2)
+                    started = time.process_time()
+                    for i in range(lines):
+                        write_access_line(
+                            f"4b1d6c0e9f2a7b35{i:08x}",
+                            ROUTE,
+                            200,
+                            0.0031234,
+                            attempts=1,
+                            provider="up-a",
+                            model="gpt-4o-mini",
+                            target="up-a:gpt-4o-mini",
+                            upstream_s=0.0012345,
+                        )
+                    accesslog.close()  # the writer's last batch is part of its cost
+                    results[path].append((time.process_time() - started) / lines * 1e6)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    best = {path: min(values) for path, values in results.items()}
+    return (
+        f"access line CPU, best of {rounds} x {lines:,} lines (process time, all threads): "
+        f"through logging {best['logging']:.2f} us/line, writer thread {best['writer']:.2f} "
+        f"us/line ({best['logging'] / max(1e-9, best['writer']):.1f}x)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
 
@@ -1299,10 +1360,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the `litellm` executable of a LiteLLM proxy install (default: `litellm` on "
         "PATH); when found, a LiteLLM row runs beside the others, else it is skipped",
     )
+    parser.add_argument(
+        "--access-line-cost",
+        action="store_true",
+        help="instead: CPU per access line through logging vs the writer thread (in-process)",
+    )
     parser.add_argument("--open-loop-worker", metavar="JSON", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.open_loop_worker:
         return open_loop_worker(options.open_loop_worker)
+    if options.access_line_cost:
+        print(access_line_cost())
+        return 0
     settings = Settings.make(
         options.quick, options.duration, options.latency_duration, options.rate
     )
