@@ -382,7 +382,7 @@ def worker_main() -> int:
     """`python -m edgeroute.workers`, started by the Supervisor only."""
     import asyncio
 
-    from edgeroute.launch import configure_logging, run
+    from edgeroute.launch import configure_logging, freeze_startup_objects, run
     from edgeroute.server import serve
 
     stdin = sys.stdin.fileno()
@@ -392,6 +392,7 @@ def worker_main() -> int:
     configure_logging()
 
     def ready(url: str) -> None:
+        freeze_startup_objects()
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
 
