@@ -59,8 +59,9 @@ def new_request_id() -> str:
 class _AccessLine(msgspec.Struct, omit_defaults=True):
     """The access line's fields, in this order; the optional ones appear only when known.
 
-    A Struct encodes about twice as fast as the equivalent dict. `route` has no default, so
-    it is always present (null for a request that never matched a route).
+    One object per line instead of a dict filled key by key; the encoder leaves out the
+    optional fields left at None. `route` has no default, so it is always present (null for
+    a request that never matched a route).
     """
 
     request_id: str
