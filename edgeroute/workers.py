@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -150,7 +150,7 @@ class _Slot:
     restart_at: float | None = None
     quick_deaths: int = 0
     ready: bool = False
-    exits: list[int] = field(default_factory=list)
+    exits: int = 0  # how many times this slot's worker has exited
 
 
 class Supervisor:
@@ -313,7 +313,7 @@ class Supervisor:
 
     def _reap(self, slot: _Slot, code: int) -> None:
         assert slot.process is not None
-        slot.exits.append(code)
+        slot.exits += 1
         if slot.process.stdin is not None:
             slot.process.stdin.close()
         if slot.ready_fd is not None:
