@@ -295,7 +295,7 @@ class Supervisor:
                     continue
                 if process is None or (code := process.poll()) is None:
                     continue
-                self._reap(slot, code)
+                self._reap(slot)
                 lived = now - slot.started
                 slot.quick_deaths = slot.quick_deaths + 1 if lived < STABLE_AFTER_S else 0
                 delay = min(
@@ -311,7 +311,7 @@ class Supervisor:
                     delay,
                 )
 
-    def _reap(self, slot: _Slot, code: int) -> None:
+    def _reap(self, slot: _Slot) -> None:
         assert slot.process is not None
         slot.exits += 1
         if slot.process.stdin is not None:
@@ -348,7 +348,7 @@ class Supervisor:
                 code = slot.process.wait()
             # Killed by our SIGTERM before it could install its handler: still a clean stop.
             failed |= code not in (0, -signal.SIGTERM)
-            self._reap(slot, code)
+            self._reap(slot)
         return 1 if failed else 0
 
 
