@@ -44,6 +44,12 @@ def routes() -> list[dict[str, Any]]:
     return [{"model": "chat", "strategy": "cost", "targets": [{"provider": "a", "model": "a-1"}]}]
 
 
+def redis_state(server: RedisServer) -> dict[str, Any]:
+    # A roomy state timeout: on a busy machine a 50 ms miss would send a worker to local
+    # state for a while, which is not what these tests are about.
+    return {"redis_url": server.url, "timeout_ms": 2000}
+
+
 def start(document: dict[str, Any], workdir: Path, workers: int) -> GatewayProcess:
     process = GatewayProcess(
         document, workdir, port=free_port(), env={"EDGEROUTE_WORKERS": str(workers)}
@@ -111,7 +117,7 @@ async def test_two_workers_serve_one_port_and_metrics_count_every_request_once(
 ) -> None:
     requests = 40
     async with mock_upstreams(a=MockSettings()) as mocks:
-        document = gateway_config(mocks, routes(), state={"redis_url": redis_server.url})
+        document = gateway_config(mocks, routes(), state=redis_state(redis_server))
         process = await asyncio.to_thread(start, document, tmp_path, 2)
         try:
             assert len(worker_pids(process)) == 2
@@ -164,7 +170,7 @@ async def test_a_killed_worker_is_restarted_and_serves(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with mock_upstreams(a=MockSettings()) as mocks:
-        document = gateway_config(mocks, routes(), state={"redis_url": redis_server.url})
+        document = gateway_config(mocks, routes(), state=redis_state(redis_server))
         process = await asyncio.to_thread(start, document, tmp_path, 2)
         try:
             before = worker_pids(process)
@@ -203,7 +209,7 @@ async def test_sigterm_drains_in_flight_requests_on_every_worker(
         document = gateway_config(
             mocks,
             routes(),
-            state={"redis_url": redis_server.url},
+            state=redis_state(redis_server),
             server={"shutdown_timeout_s": SHUTDOWN_TIMEOUT_S},
         )
         process = await asyncio.to_thread(start, document, tmp_path, 2)
