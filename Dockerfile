@@ -4,7 +4,8 @@
 #
 #   docker build -t edgeroute .
 #   docker run --rm -p 8080:8080 -v "$PWD/edgeroute.yaml:/etc/edgeroute/config.yaml:ro" \
-#     -e EDGEROUTE_REDIS_URL=redis://redis:6379/0 --read-only --tmpfs /tmp edgeroute
+#     -e EDGEROUTE_REDIS_URL=redis://redis:6379/0 -e EDGEROUTE_WORKERS=2 \
+#     --read-only --tmpfs /tmp edgeroute
 #
 # The config must set `server.host: 0.0.0.0` (the default, 127.0.0.1, is unreachable from
 # outside the container). The same image runs the other subcommands too, e.g.
@@ -41,11 +42,15 @@ LABEL org.opencontainers.image.title="edgeroute" \
       org.opencontainers.image.description="Cluster-consistent LLM routing gateway (OpenAI-compatible)" \
       org.opencontainers.image.licenses="Apache-2.0"
 
+# EDGEROUTE_WORKERS: gateway processes sharing the port (`edgeroute serve --workers`): a
+# number, or `auto` for the CPUs the container may use (its CPU quota included). Above 1 it
+# needs Redis state (EDGEROUTE_REDIS_URL); the metrics directory they share lives in /tmp.
 ENV PATH="/opt/edgeroute/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
-    TMPDIR=/tmp
+    TMPDIR=/tmp \
+    EDGEROUTE_WORKERS=1
 
 RUN groupadd --system --gid 10001 edgeroute \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

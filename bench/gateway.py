@@ -1,13 +1,21 @@
 #!/usr/bin/env python
-"""What does the gateway add? Direct-to-upstream, memory state and Redis state, in one run.
+"""What does the gateway add? The default configuration first, its variants beside it.
 
     python bench/gateway.py [--quick] [--json] [--duration S] [--rate R]
-    python bench/gateway.py --profile memory|redis [--profile-out FILE]
+    python bench/gateway.py --profile redis|redis-nolog|memory|... [--profile-out FILE]
 
-One `edgeroute mock-provider` (latency 0) is the upstream; one `edgeroute serve` process on
-in-memory state and one on Redis state (a private `redis-server` this script spawns) route a
-hybrid route over two providers that both point at the mock. Three systems are measured the
-same way, back to back:
+One `edgeroute mock-provider` (latency 0) is the upstream; `edgeroute serve` gateways route a
+hybrid route over two providers that both point at it. The systems, measured the same way,
+back to back, in this order:
+
+- `redis`: the default configuration on a fleet: Redis state (a private `redis-server` this
+  script spawns), access log ON, one worker;
+- `redis-nolog`: the same with `EDGEROUTE_ACCESS_LOG=0` (what the access line costs);
+- `redis-w2`: the same as `redis` with `--workers 2`;
+- `memory`: in-memory state, access log on (the embedded default);
+- `direct`: the upstream alone, no gateway.
+
+Each is measured as follows (latency only for redis, memory and direct):
 
 - throughput: `wrk -t2 -c64` closed loop POSTing a small chat completion, with each
   process's CPU time read from /proc/<pid>/stat before and after (CPU ms per request);
@@ -28,6 +36,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -53,12 +62,32 @@ BODY = (
     b'{"model":"chat","messages":[{"role":"user","content":"Say hello in one short sentence."}],'
     b'"max_tokens":16}'
 )
-SYSTEMS = ("direct", "memory", "redis")
-LABELS = {
-    "direct": "direct to upstream",
-    "memory": "gateway, memory state",
-    "redis": "gateway, Redis state",
-}
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    name: str
+    label: str
+    state: str | None  # "redis" / "memory"; None: direct to the upstream
+    access_log: bool = True
+    workers: int = 1
+    latency: bool = True  # an open-loop latency row too
+
+
+SYSTEM_LIST = (
+    System("redis", "default: Redis, log on", "redis"),
+    System("redis-nolog", "Redis, access log off", "redis", access_log=False, latency=False),
+    System("redis-w2", "Redis, log on, 2 workers", "redis", workers=2, latency=False),
+    System("memory", "memory state, log on", "memory"),
+    System("direct", "direct to upstream", None),
+    # Only when a LiteLLM proxy is installed (--litellm PATH, or `litellm` on PATH): the
+    # other Python gateway, 1 worker, Redis, latency routing over the same two deployments.
+    System("litellm", "LiteLLM proxy, 1 worker", "litellm", latency=False),
+)
+SYSTEMS = tuple(system.name for system in SYSTEM_LIST if system.name != "litellm")
+BY_NAME = {system.name: system for system in SYSTEM_LIST}
+LABELS = {system.name: system.label for system in SYSTEM_LIST}
+DEFAULT = "redis"  # the configuration users get: its rows lead and its Redis use is counted
 # Commands the gateway sends over the wire. INFO commandstats also counts every command a Lua
 # script runs (hget, hset, ...): edgeroute changes Redis only through scripts, so anything not
 # listed here ran inside one. INFO is left out of both: only this script's probe sends it.
@@ -85,8 +114,11 @@ PROBE_COMMANDS = frozenset({"info"})
 PROFILE_RATE = 200  # py-spy samples per second
 
 GOAL_REDIS_RPS = 2_000.0
-GOAL_REDIS_RATIO = 0.80
-GOAL_CPU_MS = 0.5
+GOAL_REDIS_RATIO = 0.95
+GOAL_CPU_MS = 0.2
+GOAL_ACCESS_LOG_RATIO = 0.95  # access log on costs at most 5 % of throughput
+GOAL_WORKERS_SCALING = 1.4  # --workers 2 / --workers 1 on a 2-core machine shared with wrk
+GOAL_LITELLM_RATIO = 60.0
 GOAL_ADDED_P50_MS = 1.0
 GOAL_ADDED_P99_MS = 5.0
 GOAL_COMMANDS = 2.0
@@ -138,6 +170,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """A process and its direct children (the workers of `serve --workers N`)."""
+    total = cpu_seconds(pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
+            total += cpu_seconds(int(entry))
+    return total
+
+
+def children_cpu_seconds() -> float:
+    """CPU of this script's finished children (wrk runs to completion: its whole run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -155,11 +209,11 @@ class Stack:
     redis_pid: int
     upstream_url: str  # http://127.0.0.1:PORT/v1
     upstream_pid: int
-    gateways: dict[str, tuple[str, int]]  # "memory"/"redis" -> (base URL .../v1, pid)
+    gateways: dict[str, tuple[str, int]]  # system -> (base URL .../v1, pid of `serve`)
     key_prefix: str
 
     def url(self, system: str) -> str:
-        base = self.upstream_url if system == "direct" else self.gateways[system][0]
+        base = self.gateways[system][0] if system in self.gateways else self.upstream_url
         return base + "/chat/completions"
 
 
@@ -222,19 +276,68 @@ def gateway_config(upstream_url: str, redis_url: str | None, key_prefix: str) ->
     )
 
 
-def child_env() -> dict[str, str]:
+def child_env(access_log: bool = True) -> dict[str, str]:
     # No EDGEROUTE_* from the caller (EDGEROUTE_REDIS_URL would turn the memory gateway into a
-    # Redis one); access log off, as a throughput-minded deployment would run.
+    # Redis one). The access log is on by default, as users run it; its lines go to a file.
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEROUTE_")}
-    env["EDGEROUTE_ACCESS_LOG"] = "0"
+    env["EDGEROUTE_ACCESS_LOG"] = "1" if access_log else "0"
     env["EDGEROUTE_LOG_LEVEL"] = "WARNING"
     return env
 
 
-def start_stack(processes: Processes, systems: Sequence[str]) -> Stack:
+def start_litellm(
+    processes: Processes, upstream_url: str, redis_url: str, binary: str | None
+) -> tuple[str, int]:
+    """A LiteLLM proxy over the same upstream: 1 worker, Redis, latency-based routing."""
+    if binary is None:
+        raise SystemExit("the litellm system needs --litellm PATH (or `litellm` on PATH)")
+    port = _free_port()
+    redis_host, _, redis_port = redis_url.removeprefix("redis://").split("/")[0].partition(":")
+    config = processes.workdir / "litellm.yaml"
+    deployments = "".join(
+        "  - model_name: chat\n"
+        "    litellm_params:\n"
+        f"      model: openai/{model}\n"
+        f"      api_base: '{upstream_url}'\n"
+        "      api_key: sk-bench\n"
+        for model in ("gpt-4o-mini", "gpt-4o")
+    )
+    config.write_text(
+        f"model_list:\n{deployments}"
+        "router_settings:\n"
+        "  routing_strategy: latency-based-routing\n"
+        f"  redis_host: {redis_host}\n"
+        f"  redis_port: {redis_port}\n"
+    )
+    env = child_env()
+    # No master key on a loopback-only benchmark; LiteLLM refuses to start without one unless
+    # told this is local development.
+    env["LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"] = "true"
+    env["LITELLM_LOG"] = "ERROR"
+    argv = [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    pid = processes.start("litellm", [*argv, "--num_workers", "1"], env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180.0  # it imports a great deal
+    while time.monotonic() < deadline:
+        if not processes.alive("litellm"):
+            break
+        try:
+            http_get(f"{base}/health/liveliness")
+            return f"{base}/v1", pid
+        except OSError:
+            time.sleep(0.5)
+    tail = (processes.workdir / "litellm.err").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"LiteLLM did not start:\n{tail}")
+
+
+def find_litellm(option: str | None) -> str | None:
+    return option or shutil.which("litellm")
+
+
+def start_stack(processes: Processes, systems: Sequence[str], litellm: str | None = None) -> Stack:
     env = child_env()
     redis_url, redis_pid = ("", 0)
-    if "redis" in systems:
+    if any(BY_NAME[name].state in ("redis", "litellm") for name in systems):
         redis_url, redis_pid = start_redis(processes)
     cli = [sys.executable, "-m", "edgeroute.cli"]
     upstream_pid = processes.start(
@@ -245,17 +348,24 @@ def start_stack(processes: Processes, systems: Sequence[str]) -> Stack:
     key_prefix = f"edgeroute-bench-gw-{uuid.uuid4().hex[:8]}"
     gateways: dict[str, tuple[str, int]] = {}
     for system in systems:
-        if system == "direct":
+        spec = BY_NAME[system]
+        if spec.state is None:
+            continue
+        if spec.state == "litellm":
+            gateways[system] = start_litellm(processes, upstream_url, redis_url, litellm)
             continue
         config = processes.workdir / f"gateway-{system}.yaml"
         config.write_text(
-            gateway_config(upstream_url, redis_url if system == "redis" else None, key_prefix)
+            gateway_config(upstream_url, redis_url if spec.state == "redis" else None, key_prefix)
         )
         name = f"gateway-{system}"
-        pid = processes.start(name, [*cli, "serve", "--config", str(config)], env)
-        match = processes.wait_for(name, r"listening on (http://\S+/v1) \(state: (\w+)\)")
-        if match.group(2) != system:
-            raise RuntimeError(f"{name} runs on {match.group(2)} state, expected {system}")
+        argv = [*cli, "serve", "--config", str(config), "--workers", str(spec.workers)]
+        pid = processes.start(name, argv, child_env(spec.access_log))
+        match = processes.wait_for(
+            name, r"listening on (http://\S+/v1) \(state: (\w+)\)", timeout_s=90
+        )
+        if match.group(2) != spec.state:
+            raise RuntimeError(f"{name} runs on {match.group(2)} state, expected {spec.state}")
         gateways[system] = (match.group(1), pid)
     stack = Stack(redis_url, redis_pid, upstream_url, upstream_pid, gateways, key_prefix)
     for system in systems:  # one request each: the whole path works before anything is timed
@@ -433,6 +543,7 @@ class WrkResult:
     socket_errors: int  # connect + read + write + timeout
     p50_ms: float  # closed-loop latency at c=64: queueing, not the gateway's own cost
     p99_ms: float
+    cpu_s: float = 0.0  # wrk's own CPU time (user + system)
 
     @property
     def rps(self) -> float:
@@ -444,7 +555,9 @@ def run_wrk(url: str, script: Path, seconds: int) -> WrkResult:
     if wrk is None:
         raise SystemExit("wrk is not on PATH (apt-get install wrk)")
     argv = [wrk, f"-t{WRK_THREADS}", f"-c{CONCURRENCY}", f"-d{seconds}s", "-s", str(script), url]
+    cpu0 = children_cpu_seconds()
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    cpu = children_cpu_seconds() - cpu0
     line = next((x for x in result.stdout.splitlines() if x.startswith(_WRK_MARK)), None)
     if result.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -456,6 +569,7 @@ def run_wrk(url: str, script: Path, seconds: int) -> WrkResult:
         socket_errors=int(data["connect"] + data["read"] + data["write"] + data["timeout"]),
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
+        cpu_s=cpu,
     )
 
 
@@ -608,6 +722,12 @@ class Throughput:
     state_errors: int | None
     records_dropped: int | None
     degraded_at_end: bool | None
+    # Cores each side kept busy over the measured run (CPU seconds / wall seconds): on a
+    # small machine the load generator and the upstream compete with the gateway.
+    load_cores: float = 0.0
+    upstream_cores: float = 0.0
+    gateway_cores: float | None = None
+    redis_cores: float | None = None
 
 
 @dataclass(slots=True)
@@ -633,11 +753,14 @@ class Measure:
             self.redis.close()
 
     def _snapshot(self, system: str) -> tuple[dict[str, float], float, RedisSample | None]:
-        if system == "direct":
+        if system not in self.stack.gateways:
             return {}, 0.0, None
         base, pid = self.stack.gateways[system]
-        redis = redis_sample(self.redis) if system == "redis" and self.redis else None
-        return gateway_metrics(base), cpu_seconds(pid), redis
+        if BY_NAME[system].state == "litellm":  # no edgeroute metrics there: CPU only
+            return {}, tree_cpu_seconds(pid), None
+        # Redis commands are accounted for the default configuration only: one table.
+        redis = redis_sample(self.redis) if system == DEFAULT and self.redis else None
+        return gateway_metrics(base), tree_cpu_seconds(pid), redis
 
     def throughput(self, system: str) -> Throughput:
         url = self.stack.url(system)
@@ -651,7 +774,10 @@ class Measure:
         time.sleep(0.2)  # requests cut off by wrk's end and their records finish
         metrics1, cpu1, redis1 = self._snapshot(system)
         n = max(1, result.requests)
-        counters = counters_delta(metrics0, metrics1) if system != "direct" else None
+        counters = counters_delta(metrics0, metrics1) if system in self.stack.gateways else None
+        if counters is not None and BY_NAME[system].state == "litellm":
+            # Its own count is not available: wrk's completed requests stand in for it.
+            counters = GatewayCounters(result.requests, 0, 0, 0, False)
         redis_cpu: float | None = None
         if redis0 is not None and redis1 is not None and counters is not None:
             acct = redis_accounting(
@@ -678,6 +804,14 @@ class Measure:
             state_errors=None if counters is None else counters.state_errors,
             records_dropped=None if counters is None else counters.records_dropped,
             degraded_at_end=None if counters is None else counters.degraded_at_end,
+            load_cores=round(result.cpu_s / max(1e-9, result.seconds), 2),
+            upstream_cores=round((upstream1 - upstream0) / max(1e-9, result.seconds), 2),
+            gateway_cores=None
+            if counters is None
+            else round((cpu1 - cpu0) / max(1e-9, result.seconds), 2),
+            redis_cores=None
+            if redis0 is None or redis1 is None
+            else round((redis1.cpu_s - redis0.cpu_s) / max(1e-9, result.seconds), 2),
         )
 
     def latency(self, system: str) -> Latency:
@@ -687,7 +821,7 @@ class Measure:
         metrics1, cpu1, redis1 = self._snapshot(system)
         cpu: float | None = None
         state_errors: int | None = None
-        if system != "direct":
+        if system in self.stack.gateways:
             counters = counters_delta(metrics0, metrics1)
             state_errors = counters.state_errors
             cpu = round((cpu1 - cpu0) * 1e3 / max(1, counters.requests), 4)
@@ -718,6 +852,8 @@ def run_all(
             )
         latency = []
         for system in systems:
+            if not BY_NAME[system].latency:
+                continue
             lat = measure.latency(system)
             latency.append(lat)
             r = lat.result
@@ -861,6 +997,67 @@ def run_profile(system: str, settings: Settings, out: Path | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The access line alone: through `logging` (before) and the writer thread (now), one process
+# ---------------------------------------------------------------------------------------------
+
+
+def access_line_cost(lines: int = 50_000, rounds: int = 3) -> str:
+    """CPU per access line on the calling thread, both paths alternated in one process.
+
+    Lines go to a temporary file on stderr's descriptor, as the gateway's do under the
+    benchmark. `logging` is what every line cost before the writer thread: a LogRecord, the
+    handler's lock and a write(2) + flush per line; the writer path is the msgspec encode and
+    a deque append on the loop, with the writing done by the thread (its CPU is counted too:
+    process time, all threads).
+    """
+    import logging
+    import tempfile
+
+    from edgeroute import accesslog
+    from edgeroute.responses import write_access_line
+
+    saved = os.dup(2)
+    results: dict[str, list[float]] = {"logging": [], "writer": []}
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            handler = logging.StreamHandler(os.fdopen(os.dup(2), "w"))
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger = logging.getLogger("edgeroute.access")
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            for _ in range(rounds):
+                for path in ("logging", "writer"):
+                    if path == "writer":
+                        accesslog.install(2)
+                    started = time.process_time()
+                    for i in range(lines):
+                        write_access_line(
+                            f"4b1d6c0e9f2a7b35{i:08x}",
+                            ROUTE,
+                            200,
+                            0.0031234,
+                            attempts=1,
+                            provider="up-a",
+                            model="gpt-4o-mini",
+                            target="up-a:gpt-4o-mini",
+                            upstream_s=0.0012345,
+                        )
+                    accesslog.close()  # the writer's last batch is part of its cost
+                    results[path].append((time.process_time() - started) / lines * 1e6)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    best = {path: min(values) for path, values in results.items()}
+    return (
+        f"access line CPU, best of {rounds} x {lines:,} lines (process time, all threads): "
+        f"through logging {best['logging']:.2f} us/line, writer thread {best['writer']:.2f} "
+        f"us/line ({best['logging'] / max(1e-9, best['writer']):.1f}x)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
 
@@ -875,26 +1072,64 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     table = Goals()
     add = table.add
 
+    def ratio(numerator: str, denominator: str) -> float | None:
+        top, bottom = throughput.get(numerator), throughput.get(denominator)
+        if not top or not bottom or not bottom["rps"]:
+            return None
+        return float(top["rps"]) / float(bottom["rps"])
+
     redis = throughput.get("redis")
-    memory = throughput.get("memory")
     add(
-        "req/s through one gateway, Redis state, c=64",
+        "req/s, default config (Redis, log on), c=64",
         redis and redis["rps"],
         GOAL_REDIS_RPS,
         "/s",
         True,
     )
-    ratio = redis["rps"] / memory["rps"] if redis and memory and memory["rps"] else None
-    add("Redis state / memory state req/s, c=64", ratio, GOAL_REDIS_RATIO, "", True)
-    for system in ("memory", "redis"):
-        row = throughput.get(system)
+    add(
+        "gateway CPU per request, default config, c=64",
+        redis and redis["gateway_cpu_ms_per_req"],
+        GOAL_CPU_MS,
+        "ms",
+        False,
+    )
+    add(
+        "access log on / off req/s, Redis, c=64",
+        ratio("redis", "redis-nolog"),
+        GOAL_ACCESS_LOG_RATIO,
+        "",
+        True,
+    )
+    add(
+        "--workers 2 / --workers 1 req/s, c=64",
+        ratio("redis-w2", "redis"),
+        GOAL_WORKERS_SCALING,
+        "",
+        True,
+    )
+    add(
+        "Redis state / memory state req/s, c=64",
+        ratio("redis", "memory"),
+        GOAL_REDIS_RATIO,
+        "",
+        True,
+    )
+    if "litellm" in throughput:  # only when LiteLLM is installed: else no row at all
         add(
-            f"gateway CPU per request, {system} state, c=64",
-            row and row["gateway_cpu_ms_per_req"],
-            GOAL_CPU_MS,
-            "ms",
-            False,
+            "default config / LiteLLM req/s, c=64",
+            ratio("redis", "litellm"),
+            GOAL_LITELLM_RATIO,
+            "",
+            True,
         )
+    memory = throughput.get("memory")
+    add(
+        "gateway CPU per request, memory state, c=64",
+        memory and memory["gateway_cpu_ms_per_req"],
+        GOAL_CPU_MS,
+        "ms",
+        False,
+    )
     rate = f"{report['meta']['rate']:g}/s"
     for system in ("memory", "redis"):
         lat = latency.get(system)
@@ -986,6 +1221,19 @@ def render(report: dict[str, Any]) -> str:
             f"{_fmt(lat.get('added_p50_ms'), '+.3f'):>9}{_fmt(lat.get('added_p99_ms'), '+.3f'):>9}"
             f"{_fmt(lat.get('gateway_cpu_ms_per_req'), '.3f'):>8}{bad:>9}"
         )
+    lines += [
+        "",
+        f"Cores kept busy during each throughput run (CPU s / wall s; {meta['cpus']} CPUs on"
+        " this machine, shared by all of these, so read scaling figures with them):",
+    ]
+    for system in meta["systems"]:
+        t = throughput.get(system)
+        if t:
+            lines.append(
+                f"  {LABELS[system]:<24} load generator (wrk) {t['load_cores']:.2f},"
+                f" upstream {t['upstream_cores']:.2f}, gateway {_fmt(t['gateway_cores'], '.2f')}"
+                f", redis-server {_fmt(t['redis_cores'], '.2f')}"
+            )
     lines += ["", "Open loop detail (ms; send lag = actual send - scheduled send):"]
     for system in meta["systems"]:
         r = latency.get(system, {}).get("result")
@@ -1092,8 +1340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rate", type=float, help=f"open-loop requests/s (default {RATE:g})")
     parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset, in this order (default {','.join(SYSTEMS)})",
+    )
+    parser.add_argument(
         "--profile",
-        choices=("memory", "redis"),
+        choices=[system.name for system in SYSTEM_LIST if system.state not in (None, "litellm")],
         help="instead: py-spy one gateway under wrk c=64 and print where its CPU goes",
     )
     parser.add_argument(
@@ -1101,10 +1354,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="keep the profile: collapsed stacks, or speedscope when the name ends in .json",
     )
+    parser.add_argument(
+        "--litellm",
+        metavar="PATH",
+        help="the `litellm` executable of a LiteLLM proxy install (default: `litellm` on "
+        "PATH); when found, a LiteLLM row runs beside the others, else it is skipped",
+    )
+    parser.add_argument(
+        "--access-line-cost",
+        action="store_true",
+        help="instead: CPU per access line through logging vs the writer thread (in-process)",
+    )
     parser.add_argument("--open-loop-worker", metavar="JSON", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.open_loop_worker:
         return open_loop_worker(options.open_loop_worker)
+    if options.access_line_cost:
+        print(access_line_cost())
+        return 0
     settings = Settings.make(
         options.quick, options.duration, options.latency_duration, options.rate
     )
@@ -1113,6 +1380,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.profile:
         print(run_profile(options.profile, settings, options.profile_out))
         return 0
+    systems = [name.strip() for name in options.systems.split(",") if name.strip()]
+    litellm = find_litellm(options.litellm)
+    if litellm is None:
+        log("LiteLLM is not installed (no --litellm, no `litellm` on PATH): its row is skipped")
+        systems = [name for name in systems if name != "litellm"]
+    elif "litellm" not in systems and options.systems == ",".join(SYSTEMS):
+        systems.append("litellm")
+    unknown = sorted(set(systems) - set(BY_NAME))
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
     started = time.perf_counter()
     _, loop_name = loop_factory()
     report: dict[str, Any] = {
@@ -1125,7 +1402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wrk": wrk_version(),
             "redis_version": None,
             "quick": options.quick,
-            "systems": list(SYSTEMS),
+            "systems": systems,
+            "litellm": litellm,
             "concurrency": CONCURRENCY,
             "throughput_s": settings.throughput_s,
             "throughput_warmup_s": settings.throughput_warmup_s,
@@ -1137,13 +1415,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     with managed_processes("gw") as processes:
-        log("edgeroute gateway benchmark: starting redis-server, mock upstream, 2 gateways")
-        stack = start_stack(processes, SYSTEMS)
-        with redis_py.Redis.from_url(stack.redis_url) as client:
-            report["meta"]["redis_version"] = str(client.info("server")["redis_version"])
-        report.update(run_all(stack, settings, SYSTEMS, processes.workdir))
-        base, _ = stack.gateways["redis"]
-        report["meta"]["redis_gateway_readyz"] = gateway_health(base)
+        log(
+            "edgeroute gateway benchmark: starting redis-server, mock upstream, "
+            f"{len(systems) - ('direct' in systems)} gateways"
+        )
+        stack = start_stack(processes, systems, litellm)
+        if stack.redis_url:
+            with redis_py.Redis.from_url(stack.redis_url) as client:
+                report["meta"]["redis_version"] = str(client.info("server")["redis_version"])
+        report.update(run_all(stack, settings, systems, processes.workdir))
+        if DEFAULT in stack.gateways:
+            base, _ = stack.gateways[DEFAULT]
+            report["meta"]["redis_gateway_readyz"] = gateway_health(base)
     report["meta"]["runtime_s"] = round(time.perf_counter() - started, 2)
     report["goals"] = goals(report)
     if options.json:

@@ -432,8 +432,15 @@ def _serve_config(args: argparse.Namespace, out: _Output) -> Config:
 
 def _cmd_serve(args: argparse.Namespace, out: _Output) -> int:
     from edgeroute.launch import serve_config
+    from edgeroute.workers import WorkersError, resolve_workers
 
     config = _serve_config(args, out)
+    try:
+        workers, note = resolve_workers(args.workers, config)
+    except WorkersError as exc:
+        raise _UsageError(str(exc)) from None
+    if note:
+        out.note(note)
     server = config.server
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -444,7 +451,9 @@ def _cmd_serve(args: argparse.Namespace, out: _Output) -> int:
         server = msgspec.structs.replace(server, **overrides)
         config = msgspec.structs.replace(config, server=server)
     try:
-        return serve_config(config)
+        return serve_config(config, workers)
+    except WorkersError as exc:
+        raise _UsageError(str(exc)) from None
     except OSError as exc:
         raise _UsageError(
             f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}"
@@ -539,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        default=os.environ.get("EDGEROUTE_WORKERS") or "1",
+        help="gateway processes sharing the port (default 1, or EDGEROUTE_WORKERS); `auto`: "
+        "one per CPU this process may use; more than 1 needs Redis state",
+    )
     serve.set_defaults(handler=_cmd_serve)
 
     demo = sub.add_parser(

@@ -286,8 +286,12 @@ class GuardedSite(web.TCPSite):
         header_timeout_s: float,
         body_timeout_s: float,
         backlog: int = 2048,
+        reuse_port: bool = False,
     ) -> None:
-        super().__init__(runner, host, port, reuse_address=True, backlog=backlog)
+        # reuse_port: SO_REUSEPORT, for the workers of `edgeroute serve --workers N`.
+        super().__init__(
+            runner, host, port, reuse_address=True, reuse_port=reuse_port or None, backlog=backlog
+        )
         self._cap = cap
         self._header_timeout_s = header_timeout_s
         self._body_timeout_s = body_timeout_s
@@ -311,6 +315,7 @@ class GuardedSite(web.TCPSite):
             self._port,
             backlog=self._backlog,
             reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
         )
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shlex
@@ -18,31 +19,73 @@ from edgeroute.config import Config, parse_config
 DEMO_PORTS = (9101, 9102, 9103)
 
 
-def configure_logging() -> None:
-    """Access lines are JSON already; everything goes to stderr, one line per event."""
+def access_log_enabled() -> bool:
+    return os.environ.get("EDGEROUTE_ACCESS_LOG", "1") not in ("0", "false", "no")
+
+
+def configure_logging(*, access_lines: bool = True) -> None:
+    """Access lines are JSON already; everything goes to stderr, one line per event.
+
+    Access lines bypass `logging` in a serving process: a background thread writes them to
+    stderr in batches (edgeroute.accesslog), so the event loop never waits on the pipe.
+    `access_lines=False` for a process that serves nothing (the worker supervisor).
+    """
     level = os.environ.get("EDGEROUTE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    if os.environ.get("EDGEROUTE_ACCESS_LOG", "1") in ("0", "false", "no"):
+    if not access_log_enabled():
         logging.getLogger("edgeroute.access").setLevel(logging.WARNING)
+    elif access_lines:
+        from edgeroute import accesslog
+        from edgeroute.metrics import ACCESS_LOG_DROPPED
+
+        accesslog.install(sys.stderr.fileno(), on_drop=ACCESS_LOG_DROPPED.inc)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run on uvloop when it is installed (the `fast` extra), else on asyncio's loop."""
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main())
-    return uvloop.run(main())
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    # Started outside the `except` block: inside it, every exception the server ever logs
+    # would carry "During handling ... ModuleNotFoundError: No module named 'uvloop'".
+    try:
+        return runner(main())
+    finally:
+        from edgeroute import accesslog
+
+        accesslog.close()  # the last lines reach stderr before the process exits
 
 
-def serve_config(config: Config) -> int:
+def freeze_startup_objects() -> None:
+    """Move everything alive once the server listens (modules, config, app) out of the GC's
+    reach: full collections while serving, and the one at exit, no longer walk it all."""
+    gc.collect()
+    gc.freeze()
+
+
+def state_name(config: Config) -> str:
+    return "redis" if config.state.redis_url else "memory"
+
+
+def serve_config(config: Config, workers: int = 1) -> int:
+    """One process serves (workers=1), or a supervisor runs `workers` processes."""
+    if workers > 1:
+        from edgeroute.workers import Supervisor
+
+        configure_logging(access_lines=False)
+        return Supervisor(config, workers).run()
+
     from edgeroute.server import serve
 
     configure_logging()
 
     def ready(url: str) -> None:
-        state = "redis" if config.state.redis_url else "memory"
-        print(f"edgeroute listening on {url}/v1 (state: {state})", flush=True)
+        freeze_startup_objects()
+        print(f"edgeroute listening on {url}/v1 (state: {state_name(config)})", flush=True)
 
     return run(lambda: serve(config, ready=ready))
 

@@ -1,14 +1,38 @@
 """Prometheus metrics, all prefixed `edgeroute_`, on a registry owned by one app.
 
 Label children are cached per (route, target): `.labels()` costs more than the increment.
+
+Under `edgeroute serve --workers N` every worker runs with `PROMETHEUS_MULTIPROC_DIR` set
+(a private directory the supervisor creates and removes): prometheus-client then keeps each
+value in a per-process file, and whichever worker answers `/metrics` reads all of them
+(`MultiProcessCollector`). Counters and histograms sum over every worker that ever ran (a
+restarted worker's requests still count); each gauge names how workers combine, and the
+`live*` modes drop a worker's value as soon as the supervisor marks it dead.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_INDEX_ENV = "EDGEROUTE_WORKER_INDEX"
+# How often a worker copies its scrape-time gauges into its file (multiprocess mode only).
+_LIVE_GAUGE_REFRESH_S = 1.0
+
+# Process-wide: the access-log writer (edgeroute.accesslog) outlives any one app.
+ACCESS_LOG_DROPPED = Counter(
+    "edgeroute_access_log_dropped",
+    "Access lines dropped because the access-log writer's bounded queue was full.",
+    registry=None,
+)
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -45,10 +69,46 @@ class TargetMetrics:
     cost: Counter
 
 
+class _ScrapeTimeGauge(Gauge):
+    """A gauge whose value a function gives (`set_function`), in either mode.
+
+    Single process: read at scrape time, as prometheus-client does. Multiprocess: the worker
+    answering a scrape cannot call its siblings' functions, so each worker copies its value
+    into its own file every second from a daemon thread (a figure at most 1 s old), and the
+    answering worker its own at the scrape.
+    """
+
+    _function: Callable[[], float] | None = None
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        if os.environ.get(MULTIPROC_DIR_ENV) is None:
+            super().set_function(f)
+            return
+        self._function = f
+
+        def refresh_forever() -> None:
+            while True:
+                time.sleep(_LIVE_GAUGE_REFRESH_S)
+                self.refresh()
+
+        self.refresh()
+        threading.Thread(target=refresh_forever, name="edgeroute-metrics", daemon=True).start()
+
+    def refresh(self) -> None:
+        if self._function is not None:
+            self.set(self._function())
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get(MULTIPROC_DIR_ENV) or None
+        # Breaker gauges and transition counts come from polling the shared state, which
+        # every worker sees alike: with several workers only worker 0 polls, else the
+        # transitions would be counted once per worker.
+        self.polls_breakers = os.environ.get(WORKER_INDEX_ENV, "0") == "0"
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(ACCESS_LOG_DROPPED)
         self.requests = Counter(
             "edgeroute_requests",
             "Client requests by route, chosen target and outcome.",
@@ -111,6 +171,7 @@ class Metrics:
             "Breaker state per target: 0 closed, 1 open, 2 half-open.",
             ["route", "target"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.breaker_transitions = Counter(
             "edgeroute_breaker_transitions",
@@ -140,14 +201,19 @@ class Metrics:
             "edgeroute_state_degraded",
             "1 while this replica routes on local state because shared state is unreachable.",
             registry=r,
+            # Workers fall back on their own; 1 while any live worker does.
+            multiprocess_mode="livemax",
         )
         self.records_dropped = Counter(
             "edgeroute_records_dropped",
             "Outcome records dropped because the bounded record queue was full.",
             registry=r,
         )
-        self.in_flight = Gauge(
-            "edgeroute_in_flight_requests", "Client requests being served now.", registry=r
+        self.in_flight = _ScrapeTimeGauge(
+            "edgeroute_in_flight_requests",
+            "Client requests being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self._targets: dict[tuple[str, str, str], TargetMetrics] = {}
         self._state_calls: dict[str, Histogram] = {}
@@ -175,4 +241,11 @@ class Metrics:
         child.observe(seconds)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self.in_flight.refresh()
+        # Read at every scrape: workers come and go. A fresh registry, so the values this
+        # process also holds in `self.registry` are not exported twice.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

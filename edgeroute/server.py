@@ -191,7 +191,9 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         await router.close()
 
     # Order matters on the way out (reverse): stop polling, drain records, close state.
-    app.cleanup_ctx.extend([close_state, outcome_recorder, breaker_gauges, upstream_session])
+    # Of the workers of `serve --workers N`, one polls for all (see Metrics.polls_breakers).
+    pollers = [breaker_gauges] if metrics.polls_breakers else []
+    app.cleanup_ctx.extend([close_state, outcome_recorder, *pollers, upstream_session])
 
     def proxied(endpoint: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -312,11 +314,14 @@ async def _poll_breakers(router: Router, metrics: Metrics, interval_s: float = 5
         await asyncio.sleep(interval_s)
 
 
-async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> int:
+async def serve(
+    config: Config, *, ready: Callable[[str], None] | None = None, reuse_port: bool = False
+) -> int:
     """Run until SIGTERM/SIGINT, then drain: /readyz turns 503, in-flight work finishes.
 
     The drain waits up to `server.shutdown_timeout_s` for in-flight requests and streams;
     whatever is still running then is cancelled, so the process exits within that time.
+    `reuse_port`: SO_REUSEPORT, for the workers of `edgeroute serve --workers N`.
     """
     app = create_app(config)
     server = config.server
@@ -347,6 +352,7 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
             cap=cap,
             header_timeout_s=server.header_timeout_s,
             body_timeout_s=server.body_timeout_s,
+            reuse_port=reuse_port,
         )
         await site.start()
         stop = asyncio.Event()
