@@ -21,10 +21,10 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 import urllib.error
 import urllib.request
-import time
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
