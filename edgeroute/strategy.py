@@ -96,9 +96,23 @@ class Candidate:
     # A closed breaker with failures in a row whose in-flight requests could already reach
     # the threshold: more traffic could only add failures, so it goes last.
     held: bool = False
+    # The time-decayed estimate (EstimatorParams): mean latency in us, -1 when never
+    # measured; recent error rate; age of the latency estimate in ms (-1: none).
+    estimate_us: float = -1.0
+    error_rate: float = 0.0
+    estimate_age_ms: int = -1
+    # This decide re-measures the target through the exploration budget.
+    explore: bool = False
+
+    @property
+    def measured(self) -> bool:
+        return self.estimate_us >= 0.0
 
     @property
     def latency_ms(self) -> float | None:
+        """The estimate that ranks (time-decayed), else the window mean, else None."""
+        if self.estimate_us >= 0.0:
+            return self.estimate_us / 1000.0
         return self.latency_sum_us / self.successes / 1000.0 if self.successes else None
 
     @property
@@ -107,9 +121,31 @@ class Candidate:
         return self.successes / total if total else 1.0
 
 
-def rank(strategy: RoutingStrategy, candidates: list[Candidate], rr_cursor: int) -> list[Candidate]:
+@dataclass(frozen=True, slots=True)
+class Shaping:
+    """What latency and hybrid need beyond the scores (EstimatorParams, as rank sees them)."""
+
+    load_penalty: float = 0.25
+    tolerance: float = 0.1
+
+
+_NO_SHAPING = Shaping()
+# A target failing most requests still ranks by a bounded multiple of its latency.
+ERROR_FLOOR = 0.1
+
+
+def rank(
+    strategy: RoutingStrategy,
+    candidates: list[Candidate],
+    rr_cursor: int,
+    shaping: Shaping = _NO_SHAPING,
+) -> list[Candidate]:
     """Score `candidates` (admissible, in configuration order) and return them best first.
 
+    Latency and hybrid: measured targets rank before unmeasured ones (those are explored
+    through the budget, see `pick_exploration`), and the targets within `tolerance` of the
+    best share traffic: the one at `rr_cursor` among them goes first (no herding).
+    A candidate marked `explore` goes first among the ordinary ones.
     Half-open targets holding a free probe slot go first whatever their score: a breaker
     only recovers if somebody probes it, and the probe budget already bounds the risk.
     Held targets (see `is_held`) go last: used only when nothing else is admissible, so
@@ -124,18 +160,23 @@ def rank(strategy: RoutingStrategy, candidates: list[Candidate], rr_cursor: int)
         ordered = candidates[start:] + candidates[:start]
         for position, candidate in enumerate(ordered):
             candidate.score = 1.0 - position / count
-    else:
+    elif kind == "cost" or kind == "least_busy":
         if kind == "cost":
             _score_cost(candidates)
-        elif kind == "latency":
-            _score_latency(candidates)
-        elif kind == "hybrid":
-            _score_hybrid(strategy, candidates)
-        elif kind == "least_busy":
+        else:
             _score_least_busy(candidates)
-        else:  # pragma: no cover - RoutingStrategy validates kinds
-            raise ValueError(kind)
         ordered = sorted(candidates, key=_by_score)
+    elif kind == "latency" or kind == "hybrid":
+        if kind == "latency":
+            _score_latency(candidates, shaping.load_penalty)
+        else:
+            _score_hybrid(strategy, candidates, shaping.load_penalty)
+        ordered = sorted(candidates, key=_by_measured_score)
+        ordered = _share(ordered, rr_cursor, shaping.tolerance)
+    else:  # pragma: no cover - RoutingStrategy validates kinds
+        raise ValueError(kind)
+    if any(c.explore for c in ordered):
+        ordered = [c for c in ordered if c.explore] + [c for c in ordered if not c.explore]
     if any(c.probe or c.held for c in ordered):
         ordered = (
             [c for c in ordered if c.probe]
@@ -143,6 +184,53 @@ def rank(strategy: RoutingStrategy, candidates: list[Candidate], rr_cursor: int)
             + [c for c in ordered if c.held]
         )
     return ordered
+
+
+def _share(ordered: list[Candidate], cursor: int, tolerance: float) -> list[Candidate]:
+    """The targets within `tolerance` of the best take turns by the route's cursor: near-equal
+    targets share traffic instead of one taking it all, and every replica agrees on the turn
+    because the cursor is shared state."""
+    best = ordered[0]
+    near = [
+        c
+        for c in ordered
+        if c.measured == best.measured and c.score * (1.0 + tolerance) >= best.score
+    ]
+    if len(near) < 2:
+        return ordered
+    pick = near[(cursor - 1) % len(near)]
+    return [pick] + [c for c in ordered if c is not pick]
+
+
+def is_stale(candidate: Candidate, explore_after_ms: int) -> bool:
+    """No latency estimate, or one older than `explore_after_ms`: worth re-measuring."""
+    return candidate.estimate_us < 0.0 or candidate.estimate_age_ms > explore_after_ms
+
+
+def pick_exploration(
+    candidates: Sequence[Candidate], explore_after_ms: int, in_use: Sequence[int], most: int
+) -> Candidate | None:
+    """The target an advancing decide re-measures (the budget's share rule already passed):
+    a closed, not held, stale target with a free exploration slot; never measured first,
+    then the oldest estimate; configuration order breaks ties. None if there is no such
+    target or it is the only candidate (then it is simply the choice)."""
+    if len(candidates) < 2:
+        return None
+    chosen: Candidate | None = None
+    for c, used in zip(candidates, in_use, strict=True):
+        if c.state is not CircuitState.CLOSED or c.held or used >= most:
+            continue
+        if not is_stale(c, explore_after_ms):
+            continue
+        if chosen is None or _staler(c, chosen):
+            chosen = c
+    return chosen
+
+
+def _staler(a: Candidate, b: Candidate) -> bool:
+    if a.estimate_us < 0.0 or b.estimate_us < 0.0:
+        return a.estimate_us < 0.0 and b.estimate_us >= 0.0
+    return a.estimate_age_ms > b.estimate_age_ms
 
 
 def is_held(failures: int, inflight: int, failure_threshold: int) -> bool:
@@ -154,54 +242,63 @@ def _by_score(candidate: Candidate) -> float:
     return -candidate.score  # sorted() is stable: equal scores keep configuration order
 
 
+def _by_measured_score(candidate: Candidate) -> tuple[bool, float]:
+    return (not candidate.measured, -candidate.score)
+
+
 def _score_cost(candidates: list[Candidate]) -> None:
     max_price = max(c.target.price_per_mtok for c in candidates)
     for c in candidates:
         c.score = 1.0 - c.target.price_per_mtok / max_price if max_price > 0.0 else 1.0
 
 
-def _mean_latency_us(c: Candidate) -> float | None:
-    return c.latency_sum_us / c.successes if c.successes else None
+def _loaded_latency(c: Candidate, load_penalty: float) -> float:
+    """Peak-EWMA style: the estimate grows with the requests already in flight."""
+    return c.estimate_us * (1.0 + load_penalty * c.inflight)
 
 
-def _max_latency_us(candidates: list[Candidate]) -> float:
-    return max((c.latency_sum_us / c.successes for c in candidates if c.successes), default=0.0)
-
-
-def _latency_term(c: Candidate, max_latency: float) -> float:
-    # No samples yet: optimistic, so a new or recovered target gets explored.
-    if not c.successes or max_latency <= 0.0:
-        return 1.0
-    return 1.0 - (c.latency_sum_us / c.successes) / max_latency
-
-
-def _score_latency(candidates: list[Candidate]) -> None:
-    max_latency = _max_latency_us(candidates)
+def _score_latency(candidates: list[Candidate], load_penalty: float) -> None:
+    """score = best / expected latency, where the expected latency is the loaded estimate
+    divided by the recent success rate (a failed attempt costs a retry)."""
+    best = -1.0
     for c in candidates:
-        c.score = _latency_term(c, max_latency)
+        if c.estimate_us >= 0.0:
+            cost = _loaded_latency(c, load_penalty) / max(1.0 - c.error_rate, ERROR_FLOOR)
+            c.score = cost  # held here until the best is known
+            if best < 0.0 or cost < best:
+                best = cost
+    for c in candidates:
+        if c.estimate_us < 0.0:
+            c.score = 0.0  # never measured: explored through the budget, not ranked first
+        elif c.score > 0.0:
+            c.score = best / c.score
+        else:
+            c.score = 1.0
 
 
-def _score_hybrid(strategy: RoutingStrategy, candidates: list[Candidate]) -> None:
+def _score_hybrid(
+    strategy: RoutingStrategy, candidates: list[Candidate], load_penalty: float
+) -> None:
     max_price = 0.0
     max_latency = 0.0
     for c in candidates:
         if c.target.price_per_mtok > max_price:
             max_price = c.target.price_per_mtok
-        if c.successes:
-            mean = c.latency_sum_us / c.successes
-            if mean > max_latency:
-                max_latency = mean
+        if c.estimate_us >= 0.0:
+            loaded = _loaded_latency(c, load_penalty)
+            if loaded > max_latency:
+                max_latency = loaded
     wc, wl, wr = strategy.cost_weight, strategy.latency_weight, strategy.reliability_weight
     for c in candidates:
         price = c.target.price_per_mtok
         cost_term = 1.0 - price / max_price if max_price > 0.0 else 1.0
-        successes = c.successes
-        total = successes + c.failures
-        reliability = successes / total if total else 1.0
-        if successes and max_latency > 0.0:
-            latency_term = 1.0 - (c.latency_sum_us / successes) / max_latency
+        reliability = 1.0 - c.error_rate
+        if c.estimate_us < 0.0:
+            latency_term = 0.0  # unmeasured: explored through the budget, not ranked first
+        elif max_latency > 0.0:
+            latency_term = 1.0 - _loaded_latency(c, load_penalty) / max_latency
         else:
-            latency_term = 1.0  # no samples yet: optimistic, so it gets explored
+            latency_term = 1.0
         c.score = wc * cost_term + wl * latency_term + wr * reliability
 
 
@@ -270,6 +367,15 @@ def _fmt_latency(c: Candidate) -> str:
     return "unexplored" if latency is None else f"{latency:.1f}ms"
 
 
+def _fmt_estimate(c: Candidate) -> str:
+    if c.estimate_us < 0.0:
+        return "unmeasured"
+    return (
+        f"estimate {c.estimate_us / 1000.0:.1f}ms (age {c.estimate_age_ms}ms,"
+        f" errors {c.error_rate:.0%}, {c.inflight} in flight)"
+    )
+
+
 def explain_choice(
     strategy: RoutingStrategy,
     ordered: Sequence[Candidate],
@@ -283,10 +389,13 @@ def explain_choice(
     name = best.target.id
     if best.probe:
         head = f"half-open probe of {name} (breaker recovering)"
+    elif best.explore:
+        state = "never measured" if best.estimate_us < 0.0 else f"{_fmt_estimate(best)} stale"
+        head = f"{strategy.kind}: exploring {name} ({state})"
     elif strategy.kind == "cost":
         head = f"cost: {name} at {best.target.price_per_mtok:g} $/Mtok"
     elif strategy.kind == "latency":
-        head = f"latency: {name} mean {_fmt_latency(best)} over {best.successes} samples"
+        head = f"latency: {name} {_fmt_estimate(best)}"
     elif strategy.kind == "hybrid":
         head = (
             f"hybrid: {name} score {best.score:.3f} (cost {best.target.price_per_mtok:g} $/Mtok,"

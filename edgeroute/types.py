@@ -54,6 +54,28 @@ class WindowParams:
 
 
 @dataclass(frozen=True, slots=True)
+class EstimatorParams:
+    """The time-decayed estimate, exploration budget and load/tolerance of latency and hybrid.
+
+    Latency and error rate are exponentially time-weighted means (half-life `half_life_ms`,
+    decayed by the state's own clock). A target whose latency estimate is older than
+    `explore_after_ms` (or that has none) is re-measured through exploration reservations:
+    at most `explore_max` in flight per target, at most one exploration per `explore_every`
+    advancing decides of the route, each reservation expiring after `explore_ttl_ms`.
+    The latency term is estimate x (1 + load_penalty x in-flight); targets within
+    `tolerance` (relative) of the best share traffic through the route's cursor.
+    """
+
+    half_life_ms: int = 2_000
+    explore_after_ms: int = 2_000
+    explore_max: int = 1
+    explore_every: int = 20
+    explore_ttl_ms: int = 30_000
+    load_penalty: float = 0.25
+    tolerance: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """What a decide granted: the target, the breaker generation, and the lease to give back."""
 
@@ -126,10 +148,22 @@ class TargetSnapshot:
     # None when it is admissible. Reported by the backend, never re-derived.
     excluded: str | None = None
     excluded_ms: int = 0
+    # The time-decayed estimate (EstimatorParams): latency in us (None: never measured),
+    # recent error rate, age of the latency estimate, live exploration reservations, and
+    # whether the next decide may explore it (no estimate, or older than explore_after).
+    estimate_us: float | None = None
+    error_rate: float = 0.0
+    estimate_age_ms: int | None = None
+    explorations_in_use: int = 0
+    stale: bool = True
 
     @property
     def latency_ms(self) -> float | None:
         return self.latency_sum_us / self.successes / 1000.0 if self.successes else None
+
+    @property
+    def estimate_ms(self) -> float | None:
+        return None if self.estimate_us is None else self.estimate_us / 1000.0
 
     @property
     def success_rate(self) -> float | None:

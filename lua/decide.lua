@@ -6,13 +6,15 @@
 -- REPLY: admitted generation probe wait_ms rr_cursor count admissible now_ms repaired
 --        *[candidate] *[target] (explain)
 --   candidate (best first, `count` of them): position state score successes latency_us
---     failures inflight held   (scores travel as strings: Redis truncates Lua numbers)
+--     failures inflight held estimate_us error_rate estimate_age_ms explore
+--     (scores and estimates travel as strings: Redis truncates Lua numbers)
 --   target (explain only, configuration order): state generation consecutive_failures
 --     half_open_successes open_remaining_ms open_timeout_ms cooldown_remaining_ms inflight
 --     probes_in_use successes failures latency_us input_tokens output_tokens excluded
---     excluded_ms
+--     excluded_ms estimate_us error_rate estimate_age_ms explorations_in_use stale
 --   rr_cursor is the cursor the next advancing decide takes (explain) or the one this decide
---   took; excluded is a wire.EXCLUSION_REASONS code, excluded_ms how long it still holds.
+--   took (round-robin, and the turn among near-best targets for latency and hybrid);
+--   excluded is a wire.EXCLUSION_REASONS code, excluded_ms how long it still holds.
 
 local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY = 0, 1, 2, 3, 4
 
@@ -36,12 +38,23 @@ local m = tonumber(ARGV[i])
 for k = 1, m do excluded[ARGV[i + k]] = true end
 i = i + m + 1
 
--- Load every target record (and the cursor) in one call.
-local fields = {'#rr'}
-for k = 1, n do fields[k + 1] = ids[k] end
+local strategy = P.strategy
+local windowed = strategy == LATENCY or strategy == HYBRID
+
+-- Load every target record, the cursor, the last exploration's cursor and (latency,
+-- hybrid, explain) every estimate in one call.
+local fields = {'#rr', '#x'}
+for k = 1, n do fields[k + 2] = ids[k] end
+if windowed or explain then
+  for k = 1, n do fields[n + k + 2] = ids[k] .. '#e' end
+end
 local values = redis.call('HMGET', K_TARGETS, unpack(fields))
 local rr = tonumber(values[1]) or 0
-for k = 1, n do records[ids[k]] = parse(values[k + 1]) end
+local last_explore = tonumber(values[2])
+for k = 1, n do records[ids[k]] = parse(values[k + 2]) end
+if windowed or explain then
+  for k = 1, n do estimates[ids[k]] = parse_est(values[n + k + 2]) end
+end
 
 if ARGV[i] == '1' and not explain then apply_argv(now, i + 1) end
 expire_leases(now, explain)
@@ -57,13 +70,11 @@ else
   reconcile_inflight(ids)
 end
 
-local strategy = P.strategy
 local extra = nil
-if advance and strategy == ROUND_ROBIN then
+if advance and (strategy == ROUND_ROBIN or windowed) then
   rr = rr + 1
   if not explain then extra = {'#rr', rr} end
 end
-local windowed = strategy == LATENCY or strategy == HYBRID
 local windows = nil
 if windowed or explain then windows = redis.call('HMGET', K_WINDOW, unpack(ids)) end
 -- A writing decide rewrites a window holding stale buckets; explain passes no id.
@@ -75,7 +86,7 @@ end
 -- Admission: why each target is out (wire.EXCLUSION_REASONS), for how long.
 local BREAKER_OPEN, RATE_LIMITED_OUT, PROBES_FULL = 1, 2, 3
 local cands = {}
-local why, why_ms, live_count = {}, {}, {}
+local why, why_ms, live_count, explore_count = {}, {}, {}, {}
 local wait = 0
 for k = 1, n do
   local id = ids[k]
@@ -99,8 +110,17 @@ for k = 1, n do
     else
       local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
                  s = 0, lat = 0, f = 0, inf = r.inf, score = 0,
-                 held = r.st == CLOSED and r.f > 0 and r.f + r.inf >= P.failure_threshold}
-      if windowed then c.s, c.lat, c.f = totals(k) end
+                 held = r.st == CLOSED and r.f > 0 and r.f + r.inf >= P.failure_threshold,
+                 est = -1, err = 0, age = -1, explore = false, used = 0}
+      if windowed then
+        c.s, c.lat, c.f = totals(k)
+        c.est, c.err, c.age = estimate(estimates[id], now)
+        if explain then
+          c.used = live_explores(estimates[id], nil, now)
+        else
+          c.used = live_explores(estimates[id], id, now)
+        end
+      end
       cands[#cands + 1] = c
     end
   end
@@ -111,26 +131,52 @@ local function by_score(a, b)
   return a.idx < b.idx
 end
 
-local function max_latency()
-  local most = 0
-  for _, c in ipairs(cands) do
-    if c.s > 0 then
-      local mean = c.lat / c.s
-      if mean > most then most = mean end
-    end
-  end
-  return most
+-- strategy.py: _loaded_latency, _score_latency, _score_hybrid, _share, pick_exploration.
+local ERROR_FLOOR = 0.1
+
+local function loaded(c)
+  return c.est * (1 + P.load_penalty * c.inf)
 end
 
-local function latency_term(c, most)
-  if c.s == 0 or most <= 0 then return 1 end
-  return 1 - (c.lat / c.s) / most
+local function by_measured_score(a, b)
+  local am, bm = a.est >= 0, b.est >= 0
+  if am ~= bm then return am end
+  if a.score ~= b.score then return a.score > b.score end
+  return a.idx < b.idx
+end
+
+local function is_stale(c)
+  return c.est < 0 or c.age > P.explore_after
+end
+
+local function staler(a, b)
+  if a.est < 0 or b.est < 0 then return a.est < 0 and b.est >= 0 end
+  return a.age > b.age
+end
+
+local function pick_exploration()
+  if #cands < 2 then return nil end
+  local chosen = nil
+  for _, c in ipairs(cands) do
+    if c.st == CLOSED and not c.held and c.used < P.explore_max and is_stale(c) then
+      if not chosen or staler(c, chosen) then chosen = c end
+    end
+  end
+  return chosen
 end
 
 local function max_price()
   local most = cands[1].price
   for _, c in ipairs(cands) do if c.price > most then most = c.price end end
   return most
+end
+
+local explored = nil
+if windowed and advance then
+  if not last_explore or rr - last_explore >= P.explore_every then
+    explored = pick_exploration()
+    if explored then explored.explore = true end
+  end
 end
 
 local ordered = cands
@@ -151,18 +197,46 @@ if count > 0 then
         if most > 0 then c.score = 1 - c.price / most else c.score = 1 end
       end
     elseif strategy == LATENCY then
-      local most = max_latency()
-      for _, c in ipairs(cands) do c.score = latency_term(c, most) end
+      -- score = best / expected latency: the loaded estimate over the recent success rate.
+      local best = -1
+      for _, c in ipairs(cands) do
+        if c.est >= 0 then
+          local cost = loaded(c) / math.max(1 - c.err, ERROR_FLOOR)
+          c.score = cost
+          if best < 0 or cost < best then best = cost end
+        end
+      end
+      for _, c in ipairs(cands) do
+        if c.est < 0 then
+          c.score = 0
+        elseif c.score > 0 then
+          c.score = best / c.score
+        else
+          c.score = 1
+        end
+      end
     elseif strategy == HYBRID then
-      local most_price = max_price()
-      local most_latency = max_latency()
+      local most_price, most_latency = 0, 0
+      for _, c in ipairs(cands) do
+        if c.price > most_price then most_price = c.price end
+        if c.est >= 0 then
+          local l = loaded(c)
+          if l > most_latency then most_latency = l end
+        end
+      end
       for _, c in ipairs(cands) do
         local cost_term = 1
         if most_price > 0 then cost_term = 1 - c.price / most_price end
-        local total = c.s + c.f
-        local reliability = 1
-        if total > 0 then reliability = c.s / total end
-        c.score = P.wc * cost_term + P.wl * latency_term(c, most_latency) + P.wr * reliability
+        local reliability = 1 - c.err
+        local latency_term
+        if c.est < 0 then
+          latency_term = 0
+        elseif most_latency > 0 then
+          latency_term = 1 - loaded(c) / most_latency
+        else
+          latency_term = 1
+        end
+        c.score = P.wc * cost_term + P.wl * latency_term + P.wr * reliability
       end
     else -- LEAST_BUSY
       local most = cands[1].inf
@@ -171,7 +245,33 @@ if count > 0 then
         if most > 0 then c.score = 1 - c.inf / most else c.score = 1 end
       end
     end
-    table.sort(cands, by_score)
+    if windowed then
+      table.sort(cands, by_measured_score)
+      -- The targets within `tolerance` of the best take turns by the shared cursor.
+      local best = cands[1]
+      local near = {}
+      for _, c in ipairs(cands) do
+        if (c.est >= 0) == (best.est >= 0) and c.score * (1 + P.tolerance) >= best.score then
+          near[#near + 1] = c
+        end
+      end
+      if #near > 1 then
+        local pick = near[((rr - 1) % #near) + 1]
+        ordered = {pick}
+        for _, c in ipairs(cands) do
+          if c ~= pick then ordered[#ordered + 1] = c end
+        end
+      end
+    else
+      table.sort(cands, by_score)
+    end
+  end
+  if explored then
+    local rest = {explored}
+    for _, c in ipairs(ordered) do
+      if c ~= explored then rest[#rest + 1] = c end
+    end
+    ordered = rest
   end
   -- Half-open targets with a free probe slot go first: breakers recover only when probed.
   -- Held targets (failures in a row, their failure budget already in flight) go last.
@@ -190,6 +290,10 @@ if count > 0 then
     for _, c in ipairs(held) do probes[#probes + 1] = c end
     ordered = probes
   end
+  if explored and ordered[1] ~= explored then
+    explored.explore = false  -- a half-open probe went first: nothing is explored
+    explored = nil
+  end
 end
 
 local function candidate_rows(reply, upto)
@@ -203,6 +307,10 @@ local function candidate_rows(reply, upto)
     reply[#reply + 1] = c.f
     reply[#reply + 1] = c.inf
     reply[#reply + 1] = c.held and 1 or 0
+    reply[#reply + 1] = string.format('%.17g', c.est)
+    reply[#reply + 1] = string.format('%.17g', c.err)
+    reply[#reply + 1] = c.age
+    reply[#reply + 1] = c.explore and 1 or 0
   end
 end
 
@@ -212,8 +320,14 @@ if explain then
   for k = 1, n do
     local r = records[ids[k]]
     local s, lat, f, tin, tout = totals(k)
+    local e = estimates[ids[k]]
+    local est, err, age = estimate(e, now)
+    local stale_est = 0
+    if est < 0 or age > P.explore_after then stale_est = 1 end
     local row = {r.st, r.gen, 0, 0, 0, r.to, math.max(0, r.cd - now), r.inf,
-                 live_count[k] or 0, s, f, lat, tin, tout, why[k], why_ms[k]}
+                 live_count[k] or 0, s, f, lat, tin, tout, why[k], why_ms[k],
+                 string.format('%.17g', est), string.format('%.17g', err), age,
+                 live_explores(e, nil, now), stale_est}
     if row[6] == 0 then row[6] = P.open_timeout end
     if r.st == CLOSED then row[3] = r.f end
     if r.st == HALF_OPEN then row[4] = r.ok end
@@ -226,6 +340,13 @@ if count > 0 then
   local first = ordered[1]
   local r = records[first.id]
   if first.probe then r.probes[token] = now + P.probe_ttl end
+  if first.explore then
+    estimates[first.id].x[token] = now + P.explore_ttl
+    touch_est(first.id)
+    extra = extra or {}
+    extra[#extra + 1] = '#x'
+    extra[#extra + 1] = rr
+  end
   r.inf = r.inf + 1
   touch(first.id)
   redis.call('ZADD', K_LEASES, now + P.lease_ttl, first.id .. '|' .. token)

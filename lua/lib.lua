@@ -14,7 +14,8 @@
 --
 -- PARAMS: strategy w_cost w_latency w_reliability failure_threshold open_timeout_ms
 --         success_threshold half_open_max_probes max_open_timeout_ms probe_ttl_ms bucket_ms
---         buckets lease_ttl_ms key_ttl_ms max_cooldown_ms
+--         buckets lease_ttl_ms key_ttl_ms max_cooldown_ms half_life_ms explore_after_ms
+--         explore_max explore_every explore_ttl_ms load_penalty tolerance
 
 local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 local SUCCESS, FAILURE, RATE_LIMITED, NEUTRAL = 0, 1, 2, 3
@@ -49,8 +50,15 @@ local P = {
   lease_ttl = tonumber(ARGV[13]),
   key_ttl = tonumber(ARGV[14]),
   max_cooldown = tonumber(ARGV[15]),
+  half_life = tonumber(ARGV[16]),
+  explore_after = tonumber(ARGV[17]),
+  explore_max = tonumber(ARGV[18]),
+  explore_every = tonumber(ARGV[19]),
+  explore_ttl = tonumber(ARGV[20]),
+  load_penalty = tonumber(ARGV[21]),
+  tolerance = tonumber(ARGV[22]),
 }
-local ARG0 = 15
+local ARG0 = 22
 
 -- Every script's last ARGV: 0 for Redis TIME, or a test clock in ms.
 local function now_ms()
@@ -116,12 +124,114 @@ local function keep_together()
   redis.call('PEXPIRE', K_LEASES, P.key_ttl)
 end
 
+-- The time-decayed estimate of a target lives in the targets hash under '<id>#e' ('#' is
+-- never part of a target id): "t tl ws ls wf" - the last sample and the last success (ms,
+-- -1: none), then the decayed success count, latency sum (us) and failure count as of t
+-- (floats as %.17g, which round-trips exactly) - followed by " token=expiry" for each
+-- exploration reservation. Semantics: memory.py `_add_estimate`, `_Target.estimate`.
+local estimates = {}  -- id -> parsed estimate
+local est_dirty = {}
+local est_dirty_list = {}
+
+local function parse_est(v)
+  local e = {t = -1, tl = -1, ws = 0, ls = 0, wf = 0, x = {}}
+  if not v then return e end
+  local t, tl, ws, ls, wf, rest = string.match(v, '^(%-?%d+) (%-?%d+) (%S+) (%S+) (%S+)(.*)$')
+  if not t then return e end
+  e.t, e.tl, e.ws, e.ls, e.wf = tonumber(t), tonumber(tl), tonumber(ws), tonumber(ls),
+    tonumber(wf)
+  for token, expiry in string.gmatch(rest, ' ([^ =]+)=(%d+)') do
+    e.x[token] = tonumber(expiry)
+  end
+  return e
+end
+
+local function serialize_est(e)
+  local parts = {string.format('%d %d %.17g %.17g %.17g', e.t, e.tl, e.ws, e.ls, e.wf)}
+  for token, expiry in pairs(e.x) do
+    parts[#parts + 1] = string.format('%s=%d', token, expiry)
+  end
+  return table.concat(parts, ' ')
+end
+
+local function touch_est(id)
+  if not est_dirty[id] then
+    est_dirty[id] = true
+    est_dirty_list[#est_dirty_list + 1] = id
+  end
+end
+
+local function load_est(id)
+  local e = estimates[id]
+  if not e then
+    e = parse_est(redis.call('HGET', K_TARGETS, id .. '#e'))
+    estimates[id] = e
+  end
+  return e
+end
+
+-- (latency us or -1, error rate, age ms or -1): ratios of equally decayed sums.
+local function estimate(e, now)
+  local lat, err, age = -1, 0, -1
+  if e.ws > 0 then
+    lat = e.ls / e.ws
+    age = now - e.tl
+  end
+  if e.ws + e.wf > 0 then err = e.wf / (e.ws + e.wf) end
+  return lat, err, age
+end
+
+-- Drop expired exploration reservations (when `id` is given); return how many are live.
+local function live_explores(e, id, now)
+  local count = 0
+  for token, expiry in pairs(e.x) do
+    if expiry <= now then
+      if id then
+        e.x[token] = nil
+        touch_est(id)
+      end
+    else
+      count = count + 1
+    end
+  end
+  return count
+end
+
+-- Decay the sums to `now` (half-life), then add the sample. An exploration's success
+-- replaces the latency estimate: it was re-measured because the old one was stale.
+local function add_estimate(id, now, kind, lat_us, explored)
+  local e = load_est(id)
+  if e.t >= 0 and now > e.t then
+    local decay = 0.5 ^ ((now - e.t) / P.half_life)
+    e.ws = e.ws * decay
+    e.ls = e.ls * decay
+    e.wf = e.wf * decay
+  end
+  if kind == SUCCESS then
+    if explored then
+      e.ws = 0
+      e.ls = 0
+    end
+    e.ws = e.ws + 1
+    e.ls = e.ls + lat_us
+    e.tl = now
+  else
+    e.wf = e.wf + 1
+  end
+  if now > e.t then e.t = now end
+  touch_est(id)
+end
+
 -- Write every changed record back in one HSET; `extra` adds more field/value pairs.
 local function flush(extra)
   local args = {}
   for _, id in ipairs(dirty_list) do
     args[#args + 1] = id
     args[#args + 1] = serialize(records[id])
+  end
+  for _, id in ipairs(est_dirty_list) do
+    args[#args + 1] = id .. '#e'
+    args[#args + 1] = serialize_est(estimates[id])
   end
   if extra then
     for _, v in ipairs(extra) do args[#args + 1] = v end
@@ -355,7 +465,19 @@ local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin,
       touch(id)
     end
   end
-  if kind ~= NEUTRAL then add_sample(id, now, kind, lat_us, tin, tout) end
+  local explored = false
+  if token ~= '' then
+    local e = load_est(id)
+    if e.x[token] then
+      e.x[token] = nil
+      touch_est(id)
+      explored = true
+    end
+  end
+  if kind ~= NEUTRAL then
+    add_sample(id, now, kind, lat_us, tin, tout)
+    add_estimate(id, now, kind, lat_us, explored)
+  end
   if kind == RATE_LIMITED and retry_after > 0 then
     -- A later, shorter Retry-After never shortens a cooldown already in force; none outlives
     -- the record that holds it (RouteSpec.max_cooldown_ms).

@@ -10,7 +10,8 @@ Time: both backends read one virtual clock (MemoryState's `clock`; RedisState's 
 sends it as every script's `clock_ms` instead of Redis TIME), and only the `wait` rule moves
 it. So every step is compared exactly, remaining times included, and waits can land on
 either side of any boundary (an open timeout, a cooldown, a lease or probe expiry, a window
-bucket) to the millisecond, with nothing waved through and no real sleeping.
+bucket) to the millisecond, with nothing waved through and no real sleeping. The time-decayed estimates
+(a power of two per sample) must therefore agree to the last bit.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from edgeroute.strategy import STRATEGY_KINDS, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
     BreakerParams,
+    EstimatorParams,
     Outcome,
     OutcomeKind,
     RouteSnapshot,
@@ -55,7 +57,8 @@ PROBE_TTL_MS = 2_000
 LEASE_TTL_MS = 20_000
 # Waits straddle every constant above, the cooldowns below and the 5 s window buckets.
 WAITS_MS = st.sampled_from(
-    [1, 49, 50, 51, 149, 150, 151, 299, 300, 301, 600, 1_999, 2_000, 5_000, 20_001, 61_000]
+    [1, 7, 49, 50, 51, 149, 150, 151, 299, 300, 301, 333, 500, 600, 1_999, 2_000, 2_001, 5_000]
+    + [20_001, 61_000]
 )
 SCORE_TOLERANCE = 1e-9
 
@@ -157,7 +160,9 @@ class Outstanding:
 def describe_decision(decision: RoutingDecision) -> str:
     candidates = ", ".join(
         f"{c.target.id}[{c.state.value}{' held' if c.held else ''} s={c.score!r}"
-        f" ok={c.successes} lat={c.latency_sum_us} f={c.failures} inf={c.inflight}]"
+        f" ok={c.successes} lat={c.latency_sum_us} f={c.failures} inf={c.inflight}"
+        f" est={c.estimate_us!r} err={c.error_rate!r} age={c.estimate_age_ms}"
+        f"{' explore' if c.explore else ''}]"
         for c in decision.candidates
     )
     admission = decision.admission
@@ -190,6 +195,12 @@ def assert_same_decision(memory: RoutingDecision, actual: RoutingDecision) -> No
             expected.failures,
             expected.inflight,
         ), f"{got.target.id}: candidate numbers differ{detail}"
+        assert (got.estimate_us, got.error_rate, got.estimate_age_ms, got.explore) == (
+            expected.estimate_us,
+            expected.error_rate,
+            expected.estimate_age_ms,
+            expected.explore,
+        ), f"{got.target.id}: estimate differs{detail}"
     assert (actual.admission is None) == (memory.admission is None), f"admission differs{detail}"
     if memory.admission is not None and actual.admission is not None:
         assert (
@@ -231,6 +242,11 @@ def assert_same_snapshot(memory: RouteSnapshot, actual: RouteSnapshot) -> None:
                 "latency_sum_us": t.latency_sum_us,
                 "input_tokens": t.input_tokens,
                 "output_tokens": t.output_tokens,
+                "estimate_us": t.estimate_us,
+                "error_rate": t.error_rate,
+                "estimate_age_ms": t.estimate_age_ms,
+                "explorations_in_use": t.explorations_in_use,
+                "stale": t.stale,
             }
 
         want, have = view(expected), view(got)
@@ -318,6 +334,16 @@ class StateMachine(RuleBasedStateMachine):
         success_threshold=st.integers(min_value=1, max_value=3),
         half_open_max_probes=st.integers(min_value=1, max_value=3),
         weights=st.tuples(WEIGHTS, WEIGHTS, WEIGHTS).filter(lambda w: sum(w) > 0),
+        estimator=st.builds(
+            EstimatorParams,
+            half_life_ms=st.sampled_from([100, 1_000, 2_000, 7_777]),
+            explore_after_ms=st.sampled_from([0, 500, 2_000]),
+            explore_max=st.integers(min_value=1, max_value=2),
+            explore_every=st.integers(min_value=1, max_value=4),
+            explore_ttl_ms=st.sampled_from([300, 30_000]),
+            load_penalty=st.sampled_from([0.0, 0.25, 1 / 3, 1.0]),
+            tolerance=st.sampled_from([0.0, 0.1, 0.5]),
+        ),
     )
     def setup_route(
         self,
@@ -326,6 +352,7 @@ class StateMachine(RuleBasedStateMachine):
         success_threshold: int,
         half_open_max_probes: int,
         weights: tuple[float, float, float],
+        estimator: EstimatorParams,
     ) -> None:
         if self.strategy_kind == "hybrid":
             strategy = RoutingStrategy.hybrid(
@@ -349,6 +376,7 @@ class StateMachine(RuleBasedStateMachine):
                 probe_ttl_ms=PROBE_TTL_MS,
             ),
             window=WindowParams(bucket_ms=5_000, buckets=12),
+            estimator=estimator,
             lease_ttl_ms=LEASE_TTL_MS,
             idle_ttl_ms=120_000,
         )

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgeroute.strategy import RoutingDecision, RoutingStrategy
-from edgeroute.types import BreakerParams, Outcome, RouteSnapshot, TargetSpec, WindowParams
+from edgeroute.types import (
+    BreakerParams,
+    EstimatorParams,
+    Outcome,
+    RouteSnapshot,
+    TargetSpec,
+    WindowParams,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +26,7 @@ class RouteSpec:
     targets: tuple[TargetSpec, ...]
     breaker: BreakerParams = field(default_factory=BreakerParams)
     window: WindowParams = field(default_factory=WindowParams)
+    estimator: EstimatorParams = field(default_factory=EstimatorParams)
     lease_ttl_ms: int = 900_000
     idle_ttl_ms: int = 3_600_000
     positions: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -38,6 +46,7 @@ class RouteSpec:
             2 * window.bucket_ms * window.buckets,
             self.lease_ttl_ms + 60_000,
             2 * self.breaker.probe_ttl_ms,
+            2 * self.estimator.explore_ttl_ms,
         )
 
     @property

@@ -15,7 +15,14 @@ from collections.abc import Callable, Collection, Sequence
 
 from edgeroute.state import wire
 from edgeroute.state.base import RouteSpec, StateHealth, StateView
-from edgeroute.strategy import Candidate, RoutingDecision, is_held, rank
+from edgeroute.strategy import (
+    Candidate,
+    RoutingDecision,
+    Shaping,
+    is_held,
+    pick_exploration,
+    rank,
+)
 from edgeroute.types import (
     Admission,
     Outcome,
@@ -36,6 +43,12 @@ class _Target:
         "cached_bucket",
         "cached_totals",
         "cooldown_until",
+        "est_ls",
+        "est_t",
+        "est_tl",
+        "est_wf",
+        "est_ws",
+        "explores",
         "failures",
         "generation",
         "half_open_successes",
@@ -62,10 +75,35 @@ class _Target:
         # Window totals are summed once per bucket and sample, not once per decide.
         self.cached_bucket = -1
         self.cached_totals = (0, 0, 0, 0, 0)
+        # The time-decayed estimate: decayed success count, latency sum (us) and failure
+        # count, all as of est_t (the last sample, ms); est_tl is the last success (-1: none).
+        self.est_t = -1
+        self.est_tl = -1
+        self.est_ws = 0.0
+        self.est_ls = 0.0
+        self.est_wf = 0.0
+        self.explores: dict[str, int] = {}  # token -> expiry (ms): exploration reservations
+
+    def estimate(self, now: int) -> tuple[float, float, int]:
+        """(latency us or -1, error rate, age ms or -1): ratios of equally decayed sums, so
+        reading needs no decay."""
+        ws, wf = self.est_ws, self.est_wf
+        latency = self.est_ls / ws if ws > 0.0 else -1.0
+        errors = wf / (ws + wf) if ws + wf > 0.0 else 0.0
+        age = now - self.est_tl if ws > 0.0 else -1
+        return latency, errors, age
 
 
 class _Route:
-    __slots__ = ("aligned", "aligned_for", "lease_heap", "leases", "rr_cursor", "targets")
+    __slots__ = (
+        "aligned",
+        "aligned_for",
+        "last_explore",
+        "lease_heap",
+        "leases",
+        "rr_cursor",
+        "targets",
+    )
 
     def __init__(self) -> None:
         self.targets: dict[str, _Target] = {}
@@ -73,6 +111,7 @@ class _Route:
         self.aligned: list[_Target] = []
         self.aligned_for: RouteSpec | None = None
         self.rr_cursor = 0
+        self.last_explore: int | None = None  # the cursor of the last exploration
         self.leases: dict[str, tuple[str, int]] = {}  # token -> (target id, expiry)
         self.lease_heap: list[tuple[int, str]] = []
 
@@ -114,6 +153,24 @@ def _exclusion(target: _Target, now: int, live_probes: int, max_probes: int) -> 
     return _ADMISSIBLE, 0
 
 
+def _live_explores(target: _Target, now: int) -> int:
+    expired = [token for token, expiry in target.explores.items() if expiry <= now]
+    for token in expired:
+        del target.explores[token]
+    return len(target.explores)
+
+
+def _shaping(route: RouteSpec) -> Shaping:
+    estimator = route.estimator
+    return Shaping(estimator.load_penalty, estimator.tolerance)
+
+
+def _may_explore(state: _Route, route: RouteSpec, cursor: int) -> bool:
+    """The fleet-wide share: one exploration per `explore_every` advancing decides."""
+    last = state.last_explore
+    return last is None or cursor - last >= route.estimator.explore_every
+
+
 def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, int, int, int, int]:
     bucket = now // route.window.bucket_ms
     if target.cached_bucket == bucket:
@@ -131,6 +188,29 @@ def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, in
     target.cached_bucket = bucket
     target.cached_totals = totals
     return totals
+
+
+def _add_estimate(
+    target: _Target, route: RouteSpec, outcome: Outcome, now: int, explored: bool
+) -> None:
+    """Decay the sums to `now` (half-life), then add the sample. An exploration's success
+    replaces the latency estimate: it was re-measured because the old one was stale."""
+    if target.est_t >= 0 and now > target.est_t:
+        decay = 0.5 ** ((now - target.est_t) / route.estimator.half_life_ms)
+        target.est_ws = target.est_ws * decay
+        target.est_ls = target.est_ls * decay
+        target.est_wf = target.est_wf * decay
+    if outcome.kind == OutcomeKind.SUCCESS:
+        if explored:
+            target.est_ws = 0.0
+            target.est_ls = 0.0
+        target.est_ws = target.est_ws + 1.0
+        target.est_ls = target.est_ls + latency_us(outcome.latency_ms)
+        target.est_tl = now
+    else:
+        target.est_wf = target.est_wf + 1.0
+    if now > target.est_t:
+        target.est_t = now
 
 
 class MemoryState:
@@ -189,12 +269,13 @@ class MemoryState:
             self._apply(state, route, outcome, now)
         self._expire_leases(state, now)
         strategy = route.strategy
-        if advance and strategy.kind == "round_robin":
-            state.rr_cursor += 1
         windowed = strategy.kind in _WINDOWED
+        if advance and (strategy.kind == "round_robin" or windowed):
+            state.rr_cursor += 1
         max_probes = route.breaker.half_open_max_probes
         threshold = route.breaker.failure_threshold
         candidates: list[Candidate] = []
+        explores: list[int] = []
         wait = 0
         if state.aligned_for is not route:
             state.aligned = [self._target(state, spec.id) for spec in route.targets]
@@ -209,35 +290,55 @@ class MemoryState:
             if reason != _ADMISSIBLE:
                 wait = pause if wait == 0 else min(wait, pause)
                 continue
-            if windowed:
-                successes, latency, failures, _, _ = _window_totals(target, now, route)
-            else:
-                successes = latency = failures = 0
             state_code = target.state
-            candidates.append(
-                Candidate(
-                    spec,
-                    index,
-                    _STATES[state_code],
-                    state_code == HALF_OPEN,
-                    successes,
-                    latency,
-                    failures,
-                    target.inflight,
-                    0.0,
-                    state_code == CLOSED and is_held(target.failures, target.inflight, threshold),
-                )
+            candidate = Candidate(
+                spec,
+                index,
+                _STATES[state_code],
+                state_code == HALF_OPEN,
+                0,
+                0,
+                0,
+                target.inflight,
+                0.0,
+                state_code == CLOSED and is_held(target.failures, target.inflight, threshold),
             )
-        ordered = rank(strategy, candidates, state.rr_cursor)
+            if windowed:
+                (
+                    candidate.successes,
+                    candidate.latency_sum_us,
+                    candidate.failures,
+                    _,
+                    _,
+                ) = _window_totals(target, now, route)
+                estimate, errors, age = target.estimate(now)
+                candidate.estimate_us = estimate
+                candidate.error_rate = errors
+                candidate.estimate_age_ms = age
+                explores.append(_live_explores(target, now))
+            candidates.append(candidate)
+        cursor = state.rr_cursor
+        explored = None
+        if windowed and advance and _may_explore(state, route, cursor):
+            estimator = route.estimator
+            explored = pick_exploration(
+                candidates, estimator.explore_after_ms, explores, estimator.explore_max
+            )
+            if explored is not None:
+                explored.explore = True
+        ordered = rank(strategy, candidates, cursor, _shaping(route))
         if not ordered:
-            return RoutingDecision(
-                route.name, strategy, ordered, None, wait / 1000.0, state.rr_cursor
-            )
+            return RoutingDecision(route.name, strategy, ordered, None, wait / 1000.0, cursor)
         first = ordered[0]
+        if explored is not None and explored is not first:
+            explored.explore = False  # a half-open probe went first: nothing is explored
         target = state.aligned[first.index]
         token = f"{self._token_prefix}{next(self._tokens):x}"
         if first.probe:
             target.probes[token] = now + route.breaker.probe_ttl_ms
+        if first.explore:
+            target.explores[token] = now + route.estimator.explore_ttl_ms
+            state.last_explore = cursor
         target.inflight += 1
         expiry = now + route.lease_ttl_ms
         state.leases[token] = (first.target.id, expiry)
@@ -246,9 +347,7 @@ class MemoryState:
         admissible = len(ordered)
         if 0 < limit < admissible:
             ordered = ordered[:limit]
-        return RoutingDecision(
-            route.name, strategy, ordered, admission, 0.0, state.rr_cursor, admissible
-        )
+        return RoutingDecision(route.name, strategy, ordered, admission, 0.0, cursor, admissible)
 
     def _expire_leases(self, state: _Route, now: int) -> None:
         heap = state.lease_heap
@@ -280,9 +379,11 @@ class MemoryState:
                 target.inflight -= 1
             if outcome.probe:
                 target.probes.pop(token, None)
+        explored = token is not None and target.explores.pop(token, None) is not None
         kind = outcome.kind
         if kind != OutcomeKind.NEUTRAL:
             self._add_sample(target, route, outcome, now)
+            _add_estimate(target, route, outcome, now, explored)
         if kind == OutcomeKind.RATE_LIMITED and outcome.retry_after_s > 0:
             # A later, shorter Retry-After never shortens a cooldown already in force.
             until = now + min(round(outcome.retry_after_s * 1000), route.max_cooldown_ms)
@@ -345,6 +446,7 @@ class MemoryState:
         windowed = strategy.kind in _WINDOWED
         breaker = route.breaker
         candidates: list[Candidate] = []
+        explore_slots: list[int] = []
         rows: list[TargetSnapshot] = []
         wait = 0
         for index, spec in enumerate(route.targets):
@@ -360,24 +462,31 @@ class MemoryState:
             live = len(target.probes) if code == HALF_OPEN else 0
             reason, pause = _exclusion(target, now, live, breaker.half_open_max_probes)
             successes, latency, failures, tin, tout = _window_totals(stored, now, route)
+            estimate, errors, age = target.estimate(now)
+            explores = sum(1 for e in stored.explores.values() if e > now)
+            stale_estimate = estimate < 0.0 or age > route.estimator.explore_after_ms
             if reason != _ADMISSIBLE:
                 wait = pause if wait == 0 else min(wait, pause)
             else:
-                candidates.append(
-                    Candidate(
-                        spec,
-                        index,
-                        _STATES[code],
-                        code == HALF_OPEN,
-                        successes if windowed else 0,
-                        latency if windowed else 0,
-                        failures if windowed else 0,
-                        target.inflight,
-                        0.0,
-                        code == CLOSED
-                        and is_held(target.failures, target.inflight, breaker.failure_threshold),
-                    )
+                candidate = Candidate(
+                    spec,
+                    index,
+                    _STATES[code],
+                    code == HALF_OPEN,
+                    successes if windowed else 0,
+                    latency if windowed else 0,
+                    failures if windowed else 0,
+                    target.inflight,
+                    0.0,
+                    code == CLOSED
+                    and is_held(target.failures, target.inflight, breaker.failure_threshold),
                 )
+                if windowed:
+                    candidate.estimate_us = estimate
+                    candidate.error_rate = errors
+                    candidate.estimate_age_ms = age
+                    explore_slots.append(explores)
+                candidates.append(candidate)
             rows.append(
                 TargetSnapshot(
                     target_id=spec.id,
@@ -397,11 +506,26 @@ class MemoryState:
                     output_tokens=tout,
                     excluded=wire.EXCLUSION_REASONS[reason],
                     excluded_ms=max(0, pause),
+                    estimate_us=None if estimate < 0.0 else estimate,
+                    error_rate=errors,
+                    estimate_age_ms=None if age < 0 else age,
+                    explorations_in_use=explores,
+                    stale=stale_estimate,
                 )
             )
         # The next advancing decide moves the cursor first: rank and report with that one.
-        cursor = state.rr_cursor + (1 if strategy.kind == "round_robin" else 0)
-        ordered = rank(strategy, candidates, cursor)
+        moves = strategy.kind == "round_robin" or windowed
+        cursor = state.rr_cursor + (1 if moves else 0)
+        if windowed and _may_explore(state, route, cursor):
+            estimator = route.estimator
+            explored = pick_exploration(
+                candidates, estimator.explore_after_ms, explore_slots, estimator.explore_max
+            )
+            if explored is not None:
+                explored.explore = True
+        ordered = rank(strategy, candidates, cursor, _shaping(route))
+        for c in ordered[1:]:
+            c.explore = False  # only the next request's target can be an exploration
         decision = RoutingDecision(route.name, strategy, ordered, None, wait / 1000.0, cursor)
         return StateView(decision, RouteSnapshot(route.name, cursor, now, rows))
 

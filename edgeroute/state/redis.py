@@ -49,6 +49,8 @@ _C = {name: i for i, name in enumerate(wire.CANDIDATE_ROW)}
 _C_POSITION, _C_STATE, _C_SCORE = _C["position"], _C["state"], _C["score"]
 _C_S, _C_LAT, _C_F = _C["successes"], _C["latency_us"], _C["failures"]
 _C_INF, _C_HELD = _C["inflight"], _C["held"]
+_C_EST, _C_ERR = _C["estimate_us"], _C["error_rate"]
+_C_AGE, _C_EXPLORE = _C["estimate_age_ms"], _C["explore"]
 _HALF_OPEN_CODE = wire.STATE_CODE[CircuitState.HALF_OPEN]
 _H = {name: i for i, name in enumerate(wire.DECIDE_HEAD)}
 _H_ADMITTED, _H_GENERATION, _H_PROBE = _H["admitted"], _H["generation"], _H["probe"]
@@ -82,6 +84,7 @@ def route_keys(prefix: str, route: str) -> tuple[str, str, str]:
 def route_params(route: RouteSpec) -> list[Arg]:
     """ARGV[1..] of every script, in wire.ROUTE_PARAMS order."""
     strategy, breaker, window = route.strategy, route.breaker, route.window
+    estimator = route.estimator
     values: dict[str, Arg] = {
         "strategy": wire.STRATEGY_CODES[strategy.kind],
         "w_cost": repr(strategy.cost_weight),
@@ -98,6 +101,13 @@ def route_params(route: RouteSpec) -> list[Arg]:
         "lease_ttl_ms": route.lease_ttl_ms,
         "key_ttl_ms": route.key_ttl_ms,
         "max_cooldown_ms": route.max_cooldown_ms,
+        "half_life_ms": estimator.half_life_ms,
+        "explore_after_ms": estimator.explore_after_ms,
+        "explore_max": estimator.explore_max,
+        "explore_every": estimator.explore_every,
+        "explore_ttl_ms": estimator.explore_ttl_ms,
+        "load_penalty": repr(float(estimator.load_penalty)),
+        "tolerance": repr(float(estimator.tolerance)),
     }
     return [values[name] for name in wire.ROUTE_PARAMS]
 
@@ -291,6 +301,11 @@ class RedisState:
                 output_tokens=row["output_tokens"],
                 excluded=wire.EXCLUSION_REASONS[row["excluded"]],
                 excluded_ms=row["excluded_ms"],
+                estimate_us=_estimate(row["estimate_us"]),
+                error_rate=float(row["error_rate"]),
+                estimate_age_ms=None if row["estimate_age_ms"] < 0 else row["estimate_age_ms"],
+                explorations_in_use=row["explorations_in_use"],
+                stale=row["stale"] == 1,
             )
             for spec, row in zip(
                 route.targets,
@@ -427,6 +442,11 @@ def _probe_route(prefix: str, slot: int) -> RouteSpec:
     )
 
 
+def _estimate(value: bytes) -> float | None:
+    estimate = float(value)
+    return None if estimate < 0.0 else estimate
+
+
 def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision:
     admitted, generation, probe = reply[_H_ADMITTED], reply[_H_GENERATION], reply[_H_PROBE]
     count = reply[_H_COUNT]
@@ -448,6 +468,10 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
                 reply[j + _C_INF],
                 float(reply[j + _C_SCORE]),
                 reply[j + _C_HELD] == 1,
+                float(reply[j + _C_EST]),
+                float(reply[j + _C_ERR]),
+                reply[j + _C_AGE],
+                reply[j + _C_EXPLORE] == 1,
             )
         )
     admission = None

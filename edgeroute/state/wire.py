@@ -65,6 +65,13 @@ ROUTE_PARAMS = (
     "lease_ttl_ms",
     "key_ttl_ms",
     "max_cooldown_ms",
+    "half_life_ms",
+    "explore_after_ms",
+    "explore_max",
+    "explore_every",
+    "explore_ttl_ms",
+    "load_penalty",
+    "tolerance",
 )
 
 # One finished attempt, as decide (a failover's report) and record carry it.
@@ -113,7 +120,9 @@ DECIDE_HEAD = (
     "now_ms",
     "repaired",  # keys of the wrong type this call replaced (0 but after tampering)
 )
-# One ranked candidate, best first (`count` of them).
+# One ranked candidate, best first (`count` of them). estimate_us and error_rate are the
+# time-decayed estimate (strings: Redis truncates Lua numbers); estimate_us and
+# estimate_age_ms are -1 for a target never measured; explore: this decide re-measures it.
 CANDIDATE_ROW = (
     "position",
     "state",
@@ -123,6 +132,10 @@ CANDIDATE_ROW = (
     "failures",
     "inflight",
     "held",
+    "estimate_us",
+    "error_rate",
+    "estimate_age_ms",
+    "explore",
 )
 # Explain mode only: one row per target in configuration order, after the candidates.
 TARGET_ROW = (
@@ -142,6 +155,11 @@ TARGET_ROW = (
     "output_tokens",
     "excluded",
     "excluded_ms",
+    "estimate_us",
+    "error_rate",
+    "estimate_age_ms",
+    "explorations_in_use",
+    "stale",
 )
 SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
     "decide": (*DECIDE_HEAD, "*[candidate]", "*[target] (explain)"),
