@@ -55,6 +55,16 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
                     "input_tokens": item.snapshot.input_tokens,
                     "output_tokens": item.snapshot.output_tokens,
                 },
+                # What latency and hybrid rank by: the time-decayed estimate, how old it is,
+                # and whether the exploration budget is re-measuring it.
+                "estimate": {
+                    "latency_ms": item.snapshot.estimate_ms,
+                    "age_ms": item.snapshot.estimate_age_ms,
+                    "error_rate": item.snapshot.error_rate,
+                    "stale": item.snapshot.stale,
+                    "explorations_in_flight": item.snapshot.explorations_in_use,
+                    "explored_next": item.explore,
+                },
                 "admissible": item.admissible,
                 "excluded": item.snapshot.excluded,
                 "excluded_for_ms": item.snapshot.excluded_ms,

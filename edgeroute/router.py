@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,6 +25,7 @@ from edgeroute.strategy import Candidate, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
     BreakerParams,
+    EstimatorParams,
     Outcome,
     OutcomeKind,
     RouteSnapshot,
@@ -101,6 +103,15 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
             probe_ttl_ms=_ms(breaker.probe_ttl_s),
         ),
         window=WindowParams.from_window(latency.window_s, latency.buckets),
+        estimator=EstimatorParams(
+            half_life_ms=_ms(latency.half_life_s),
+            explore_after_ms=_ms(latency.explore_after_s),
+            explore_max=latency.explore_max_in_flight,
+            explore_every=max(1, math.ceil(1.0 / latency.explore_share - 1e-9)),
+            explore_ttl_ms=_ms(latency.explore_ttl_s),
+            load_penalty=latency.load_penalty,
+            tolerance=latency.tolerance,
+        ),
         lease_ttl_ms=_ms(config.state.lease_ttl_s),
         idle_ttl_ms=_ms(config.state.idle_ttl_s),
     )
@@ -129,6 +140,8 @@ class TargetExplanation:
     score: float | None
     rank: int | None
     held: bool = False
+    # The next request re-measures this target through the exploration budget.
+    explore: bool = False
 
     @property
     def admissible(self) -> bool:
@@ -285,6 +298,7 @@ class Router:
                     score=None if place is None else place[1].score,
                     rank=None if place is None else place[0],
                     held=place is not None and place[1].held,
+                    explore=place is not None and place[1].explore,
                 )
             )
         return Explanation(

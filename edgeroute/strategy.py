@@ -127,6 +127,8 @@ class Shaping:
 
     load_penalty: float = 0.25
     tolerance: float = 0.1
+    explore_after_ms: int = 2_000
+    explore_max: int = 1
 
 
 _NO_SHAPING = Shaping()
@@ -139,13 +141,16 @@ def rank(
     candidates: list[Candidate],
     rr_cursor: int,
     shaping: Shaping = _NO_SHAPING,
+    explore_slots: Sequence[int] | None = None,
 ) -> list[Candidate]:
     """Score `candidates` (admissible, in configuration order) and return them best first.
 
     Latency and hybrid: measured targets rank before unmeasured ones (those are explored
-    through the budget, see `pick_exploration`), and the targets within `tolerance` of the
-    best share traffic: the one at `rr_cursor` among them goes first (no herding).
-    A candidate marked `explore` goes first among the ordinary ones.
+    through the budget), and the targets within `tolerance` of the best share traffic: the
+    one at `rr_cursor` among them goes first (no herding). With `explore_slots` (the live
+    exploration reservations per candidate; given only when the budget's share rule allows
+    an exploration) the target `pick_exploration` names is marked `explore` and goes first
+    among the ordinary ones.
     Half-open targets holding a free probe slot go first whatever their score: a breaker
     only recovers if somebody probes it, and the probe budget already bounds the risk.
     Held targets (see `is_held`) go last: used only when nothing else is admissible, so
@@ -171,6 +176,10 @@ def rank(
             _score_latency(candidates, shaping.load_penalty)
         else:
             _score_hybrid(strategy, candidates, shaping.load_penalty)
+        if explore_slots is not None:
+            explored = pick_exploration(candidates, shaping, explore_slots)
+            if explored is not None:
+                explored.explore = True
         ordered = sorted(candidates, key=_by_measured_score)
         ordered = _share(ordered, rr_cursor, shaping.tolerance)
     else:  # pragma: no cover - RoutingStrategy validates kinds
@@ -208,19 +217,20 @@ def is_stale(candidate: Candidate, explore_after_ms: int) -> bool:
 
 
 def pick_exploration(
-    candidates: Sequence[Candidate], explore_after_ms: int, in_use: Sequence[int], most: int
+    candidates: Sequence[Candidate], shaping: Shaping, in_use: Sequence[int]
 ) -> Candidate | None:
-    """The target an advancing decide re-measures (the budget's share rule already passed):
-    a closed, not held, stale target with a free exploration slot; never measured first,
-    then the oldest estimate; configuration order breaks ties. None if there is no such
-    target or it is the only candidate (then it is simply the choice)."""
-    if len(candidates) < 2:
+    """The target an advancing decide re-measures (scores already computed): a closed, not
+    held, stale target with a free exploration slot - never measured before measured, then
+    the oldest estimate, then the better score, then configuration order. None when no
+    target is measured at all (nothing to compare with: the scores decide) or the stale one
+    is the only candidate (then it is simply the choice)."""
+    if len(candidates) < 2 or not any(c.measured for c in candidates):
         return None
     chosen: Candidate | None = None
     for c, used in zip(candidates, in_use, strict=True):
-        if c.state is not CircuitState.CLOSED or c.held or used >= most:
+        if c.state is not CircuitState.CLOSED or c.held or used >= shaping.explore_max:
             continue
-        if not is_stale(c, explore_after_ms):
+        if not is_stale(c, shaping.explore_after_ms):
             continue
         if chosen is None or _staler(c, chosen):
             chosen = c
@@ -228,9 +238,11 @@ def pick_exploration(
 
 
 def _staler(a: Candidate, b: Candidate) -> bool:
-    if a.estimate_us < 0.0 or b.estimate_us < 0.0:
-        return a.estimate_us < 0.0 and b.estimate_us >= 0.0
-    return a.estimate_age_ms > b.estimate_age_ms
+    if a.measured != b.measured:
+        return not a.measured
+    if a.measured and a.estimate_age_ms != b.estimate_age_ms:
+        return a.estimate_age_ms > b.estimate_age_ms
+    return a.score > b.score
 
 
 def is_held(failures: int, inflight: int, failure_threshold: int) -> bool:

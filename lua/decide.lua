@@ -150,12 +150,19 @@ local function is_stale(c)
 end
 
 local function staler(a, b)
-  if a.est < 0 or b.est < 0 then return a.est < 0 and b.est >= 0 end
-  return a.age > b.age
+  local am, bm = a.est >= 0, b.est >= 0
+  if am ~= bm then return not am end
+  if am and a.age ~= b.age then return a.age > b.age end
+  return a.score > b.score
 end
 
 local function pick_exploration()
   if #cands < 2 then return nil end
+  local any_measured = false
+  for _, c in ipairs(cands) do
+    if c.est >= 0 then any_measured = true end
+  end
+  if not any_measured then return nil end
   local chosen = nil
   for _, c in ipairs(cands) do
     if c.st == CLOSED and not c.held and c.used < P.explore_max and is_stale(c) then
@@ -172,12 +179,8 @@ local function max_price()
 end
 
 local explored = nil
-if windowed and advance then
-  if not last_explore or rr - last_explore >= P.explore_every then
-    explored = pick_exploration()
-    if explored then explored.explore = true end
-  end
-end
+local may_explore = windowed and advance
+  and (not last_explore or rr - last_explore >= P.explore_every)
 
 local ordered = cands
 local count = #cands
@@ -244,6 +247,10 @@ if count > 0 then
       for _, c in ipairs(cands) do
         if most > 0 then c.score = 1 - c.inf / most else c.score = 1 end
       end
+    end
+    if may_explore then
+      explored = pick_exploration()
+      if explored then explored.explore = true end
     end
     if windowed then
       table.sort(cands, by_measured_score)

@@ -24,6 +24,10 @@ def _steady(explanation: dict[str, Any]) -> dict[str, Any]:
     targets = []
     for item in explanation["targets"]:
         item = {k: v for k, v in item.items() if k not in _TICKING}
+        # The estimate's age (and so its staleness) ticks between the two reads too.
+        item["estimate"] = {
+            k: v for k, v in item["estimate"].items() if k not in ("age_ms", "stale")
+        }
         if item["excluded_because"] is not None:
             item["excluded_because"] = item["excluded_because"].split(" for ")[0]
         targets.append(item)

@@ -20,7 +20,6 @@ from edgeroute.strategy import (
     RoutingDecision,
     Shaping,
     is_held,
-    pick_exploration,
     rank,
 )
 from edgeroute.types import (
@@ -162,7 +161,12 @@ def _live_explores(target: _Target, now: int) -> int:
 
 def _shaping(route: RouteSpec) -> Shaping:
     estimator = route.estimator
-    return Shaping(estimator.load_penalty, estimator.tolerance)
+    return Shaping(
+        estimator.load_penalty,
+        estimator.tolerance,
+        estimator.explore_after_ms,
+        estimator.explore_max,
+    )
 
 
 def _may_explore(state: _Route, route: RouteSpec, cursor: int) -> bool:
@@ -318,20 +322,15 @@ class MemoryState:
                 explores.append(_live_explores(target, now))
             candidates.append(candidate)
         cursor = state.rr_cursor
-        explored = None
-        if windowed and advance and _may_explore(state, route, cursor):
-            estimator = route.estimator
-            explored = pick_exploration(
-                candidates, estimator.explore_after_ms, explores, estimator.explore_max
-            )
-            if explored is not None:
-                explored.explore = True
-        ordered = rank(strategy, candidates, cursor, _shaping(route))
+        may_explore = windowed and advance and _may_explore(state, route, cursor)
+        ordered = rank(
+            strategy, candidates, cursor, _shaping(route), explores if may_explore else None
+        )
         if not ordered:
             return RoutingDecision(route.name, strategy, ordered, None, wait / 1000.0, cursor)
         first = ordered[0]
-        if explored is not None and explored is not first:
-            explored.explore = False  # a half-open probe went first: nothing is explored
+        for c in ordered[1:]:
+            c.explore = False  # a half-open probe went first: nothing is explored
         target = state.aligned[first.index]
         token = f"{self._token_prefix}{next(self._tokens):x}"
         if first.probe:
@@ -516,14 +515,10 @@ class MemoryState:
         # The next advancing decide moves the cursor first: rank and report with that one.
         moves = strategy.kind == "round_robin" or windowed
         cursor = state.rr_cursor + (1 if moves else 0)
-        if windowed and _may_explore(state, route, cursor):
-            estimator = route.estimator
-            explored = pick_exploration(
-                candidates, estimator.explore_after_ms, explore_slots, estimator.explore_max
-            )
-            if explored is not None:
-                explored.explore = True
-        ordered = rank(strategy, candidates, cursor, _shaping(route))
+        may_explore = windowed and _may_explore(state, route, cursor)
+        ordered = rank(
+            strategy, candidates, cursor, _shaping(route), explore_slots if may_explore else None
+        )
         for c in ordered[1:]:
             c.explore = False  # only the next request's target can be an exploration
         decision = RoutingDecision(route.name, strategy, ordered, None, wait / 1000.0, cursor)
