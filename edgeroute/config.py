@@ -102,16 +102,16 @@ class LatencyConfig(_Base, frozen=True, kw_only=True):
     buckets: Annotated[int, msgspec.Meta(ge=1, le=600)] = 12
     # What latency and hybrid rank by: latency and error rate, exponentially time-weighted
     # with this half-life (decayed by the state's clock), so a change shows within seconds.
-    half_life_s: PositiveSeconds = 2.0
+    half_life_s: PositiveSeconds = 0.5
     # An estimate older than this (or none) is re-measured through the exploration budget:
     # at most explore_max_in_flight explorations per target, at most explore_share of the
     # route's requests; a reservation nobody reports back frees itself after explore_ttl_s.
-    explore_after_s: PositiveSeconds = 2.0
+    explore_after_s: PositiveSeconds = 3.0
     explore_max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
     explore_share: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.05
     explore_ttl_s: PositiveSeconds = 30.0
     # Expected latency = estimate x (1 + load_penalty x in-flight) (1.0: classic peak-EWMA).
-    load_penalty: NonNegative = 0.25
+    load_penalty: NonNegative = 0.1
     # Targets within this fraction of the best score take turns (no herding).
     tolerance: NonNegative = 0.1
 

@@ -63,6 +63,7 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
                     "error_rate": item.snapshot.error_rate,
                     "stale": item.snapshot.stale,
                     "explorations_in_flight": item.snapshot.explorations_in_use,
+                    "waiting_ms": item.snapshot.waiting_ms,
                     "explored_next": item.explore,
                 },
                 "admissible": item.admissible,

@@ -103,6 +103,9 @@ class Candidate:
     estimate_age_ms: int = -1
     # This decide re-measures the target through the exploration budget.
     explore: bool = False
+    # How long the target has had requests in flight and returned nothing (ms): at least
+    # one request has been out that long, so a slowdown shows before its first slow sample.
+    waiting_ms: int = 0
 
     @property
     def measured(self) -> bool:
@@ -125,15 +128,18 @@ class Candidate:
 class Shaping:
     """What latency and hybrid need beyond the scores (EstimatorParams, as rank sees them)."""
 
-    load_penalty: float = 0.25
+    load_penalty: float = 0.1
     tolerance: float = 0.1
-    explore_after_ms: int = 2_000
+    explore_after_ms: int = 3_000
     explore_max: int = 1
 
 
 _NO_SHAPING = Shaping()
 # A target failing most requests still ranks by a bounded multiple of its latency.
 ERROR_FLOOR = 0.1
+# Waiting counts up to this multiple of the estimate: a lease left by a crashed replica
+# can't make a target look slower than that (exploration re-measures it meanwhile).
+WAITING_CAP = 4.0
 
 
 def rank(
@@ -264,9 +270,17 @@ def _score_cost(candidates: list[Candidate]) -> None:
         c.score = 1.0 - c.target.price_per_mtok / max_price if max_price > 0.0 else 1.0
 
 
+def expected_latency_us(c: Candidate) -> float:
+    """The estimate, or longer when a request has already been out longer than it."""
+    waiting = float(c.waiting_ms * 1000)
+    if waiting > c.estimate_us:
+        return min(waiting, WAITING_CAP * c.estimate_us)
+    return c.estimate_us
+
+
 def _loaded_latency(c: Candidate, load_penalty: float) -> float:
-    """Peak-EWMA style: the estimate grows with the requests already in flight."""
-    return c.estimate_us * (1.0 + load_penalty * c.inflight)
+    """Peak-EWMA style: the expected latency grows with the requests already in flight."""
+    return expected_latency_us(c) * (1.0 + load_penalty * c.inflight)
 
 
 def _score_latency(candidates: list[Candidate], load_penalty: float) -> None:

@@ -66,12 +66,12 @@ class EstimatorParams:
     `tolerance` (relative) of the best share traffic through the route's cursor.
     """
 
-    half_life_ms: int = 2_000
-    explore_after_ms: int = 2_000
+    half_life_ms: int = 500
+    explore_after_ms: int = 3_000
     explore_max: int = 1
     explore_every: int = 20
     explore_ttl_ms: int = 30_000
-    load_penalty: float = 0.25
+    load_penalty: float = 0.1
     tolerance: float = 0.1
 
 
@@ -156,6 +156,8 @@ class TargetSnapshot:
     estimate_age_ms: int | None = None
     explorations_in_use: int = 0
     stale: bool = True
+    # How long it has had requests in flight and no answer (ms; 0 when idle).
+    waiting_ms: int = 0
 
     @property
     def latency_ms(self) -> float | None:

@@ -6,12 +6,13 @@
 -- REPLY: admitted generation probe wait_ms rr_cursor count admissible now_ms repaired
 --        *[candidate] *[target] (explain)
 --   candidate (best first, `count` of them): position state score successes latency_us
---     failures inflight held estimate_us error_rate estimate_age_ms explore
+--     failures inflight held estimate_us error_rate estimate_age_ms explore waiting_ms
 --     (scores and estimates travel as strings: Redis truncates Lua numbers)
 --   target (explain only, configuration order): state generation consecutive_failures
 --     half_open_successes open_remaining_ms open_timeout_ms cooldown_remaining_ms inflight
 --     probes_in_use successes failures latency_us input_tokens output_tokens excluded
 --     excluded_ms estimate_us error_rate estimate_age_ms explorations_in_use stale
+--     waiting_ms
 --   rr_cursor is the cursor the next advancing decide takes (explain) or the one this decide
 --   took (round-robin, and the turn among near-best targets for latency and hybrid);
 --   excluded is a wire.EXCLUSION_REASONS code, excluded_ms how long it still holds.
@@ -111,10 +112,11 @@ for k = 1, n do
       local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
                  s = 0, lat = 0, f = 0, inf = r.inf, score = 0,
                  held = r.st == CLOSED and r.f > 0 and r.f + r.inf >= P.failure_threshold,
-                 est = -1, err = 0, age = -1, explore = false, used = 0}
+                 est = -1, err = 0, age = -1, explore = false, used = 0, wait = 0}
       if windowed then
         c.s, c.lat, c.f = totals(k)
         c.est, c.err, c.age = estimate(estimates[id], now)
+        c.wait = waiting(estimates[id], r.inf, now)
         if explain then
           c.used = live_explores(estimates[id], nil, now)
         else
@@ -132,10 +134,16 @@ local function by_score(a, b)
 end
 
 -- strategy.py: _loaded_latency, _score_latency, _score_hybrid, _share, pick_exploration.
-local ERROR_FLOOR = 0.1
+local ERROR_FLOOR, WAITING_CAP = 0.1, 4
+
+local function expected(c)
+  local w = c.wait * 1000
+  if w > c.est then return math.min(w, WAITING_CAP * c.est) end
+  return c.est
+end
 
 local function loaded(c)
-  return c.est * (1 + P.load_penalty * c.inf)
+  return expected(c) * (1 + P.load_penalty * c.inf)
 end
 
 local function by_measured_score(a, b)
@@ -318,6 +326,7 @@ local function candidate_rows(reply, upto)
     reply[#reply + 1] = string.format('%.17g', c.err)
     reply[#reply + 1] = c.age
     reply[#reply + 1] = c.explore and 1 or 0
+    reply[#reply + 1] = c.wait
   end
 end
 
@@ -334,7 +343,7 @@ if explain then
     local row = {r.st, r.gen, 0, 0, 0, r.to, math.max(0, r.cd - now), r.inf,
                  live_count[k] or 0, s, f, lat, tin, tout, why[k], why_ms[k],
                  string.format('%.17g', est), string.format('%.17g', err), age,
-                 live_explores(e, nil, now), stale_est}
+                 live_explores(e, nil, now), stale_est, waiting(e, r.inf, now)}
     if row[6] == 0 then row[6] = P.open_timeout end
     if r.st == CLOSED then row[3] = r.f end
     if r.st == HALF_OPEN then row[4] = r.ok end
@@ -347,6 +356,10 @@ if count > 0 then
   local first = ordered[1]
   local r = records[first.id]
   if first.probe then r.probes[token] = now + P.probe_ttl end
+  if windowed and r.inf == 0 then
+    estimates[first.id].w = now  -- busy from now: nothing outstanding before
+    touch_est(first.id)
+  end
   if first.explore then
     estimates[first.id].x[token] = now + P.explore_ttl
     touch_est(first.id)

@@ -125,8 +125,9 @@ local function keep_together()
 end
 
 -- The time-decayed estimate of a target lives in the targets hash under '<id>#e' ('#' is
--- never part of a target id): "t tl ws ls wf" - the last sample and the last success (ms,
--- -1: none), then the decayed success count, latency sum (us) and failure count as of t
+-- never part of a target id): "t tl w ws ls wf" - the last sample, the last success and
+-- since when it has had requests in flight without an answer (ms, -1: none), then the
+-- decayed success count, latency sum (us) and failure count as of t
 -- (floats as %.17g, which round-trips exactly) - followed by " token=expiry" for each
 -- exploration reservation. Semantics: memory.py `_add_estimate`, `_Target.estimate`.
 local estimates = {}  -- id -> parsed estimate
@@ -134,12 +135,13 @@ local est_dirty = {}
 local est_dirty_list = {}
 
 local function parse_est(v)
-  local e = {t = -1, tl = -1, ws = 0, ls = 0, wf = 0, x = {}}
+  local e = {t = -1, tl = -1, w = -1, ws = 0, ls = 0, wf = 0, x = {}}
   if not v then return e end
-  local t, tl, ws, ls, wf, rest = string.match(v, '^(%-?%d+) (%-?%d+) (%S+) (%S+) (%S+)(.*)$')
+  local t, tl, w, ws, ls, wf, rest = string.match(v,
+    '^(%-?%d+) (%-?%d+) (%-?%d+) (%S+) (%S+) (%S+)(.*)$')
   if not t then return e end
-  e.t, e.tl, e.ws, e.ls, e.wf = tonumber(t), tonumber(tl), tonumber(ws), tonumber(ls),
-    tonumber(wf)
+  e.t, e.tl, e.w = tonumber(t), tonumber(tl), tonumber(w)
+  e.ws, e.ls, e.wf = tonumber(ws), tonumber(ls), tonumber(wf)
   for token, expiry in string.gmatch(rest, ' ([^ =]+)=(%d+)') do
     e.x[token] = tonumber(expiry)
   end
@@ -147,7 +149,8 @@ local function parse_est(v)
 end
 
 local function serialize_est(e)
-  local parts = {string.format('%d %d %.17g %.17g %.17g', e.t, e.tl, e.ws, e.ls, e.wf)}
+  local parts = {string.format('%d %d %d %.17g %.17g %.17g', e.t, e.tl, e.w, e.ws, e.ls,
+    e.wf)}
   for token, expiry in pairs(e.x) do
     parts[#parts + 1] = string.format('%s=%d', token, expiry)
   end
@@ -179,6 +182,12 @@ local function estimate(e, now)
   end
   if e.ws + e.wf > 0 then err = e.wf / (e.ws + e.wf) end
   return lat, err, age
+end
+
+-- How long a target with `inf` in flight has returned nothing (ms; 0 when idle).
+local function waiting(e, inf, now)
+  if inf > 0 and e.w >= 0 then return now - e.w end
+  return 0
 end
 
 -- Drop expired exploration reservations (when `id` is given); return how many are live.
@@ -219,6 +228,7 @@ local function add_estimate(id, now, kind, lat_us, explored)
     e.wf = e.wf + 1
   end
   if now > e.t then e.t = now end
+  e.w = now  -- an answer: whatever is still out was sent before now
   touch_est(id)
 end
 

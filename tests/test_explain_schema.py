@@ -26,7 +26,7 @@ def _steady(explanation: dict[str, Any]) -> dict[str, Any]:
         item = {k: v for k, v in item.items() if k not in _TICKING}
         # The estimate's age (and so its staleness) ticks between the two reads too.
         item["estimate"] = {
-            k: v for k, v in item["estimate"].items() if k not in ("age_ms", "stale")
+            k: v for k, v in item["estimate"].items() if k not in ("age_ms", "stale", "waiting_ms")
         }
         if item["excluded_because"] is not None:
             item["excluded_because"] = item["excluded_because"].split(" for ")[0]

@@ -249,7 +249,9 @@ def _without_age(explanation: dict[str, Any]) -> dict[str, Any]:
     targets = [
         {
             **t,
-            "estimate": {k: v for k, v in t["estimate"].items() if k not in ("age_ms", "stale")},
+            "estimate": {
+                k: v for k, v in t["estimate"].items() if k not in ("age_ms", "stale", "waiting_ms")
+            },
         }
         for t in explanation["targets"]
     ]

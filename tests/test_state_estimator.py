@@ -98,7 +98,7 @@ async def row(h: Clocked, route: RouteSpec, target_id: str) -> TargetSnapshot:
 
 
 async def test_the_estimate_is_a_time_decayed_mean(clocked: Clocked) -> None:
-    route = make_route(half_life_ms=1_000)
+    route = make_route(half_life_ms=1_000, explore_after_ms=2_000)
     await sample(clocked, route, "t0", 100)
     clocked.wait(1_000)  # one half-life: the first sample now weighs half as much
     await sample(clocked, route, "t0", 300)
@@ -279,3 +279,29 @@ async def test_explain_shows_estimate_age_in_flight_and_exploration(clocked: Clo
     assert (t1.inflight, t1.explorations_in_use) == (1, 1)
     view = await clocked.state.explain(route)
     assert not view.decision.chosen.explore  # explain changed nothing, t1's slot is taken
+
+
+async def test_a_request_out_longer_than_the_estimate_counts_before_it_answers(
+    clocked: Clocked,
+) -> None:
+    route = make_route(targets=2, load_penalty=0.0, tolerance=0.0)
+    await sample(clocked, route, "t0", 40)
+    await sample(clocked, route, "t1", 90)
+    _, first = await admit(clocked, route)
+    assert first.target_id == "t0"
+    clocked.wait(60)  # t0 has not answered for 60 ms: it is at least that slow now
+    decision, _ = await admit(clocked, route)
+    assert decision.target_id == "t0" and decision.chosen.waiting_ms == 60
+    clocked.wait(40)  # 100 ms > t1's 90 ms: the next request goes to t1
+    decision, _ = await admit(clocked, route)
+    assert decision.target_id == "t1"
+    assert (await row(clocked, route, "t0")).waiting_ms == 100
+    # Capped at 4 x the estimate: a lease nobody reports back can't make it look slower.
+    clocked.wait(10_000)
+    view = await clocked.state.explain(route)
+    scores = {c.target.id: c.score for c in view.decision.candidates}
+    # Both wait 10 s now: t0 counts as 4 x 40 = 160 ms, t1 as 4 x 90 = 360 ms.
+    assert scores == {"t0": 1.0, "t1": pytest.approx(160 / 360)}
+    # An answer resets the wait: whatever is still out was sent before it.
+    await clocked.state.record(route, Outcome.for_admission(first, OutcomeKind.SUCCESS, 40))
+    assert (await row(clocked, route, "t0")).waiting_ms == 0

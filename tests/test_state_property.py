@@ -195,11 +195,18 @@ def assert_same_decision(memory: RoutingDecision, actual: RoutingDecision) -> No
             expected.failures,
             expected.inflight,
         ), f"{got.target.id}: candidate numbers differ{detail}"
-        assert (got.estimate_us, got.error_rate, got.estimate_age_ms, got.explore) == (
+        assert (
+            got.estimate_us,
+            got.error_rate,
+            got.estimate_age_ms,
+            got.explore,
+            got.waiting_ms,
+        ) == (
             expected.estimate_us,
             expected.error_rate,
             expected.estimate_age_ms,
             expected.explore,
+            expected.waiting_ms,
         ), f"{got.target.id}: estimate differs{detail}"
     assert (actual.admission is None) == (memory.admission is None), f"admission differs{detail}"
     if memory.admission is not None and actual.admission is not None:
@@ -247,6 +254,7 @@ def assert_same_snapshot(memory: RouteSnapshot, actual: RouteSnapshot) -> None:
                 "estimate_age_ms": t.estimate_age_ms,
                 "explorations_in_use": t.explorations_in_use,
                 "stale": t.stale,
+                "waiting_ms": t.waiting_ms,
             }
 
         want, have = view(expected), view(got)

@@ -45,6 +45,7 @@ class _Target:
         "est_ls",
         "est_t",
         "est_tl",
+        "est_w",
         "est_wf",
         "est_ws",
         "explores",
@@ -81,6 +82,9 @@ class _Target:
         self.est_ws = 0.0
         self.est_ls = 0.0
         self.est_wf = 0.0
+        # Since when the target has had requests in flight without an answer: the last
+        # sample, or the admission that found it idle (-1: never).
+        self.est_w = -1
         self.explores: dict[str, int] = {}  # token -> expiry (ms): exploration reservations
 
     def estimate(self, now: int) -> tuple[float, float, int]:
@@ -91,6 +95,9 @@ class _Target:
         errors = wf / (ws + wf) if ws + wf > 0.0 else 0.0
         age = now - self.est_tl if ws > 0.0 else -1
         return latency, errors, age
+
+    def waiting(self, now: int) -> int:
+        return now - self.est_w if self.inflight > 0 and self.est_w >= 0 else 0
 
 
 class _Route:
@@ -215,6 +222,7 @@ def _add_estimate(
         target.est_wf = target.est_wf + 1.0
     if now > target.est_t:
         target.est_t = now
+    target.est_w = now  # an answer: whatever is still out was sent before now
 
 
 class MemoryState:
@@ -319,6 +327,7 @@ class MemoryState:
                 candidate.estimate_us = estimate
                 candidate.error_rate = errors
                 candidate.estimate_age_ms = age
+                candidate.waiting_ms = target.waiting(now)
                 explores.append(_live_explores(target, now))
             candidates.append(candidate)
         cursor = state.rr_cursor
@@ -338,6 +347,8 @@ class MemoryState:
         if first.explore:
             target.explores[token] = now + route.estimator.explore_ttl_ms
             state.last_explore = cursor
+        if windowed and target.inflight == 0:
+            target.est_w = now  # busy from now: nothing outstanding before
         target.inflight += 1
         expiry = now + route.lease_ttl_ms
         state.leases[token] = (first.target.id, expiry)
@@ -484,6 +495,7 @@ class MemoryState:
                     candidate.estimate_us = estimate
                     candidate.error_rate = errors
                     candidate.estimate_age_ms = age
+                    candidate.waiting_ms = target.waiting(now)
                     explore_slots.append(explores)
                 candidates.append(candidate)
             rows.append(
@@ -510,6 +522,7 @@ class MemoryState:
                     estimate_age_ms=None if age < 0 else age,
                     explorations_in_use=explores,
                     stale=stale_estimate,
+                    waiting_ms=target.waiting(now),
                 )
             )
         # The next advancing decide moves the cursor first: rank and report with that one.

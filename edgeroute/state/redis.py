@@ -50,7 +50,7 @@ _C_POSITION, _C_STATE, _C_SCORE = _C["position"], _C["state"], _C["score"]
 _C_S, _C_LAT, _C_F = _C["successes"], _C["latency_us"], _C["failures"]
 _C_INF, _C_HELD = _C["inflight"], _C["held"]
 _C_EST, _C_ERR = _C["estimate_us"], _C["error_rate"]
-_C_AGE, _C_EXPLORE = _C["estimate_age_ms"], _C["explore"]
+_C_AGE, _C_EXPLORE, _C_WAIT = _C["estimate_age_ms"], _C["explore"], _C["waiting_ms"]
 _HALF_OPEN_CODE = wire.STATE_CODE[CircuitState.HALF_OPEN]
 _H = {name: i for i, name in enumerate(wire.DECIDE_HEAD)}
 _H_ADMITTED, _H_GENERATION, _H_PROBE = _H["admitted"], _H["generation"], _H["probe"]
@@ -306,6 +306,7 @@ class RedisState:
                 estimate_age_ms=None if row["estimate_age_ms"] < 0 else row["estimate_age_ms"],
                 explorations_in_use=row["explorations_in_use"],
                 stale=row["stale"] == 1,
+                waiting_ms=row["waiting_ms"],
             )
             for spec, row in zip(
                 route.targets,
@@ -472,6 +473,7 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
                 float(reply[j + _C_ERR]),
                 reply[j + _C_AGE],
                 reply[j + _C_EXPLORE] == 1,
+                reply[j + _C_WAIT],
             )
         )
     admission = None

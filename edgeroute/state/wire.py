@@ -122,7 +122,9 @@ DECIDE_HEAD = (
 )
 # One ranked candidate, best first (`count` of them). estimate_us and error_rate are the
 # time-decayed estimate (strings: Redis truncates Lua numbers); estimate_us and
-# estimate_age_ms are -1 for a target never measured; explore: this decide re-measures it.
+# estimate_age_ms are -1 for a target never measured; explore: this decide re-measures it;
+# waiting_ms: how long it has had requests in flight and no answer (a lower bound on the
+# oldest one's age), which ranks as a latency when it exceeds the estimate.
 CANDIDATE_ROW = (
     "position",
     "state",
@@ -136,6 +138,7 @@ CANDIDATE_ROW = (
     "error_rate",
     "estimate_age_ms",
     "explore",
+    "waiting_ms",
 )
 # Explain mode only: one row per target in configuration order, after the candidates.
 TARGET_ROW = (
@@ -160,6 +163,7 @@ TARGET_ROW = (
     "estimate_age_ms",
     "explorations_in_use",
     "stale",
+    "waiting_ms",
 )
 SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
     "decide": (*DECIDE_HEAD, "*[candidate]", "*[target] (explain)"),
