@@ -651,9 +651,8 @@ def render(reports: Sequence[Report]) -> str:
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         for row in rows:
-            lines.append(
-                "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-            )
+            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            lines.append("  ".join(cells).rstrip())
         for goal in report.goals:
             value = goal["value"]
             shown = "n/a" if value is None else f"{value:.3g}"
