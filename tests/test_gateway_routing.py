@@ -270,7 +270,7 @@ def _hybrid_score(
         latency_term = 0.0
     else:
         latency_term = 1 - latency / max_latency if max_latency > 0 else 1.0
-    reliability = 1.0 - item["estimate"]["error_rate"]
+    reliability = 1.0 - float(item["estimate"]["error_rate"])
     return (
         weights["cost"] * cost_term
         + weights["latency"] * latency_term
