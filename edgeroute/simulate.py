@@ -569,6 +569,11 @@ async def simulate(scenario: Scenario, make_state: StateFactory, seed: int = 1) 
         result = await run_policy(scenario, policy, make_state, seed)
         result.metrics = measure(scenario, result)
         results[policy] = result
+    return finish_report(scenario, results)
+
+
+def finish_report(scenario: Scenario, results: dict[str, Result]) -> Report:
+    """Oracle-relative figures and the PASS/MISS goals (the simulator and bench/routing.py)."""
     ours, oracle = results["edgeroute"].metrics, results["oracle"].metrics
     for name in ("mean_ms", "p95_ms"):
         mine, best = ours.get(name), oracle.get(name)
