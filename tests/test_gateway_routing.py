@@ -266,9 +266,8 @@ def _hybrid_score(
     through the budget, not ranked first)."""
     cost_term = 1 - item["price_per_mtok"] / max_cost if max_cost > 0 else 1.0
     latency = item["estimate"]["latency_ms"]
-    if latency is None:
-        latency_term = 0.0
-    else:
+    latency_term = 0.0  # never measured
+    if latency is not None:
         latency_term = 1 - latency / max_latency if max_latency > 0 else 1.0
     reliability = 1.0 - float(item["estimate"]["error_rate"])
     return (

@@ -1,8 +1,8 @@
 """The time-decayed estimate, the exploration budget, load and tolerance, on every backend.
 
-Each backend runs on an injected clock (MemoryState's `clock`, RedisState's `clock`: the
-scripts' last ARGV), so decay, estimate age and reservation expiry are exact and these
-tests assert numbers, never timings.
+Every row of the backend table (tests/support/backends.py) runs on one virtual clock
+(MemoryState's `clock`, RedisState's: the scripts' `clock_ms`), so decay, estimate age and
+reservation expiry are exact and these tests assert numbers, never timings.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from edgeroute import RoutingStrategy
-from edgeroute.state import MemoryState, RedisState, StateBackend
+from edgeroute.state import StateBackend
 from edgeroute.state.base import RouteSpec
 from edgeroute.strategy import RoutingDecision
 from edgeroute.types import (
@@ -25,32 +25,24 @@ from edgeroute.types import (
     TargetSnapshot,
     TargetSpec,
 )
-from tests.test_state_conformance import FakeClock, fakeredis_url  # noqa: F401 (fixture)
+from tests.support.backends import VirtualClock, open_backend, table
 
 
 class Clocked:
-    def __init__(self, state: StateBackend, clock: FakeClock) -> None:
+    def __init__(self, state: StateBackend, clock: VirtualClock) -> None:
         self.state = state
         self.clock = clock
 
     def wait(self, ms: float) -> None:
-        self.clock.now += ms / 1000
+        self.clock.advance(ms)
 
 
-@pytest.fixture(params=["memory", "redis", "fakeredis", "cluster"])
+@pytest.fixture(params=table())
 async def clocked(request: pytest.FixtureRequest) -> AsyncIterator[Clocked]:
-    clock = FakeClock(1_700_000_000.0)
-    if request.param == "memory":
-        yield Clocked(MemoryState(clock), clock)
-        return
-    if request.param == "cluster":
-        cluster = request.getfixturevalue("redis_cluster")
-        url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster.startup_nodes)
-    else:
-        url = request.getfixturevalue(f"{request.param}_url")
-    state = RedisState(url, key_prefix=f"est-{uuid.uuid4().hex[:12]}", timeout_ms=2000, clock=clock)
-    yield Clocked(state, clock)
-    await state.close()
+    clock = VirtualClock()
+    backend = open_backend(request.param, request, clock=clock)
+    yield Clocked(backend.state, clock)
+    await backend.state.close()
 
 
 def make_route(
