@@ -589,8 +589,10 @@ def finish_report(scenario: Scenario, results: dict[str, Result]) -> Report:
     goals = []
     for goal in scenario.goals:
         value = ours.get(goal.metric)
-        if value is None:
-            status = "n/a"
+        if goal.metric not in ours:
+            status = "n/a"  # not measured in this scenario (no focus, no phases)
+        elif value is None:
+            status = "MISS"  # measured and never reached (e.g. never came back)
         elif goal.higher:
             status = "PASS" if value >= goal.limit else "MISS"
         else:
@@ -660,7 +662,11 @@ def render(reports: Sequence[Report]) -> str:
             lines.append("  ".join(cells).rstrip())
         for goal in report.goals:
             value = goal["value"]
-            shown = "n/a" if value is None else f"{value:.3g}"
+            shown = (
+                ("never" if goal["status"] == "MISS" else "n/a")
+                if value is None
+                else f"{value:.3g}"
+            )
             bound = f"{goal['comparison']} {goal['limit']:g}"
             lines.append(f"  {goal['status']:<4} {goal['label']}: {shown} {bound}")
         lines.append("")

@@ -87,7 +87,7 @@ end
 -- Admission: why each target is out (wire.EXCLUSION_REASONS), for how long.
 local BREAKER_OPEN, RATE_LIMITED_OUT, PROBES_FULL = 1, 2, 3
 local cands = {}
-local why, why_ms, live_count, explore_count = {}, {}, {}, {}
+local why, why_ms, live_count = {}, {}, {}
 local wait = 0
 for k = 1, n do
   local id = ids[k]
