@@ -506,13 +506,16 @@ async def test_what_was_admitted_before_the_first_failure_is_known_still_goes_th
 
 
 def without_countdowns(explanation: dict[str, Any]) -> dict[str, Any]:
-    """Explain minus what ticks with the clock (remaining open/cooldown milliseconds)."""
+    """Explain minus what ticks with the clock (remaining open/cooldown milliseconds, and the
+    estimate's age and waiting time, with the staleness that follows from the age)."""
     targets = []
     for item in explanation["targets"]:
         item = dict(item)
         item.pop("open_remaining_ms")
         item.pop("cooldown_remaining_ms")
         item.pop("excluded_for_ms")
+        ticking = ("age_ms", "stale", "waiting_ms")
+        item["estimate"] = {k: v for k, v in item["estimate"].items() if k not in ticking}
         if item["excluded_because"] is not None:
             item["excluded_because"] = re.sub(r"\d+ ms", "N ms", item["excluded_because"])
         targets.append(item)
