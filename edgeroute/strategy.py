@@ -396,10 +396,10 @@ def _fmt_latency(c: Candidate) -> str:
 def _fmt_estimate(c: Candidate) -> str:
     if c.estimate_us < 0.0:
         return "unmeasured"
-    return (
-        f"estimate {c.estimate_us / 1000.0:.1f}ms (age {c.estimate_age_ms}ms,"
-        f" errors {c.error_rate:.0%}, {c.inflight} in flight)"
-    )
+    # No age here: the reason travels in a header and must read the same from every replica
+    # at once (explain shows the age).
+    estimate = c.estimate_us / 1000.0
+    return f"estimate {estimate:.1f}ms (errors {c.error_rate:.0%}, {c.inflight} in flight)"
 
 
 def explain_choice(

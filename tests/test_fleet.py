@@ -268,6 +268,7 @@ async def agreed(
     views: list[dict[str, Any]] = []
     for _ in range(tries):
         views = list(await asyncio.gather(*(r.explain(model) for r in replicas)))
+        views = [without_estimate_ticks(view) for view in views]
         if normalize is not None:
             views = [normalize(view) for view in views]
         if all(view == views[0] for view in views[1:]):
@@ -505,17 +506,25 @@ async def test_what_was_admitted_before_the_first_failure_is_known_still_goes_th
             assert by_target(explanation)["sick"]["breaker"] == "open"
 
 
+def without_estimate_ticks(explanation: dict[str, Any]) -> dict[str, Any]:
+    """Explain minus the estimate's age and waiting time (and the staleness that follows from
+    the age): they tick by the millisecond, so two reads a moment apart differ."""
+    ticking = ("age_ms", "stale", "waiting_ms")
+    targets = [
+        {**t, "estimate": {k: v for k, v in t["estimate"].items() if k not in ticking}}
+        for t in explanation["targets"]
+    ]
+    return {**explanation, "targets": targets}
+
+
 def without_countdowns(explanation: dict[str, Any]) -> dict[str, Any]:
-    """Explain minus what ticks with the clock (remaining open/cooldown milliseconds, and the
-    estimate's age and waiting time, with the staleness that follows from the age)."""
+    """Explain minus what ticks with the clock (remaining open/cooldown milliseconds)."""
     targets = []
     for item in explanation["targets"]:
         item = dict(item)
         item.pop("open_remaining_ms")
         item.pop("cooldown_remaining_ms")
         item.pop("excluded_for_ms")
-        ticking = ("age_ms", "stale", "waiting_ms")
-        item["estimate"] = {k: v for k, v in item["estimate"].items() if k not in ticking}
         if item["excluded_because"] is not None:
             item["excluded_because"] = re.sub(r"\d+ ms", "N ms", item["excluded_because"])
         targets.append(item)
@@ -565,14 +574,14 @@ async def test_round_robin_is_one_cursor_for_the_whole_fleet(
 async def test_latency_and_hybrid_move_the_whole_fleet_away_within_one_window(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """A provider turns slow: after one window no replica ranks it first on stale samples.
+    """A provider turns slow: every replica moves away at once and only explores it again.
 
-    `y` is the fastest of three, then turns slow at t0. All its samples from before t0 are
-    out of the (shared) window by t0 + window_s, and those after are all slow, so from then
-    on a replica can only send `y` a request to explore it (no samples left in the window).
-    Each request's `x-edgeroute-reason` names the numbers it was decided on, which proves
-    that per request. All replicas' explain outputs agree (same order, same scores) before
-    and after.
+    `y` is the fastest of three, then turns slow at t0. The shared, time-decayed estimate (and
+    the time its requests have been out unanswered) moves every replica to a faster target
+    within a second, so from t0 + window_s on a replica can only send `y` a request to
+    re-measure it through the exploration budget. Each request's `x-edgeroute-reason` names
+    what it was decided on, which proves that per request. All replicas' explain outputs
+    agree (same order, same scores) before and after.
     """
     window_s, slow_ms = 2.0, 500.0
     async with mock_upstreams(
@@ -583,11 +592,12 @@ async def test_latency_and_hybrid_move_the_whole_fleet_away_within_one_window(
             mocks,
             [route("lat", "latency", targets), route("hyb", "hybrid", targets)],
             redis_server,
-            latency={"window_s": window_s, "buckets": 4},
+            # Every decide may explore: the test needs y re-measured on its first chance.
+            latency={"window_s": window_s, "buckets": 4, "explore_share": 1.0},
         )
         models = ("lat", "hyb")
         async with fleet(document, tmp_path) as replicas:
-            # Warm up: unexplored targets go first, then y is the fastest for every replica.
+            # Warm up: every target gets measured, then y is the fastest for every replica.
             for model in models:
                 for i in range(6):
                     await replicas[i % REPLICAS].chat(model)
@@ -595,7 +605,7 @@ async def test_latency_and_hybrid_move_the_whole_fleet_away_within_one_window(
             for model in models:
                 explanation = await agreed(replicas, model)
                 assert explanation["order"][0] == "y", explanation
-                assert by_target(explanation)["y"]["window"]["latency_ms"] is not None
+                assert by_target(explanation)["y"]["estimate"]["latency_ms"] is not None
 
             await mocks["y"].configure(latency_ms=slow_ms)
             t0 = time.monotonic()
@@ -605,43 +615,40 @@ async def test_latency_and_hybrid_move_the_whole_fleet_away_within_one_window(
             ]
             served = dict(zip(models, await asyncio.gather(*drives), strict=True))
             for model in models:
-                to_y = [s for s in served[model] if s.provider == "y"]
-                assert to_y, f"{model}: y was never chosen after t0"
-                for item in to_y:
-                    if item.started >= t0 + window_s:
-                        # Only stale-free choices are possible now: y had no samples at all.
-                        assert "unexplored" in item.reason, (model, item)
+                for item in served[model]:
+                    if item.provider == "y" and item.started >= t0 + window_s:
+                        assert "exploring y" in item.reason, (model, item)
                 for replica in replicas:
-                    # Every replica moved away from y (to a faster target) ...
+                    # Every replica moved away from y (to a faster target).
                     assert any(
                         s.replica == replica.index and s.provider != "y" for s in served[model]
                     ), (model, replica.index)
-                    # ... and only explored it again after the window.
-                    assert all(
-                        s.started < t0 + window_s or "unexplored" in s.reason
-                        for s in served[model]
-                        if s.replica == replica.index and s.provider == "y"
-                    )
             await settled(replicas[0], *models)
 
+            await asyncio.sleep(3.2)  # explore_after_s: every estimate is stale now
             for model in models:
+                for _ in range(3):  # the stalest first: y within three explorations
+                    explored = await replicas[0].chat(model)
+                    await settled(replicas[0], model)
+                    if explored.provider == "y":
+                        break
+                assert explored.provider == "y" and "exploring y" in explored.reason, explored
                 explanation = await agreed(replicas, model)
                 y = by_target(explanation)["y"]
-                if y["window"]["latency_ms"] is None:
-                    # Its slow samples aged out too: one more exploration brings one back.
-                    explored = await replicas[0].chat(model)
-                    assert explored.provider == "y" and "unexplored" in explored.reason
-                    await settled(replicas[0], model)
-                    explanation = await agreed(replicas, model)
-                    y = by_target(explanation)["y"]
-                # Only slow samples are left in the window: y ranks last on every replica.
-                assert y["window"]["latency_ms"] >= slow_ms
+                # The re-measurement replaced y's estimate: it ranks last on every replica.
+                assert y["estimate"]["latency_ms"] >= slow_ms
                 assert explanation["order"][-1] == "y", explanation
-                scores = [by_target(explanation)[t]["score"] for t in explanation["order"]]
+                # Best first, but for a stale target the next request explores (z, unused).
+                ranked = [
+                    t
+                    for t in explanation["order"]
+                    if not by_target(explanation)[t]["estimate"]["explored_next"]
+                ]
+                scores = [by_target(explanation)[t]["score"] for t in ranked]
                 assert scores == sorted(scores, reverse=True)
                 for replica in replicas:
                     nxt = await replica.chat(model)
-                    assert nxt.provider != "y" or "unexplored" in nxt.reason, nxt
+                    assert nxt.provider != "y" or "exploring y" in nxt.reason, nxt
 
 
 # ---- admin -----------------------------------------------------------------------------------
