@@ -67,6 +67,7 @@ def write_access_line(
     upstream_s: float | None = None,
     ttft: float | None = None,
     error: str | None = None,
+    trace_id: str | None = None,
 ) -> None:
     """One JSON line per request on the `edgeroute.access` logger (never a key or a body)."""
     record: dict[str, Any] = {
@@ -88,4 +89,6 @@ def write_access_line(
         record["ttft_ms"] = round(ttft * 1000, 3)
     if error:
         record["error"] = error
+    if trace_id is not None:
+        record["trace_id"] = trace_id
     access_log.info(_encode(record).decode())
