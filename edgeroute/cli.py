@@ -444,7 +444,7 @@ def _cmd_serve(args: argparse.Namespace, out: _Output) -> int:
         server = msgspec.structs.replace(server, **overrides)
         config = msgspec.structs.replace(config, server=server)
     try:
-        return serve_config(config)
+        return serve_config(config, config_path=args.config)
     except OSError as exc:
         raise _UsageError(
             f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}"

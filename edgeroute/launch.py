@@ -35,7 +35,7 @@ def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return uvloop.run(main())
 
 
-def serve_config(config: Config) -> int:
+def serve_config(config: Config, config_path: str | None = None) -> int:
     from edgeroute.server import serve
 
     configure_logging()
@@ -44,7 +44,7 @@ def serve_config(config: Config) -> int:
         state = "redis" if config.state.redis_url else "memory"
         print(f"edgeroute listening on {url}/v1 (state: {state})", flush=True)
 
-    return run(lambda: serve(config, ready=ready))
+    return run(lambda: serve(config, ready=ready, config_path=config_path))
 
 
 def demo_config(gateway_port: int = 8080, base_port: int = DEMO_PORTS[0]) -> Config:
