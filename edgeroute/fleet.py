@@ -2,7 +2,8 @@
 
 A heartbeat (replica id, version, config hash, start time, live/degraded) is a plain Redis
 string with a TTL of three intervals, plus the replica's id in a set for discovery; all keys
-share the `{prefix:fleet}` hash tag, so Redis Cluster keeps them in one slot. They go through
+share the `{prefix:#fleet}` hash tag, so Redis Cluster keeps them in one slot (`#` is not
+allowed in route names: no route's keys can ever share it). They go through
 a plain redis-py asyncio client, not the Lua state path: heartbeats are not routing state,
 and a heartbeat never waits behind (or slows) a decide.
 """
@@ -98,7 +99,7 @@ def redis_client(url: str, *, cluster: bool = False) -> Any:
 class Heartbeats:
     def __init__(self, client: Any, key_prefix: str, interval_s: float = DEFAULT_INTERVAL_S):
         self.client = client
-        tag = f"{{{key_prefix}:fleet}}"
+        tag = f"{{{key_prefix}:#fleet}}"
         self.ids_key = f"{tag}:replicas"
         self.replica_key = f"{tag}:replica:"
         self.interval_s = interval_s

@@ -52,6 +52,11 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     if TRACER is not None or not wanted(env):
         return TRACER is not None
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    if protocol.strip() != "http/protobuf":
+        log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s: edgeroute exports http/protobuf", protocol)
     try:
         from edgeroute.tracing_otel import Tracer
     except ImportError:

@@ -128,3 +128,26 @@ async def test_without_redis_the_fleet_is_this_replica() -> None:
     assert view["consistent"] is True
     (replica,) = view["replicas"]
     assert replica["self"] is True and replica["shared_state"] == "local"
+
+
+def test_the_odd_replica_out_is_flagged_against_the_majority() -> None:
+    from edgeroute.fleet import Heartbeat, fleet_view
+
+    def beat(replica: str, config_hash: str) -> Heartbeat:
+        return Heartbeat(
+            replica=replica,
+            version="0",
+            config_hash=config_hash,
+            started_at=1.0,
+            shared_state="live",
+        )
+
+    replicas = [beat("r1", "aaa"), beat("r2", "aaa"), beat("r3", "bbb")]
+    view = fleet_view(replicas, me="r1")
+    assert view["reference_hash"] == "aaa"
+    assert [r["config_mismatch"] for r in view["replicas"]] == [False, False, True]
+    assert view["consistent"] is False
+    # Against a given file (the CLI), the majority does not matter.
+    against_file = fleet_view(replicas, me=None, expected="bbb")
+    assert [r["config_mismatch"] for r in against_file["replicas"]] == [True, True, False]
+    assert fleet_view([], me=None)["consistent"] is True
