@@ -478,5 +478,6 @@ async def serve(
             await asyncio.sleep(0.02)
     finally:
         await runner.cleanup()
-        await asyncio.to_thread(tracing.shutdown)  # flush the last spans
+        if tracing.TRACER is not None:  # flush the last spans (blocking: in a thread)
+            await asyncio.to_thread(tracing.shutdown)
     return 0
