@@ -39,9 +39,11 @@ log = logging.getLogger("edgeroute.reload")
 
 WATCH_ENV = "EDGEROUTE_CONFIG_WATCH_S"
 DEFAULT_WATCH_S = 5.0
-# Server fields the running process cannot change: the socket, and what the auth middleware
-# and the app's body limit captured at start.
-_RESTART_ONLY_SERVER = ("api_keys", "admin_token", "max_body_bytes", "shutdown_timeout_s")
+# The only server fields a reload applies: the Router reads them (its failover policy). Every
+# other one (socket, auth, limits, deadlines, connection cap) was captured at start.
+# (host and port are taken from the running server before comparing: `serve --host/--port`
+# may override the file, and a socket cannot move anyway.)
+_RELOADABLE_SERVER = frozenset({"max_attempts", "request_timeout_s"})
 
 
 def document_hash(document: object) -> str:
@@ -93,7 +95,9 @@ class Live:
 def _restart_only_change(old: Config, new: Config) -> str | None:
     if new.state != old.state:
         return "$.state"
-    for name in _RESTART_ONLY_SERVER:
+    for name in new.server.__struct_fields__:
+        if name in _RELOADABLE_SERVER:
+            continue
         if getattr(new.server, name) != getattr(old.server, name):
             return f"$.server.{name}"
     return None

@@ -213,10 +213,16 @@ async def test_changes_only_a_restart_can_apply_are_refused(
             assert await reloader.reload("test")  # the same file: unchanged
             write_atomically(path, {**document, "state": {"key_prefix": "elsewhere"}})
             assert not await reloader.reload("test")
+            write_atomically(path, {**document, "server": {"header_timeout_s": 3}})
+            assert not await reloader.reload("test")
             write_atomically(path, "routes: [unclosed")
             assert not await reloader.reload("test")
+            write_atomically(path, {**document, "server": {"max_attempts": 2}})
+            assert await reloader.reload("test")  # the failover policy reloads
+            assert app[LIVE].current.router.policy.max_attempts == 2
             assert app[LIVE].current.config.state.key_prefix == "edgeroute"
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(refused) == 2
+    assert len(refused) == 3
     assert "$.state: changed, and only a restart can apply it" in refused[0]
-    assert "invalid YAML" in refused[1]
+    assert "$.server.header_timeout_s: changed" in refused[1]
+    assert "invalid YAML" in refused[2]
