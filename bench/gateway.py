@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import http.server
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1328,6 +1330,84 @@ def wrk_version() -> str:
     return f"wrk {match.group(1)}" if match else "wrk"
 
 
+# ---------------------------------------------------------------------------------------------
+# Tracing: throughput with OpenTelemetry off and on (`--tracing`)
+# ---------------------------------------------------------------------------------------------
+
+
+class _OtlpSink(http.server.BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and drops them: the gateway pays for every span it makes,
+    serializes and sends; the collector's own cost is not the gateway's."""
+
+    spans_bytes = 0
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        type(self).spans_bytes += len(self.rfile.read(length))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def tracing_rows(settings: Settings) -> str:
+    """The memory-state gateway under wrk, tracing off, then on at sampling 1.0 (every
+    request: a server span, a decide span and a client span, exported over OTLP/HTTP)."""
+    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    rows = []
+    try:
+        with managed_processes("gw-otel") as processes:
+            env = {**child_env(), "EDGEROUTE_CONFIG_WATCH_S": "0"}
+            cli = [sys.executable, "-m", "edgeroute.cli"]
+            processes.start("upstream", [*cli, "mock-provider", "--port", "0"], env)
+            upstream = processes.wait_for("upstream", r"listening on (http://\S+/v1)").group(1)
+            config = processes.workdir / "gateway-otel.yaml"
+            config.write_text(gateway_config(upstream, None, "unused"))
+            script = processes.workdir / "wrk.lua"
+            wrk_script(script)
+            for label, extra in (("tracing off", {}), ("tracing on, sampling 1.0", otel)):
+                pid = processes.start(
+                    label, [*cli, "serve", "--config", str(config)], {**env, **extra}
+                )
+                url = processes.wait_for(label, r"listening on (http://\S+/v1)").group(1)
+                url += "/chat/completions"
+                if http_post(url, BODY)[0] != 200:
+                    raise RuntimeError(f"{label}: the test request failed")
+                if settings.throughput_warmup_s:
+                    run_wrk(url, script, settings.throughput_warmup_s)
+                cpu = cpu_seconds(pid)
+                result = run_wrk(url, script, settings.throughput_s)
+                cpu_ms = (cpu_seconds(pid) - cpu) * 1000 / max(1, result.requests)
+                rows.append((label, result, cpu_ms))
+        # Leaving the block SIGTERMs the gateways: the traced one flushes its last batch.
+    finally:
+        sink.shutdown()
+    if _OtlpSink.spans_bytes == 0:
+        raise RuntimeError("tracing on exported nothing: is the otel extra installed?")
+    lines = [
+        f"Tracing: memory-state gateway, wrk -t{WRK_THREADS} -c{CONCURRENCY}, "
+        f"{settings.throughput_s}s each (OTLP/HTTP to a local sink that drops the spans)",
+        f"{'':26} {'req/s':>9} {'CPU ms/req':>11} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}"
+        f" {'sock err':>8}",
+    ]
+    for label, result, cpu_ms in rows:
+        lines.append(
+            f"{label:26} {result.rps:9.0f} {cpu_ms:11.3f} {result.p50_ms:8.2f} "
+            f"{result.p99_ms:8.2f} {result.non_2xx:8d} {result.socket_errors:8d}"
+        )
+    off, on = rows[0][1].rps, rows[1][1].rps
+    lines.append(f"tracing on keeps {on / off:.0%} of the throughput with tracing off")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="seconds-long runs (smoke test)")
@@ -1365,6 +1445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="instead: CPU per access line through logging vs the writer thread (in-process)",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="instead: throughput with OpenTelemetry tracing off and on (sampling 1.0)",
+    )
     parser.add_argument("--open-loop-worker", metavar="JSON", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.open_loop_worker:
@@ -1379,6 +1464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("wrk is not on PATH (apt-get install wrk)")
     if options.profile:
         print(run_profile(options.profile, settings, options.profile_out))
+        return 0
+    if options.tracing:
+        print(tracing_rows(settings))
         return 0
     systems = [name.strip() for name in options.systems.split(",") if name.strip()]
     litellm = find_litellm(options.litellm)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import time
 
+from edgeroute import tracing
 from edgeroute.failover import Attempt, Failure
 from edgeroute.metrics import Metrics
 from edgeroute.providers.base import Usage
 from edgeroute.recorder import Recorder
 from edgeroute.responses import access_log, write_access_line
 from edgeroute.state.base import RouteSpec
+from edgeroute.strategy import RoutingDecision
 from edgeroute.types import Admission, Outcome, OutcomeKind, TargetSpec
 
 
@@ -24,6 +26,9 @@ class Accounting:
         self.recorder = recorder
 
     # ---- the engine's observer -----------------------------------------------------------
+
+    def decided(self, route: RouteSpec, decision: RoutingDecision, elapsed_s: float) -> None:
+        """Nothing to count: decide latency is the state layer's metric."""
 
     def attempt_failed(
         self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float
@@ -77,6 +82,7 @@ class Accounting:
                 model=model or None,
                 upstream_s=upstream_s,
                 error=error,
+                trace_id=tracing.current_trace_id(),
             )
 
     def served(
@@ -146,4 +152,5 @@ class Accounting:
                 upstream_s=upstream_s,
                 ttft=ttft,
                 error=error,
+                trace_id=tracing.current_trace_id(),
             )

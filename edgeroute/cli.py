@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -451,7 +452,7 @@ def _cmd_serve(args: argparse.Namespace, out: _Output) -> int:
         server = msgspec.structs.replace(server, **overrides)
         config = msgspec.structs.replace(config, server=server)
     try:
-        return serve_config(config, workers)
+        return serve_config(config, workers, config_path=args.config)
     except WorkersError as exc:
         raise _UsageError(str(exc)) from None
     except OSError as exc:
@@ -530,6 +531,56 @@ def _add_simulate_parser(sub: Any) -> None:
 
 
 # --- parser and entry point ----------------------------------------------------------------
+
+
+# --- fleet ---------------------------------------------------------------------------------
+
+
+def _cmd_fleet(args: argparse.Namespace, out: _Output) -> int:
+    """Live replicas from their Redis heartbeats; exit 1 when any runs another config."""
+    from edgeroute import fleet
+    from edgeroute.reload import file_hash
+
+    config = _load(args, out)
+    if not config.state.redis_url:
+        raise _UsageError(
+            "the fleet view needs shared state: set state.redis_url or EDGEROUTE_REDIS_URL"
+        )
+    expected = file_hash(args.config)
+
+    async def read() -> list[fleet.Heartbeat]:
+        client = fleet.redis_client(config.state.redis_url or "", cluster=config.state.cluster)
+        try:
+            return await fleet.Heartbeats(client, config.state.key_prefix).read()
+        except Exception as exc:
+            raise StateUnavailable(type(exc).__name__) from None
+        finally:
+            await client.aclose()
+
+    view = fleet.fleet_view(asyncio.run(read()), me=None, expected=expected)
+    if args.json:
+        out.print(json.dumps({"config_file_hash": expected, **view}, indent=2))
+    else:
+        now = time.time()
+        rows = [
+            (
+                r["replica"],
+                r["version"],
+                r["config_hash"] + (" (differs)" if r["config_mismatch"] else ""),
+                r["shared_state"],
+                f"{now - r['started_at']:.0f}s ago",
+            )
+            for r in view["replicas"]
+        ]
+        out.print(f"config file {args.config}: hash {expected}")
+        out.print(_table(["REPLICA", "VERSION", "CONFIG", "STATE", "STARTED"], rows))
+        mismatched = sum(1 for r in view["replicas"] if r["config_mismatch"])
+        out.print(
+            f"{_plural(len(rows), 'live replica')}, {mismatched} on another config"
+            if rows
+            else "no live replicas (none has written a heartbeat recently)"
+        )
+    return 0 if view["consistent"] else 1
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -616,6 +667,17 @@ def build_parser() -> argparse.ArgumentParser:
         "one per CPU this process may use; more than 1 needs Redis state",
     )
     serve.set_defaults(handler=_cmd_serve)
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="list the live replicas and the config each runs",
+        description="Read every replica's heartbeat from shared Redis: id, version, config "
+        "hash, start time, live/degraded. Exit 1 when a replica runs a config other than "
+        "FILE (compared by hash of the file as written, before ${ENV}).",
+    )
+    _add_config_option(fleet)
+    fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fleet.set_defaults(handler=_cmd_fleet)
 
     demo = sub.add_parser(
         "demo",

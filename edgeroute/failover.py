@@ -109,7 +109,9 @@ class Exhausted(Exception):
 
 
 class Observer(Protocol):
-    """What the engine tells its caller as it goes (the gateway: metrics)."""
+    """What the engine tells its caller as it goes (the gateway: metrics and spans)."""
+
+    def decided(self, route: RouteSpec, decision: RoutingDecision, elapsed_s: float) -> None: ...
 
     def attempt_failed(
         self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float
@@ -150,6 +152,7 @@ async def run(
     first = True
     while True:
         pending, request.pending = request.pending, None
+        decide_started = now()
         try:
             decision = await state.decide(
                 route, exclude=request.tried, outcome=pending, advance=first, limit=2
@@ -159,6 +162,8 @@ async def run(
                 request.attempts, 1.0, upstream_s=request.upstream_s, state_unavailable=True
             ) from None
         first = False
+        if observer is not None:
+            observer.decided(route, decision, now() - decide_started)
         admission = decision.admission
         if admission is None:
             if request.attempts and request.tried and await _next_round(request, policy):

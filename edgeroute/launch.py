@@ -71,8 +71,11 @@ def state_name(config: Config) -> str:
     return "redis" if config.state.redis_url else "memory"
 
 
-def serve_config(config: Config, workers: int = 1) -> int:
-    """One process serves (workers=1), or a supervisor runs `workers` processes."""
+def serve_config(config: Config, workers: int = 1, config_path: str | None = None) -> int:
+    """One process serves (workers=1), or a supervisor runs `workers` processes.
+
+    `config_path` turns on reloading (SIGHUP, the file watcher) in a single process; workers
+    do not reload yet (a change of config there is a restart)."""
     if workers > 1:
         from edgeroute.workers import Supervisor
 
@@ -87,7 +90,7 @@ def serve_config(config: Config, workers: int = 1) -> int:
         freeze_startup_objects()
         print(f"edgeroute listening on {url}/v1 (state: {state_name(config)})", flush=True)
 
-    return run(lambda: serve(config, ready=ready))
+    return run(lambda: serve(config, ready=ready, config_path=config_path))
 
 
 def demo_config(gateway_port: int = 8080, base_port: int = DEMO_PORTS[0]) -> Config:

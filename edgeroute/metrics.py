@@ -217,6 +217,7 @@ class Metrics:
         )
         self._targets: dict[tuple[str, str, str], TargetMetrics] = {}
         self._state_calls: dict[str, Histogram] = {}
+        self.ops = OpsMetrics(r)
 
     def target(self, route: str, provider: str, model: str) -> TargetMetrics:
         key = (route, provider, model)
@@ -249,3 +250,39 @@ class Metrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
+
+
+class OpsMetrics:
+    """Live operations: config reloads, the running config, the fleet seen through Redis."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.config_reloads = Counter(
+            "edgeroute_config_reloads",
+            "Config reloads by result: success, unchanged, or failure (refused; old config kept).",
+            ["result"],
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "edgeroute_config_info",
+            "1 for the hash of the config this replica serves (sha256 of the file as written).",
+            ["hash"],
+            registry=r,
+        )
+        self.fleet_replicas = Gauge(
+            "edgeroute_fleet_replicas",
+            "Live replicas with a heartbeat in shared state, as this replica last read them.",
+            registry=r,
+        )
+        self.fleet_config_hashes = Gauge(
+            "edgeroute_fleet_config_hashes",
+            "Distinct config hashes among live replicas (more than 1: the fleet disagrees).",
+            registry=r,
+        )
+        self._hash: str | None = None
+
+    def serving(self, digest: str) -> None:
+        """Exactly one `edgeroute_config_info` child: the config served now."""
+        if self._hash is not None and self._hash != digest:
+            self.config_info.remove(self._hash)
+        self._hash = digest
+        self.config_info.labels(digest).set(1)

@@ -11,17 +11,16 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
-from edgeroute import streaming
+from edgeroute import streaming, tracing
 from edgeroute.accounting import Accounting
 from edgeroute.config import Config
-from edgeroute.failover import Attempt, Exhausted, Failure, Served
+from edgeroute.failover import Attempt, Exhausted, Failure, Observer, Served
 from edgeroute.providers import (
-    ProviderAdapter,
     UpstreamError,
     UpstreamReply,
     UpstreamRequest,
@@ -34,6 +33,10 @@ from edgeroute.router import Router
 from edgeroute.state.base import RouteSpec
 from edgeroute.strategy import Candidate
 from edgeroute.types import OutcomeKind
+
+if TYPE_CHECKING:
+    from edgeroute.reload import Generation, Live
+    from edgeroute.tracing_otel import RequestTrace
 
 log = logging.getLogger("edgeroute.proxy")
 _encode = msgspec.json.encode
@@ -53,35 +56,57 @@ def classify(exc: BaseException) -> Failure:
 
 
 class Proxy:
-    def __init__(
-        self,
-        config: Config,
-        router: Router,
-        adapters: dict[str, ProviderAdapter],
-        accounting: Accounting,
-    ) -> None:
-        self.config = config
-        self.router = router
-        self.adapters = adapters
+    def __init__(self, live: Live, accounting: Accounting) -> None:
+        # A reload swaps `live.current`; each request reads it once, at its start.
+        self.live = live
         self.accounting = accounting
-        self.max_body_bytes = config.server.max_body_bytes
         self.in_flight = 0
         accounting.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape
+
+    @property
+    def config(self) -> Config:
+        return self.live.current.config
+
+    @property
+    def router(self) -> Router:
+        return self.live.current.router
 
     async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or new_request_id()
+        current = self.live.current
         self.in_flight += 1
+        tracer = tracing.TRACER
+        if tracer is None:  # tracing off: this check is all it costs
+            try:
+                return await self._handle(request, endpoint, request_id, started, current, None)
+            finally:
+                self.in_flight -= 1
+        trace = tracer.request(request, endpoint)
+        status = 499  # cancelled: the client went away
         try:
-            return await self._handle(request, endpoint, request_id, started)
+            response = await self._handle(request, endpoint, request_id, started, current, trace)
+            status = response.status
+            return response
+        except Exception:
+            status = 500
+            raise
         finally:
             self.in_flight -= 1
+            trace.end(status)
 
     async def _handle(
-        self, http: web.Request, endpoint: Endpoint, request_id: str, started: float
+        self,
+        http: web.Request,
+        endpoint: Endpoint,
+        request_id: str,
+        started: float,
+        current: Generation,
+        trace: RequestTrace | None,
     ) -> web.StreamResponse:
+        router, adapters = current.router, current.adapters
         parsed = await parse_request(
-            http, endpoint, self.router.routes, request_id, self.max_body_bytes
+            http, endpoint, router.routes, request_id, current.config.server.max_body_bytes
         )
         if isinstance(parsed, Rejected):
             parsed.response.headers["x-request-id"] = request_id
@@ -89,17 +114,28 @@ class Proxy:
             return parsed.response
         route, upstream = parsed
 
-        async def attempt(candidate: Candidate) -> Result:
-            upstream.model = candidate.target.model
-            return await self.adapters[candidate.target.provider].send(upstream)
+        observer: Observer = self.accounting
+        if trace is None:
+
+            async def attempt(candidate: Candidate) -> Result:
+                upstream.model = candidate.target.model
+                return await adapters[candidate.target.provider].send(upstream)
+
+        else:
+            observer = trace.observer(self.accounting, router.health)
+
+            async def attempt(candidate: Candidate) -> Result:
+                upstream.model = candidate.target.model
+                adapter = adapters[candidate.target.provider]
+                return await trace.attempt(candidate, upstream, adapter)
 
         try:
-            served = await self.router.run(
+            served = await router.run(
                 route,
                 attempt,
                 classify=classify,
                 record=self.accounting.record,
-                observer=self.accounting,
+                observer=observer,
                 started=started,
             )
         except Exhausted as exhausted:
@@ -111,7 +147,7 @@ class Proxy:
             raise
         if isinstance(served.result, UpstreamReply):
             return self._reply(route, served, served.result, request_id, started)
-        return await self._stream(http, route, served, served.result, request_id, started)
+        return await self._stream(http, route, served, served.result, request_id, started, trace)
 
     # ---- served ------------------------------------------------------------------------
 
@@ -162,6 +198,7 @@ class Proxy:
         stream: UpstreamStream,
         request_id: str,
         started: float,
+        trace: RequestTrace | None,
     ) -> web.StreamResponse:
         ttft = served.first_byte - served.attempt_started
         account = self.accounting
@@ -169,6 +206,8 @@ class Proxy:
         def ended(
             status: int, end: streaming.StreamEnd, kind: OutcomeKind, error: str | None
         ) -> None:
+            if trace is not None:
+                trace.stream_ended(stream.usage, error)
             account.served(
                 request_id,
                 route,

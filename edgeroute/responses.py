@@ -75,6 +75,7 @@ class _AccessLine(msgspec.Struct, omit_defaults=True):
     upstream_ms: float | None = None
     ttft_ms: float | None = None
     error: str | None = None
+    trace_id: str | None = None
 
 
 _encode_line = msgspec.json.Encoder().encode
@@ -93,6 +94,7 @@ def write_access_line(
     upstream_s: float | None = None,
     ttft: float | None = None,
     error: str | None = None,
+    trace_id: str | None = None,
 ) -> None:
     """One JSON line per request on the `edgeroute.access` logger (never a key or a body).
 
@@ -115,6 +117,7 @@ def write_access_line(
             None if upstream_s is None else round(upstream_s * 1000, 3),
             None if ttft is None else round(ttft * 1000, 3),
             error or None,
+            trace_id,
         )
     )
     sink = accesslog.writer()

@@ -12,15 +12,18 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from edgeroute import logfilter
+from edgeroute import __version__, fleet, logfilter, reload, tracing
 from edgeroute.accounting import Accounting
 from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
@@ -47,6 +50,8 @@ ROUTER = web.AppKey("router", Router)
 PROXY = web.AppKey("proxy", Proxy)
 METRICS = web.AppKey("metrics", Metrics)
 DRAINING = web.AppKey("draining", asyncio.Event)
+LIVE = web.AppKey("live", reload.Live)
+RELOADER = web.AppKey("reloader", reload.Reloader)
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -95,7 +100,14 @@ def admin_only(auth: Middleware) -> Middleware:
     return middleware
 
 
-def create_app(config: Config, *, state: StateBackend | None = None) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    state: StateBackend | None = None,
+    config_path: str | Path | None = None,
+) -> web.Application:
+    """`config_path`: the file `config` came from; reloads (SIGHUP, the file watcher) read
+    it again, and its hash is the one the fleet view compares."""
     metrics = Metrics()
     if state is None:
         state = build_state(
@@ -106,6 +118,10 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
             on_repair=metrics.state_repairs.inc,
         )
     router = Router(config, state)
+    adapters: dict[str, ProviderAdapter] = {}  # filled once the HTTP session exists
+    digest = reload.file_hash(config_path) if config_path else reload.config_hash(config)
+    live = reload.Live(reload.Generation(config, router, adapters, digest))
+    metrics.ops.serving(digest)
     client_keys = _key_digests(config.server.api_keys)
     admin_token = config.server.admin_token
 
@@ -150,13 +166,14 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
     app[ROUTER] = router
     app[METRICS] = metrics
     app[DRAINING] = asyncio.Event()
+    app[LIVE] = live
 
     recorder = Recorder(
         state,
         on_drop=lambda n: metrics.records_dropped.inc(n),
         on_error=lambda exc: metrics.state_errors.labels("record").inc(),
     )
-    adapters: dict[str, ProviderAdapter] = {}
+    sessions: list[aiohttp.ClientSession] = []
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(
@@ -168,9 +185,10 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
             connector=connector,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
+        sessions.append(session)
         for provider in config.providers:
             adapters[provider.name] = make_adapter(provider, session)
-        app[PROXY] = Proxy(config, router, adapters, Accounting(metrics, recorder))
+        app[PROXY] = Proxy(live, Accounting(metrics, recorder))
         yield
         await session.close()
 
@@ -180,7 +198,9 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         await recorder.stop()
 
     async def breaker_gauges(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.get_running_loop().create_task(_poll_breakers(router, metrics))
+        task = asyncio.get_running_loop().create_task(
+            _poll_breakers(lambda: live.current.router, metrics)
+        )
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -194,6 +214,7 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
     # Of the workers of `serve --workers N`, one polls for all (see Metrics.polls_breakers).
     pollers = [breaker_gauges] if metrics.polls_breakers else []
     app.cleanup_ctx.extend([close_state, outcome_recorder, *pollers, upstream_session])
+    _live_operations(app, config, state, metrics, live, config_path, lambda: sessions[0])
 
     def proxied(endpoint: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -202,6 +223,7 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         return handler
 
     async def models(request: web.Request) -> web.Response:
+        router = live.current.router
         return _json(
             {
                 "object": "list",
@@ -216,6 +238,7 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         return _json({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        router = live.current.router
         health = router.health()
         body: dict[str, object] = {
             "state_backend": health.backend,
@@ -234,6 +257,7 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         )
 
     async def explain(request: web.Request) -> web.Response:
+        router = live.current.router
         name = request.match_info["route"]
         try:
             explanation = await router.explain(name)
@@ -247,10 +271,12 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
         return _json(explanation_json(explanation))
 
     async def admin_state(request: web.Request) -> web.Response:
+        router = live.current.router
         explanations = [await router.explain(name) for name in router.routes]
         return _json(state_document(router.health(), explanations))
 
     async def admin_reset(request: web.Request) -> web.Response:
+        router = live.current.router
         name, target = request.match_info["route"], request.match_info["target"]
         try:
             await router.reset(name, target)
@@ -291,10 +317,73 @@ def create_app(config: Config, *, state: StateBackend | None = None) -> web.Appl
     return app
 
 
-async def _poll_breakers(router: Router, metrics: Metrics, interval_s: float = 5.0) -> None:
+def _live_operations(
+    app: web.Application,
+    config: Config,
+    state: StateBackend,
+    metrics: Metrics,
+    live: reload.Live,
+    config_path: str | Path | None,
+    session: Callable[[], aiohttp.ClientSession],
+) -> None:
+    """Config reload (with a file), the fleet heartbeat (with Redis) and /admin/fleet."""
+    env = os.environ
+    if config_path is not None:
+        reloader = reload.Reloader(Path(config_path), live, state, metrics, session)
+        app[RELOADER] = reloader
+        interval = reload.watch_interval(env)
+        if interval > 0:
+            app.cleanup_ctx.append(reload.watcher_context(reloader, interval))
+    me = fleet.replica_id(env)
+    started_at = time.time()
+
+    def heartbeat() -> fleet.Heartbeat:
+        current = live.current
+        return fleet.Heartbeat(
+            replica=me,
+            version=__version__,
+            config_hash=current.hash,
+            started_at=started_at,
+            shared_state=current.router.health().shared_state,
+        )
+
+    heartbeats: fleet.Heartbeats | None = None
+    if config.state.redis_url:
+        client = fleet.redis_client(config.state.redis_url, cluster=config.state.cluster)
+        heartbeats = fleet.Heartbeats(
+            client, config.state.key_prefix, fleet.heartbeat_interval(env)
+        )
+        wake = asyncio.Event()
+        live.on_swap.append(lambda old, new: wake.set())  # the new hash, at once
+        app.cleanup_ctx.append(fleet.heartbeat_context(heartbeats, heartbeat, metrics.ops, wake))
+    live.on_swap.append(lambda old, new: metrics.ops.serving(new.hash))
+
+    async def admin_fleet(request: web.Request) -> web.Response:
+        if heartbeats is None:  # in-memory state: this replica is the whole fleet
+            view = fleet.fleet_view([heartbeat()], me=me)
+            return _json({"shared": False, **view})
+        try:
+            replicas = await asyncio.wait_for(heartbeats.read(), 2.0)
+        except Exception as exc:
+            return error_response(
+                503,
+                f"cannot read the fleet from shared state: {type(exc).__name__}",
+                type_="service_unavailable",
+                code="state_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        return _json({"shared": True, **fleet.fleet_view(replicas, me=me)})
+
+    app.router.add_get("/admin/fleet", admin_fleet)
+
+
+async def _poll_breakers(
+    current: Callable[[], Router], metrics: Metrics, interval_s: float = 5.0
+) -> None:
     """Breaker gauges and transition counts from snapshots: no cost on the request path."""
     generations: dict[tuple[str, str], int] = {}
     while True:
+        router = current()  # the routes of the config served now (reloads swap it)
         for name in router.routes:
             try:
                 snapshot = await router.snapshot(name)
@@ -310,20 +399,29 @@ async def _poll_breakers(router: Router, metrics: Metrics, interval_s: float = 5
                     metrics.breaker_transitions.labels(
                         name, target.target_id, target.state.value
                     ).inc(target.generation - previous)
+                    tracing.breaker_transition(
+                        name, target.target_id, target.state.value, target.generation
+                    )
                 generations[key] = target.generation
         await asyncio.sleep(interval_s)
 
 
 async def serve(
-    config: Config, *, ready: Callable[[str], None] | None = None, reuse_port: bool = False
+    config: Config,
+    *,
+    ready: Callable[[str], None] | None = None,
+    reuse_port: bool = False,
+    config_path: str | Path | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, then drain: /readyz turns 503, in-flight work finishes.
 
     The drain waits up to `server.shutdown_timeout_s` for in-flight requests and streams;
     whatever is still running then is cancelled, so the process exits within that time.
     `reuse_port`: SO_REUSEPORT, for the workers of `edgeroute serve --workers N`.
+    With `config_path`, SIGHUP reloads the config (see `edgeroute.reload`).
     """
-    app = create_app(config)
+    tracing.configure()
+    app = create_app(config, config_path=config_path)
     server = config.server
     logfilter.install()  # identical errors (EMFILE, resets) once per window, then a count
     open_files = raise_open_file_limit()
@@ -359,6 +457,16 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        reloader = app.get(RELOADER)
+        reloads: set[asyncio.Task[bool]] = set()
+        if reloader is not None:
+
+            def on_hangup() -> None:
+                task = loop.create_task(reloader.reload("SIGHUP"))
+                reloads.add(task)  # a reference until it is done
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
         addresses = runner.addresses
         port = addresses[0][1] if addresses else config.server.port
         if ready is not None:
@@ -375,4 +483,6 @@ async def serve(
             await asyncio.sleep(0.02)
     finally:
         await runner.cleanup()
+        if tracing.TRACER is not None:  # flush the last spans (blocking: in a thread)
+            await asyncio.to_thread(tracing.shutdown)
     return 0

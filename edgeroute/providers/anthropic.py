@@ -134,6 +134,8 @@ class AnthropicAdapter:
         headers = self._headers
         if request.stream:
             headers = {**headers, "Accept": "text/event-stream"}
+        if request.extra_headers:
+            headers = {**headers, **request.extra_headers}
         try:
             response = await post(self._session, self._url, _encode(body), headers, self._timeout)
         except UpstreamError as exc:

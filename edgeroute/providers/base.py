@@ -100,6 +100,8 @@ class UpstreamRequest:
     stream: bool
     client_wants_usage: bool
     request_id: str
+    # Headers for this attempt only, e.g. the W3C `traceparent` of its span (tracing on).
+    extra_headers: dict[str, str] | None = None
 
     def body(self, **overrides: object) -> bytes:
         """The client's body with `model` (and `overrides`) replaced; the rest byte for byte."""

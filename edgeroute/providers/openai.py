@@ -146,6 +146,8 @@ class OpenAIAdapter:
         headers = self._headers
         if request.stream:
             headers = {**headers, "Accept": "text/event-stream"}
+        if request.extra_headers:
+            headers = {**headers, **request.extra_headers}
         response = await post(
             self._session, self.url(request), request.body(**overrides), headers, self._timeout
         )

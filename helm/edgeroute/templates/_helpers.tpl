@@ -89,7 +89,8 @@ server.host becomes 0.0.0.0. Use it as `include "edgeroute.effectiveConfig" . | 
 {{- $_ := set $file "server" $server -}}
 {{- toYaml $file -}}
 {{- else -}}
-{{- toYaml (.Values.config | default dict) -}}
+{{- /* config.reload is the chart's setting, not edgeroute's (which refuses unknown keys) */ -}}
+{{- toYaml (omit (.Values.config | default dict) "reload") -}}
 {{- end -}}
 {{- end }}
 
@@ -283,3 +284,9 @@ Redis URL (that travels as EDGEROUTE_REDIS_URL, built from redis.*).
 {{- end -}}
 {{- $text -}}
 {{- end }}
+
+
+{{/* How config changes reach running pods: "restart" (default) or "signal" (reload in place). */}}
+{{- define "edgeroute.configReload" -}}
+{{- (.Values.config | default dict).reload | default "restart" -}}
+{{- end -}}

@@ -1,0 +1,244 @@
+"""Config reload without restart: validate a new config, then swap it in between requests.
+
+A reload (SIGHUP, or the config file changing — Kubernetes swaps a ConfigMap through a
+symlink, so the watcher polls the resolved file's inode, mtime and size) builds a new
+`Generation`: a Router on the SAME state backend and adapters for new or changed providers.
+It replaces the live one in a single assignment on the event loop, so each request runs on
+the generation it started with, start to finish. Routing state is keyed by route name and
+target id, so targets that survive a reload keep their breakers, windows and cursors.
+
+A config that does not load, or that changes what only a restart can change (listen
+address, shared-state settings, keys and tokens the middleware checks), is refused with one
+log line; the running config keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import yaml
+from aiohttp import web
+
+from edgeroute.config import Config, load_config
+from edgeroute.errors import ConfigError
+from edgeroute.metrics import Metrics
+from edgeroute.providers import ProviderAdapter, make_adapter
+from edgeroute.router import Router
+from edgeroute.state import StateBackend
+
+log = logging.getLogger("edgeroute.reload")
+
+WATCH_ENV = "EDGEROUTE_CONFIG_WATCH_S"
+DEFAULT_WATCH_S = 5.0
+# The only server fields a reload applies: the Router reads them (its failover policy). Every
+# other one (socket, auth, limits, deadlines, connection cap) was captured at start.
+# (host and port are taken from the running server before comparing: `serve --host/--port`
+# may override the file, and a socket cannot move anyway.)
+_RELOADABLE_SERVER = frozenset({"max_attempts", "request_timeout_s"})
+
+
+def document_hash(document: object) -> str:
+    """12 hex digits of sha256 over the document as written (before `${ENV}`): the same file
+    hashes the same on every replica and on an operator's laptop, and no secret is hashed."""
+    canonical = msgspec.json.encode(document, order="sorted")
+    return hashlib.sha256(canonical).hexdigest()[:12]
+
+
+def file_hash(path: str | Path) -> str:
+    """The hash of a config file (see `document_hash`); raises ConfigError like load_config."""
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"$: cannot hash {path}: {exc}") from None
+    return document_hash(document)
+
+
+def config_hash(config: Config) -> str:
+    """For a Config that came from no file (library use, tests): its validated value."""
+    return document_hash(msgspec.to_builtins(config))
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One config and everything built from it that requests use."""
+
+    config: Config
+    router: Router
+    adapters: Mapping[str, ProviderAdapter]
+    hash: str
+
+
+class Live:
+    """The generation new requests start on; replaced whole, never changed in place."""
+
+    __slots__ = ("current", "on_swap")
+
+    def __init__(self, current: Generation) -> None:
+        self.current = current
+        self.on_swap: list[Callable[[Generation, Generation], None]] = []
+
+    def swap(self, new: Generation) -> None:
+        old, self.current = self.current, new
+        for callback in self.on_swap:
+            callback(old, new)
+
+
+def _restart_only_change(old: Config, new: Config) -> str | None:
+    if new.state != old.state:
+        return "$.state"
+    for name in new.server.__struct_fields__:
+        if name in _RELOADABLE_SERVER:
+            continue
+        if getattr(new.server, name) != getattr(old.server, name):
+            return f"$.server.{name}"
+    return None
+
+
+def _diff(old: Config, new: Config) -> str:
+    before = {r.model: r for r in old.routes}
+    after = {r.model: r for r in new.routes}
+    added = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
+    parts = [f"+{n}" for n in added] + [f"-{n}" for n in removed] + [f"~{n}" for n in changed]
+    return "routes " + (" ".join(parts) if parts else "unchanged")
+
+
+class Reloader:
+    """Loads `path` on request and swaps `live` when the new config is valid."""
+
+    def __init__(
+        self,
+        path: Path,
+        live: Live,
+        state: StateBackend,
+        metrics: Metrics,
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self.path = path
+        self.live = live
+        self.state = state
+        self.metrics = metrics
+        self.session = session
+        self._lock = asyncio.Lock()
+
+    def _load(self) -> tuple[Config, str]:
+        return load_config(self.path), file_hash(self.path)
+
+    async def reload(self, reason: str) -> bool:
+        """True when the new config serves now (or is the same); False when refused."""
+        async with self._lock:
+            counter = self.metrics.ops.config_reloads
+            old = self.live.current
+            try:
+                # YAML parsing and validation off the event loop: requests keep flowing.
+                config, digest = await asyncio.to_thread(self._load)
+                server = msgspec.structs.replace(
+                    config.server, host=old.config.server.host, port=old.config.server.port
+                )
+                config = msgspec.structs.replace(config, server=server)
+                if digest == old.hash:
+                    counter.labels("unchanged").inc()
+                    log.info("config reload (%s): %s unchanged (%s)", reason, self.path, digest)
+                    return True
+                field = _restart_only_change(old.config, config)
+                if field is not None:
+                    raise ConfigError(f"{field}: changed, and only a restart can apply it")
+                router = Router(config, self.state)
+            except ConfigError as exc:
+                counter.labels("failure").inc()
+                log.error(
+                    "config reload refused (%s): %s: %s; still serving config %s",
+                    reason,
+                    self.path,
+                    exc,
+                    old.hash,
+                )
+                return False
+            adapters: dict[str, ProviderAdapter] = {}
+            previous = {p.name: p for p in old.config.providers}
+            for provider in config.providers:
+                kept = old.adapters.get(provider.name)
+                same = previous.get(provider.name) == provider
+                adapters[provider.name] = (
+                    kept if kept is not None and same else make_adapter(provider, self.session())
+                )
+            self.live.swap(Generation(config, router, adapters, digest))
+            counter.labels("success").inc()
+            log.warning(
+                "config reloaded (%s): %s %s -> %s, %s",
+                reason,
+                self.path,
+                old.hash,
+                digest,
+                _diff(old.config, config),
+            )
+            return True
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """The resolved file (symlinks followed, as a ConfigMap swap needs): inode, mtime, size."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def watch_interval(env: Mapping[str, str]) -> float:
+    text = env.get(WATCH_ENV, "").strip()
+    if not text:
+        return DEFAULT_WATCH_S
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        log.warning(
+            "%s=%r is not a number of seconds; watching every %ss", WATCH_ENV, text, DEFAULT_WATCH_S
+        )
+        return DEFAULT_WATCH_S
+
+
+async def watch(reloader: Reloader, interval_s: float) -> None:
+    """Poll the config file; one stat per interval costs nothing measurable."""
+    seen = _file_identity(reloader.path)
+    while True:
+        await asyncio.sleep(interval_s)
+        now = _file_identity(reloader.path)
+        if now is not None and now != seen:
+            seen = now
+            await reloader.reload("file changed")
+
+
+def watcher_context(
+    reloader: Reloader, interval_s: float
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(watch(reloader, interval_s))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return context
+
+
+__all__ = [
+    "Generation",
+    "Live",
+    "Reloader",
+    "config_hash",
+    "document_hash",
+    "file_hash",
+    "watch",
+    "watch_interval",
+    "watcher_context",
+]
