@@ -8,12 +8,18 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the tests' Redis launcher is the benches' too
+    sys.path.insert(0, str(REPO))
+from tests.support.redis_servers import RedisServer  # noqa: E402
 
 
 class Processes:
@@ -22,6 +28,22 @@ class Processes:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self._children: dict[str, tuple[subprocess.Popen[bytes], list[IO[bytes]]]] = {}
+        self._redis: dict[str, RedisServer] = {}
+
+    def redis(self, name: str = "redis") -> RedisServer:
+        """A private redis-server from the tests' launcher (tests/support/redis_servers.py):
+        one way to start Redis for tests and benches alike. Stopped by `stop_all`."""
+        server = self._redis[name] = RedisServer(name=f"bench-{name}")
+        return server
+
+    def kill(self, name: str) -> None:
+        if name in self._redis:
+            self._redis[name].kill()
+            return
+        proc, _ = self._children[name]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
         out = (self.workdir / f"{name}.out").open("wb")
@@ -61,12 +83,6 @@ class Processes:
     def alive(self, name: str) -> bool:
         return self._children[name][0].poll() is None
 
-    def kill(self, name: str) -> None:
-        proc, _ = self._children[name]
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
     def discard(self, name: str) -> None:
         """Kill a child and forget it (its name can be used again)."""
         self.kill(name)
@@ -78,6 +94,9 @@ class Processes:
         """SIGTERM everything (newest first), then SIGKILL whatever is still there after 5 s."""
         children = list(reversed(self._children.values()))
         self._children = {}
+        servers, self._redis = list(self._redis.values()), {}
+        for server in servers:
+            server.stop()
         for proc, _ in children:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -120,3 +139,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+__all__ = ["Processes", "RedisServer", "free_port", "managed_processes"]

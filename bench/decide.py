@@ -30,20 +30,18 @@ import os
 import platform
 import pstats
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import hiredis
 import redis as redis_py
 from _goals import Goals  # bench/ is on sys.path
+from _processes import RedisServer  # bench/ is on sys.path; the tests' launcher
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.connection import Connection
@@ -306,74 +304,11 @@ def percentile_ms(sorted_ns: Sequence[int], q: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def spawned_redis() -> Iterator[str]:
-    """A throw-away redis-server on a free port, no persistence; yields its URL."""
-    binary = shutil.which("redis-server") or shutil.which("valkey-server")
-    if binary is None:
-        raise SystemExit("no redis-server binary on PATH (use --redis-url URL)")
-    workdir = Path(tempfile.mkdtemp(prefix="edgeroute-bench-"))
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        for _attempt in range(5):
-            port = _free_port()
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(workdir),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                    "--logfile",
-                    str(workdir / "redis.log"),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            url = f"redis://127.0.0.1:{port}/0"
-            deadline = time.monotonic() + 10.0
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    with redis_py.Redis.from_url(url, socket_timeout=0.5) as client:
-                        info = client.info("server")
-                        if int(info["process_id"]) == proc.pid:
-                            break
-                except (redis_py.RedisError, OSError):
-                    pass
-                time.sleep(0.02)
-            else:
-                proc.kill()
-                proc.wait()
-                proc = None
-                continue  # port taken meanwhile, or a slow start: try another port
-            yield url
-            return
-        raise SystemExit("could not start redis-server")
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+    """A throw-away redis-server on a free port (the tests' launcher); yields its URL."""
+    with RedisServer(name="bench-decide") as server:
+        yield server.url
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,8 +33,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
-import socket
 import sys
 import time
 import uuid
@@ -43,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
-from _processes import Processes, free_port, managed_processes  # bench/ is on sys.path
+from _processes import Processes, managed_processes  # bench/ is on sys.path
 
 REPLICAS = 3
 FAILURE_THRESHOLD = 5
@@ -61,15 +59,6 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------------------------------
 # The stack: redis-server, two mock upstreams, three replicas
 # ---------------------------------------------------------------------------------------------
@@ -83,21 +72,7 @@ class Stack:
 
 
 def start_redis(processes: Processes) -> str:
-    binary = shutil.which("redis-server") or shutil.which("valkey-server")
-    if binary is None:
-        raise SystemExit("no redis-server binary on PATH (apt-get install redis-server)")
-    for _ in range(5):
-        port = free_port()
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-        argv += ["no", "--dir", str(processes.workdir), "--daemonize", "no", "--logfile", ""]
-        processes.start("redis", argv)
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            if redis_ping(port):
-                return f"redis://127.0.0.1:{port}/0"
-            time.sleep(0.02)
-        processes.discard("redis")  # port taken meanwhile, or a slow start: try another
-    raise SystemExit("could not start redis-server")
+    return processes.redis().url
 
 
 def child_env() -> dict[str, str]:

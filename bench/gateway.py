@@ -220,44 +220,9 @@ class Stack:
 
 
 def start_redis(processes: Processes) -> tuple[str, int]:
-    binary = shutil.which("redis-server") or shutil.which("valkey-server")
-    if binary is None:
-        raise SystemExit("no redis-server binary on PATH (apt-get install redis-server)")
-    for attempt in range(5):
-        port = _free_port()
-        name = f"redis-{attempt}"
-        pid = processes.start(
-            name,
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(processes.workdir),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--logfile",
-                "",
-            ],
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10.0
-        while processes.alive(name) and time.monotonic() < deadline:
-            try:
-                with redis_py.Redis.from_url(url, socket_timeout=0.5) as client:
-                    if int(client.info("server")["process_id"]) == pid:
-                        return url, pid
-            except (redis_py.RedisError, OSError):
-                pass
-            time.sleep(0.02)
-        # Port taken meanwhile, or a slow start: the next attempt uses another port.
-    raise SystemExit("could not start redis-server")
+    server = processes.redis()
+    assert server.pid is not None
+    return server.url, server.pid
 
 
 def gateway_config(upstream_url: str, redis_url: str | None, key_prefix: str) -> str:
