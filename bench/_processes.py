@@ -141,4 +141,4 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-__all__ = ["Processes", "RedisServer", "free_port", "managed_processes"]
+__all__ = ["REPO", "Processes", "RedisServer", "free_port", "managed_processes"]

@@ -25,41 +25,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _processes import managed_processes  # bench/ is on sys.path
+from _processes import REPO, RedisServer, managed_processes  # bench/ is on sys.path
+from gateway import BODY, cpu_seconds, gateway_config  # the same request, config and CPU reading
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from tests.support.redis_servers import RedisServer  # noqa: E402
-
-BODY = (
-    '{"model":"chat","messages":[{"role":"user","content":"Say hello in one short sentence."}],'
-    '"max_tokens":16}'
-)
 WRK_LUA = f"""wrk.method = "POST"
-wrk.body = '{BODY}'
+wrk.body = '{BODY.decode()}'
 wrk.headers["Content-Type"] = "application/json"
 """
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def config(upstream: str, redis_url: str | None, prefix: str) -> str:
-    state = f"state: {{redis_url: '{redis_url}', key_prefix: {prefix}}}\n" if redis_url else ""
-    return (
-        "server: {host: 127.0.0.1, port: 0, shutdown_timeout_s: 1}\n" + state + "providers:\n"
-        f"  - {{name: up-a, base_url: '{upstream}/v1'}}\n"
-        f"  - {{name: up-b, base_url: '{upstream}/v1'}}\n"
-        "routes:\n"
-        "  - model: chat\n"
-        "    strategy: hybrid\n"
-        "    targets:\n"
-        "      - {provider: up-a, model: m-a, input_cost_per_mtok: 0.15}\n"
-        "      - {provider: up-b, model: m-b, input_cost_per_mtok: 2.5}\n"
-    )
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def wrk(url: str, duration: float, script: Path) -> float:
@@ -118,7 +90,7 @@ def main() -> int:
             gateways: dict[str, tuple[str, int]] = {}
             for name, tree in (("A", worktree), ("B", REPO)):
                 path = processes.workdir / f"{name}.yaml"
-                path.write_text(config(upstream, redis_url, f"ab-{name}"))
+                path.write_text(gateway_config(f"{upstream}/v1", redis_url, f"ab-{name}"))
                 pid = processes.start(
                     name, [*cli, "serve", "--config", str(path)], {**env, "PYTHONPATH": str(tree)}
                 )

@@ -153,13 +153,7 @@ async def run_scenario(
     results = {policy: sim.Result(policy) for policy in sim.POLICIES}
     prices = {u.name: u.price for u in scenario.upstreams}
     luck = random.Random(seed)
-    arrivals: list[float] = []
-    t = 0.0
-    while True:
-        t += luck.expovariate(scenario.rate)
-        if t >= scenario.duration_s:
-            break
-        arrivals.append(t)
+    arrivals = sim.poisson_arrivals(scenario, luck)
 
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=0)

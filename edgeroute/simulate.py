@@ -359,18 +359,24 @@ def _formula(route: RouteSpec, world: _World, names: Sequence[str]) -> dict[str,
     }
 
 
-async def run_policy(
-    scenario: Scenario, policy: str, make_state: StateFactory, seed: int = 1
-) -> Result:
-    """One policy through one scenario; the arrivals and luck depend on `seed` only."""
-    luck = random.Random(seed)
+def poisson_arrivals(scenario: Scenario, luck: random.Random) -> list[float]:
+    """Open-loop send times (s) at the scenario's rate; the simulator and bench/routing.py
+    draw the same schedule from the same seed."""
     arrivals: list[float] = []
     t = 0.0
     while True:
         t += luck.expovariate(scenario.rate)
         if t >= scenario.duration_s:
-            break
+            return arrivals
         arrivals.append(t)
+
+
+async def run_policy(
+    scenario: Scenario, policy: str, make_state: StateFactory, seed: int = 1
+) -> Result:
+    """One policy through one scenario; the arrivals and luck depend on `seed` only."""
+    luck = random.Random(seed)
+    arrivals = poisson_arrivals(scenario, luck)
     # Per request and attempt: a jitter draw and an error draw, the same for every policy.
     draws = [
         [(luck.random(), luck.random()) for _ in range(scenario.max_attempts)] for _ in arrivals
