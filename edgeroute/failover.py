@@ -181,38 +181,26 @@ async def run(
             # The client went away: the attempt counts for nothing, the lease goes back.
             await record(route, Outcome.for_admission(admission, OutcomeKind.NEUTRAL))
             raise
-        except TimeoutError as exc:
-            # The request's own deadline, or a timeout inside the attempt (classified).
-            deadline_hit = deadline.expired()
+        except Exception as exc:
+            # A TimeoutError with the deadline expired is the request's own deadline; any
+            # other exception (an attempt's own timeout included) is classified.
+            deadline_hit = isinstance(exc, TimeoutError) and deadline.expired()
             failure = (
                 Failure(OutcomeKind.FAILURE, "timeout", retryable=False)
                 if deadline_hit
                 else classify(exc)
             )
-            if not await _handle_failure(
+            if await _handle_failure(
                 request, chosen, admission, failure, attempt_started, policy, record, observer
             ):
-                raise Exhausted(
-                    request.attempts,
-                    0.0,
-                    cause=None if deadline_hit else exc,
-                    failure=failure,
-                    upstream_s=request.upstream_s,
-                ) from None
-            continue
-        except Exception as exc:
-            failure = classify(exc)
-            if not await _handle_failure(
-                request, chosen, admission, failure, attempt_started, policy, record, observer
-            ):
-                raise Exhausted(
-                    request.attempts,
-                    0.0,
-                    cause=exc,
-                    failure=failure,
-                    upstream_s=request.upstream_s,
-                ) from None
-            continue
+                continue
+            raise Exhausted(
+                request.attempts,
+                0.0,
+                cause=None if deadline_hit else exc,
+                failure=failure,
+                upstream_s=request.upstream_s,
+            ) from None
         first_byte = now()
         request.upstream_s += first_byte - attempt_started
         return Served(
@@ -237,7 +225,7 @@ async def _handle_failure(
     observer: Observer | None,
 ) -> bool:
     """Account for a failed attempt; True when the request may try again."""
-    outcome = await _failed(request, chosen, admission, failure, attempt_started, None, observer)
+    outcome = _failed(request, chosen, admission, failure, attempt_started, observer)
     budget_left = (
         failure.retryable
         and len(request.attempts) < policy.max_attempts
@@ -251,27 +239,24 @@ async def _handle_failure(
     return False
 
 
-async def _failed(
+def _failed(
     request: _Request,
     chosen: Candidate,
     admission: Admission,
     failure: Failure,
     attempt_started: float,
-    record: Record | None,
     observer: Observer | None,
 ) -> Outcome:
+    """Count a failed attempt on the request and tell the observer; the outcome to record."""
     elapsed = time.perf_counter() - attempt_started
     request.upstream_s += elapsed
     target = chosen.target
     request.attempts.append(Attempt(target, failure.error, failure.status, failure.retry_after_s))
     if observer is not None:
         observer.attempt_failed(request.route, target, failure, elapsed)
-    outcome = Outcome.for_admission(
+    return Outcome.for_admission(
         admission, failure.kind, elapsed * 1000, retry_after_s=failure.retry_after_s
     )
-    if record is not None:
-        await record(request.route, outcome)
-    return outcome
 
 
 async def _next_round(request: _Request, policy: FailoverPolicy) -> bool:
