@@ -349,6 +349,9 @@ class RoutingDecision:
     rr_cursor: int = 0
     # How many targets were admissible; `candidates` may hold only the best few (limit).
     admissible: int = -1
+    # Nothing admitted, and a quota or a learned provider limit kept a target out: the client
+    # hears 429 (retry after `retry_after_s`) rather than 503.
+    quota_limited: bool = False
     _reason: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -31,6 +31,15 @@ class TargetSpec:
     price_per_mtok: float = 0.0
     input_cost_per_mtok: float = 0.0
     output_cost_per_mtok: float = 0.0
+    # Provider quotas, enforced fleet-wide by decide (0: none): requests and tokens per
+    # minute, requests in flight.
+    rpm: int = 0
+    tpm: int = 0
+    max_concurrency: int = 0
+
+    @property
+    def has_quota(self) -> bool:
+        return self.rpm > 0 or self.tpm > 0 or self.max_concurrency > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,10 @@ class Admission:
     generation: int
     token: str
     probe: bool
+    # Tokens reserved against the target's tpm, and when (the state's clock, ms): the
+    # outcome carries both back so record can replace the estimate with the real usage.
+    reserved_tokens: int = 0
+    reserved_at_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -99,6 +112,10 @@ class Outcome:
     retry_after_s: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    reserved_tokens: int = 0
+    reserved_at_ms: int = 0
+    # A learned provider limit (rate-limit headers said 0 remaining): out until this long.
+    limit_reset_s: float = 0.0
 
     @classmethod
     def for_admission(
@@ -110,6 +127,7 @@ class Outcome:
         retry_after_s: float = 0.0,
         input_tokens: int = 0,
         output_tokens: int = 0,
+        limit_reset_s: float = 0.0,
     ) -> Outcome:
         """The outcome of an admitted attempt: carries its generation, lease and probe."""
         return cls(
@@ -122,6 +140,9 @@ class Outcome:
             retry_after_s,
             input_tokens,
             output_tokens,
+            admission.reserved_tokens,
+            admission.reserved_at_ms,
+            limit_reset_s,
         )
 
 

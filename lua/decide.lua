@@ -1,10 +1,13 @@
 -- decide: rank the route's admissible targets and admit the first, atomically; or, in
 -- explain mode, rank them as the next request would and report every target, changing nothing.
--- ARGV: n *(target_id price) mode token limit m *(excluded_id) has_outcome [outcome] clock_ms
---   (static route data first, so the client can send it pre-encoded)
+-- ARGV: n *(target_id price) q *(position rpm tpm max_concurrency) mode token limit tokens
+--        m *(excluded_id) has_outcome [outcome] clock_ms
+--   (static route data first, so the client can send it pre-encoded; the quota group lists
+--   only targets that have quotas, by 1-based position, 0 meaning no such limit)
 --   mode: 0 decide, 1 decide and advance the round-robin cursor, 2 explain
+--   tokens: this request's estimated tokens, reserved against a target's tpm
 -- REPLY: admitted generation probe wait_ms rr_cursor count admissible now_ms repaired
---        *[candidate] *[target] (explain)
+--        reserved quota_limited *[candidate] *[target] (explain)
 --   candidate (best first, `count` of them): position state score successes latency_us
 --     failures inflight held estimate_us error_rate estimate_age_ms explore waiting_ms
 --     (scores and estimates travel as strings: Redis truncates Lua numbers)
@@ -16,6 +19,8 @@
 --   rr_cursor is the cursor the next advancing decide takes (explain) or the one this decide
 --   took (round-robin, and the turn among near-best targets for latency and hybrid);
 --   excluded is a wire.EXCLUSION_REASONS code, excluded_ms how long it still holds.
+--   reserved: the tokens this admission reserved (corrected at record); quota_limited: 1
+--   when nothing was admitted and a quota or a learned limit kept a target out (a 429).
 
 local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY = 0, 1, 2, 3, 4
 
@@ -28,10 +33,19 @@ for k = 1, n do
   prices[k] = tonumber(ARGV[i + 1])
   i = i + 2
 end
+local quotas = {}  -- position -> {rpm, tpm, conc}
+local q = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, q do
+  quotas[tonumber(ARGV[i])] = {rpm = tonumber(ARGV[i + 1]), tpm = tonumber(ARGV[i + 2]),
+                               conc = tonumber(ARGV[i + 3])}
+  i = i + 4
+end
 local mode = tonumber(ARGV[i])
 local token = ARGV[i + 1]
 local limit = tonumber(ARGV[i + 2])
-i = i + 3
+local tokens = tonumber(ARGV[i + 3])
+i = i + 4
 local explain = mode == 2
 local advance = mode ~= 0
 local excluded = {}
@@ -86,6 +100,19 @@ end
 
 -- Admission: why each target is out (wire.EXCLUSION_REASONS), for how long.
 local BREAKER_OPEN, RATE_LIMITED_OUT, PROBES_FULL = 1, 2, 3
+local LEARNED_LIMIT = 7
+-- Quota counts of the targets that have quotas, in one call (none: no call at all).
+local qvalues = {}
+if q > 0 then
+  local qfields, qpos = {}, {}
+  for pos, _ in pairs(quotas) do
+    qfields[#qfields + 1] = quota_field(ids[pos])
+    qpos[#qpos + 1] = pos
+  end
+  local got = redis.call('HMGET', K_WINDOW, unpack(qfields))
+  for j, pos in ipairs(qpos) do qvalues[pos] = got[j] or nil end
+end
+local quota_out = false
 local cands = {}
 local why, why_ms, live_count = {}, {}, {}
 local wait = 0
@@ -101,13 +128,18 @@ for k = 1, n do
     reason, pause = BREAKER_OPEN, r.u - now
   elseif r.cd > now then
     reason, pause = RATE_LIMITED_OUT, r.cd - now
+  elseif r.lu > now then
+    reason, pause = LEARNED_LIMIT, r.lu - now
   elseif r.st == HALF_OPEN and live >= P.max_probes then
     reason, pause = PROBES_FULL, earliest - now
+  elseif quotas[k] then
+    reason, pause = quota_check(quotas[k], r.inf, qvalues[k], now, tokens)
   end
   why[k], why_ms[k] = reason, math.max(0, pause)
   if not excluded[id] then
     if reason ~= 0 then
       if wait == 0 or pause < wait then wait = pause end
+      if reason >= QUOTA_CONCURRENCY then quota_out = true end
     else
       local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
                  s = 0, lat = 0, f = 0, inf = r.inf, score = 0,
@@ -330,7 +362,8 @@ local function candidate_rows(reply, upto)
   end
 end
 
-local reply = {0, 0, 0, wait, rr, count, count, now, REPAIRED}
+local reply = {0, 0, 0, wait, rr, count, count, now, REPAIRED, 0, 0}
+if count == 0 and quota_out then reply[11] = 1 end
 if explain then
   candidate_rows(reply, count)
   for k = 1, n do
@@ -370,6 +403,12 @@ if count > 0 then
   r.inf = r.inf + 1
   touch(first.id)
   redis.call('ZADD', K_LEASES, now + P.lease_ttl, first.id .. '|' .. token)
+  local fq = quotas[first.idx]
+  if fq then
+    local reserve = quota_reserve(fq, tokens)
+    quota_add(first.id, qvalues[first.idx], now, 1, reserve, now)
+    reply[10] = reserve
+  end
   reply[1] = 1
   reply[2] = r.gen
   if first.probe then reply[3] = 1 end

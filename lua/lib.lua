@@ -8,7 +8,11 @@
 --   KEYS[2]  hash   per-target rolling window, one field per target id (sparse time buckets)
 --   KEYS[3]  zset   in-flight leases, member '<target id>|<token>', score = expiry (ms)
 -- A target record is "state gen failures half_open_ok open_until open_timeout cooldown_until
--- inflight" followed by " token=expiry" for each probe reservation it has handed out.
+-- inflight", then " L<until>" while a learned provider limit holds (absent otherwise: records
+-- written before it existed parse unchanged; probe tokens are lowercase hex, never 'L...'),
+-- then " token=expiry" for each probe reservation it has handed out.
+-- A target with provider quotas (rpm/tpm/max_concurrency) also has a field '#q:<id>' in
+-- KEYS[2] (see quota_* below): a route's keys stay three, in one slot.
 -- Redis TIME is the only clock in production: replicas may disagree about time, the state
 -- never does. (The last ARGV of every script, clock_ms, is 0 then; tests set it.)
 --
@@ -73,13 +77,16 @@ local dirty = {}    -- ids whose record must be written back
 local dirty_list = {}
 
 local function parse(v)
-  local r = {st = CLOSED, gen = 0, f = 0, ok = 0, u = 0, to = 0, cd = 0, inf = 0, probes = {}}
+  local r = {st = CLOSED, gen = 0, f = 0, ok = 0, u = 0, to = 0, cd = 0, inf = 0, lu = 0,
+             probes = {}}
   if not v then return r end
   local st, gen, f, ok, u, to, cd, inf, rest = string.match(v,
     '^(%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%-?%d+)(.*)$')
   if not st then return r end
   r.st, r.gen, r.f, r.ok = tonumber(st), tonumber(gen), tonumber(f), tonumber(ok)
   r.u, r.to, r.cd, r.inf = tonumber(u), tonumber(to), tonumber(cd), tonumber(inf)
+  local lu, after = string.match(rest, '^ L(%d+)(.*)$')
+  if lu then r.lu, rest = tonumber(lu), after end
   for token, expiry in string.gmatch(rest, ' ([^ =]+)=(%d+)') do
     r.probes[token] = tonumber(expiry)
   end
@@ -89,6 +96,7 @@ end
 local function serialize(r)
   local parts = {string.format('%d %d %d %d %d %d %d %d',
     r.st, r.gen, r.f, r.ok, r.u, r.to, r.cd, r.inf)}
+  if r.lu > 0 then parts[2] = 'L' .. string.format('%d', r.lu) end
   for token, expiry in pairs(r.probes) do
     parts[#parts + 1] = string.format('%s=%d', token, expiry)
   end
@@ -457,8 +465,117 @@ local function lease_holder(token)
   return nil
 end
 
+-- ---- provider quotas (targets[].rpm, tpm, max_concurrency) ---------------------------------
+-- Requests and tokens per minute are counted in 1 s buckets. A request counts for the bucket
+-- it was admitted in and the 60 after it (61 s, not 60): then every 60 s interval, wherever it
+-- starts, lies inside what each admission counted, so the fleet never exceeds a quota in any
+-- minute (it may admit slightly less than a provider's own window would; never more).
+-- The field '#q:<id>' holds "<first>:<last>:<R>:<T>|<older>|<r>:<t>": the oldest and newest
+-- bucket, the totals of all stored buckets, older buckets as "<bucket>:<r>:<t>" joined by ';'
+-- and the newest bucket's counts: while the oldest bucket still counts, the header is the
+-- answer, as for the latency window above.
+local Q_BUCKET_MS, Q_SPAN = 1000, 61
+-- After a failed concurrency check nothing says when a lease comes back: ask again in 1 s.
+local Q_CONCURRENCY_WAIT_MS = 1000
+local QHEAD = '^(%d+):(%d+):(%d+):(%d+)|'
+local QVALUE = QHEAD .. '([^|]*)|(%d+):(%d+)$'
+
+local function quota_field(id) return '#q:' .. id end
+
+-- Live buckets of a quota value, oldest first, as {bucket, requests, tokens}.
+local function quota_slots(v, now)
+  local slots = {}
+  if not v then return slots end
+  local _, last, _, _, older, lr, lt = string.match(v, QVALUE)
+  if not last then return slots end
+  local oldest = math.floor(now / Q_BUCKET_MS) - Q_SPAN
+  for b, br, bt in string.gmatch(older, '(%d+):(%d+):(%d+)') do
+    if tonumber(b) > oldest then
+      slots[#slots + 1] = {tonumber(b), tonumber(br), tonumber(bt)}
+    end
+  end
+  if tonumber(last) > oldest then
+    slots[#slots + 1] = {tonumber(last), tonumber(lr), tonumber(lt)}
+  end
+  return slots
+end
+
+local function quota_encode(slots)
+  local R, T, older = 0, 0, {}
+  for j, slot in ipairs(slots) do
+    R, T = R + slot[2], T + slot[3]
+    if j < #slots then older[j] = string.format('%d:%d:%d', slot[1], slot[2], slot[3]) end
+  end
+  local last = slots[#slots]
+  return string.format('%d:%d:%d:%d|', slots[1][1], last[1], R, T) .. table.concat(older, ';')
+    .. string.format('|%d:%d', last[2], last[3])
+end
+
+-- Requests and tokens counted against a quota at `now`.
+local function quota_totals(v, now)
+  if not v then return 0, 0 end
+  local first, _, R, T = string.match(v, QHEAD)
+  if first and tonumber(first) > math.floor(now / Q_BUCKET_MS) - Q_SPAN then
+    return tonumber(R), tonumber(T)
+  end
+  local r, t = 0, 0
+  for _, slot in ipairs(quota_slots(v, now)) do r, t = r + slot[2], t + slot[3] end
+  return r, t
+end
+
+-- How long until `over` requests (column 2) or tokens (column 3) have aged out.
+local function quota_wait(v, now, col, over)
+  local freed = 0
+  for _, slot in ipairs(quota_slots(v, now)) do
+    freed = freed + slot[col]
+    if freed >= over then return (slot[1] + Q_SPAN) * Q_BUCKET_MS - now end
+  end
+  return Q_SPAN * Q_BUCKET_MS
+end
+
+-- The tokens an admission reserves: the estimate, at least 1, at most the whole quota (a
+-- request larger than a provider's minute still goes out, alone).
+local function quota_reserve(q, tokens)
+  if q.tpm <= 0 then return 0 end
+  return math.min(math.max(tokens, 1), q.tpm)
+end
+
+-- Why a target with quotas `q` is out (a wire.EXCLUSION_REASONS code), for how long; 0 if in.
+local QUOTA_CONCURRENCY, QUOTA_RPM, QUOTA_TPM = 4, 5, 6
+local function quota_check(q, inflight, v, now, tokens)
+  if q.conc > 0 and inflight >= q.conc then return QUOTA_CONCURRENCY, Q_CONCURRENCY_WAIT_MS end
+  local R, T = quota_totals(v, now)
+  if q.rpm > 0 and R + 1 > q.rpm then return QUOTA_RPM, quota_wait(v, now, 2, R + 1 - q.rpm) end
+  local need = quota_reserve(q, tokens)
+  if q.tpm > 0 and T + need > q.tpm then
+    return QUOTA_TPM, quota_wait(v, now, 3, T + need - q.tpm)
+  end
+  return 0, 0
+end
+
+-- Count one admitted request and its reserved tokens (`dt` may be negative: a correction).
+local function quota_add(id, v, now, dr, dt, at)
+  local slots = quota_slots(v, now)
+  local bucket = math.floor(at / Q_BUCKET_MS)
+  local slot = nil
+  for _, s in ipairs(slots) do if s[1] == bucket then slot = s end end
+  if not slot then
+    if dt < 0 then return end  -- the reservation already aged out: nothing to give back
+    bucket = math.floor(now / Q_BUCKET_MS)
+    slot = slots[#slots]
+    if not slot or slot[1] ~= bucket then
+      slot = {bucket, 0, 0}
+      slots[#slots + 1] = slot
+    end
+  end
+  slot[2] = slot[2] + dr
+  slot[3] = math.max(0, slot[3] + dt)
+  redis.call('HSET', K_WINDOW, quota_field(id), quota_encode(slots))
+end
+
 -- One finished attempt (ARGV fields in the order the Python side packs them).
-local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin, tout)
+local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin, tout,
+                     reserved, reserved_at, limit_reset)
   if id == '' then
     id = lease_holder(token)
     if not id then return end
@@ -497,6 +614,25 @@ local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin,
       touch(id)
     end
   end
+  if limit_reset > 0 then
+    -- A provider said its remaining requests or tokens are 0 until this reset (learned from
+    -- its rate-limit headers): out fleet-wide until then, bounded like a cooldown.
+    local until_ms = now + math.min(limit_reset, P.max_cooldown)
+    if until_ms > r.lu then
+      r.lu = until_ms
+      touch(id)
+    end
+  end
+  if reserved > 0 then
+    -- The tokens reserved at decide were an estimate: replace it with the real usage when
+    -- the provider reported it, or give it back when the provider served nothing.
+    local used = tin + tout
+    if used > 0 or kind == FAILURE or kind == RATE_LIMITED then
+      quota_add(id, redis.call('HGET', K_WINDOW, quota_field(id)), now, 0, used - reserved,
+        reserved_at)
+      keep_together()
+    end
+  end
   if gen ~= -1 and gen ~= r.gen then return end  -- admitted before a transition: too late
   if r.st == CLOSED then
     if kind == SUCCESS then
@@ -531,9 +667,11 @@ end
 
 -- Outcome fields start at ARGV[i], in wire.OUTCOME_FIELDS order:
 --   target_id kind latency_us generation token probe retry_after_ms input_tokens output_tokens
-local OUTCOME_FIELDS = 9
+--          reserved_tokens reserved_at_ms limit_reset_ms
+local OUTCOME_FIELDS = 12
 local function apply_argv(now, i)
   apply(now, ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
     ARGV[i + 4], tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]),
-    tonumber(ARGV[i + 8]))
+    tonumber(ARGV[i + 8]), tonumber(ARGV[i + 9]), tonumber(ARGV[i + 10]),
+    tonumber(ARGV[i + 11]))
 end

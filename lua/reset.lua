@@ -1,4 +1,5 @@
--- reset: close one target's breaker and lift its cooldown (an operator's decision).
+-- reset: close one target's breaker and lift its cooldown and learned limit (an operator's
+-- decision; its quota counts stand: they are what the provider has seen).
 -- ARGV: target_id clock_ms
 -- REPLY: generation repaired
 
@@ -11,6 +12,7 @@ r.ok = 0
 r.u = 0
 r.to = 0
 r.cd = 0
+r.lu = 0
 r.probes = {}
 touch(id)
 flush(nil)

@@ -60,7 +60,7 @@ def test_outcome_fields_match_lib_and_python_packing() -> None:
     assert _header_names(lib.replace("--   target_id", "-- OUTCOME: target_id"), "OUTCOME") == [
         *wire.OUTCOME_FIELDS
     ]
-    outcome = Outcome("t", OutcomeKind.FAILURE, 1.5, 3, "tok", True, 2.0, 7, 9)
+    outcome = Outcome("t", OutcomeKind.FAILURE, 1.5, 3, "tok", True, 2.0, 7, 9, 5, 1000, 3.0)
     assert len(outcome_args(outcome)) == len(wire.OUTCOME_FIELDS)
 
 
@@ -102,6 +102,16 @@ def test_codes_are_the_ones_lua_declares() -> None:
         "probes_full",
     ]
     assert wire.EXCLUSION_REASONS[0] is None
+    quotas = re.search(r"local QUOTA_CONCURRENCY, QUOTA_RPM, QUOTA_TPM = (\d), (\d), (\d)", lib)
+    learned = re.search(r"local LEARNED_LIMIT = (\d)", decide)
+    assert quotas is not None and learned is not None
+    assert [wire.EXCLUSION_REASONS[int(code)] for code in (*quotas.groups(), learned[1])] == [
+        "quota_concurrency",
+        "quota_rpm",
+        "quota_tpm",
+        "learned_limit",
+    ]
+    assert set(wire.QUOTA_REASONS) == set(wire.EXCLUSION_REASONS[4:])
 
 
 def test_route_params_pack_every_field_in_order() -> None:

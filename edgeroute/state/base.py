@@ -92,6 +92,8 @@ class StateBackend(Protocol):
       `advance` moves the round-robin cursor (only a request's first decide does);
       `limit` > 0 returns only that many candidates (the gateway needs two: the choice
       and the runner-up its reason names), which saves Redis formatting the rest.
+      `tokens` is the request's estimated tokens: an admitted target with a `tpm` quota
+      reserves them (record replaces them with the real usage).
     - `explain` is a dry-run decide: the same admission rules and ranking, nothing changed.
     - `record` reports a finished attempt: releases the lease and probe, adds the sample to
       the rolling window, moves the breaker when the outcome's generation is current.
@@ -107,6 +109,7 @@ class StateBackend(Protocol):
         outcome: Outcome | None = None,
         advance: bool = True,
         limit: int = 0,
+        tokens: int = 0,
     ) -> RoutingDecision: ...
 
     async def record(self, route: RouteSpec, outcome: Outcome) -> None: ...

@@ -229,13 +229,19 @@ class FallbackState:
         outcome: Outcome | None = None,
         advance: bool = True,
         limit: int = 0,
+        tokens: int = 0,
     ) -> RoutingDecision:
         shard = self._shard(route)
         if outcome is not None and self._take_local(outcome):
             if shard in self._spells:
                 return self._remember(
                     self.local.decide_now(
-                        route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
+                        route,
+                        exclude=exclude,
+                        outcome=outcome,
+                        advance=advance,
+                        limit=limit,
+                        tokens=tokens,
                     )
                 )
             await self.local.record_many([(route, outcome)])
@@ -244,7 +250,12 @@ class FallbackState:
             started = time.perf_counter()
             try:
                 decision = await self.primary.decide(
-                    route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
+                    route,
+                    exclude=exclude,
+                    outcome=outcome,
+                    advance=advance,
+                    limit=limit,
+                    tokens=tokens,
                 )
             except StateUnavailable as exc:
                 self._degrade(shard, route, "decide", exc)
@@ -256,7 +267,7 @@ class FallbackState:
             outcome = self._foreign(shard, route, outcome)
         return self._remember(
             self.local.decide_now(
-                route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
+                route, exclude=exclude, outcome=outcome, advance=advance, limit=limit, tokens=tokens
             )
         )
 

@@ -28,6 +28,7 @@ from edgeroute.types import (
     OutcomeKind,
     RouteSnapshot,
     TargetSnapshot,
+    TargetSpec,
 )
 
 CLOSED, OPEN, HALF_OPEN = (wire.STATE_CODE[s] for s in wire.STATE_CODES)
@@ -35,6 +36,11 @@ _STATES = wire.STATE_CODES
 _WINDOWED = frozenset(("latency", "hybrid"))
 # wire.EXCLUSION_REASONS codes
 _ADMISSIBLE, _BREAKER_OPEN, _RATE_LIMITED, _PROBES_FULL = range(4)
+_QUOTA_CONCURRENCY, _QUOTA_RPM, _QUOTA_TPM, _LEARNED_LIMIT = range(4, 8)
+# Quota windows (lua/lib.lua quota_*): 1 s buckets; a request counts for the bucket it was
+# admitted in and the 60 after it, so no 60 s interval anywhere ever holds more than a quota.
+_Q_BUCKET_MS, _Q_SPAN = 1000, 61
+_Q_CONCURRENCY_WAIT_MS = 1000  # nothing says when a lease comes back: ask again in 1 s
 
 
 class _Target:
@@ -53,9 +59,11 @@ class _Target:
         "generation",
         "half_open_successes",
         "inflight",
+        "learned_until",
         "open_timeout",
         "open_until",
         "probes",
+        "quota",
         "state",
         "window",
     )
@@ -69,7 +77,10 @@ class _Target:
         self.open_timeout = 0  # 0: the route's base open timeout
         self.cooldown_until = 0
         self.inflight = 0
+        self.learned_until = 0
         self.probes: dict[str, int] = {}  # token -> expiry (ms)
+        # Quota buckets, oldest first: [bucket, requests, tokens]
+        self.quota: list[list[int]] = []
         # Sparse time buckets, oldest first: [bucket, successes, latency_us, failures, tin, tout]
         self.window: list[list[int]] = []
         # Window totals are summed once per bucket and sample, not once per decide.
@@ -147,15 +158,30 @@ def _live_probes(target: _Target, now: int) -> int:
     return len(target.probes)
 
 
-def _exclusion(target: _Target, now: int, live_probes: int, max_probes: int) -> tuple[int, int]:
+def _exclusion(
+    target: _Target, spec: TargetSpec, now: int, live_probes: int, max_probes: int, tokens: int
+) -> tuple[int, int]:
     """Why `target` (its breaker already moved to `now`) is not admissible, and for how
     long: the one statement of the admission rules, for decide and explain alike."""
     if target.state == OPEN:
         return _BREAKER_OPEN, target.open_until - now
     if target.cooldown_until > now:
         return _RATE_LIMITED, target.cooldown_until - now
+    if target.learned_until > now:
+        return _LEARNED_LIMIT, target.learned_until - now
     if target.state == HALF_OPEN and live_probes >= max_probes:
         return _PROBES_FULL, min(e for e in target.probes.values() if e > now) - now
+    if spec.has_quota:
+        if spec.max_concurrency > 0 and target.inflight >= spec.max_concurrency:
+            return _QUOTA_CONCURRENCY, _Q_CONCURRENCY_WAIT_MS
+        slots = _quota_slots(target, now)
+        requests = sum(slot[1] for slot in slots)
+        if spec.rpm > 0 and requests + 1 > spec.rpm:
+            return _QUOTA_RPM, _quota_wait(slots, now, 1, requests + 1 - spec.rpm)
+        used = sum(slot[2] for slot in slots)
+        need = _quota_reserve(spec, tokens)
+        if spec.tpm > 0 and used + need > spec.tpm:
+            return _QUOTA_TPM, _quota_wait(slots, now, 2, used + need - spec.tpm)
     return _ADMISSIBLE, 0
 
 
@@ -180,6 +206,50 @@ def _may_explore(state: _Route, route: RouteSpec, cursor: int) -> bool:
     """The fleet-wide share: one exploration per `explore_every` advancing decides."""
     last = state.last_explore
     return last is None or cursor - last >= route.estimator.explore_every
+
+
+def _quota_slots(target: _Target, now: int) -> list[list[int]]:
+    """The target's quota buckets that still count at `now` (dropping the others)."""
+    oldest = now // _Q_BUCKET_MS - _Q_SPAN
+    quota = target.quota
+    while quota and quota[0][0] <= oldest:
+        quota.pop(0)
+    return quota
+
+
+def _quota_wait(slots: list[list[int]], now: int, column: int, over: int) -> int:
+    """How long until `over` requests (column 1) or tokens (column 2) have aged out."""
+    freed = 0
+    for slot in slots:
+        freed += slot[column]
+        if freed >= over:
+            return (slot[0] + _Q_SPAN) * _Q_BUCKET_MS - now
+    return _Q_SPAN * _Q_BUCKET_MS
+
+
+def _quota_reserve(spec: TargetSpec, tokens: int) -> int:
+    """The estimate, at least 1, at most the whole quota (a request larger than a
+    provider's minute still goes out, alone)."""
+    return min(max(tokens, 1), spec.tpm) if spec.tpm > 0 else 0
+
+
+def _quota_add(target: _Target, now: int, requests: int, tokens: int, at: int) -> None:
+    """Count requests and tokens in the bucket of `at` (a negative `tokens` corrects a
+    reservation: lost if that bucket no longer counts, and never below 0)."""
+    slots = _quota_slots(target, now)
+    bucket = at // _Q_BUCKET_MS
+    slot = next((s for s in slots if s[0] == bucket), None)
+    if slot is None:
+        if tokens < 0:
+            return
+        bucket = now // _Q_BUCKET_MS
+        if slots and slots[-1][0] == bucket:
+            slot = slots[-1]
+        else:
+            slot = [bucket, 0, 0]
+            slots.append(slot)
+    slot[1] += requests
+    slot[2] = max(0, slot[2] + tokens)
 
 
 def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, int, int, int, int]:
@@ -260,9 +330,10 @@ class MemoryState:
         outcome: Outcome | None = None,
         advance: bool = True,
         limit: int = 0,
+        tokens: int = 0,
     ) -> RoutingDecision:
         return self.decide_now(
-            route, exclude=exclude, outcome=outcome, advance=advance, limit=limit
+            route, exclude=exclude, outcome=outcome, advance=advance, limit=limit, tokens=tokens
         )
 
     def decide_now(
@@ -273,6 +344,7 @@ class MemoryState:
         outcome: Outcome | None = None,
         advance: bool = True,
         limit: int = 0,
+        tokens: int = 0,
     ) -> RoutingDecision:
         """Synchronous decide: the gateway's degraded mode calls it without an await."""
         now = self._now()
@@ -289,6 +361,7 @@ class MemoryState:
         candidates: list[Candidate] = []
         explores: list[int] = []
         wait = 0
+        quota_out = False
         if state.aligned_for is not route:
             state.aligned = [self._target(state, spec.id) for spec in route.targets]
             state.aligned_for = route
@@ -298,9 +371,10 @@ class MemoryState:
             if exclude and spec.id in exclude:
                 continue
             live = _live_probes(target, now) if target.state == HALF_OPEN else 0
-            reason, pause = _exclusion(target, now, live, max_probes)
+            reason, pause = _exclusion(target, spec, now, live, max_probes, tokens)
             if reason != _ADMISSIBLE:
                 wait = pause if wait == 0 else min(wait, pause)
+                quota_out = quota_out or reason >= _QUOTA_CONCURRENCY
                 continue
             state_code = target.state
             candidate = Candidate(
@@ -336,7 +410,15 @@ class MemoryState:
             strategy, candidates, cursor, _shaping(route), explores if may_explore else None
         )
         if not ordered:
-            return RoutingDecision(route.name, strategy, ordered, None, wait / 1000.0, cursor)
+            return RoutingDecision(
+                route.name,
+                strategy,
+                ordered,
+                None,
+                wait / 1000.0,
+                cursor,
+                quota_limited=quota_out,
+            )
         first = ordered[0]
         for c in ordered[1:]:
             c.explore = False  # a half-open probe went first: nothing is explored
@@ -353,7 +435,13 @@ class MemoryState:
         expiry = now + route.lease_ttl_ms
         state.leases[token] = (first.target.id, expiry)
         heapq.heappush(state.lease_heap, (expiry, token))
-        admission = Admission(first.target.id, target.generation, token, first.probe)
+        reserved = 0
+        if first.target.has_quota:
+            reserved = _quota_reserve(first.target, tokens)
+            _quota_add(target, now, 1, reserved, now)
+        admission = Admission(
+            first.target.id, target.generation, token, first.probe, reserved, now if reserved else 0
+        )
         admissible = len(ordered)
         if 0 < limit < admissible:
             ordered = ordered[:limit]
@@ -398,6 +486,16 @@ class MemoryState:
             # A later, shorter Retry-After never shortens a cooldown already in force.
             until = now + min(round(outcome.retry_after_s * 1000), route.max_cooldown_ms)
             target.cooldown_until = max(target.cooldown_until, until)
+        if outcome.limit_reset_s > 0:
+            # The provider's rate-limit headers said 0 remaining until this reset.
+            until = now + min(round(outcome.limit_reset_s * 1000), route.max_cooldown_ms)
+            target.learned_until = max(target.learned_until, until)
+        if outcome.reserved_tokens > 0:
+            # Replace the decide's estimate with the real usage when the provider reported
+            # it; give it back when the provider served nothing.
+            used = outcome.input_tokens + outcome.output_tokens
+            if used > 0 or kind in (OutcomeKind.FAILURE, OutcomeKind.RATE_LIMITED):
+                _quota_add(target, now, 0, used - outcome.reserved_tokens, outcome.reserved_at_ms)
         if outcome.generation not in (-1, target.generation):
             return  # admitted before a transition: too late to move this breaker
         breaker = route.breaker
@@ -466,11 +564,12 @@ class MemoryState:
             for slot in _Target.__slots__:
                 setattr(target, slot, getattr(stored, slot))
             target.probes = {t: e for t, e in stored.probes.items() if e > now}
+            target.quota = [list(slot) for slot in stored.quota]
             target.inflight -= stale.get(spec.id, 0)
             _half_open_if_due(target, now)
             code = target.state
             live = len(target.probes) if code == HALF_OPEN else 0
-            reason, pause = _exclusion(target, now, live, breaker.half_open_max_probes)
+            reason, pause = _exclusion(target, spec, now, live, breaker.half_open_max_probes, 0)
             successes, latency, failures, tin, tout = _window_totals(stored, now, route)
             estimate, errors, age = target.estimate(now)
             explores = sum(1 for e in stored.explores.values() if e > now)
@@ -552,6 +651,7 @@ class MemoryState:
         target.open_until = 0
         target.open_timeout = 0
         target.cooldown_until = 0
+        target.learned_until = 0
         target.probes.clear()
 
     async def close(self) -> None:

@@ -56,6 +56,7 @@ _H = {name: i for i, name in enumerate(wire.DECIDE_HEAD)}
 _H_ADMITTED, _H_GENERATION, _H_PROBE = _H["admitted"], _H["generation"], _H["probe"]
 _H_WAIT, _H_CURSOR, _H_COUNT = _H["wait_ms"], _H["rr_cursor"], _H["count"]
 _H_ADMISSIBLE, _REPAIRED = _H["admissible"], _H["repaired"]
+_H_NOW, _H_RESERVED, _H_QUOTA = _H["now_ms"], _H["reserved"], _H["quota_limited"]
 _RECORD_REPAIRED = wire.SCRIPT_REPLIES["record"].index("repaired")
 _RESET_REPAIRED = wire.SCRIPT_REPLIES["reset"].index("repaired")
 
@@ -124,6 +125,9 @@ def outcome_args(outcome: Outcome) -> list[Arg]:
         round(outcome.retry_after_s * 1000) if outcome.retry_after_s > 0 else 0,
         outcome.input_tokens,
         outcome.output_tokens,
+        outcome.reserved_tokens,
+        outcome.reserved_at_ms,
+        round(outcome.limit_reset_s * 1000) if outcome.limit_reset_s > 0 else 0,
     ]
 
 
@@ -199,6 +203,11 @@ class RedisState:
         targets: list[Arg] = [len(route.targets)]
         for target in route.targets:
             targets += [target.id, repr(float(target.price_per_mtok))]
+        # Only targets with quotas are listed: a route without any costs one "0".
+        quotas = [(position, t) for position, t in enumerate(route.targets, start=1) if t.has_quota]
+        targets.append(len(quotas))
+        for position, t in quotas:
+            targets += [position, t.rpm, t.tpm, t.max_concurrency]
         decide, record, reset = head("decide") + targets, head("record"), head("reset")
         built = _RouteCommands(
             route,
@@ -238,11 +247,12 @@ class RedisState:
         outcome: Outcome | None = None,
         advance: bool = True,
         limit: int = 0,
+        tokens: int = 0,
     ) -> RoutingDecision:
         static = self._commands(route)
         token = f"{self._token_prefix}{next(self._tokens):x}"
         mode = wire.MODE_ADVANCE if advance else wire.MODE_DECIDE
-        dynamic: list[Arg] = [mode, token, limit, len(exclude), *exclude]
+        dynamic: list[Arg] = [mode, token, limit, tokens, len(exclude), *exclude]
         if outcome is None:
             dynamic.append(0)
         else:
@@ -274,7 +284,7 @@ class RedisState:
 
     async def explain(self, route: RouteSpec) -> StateView:
         static = self._commands(route)
-        dynamic: list[Arg] = [wire.MODE_EXPLAIN, "", 0, 0, 0, self._clock_arg()]
+        dynamic: list[Arg] = [wire.MODE_EXPLAIN, "", 0, 0, 0, 0, self._clock_arg()]
         reply = await self._call(
             command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
             static.slot,
@@ -478,7 +488,14 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
         )
     admission = None
     if admitted:
-        admission = Admission(candidates[0].target.id, generation, token, probe == 1)
+        admission = Admission(
+            candidates[0].target.id,
+            generation,
+            token,
+            probe == 1,
+            reply[_H_RESERVED],
+            reply[_H_NOW] if reply[_H_RESERVED] else 0,
+        )
     return RoutingDecision(
         route.name,
         route.strategy,
@@ -487,6 +504,7 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
         reply[_H_WAIT] / 1000.0,
         reply[_H_CURSOR],
         reply[_H_ADMISSIBLE],
+        reply[_H_QUOTA] == 1,
     )
 
 

@@ -39,7 +39,13 @@ EXCLUSION_REASONS: tuple[str | None, ...] = (
     "breaker_open",  # 1 until its open timeout ends
     "rate_limited",  # 2 a Retry-After cooldown is in force
     "probes_full",  # 3 half-open, every probe reservation is taken
+    "quota_concurrency",  # 4 targets[].max_concurrency requests in flight fleet-wide
+    "quota_rpm",  # 5 targets[].rpm requests admitted in the last minute
+    "quota_tpm",  # 6 targets[].tpm tokens (reserved, then corrected) in the last minute
+    "learned_limit",  # 7 the provider's rate-limit headers said 0 remaining until a reset
 )
+# A decide that admits nothing because of one of these answers 429, not 503.
+QUOTA_REASONS = frozenset(("quota_concurrency", "quota_rpm", "quota_tpm", "learned_limit"))
 
 # Decide modes: what a call may change.
 MODE_DECIDE = 0  # admit the best target (a failover: the cursor stays)
@@ -85,6 +91,9 @@ OUTCOME_FIELDS = (
     "retry_after_ms",
     "input_tokens",
     "output_tokens",
+    "reserved_tokens",  # what the decide reserved against the target's tpm (0: none)
+    "reserved_at_ms",  # the decide's now_ms: the reservation's bucket
+    "limit_reset_ms",  # a learned provider limit: out until this long from now (0: none)
 )
 
 # What follows the route parameters, per script. `*` marks a repeated group: its count comes
@@ -94,9 +103,12 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
     "decide": (
         "n",
         "*(target_id price)",
+        "q",
+        "*(position rpm tpm max_concurrency)",
         "mode",
         "token",
         "limit",
+        "tokens",
         "m",
         "*(excluded_id)",
         "has_outcome",
@@ -119,6 +131,8 @@ DECIDE_HEAD = (
     "admissible",
     "now_ms",
     "repaired",  # keys of the wrong type this call replaced (0 but after tampering)
+    "reserved",  # tokens the admission reserved against the target's tpm
+    "quota_limited",  # 1: nothing admitted, and a quota or learned limit kept a target out
 )
 # One ranked candidate, best first (`count` of them). estimate_us and error_rate are the
 # time-decayed estimate (strings: Redis truncates Lua numbers); estimate_us and
