@@ -169,6 +169,12 @@ class TargetConfig(_Base, frozen=True, kw_only=True):
     id: RouteName | None = None
     input_cost_per_mtok: NonNegative = 0.0
     output_cost_per_mtok: NonNegative = 0.0
+    # The provider's quotas for this deployment, held fleet-wide (unset: none): requests per
+    # minute, tokens per minute (estimated at admission, corrected with the real usage), and
+    # requests in flight at once.
+    rpm: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    tpm: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
     @property
     def target_id(self) -> str:

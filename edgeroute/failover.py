@@ -98,6 +98,7 @@ class Exhausted(Exception):
         failure: Failure | None = None,
         upstream_s: float = 0.0,
         state_unavailable: bool = False,
+        quota_limited: bool = False,
     ) -> None:
         super().__init__(f"exhausted after {len(attempts)} attempts")
         self.attempts = attempts
@@ -106,6 +107,8 @@ class Exhausted(Exception):
         self.failure = failure
         self.upstream_s = upstream_s
         self.state_unavailable = state_unavailable
+        # Nothing was admitted because quotas (or learned provider limits) are spent.
+        self.quota_limited = quota_limited
 
 
 class Observer(Protocol):
@@ -145,6 +148,7 @@ async def run(
     record: Record,
     observer: Observer | None = None,
     started: float | None = None,
+    tokens: int = 0,
 ) -> Served[T]:
     """Serve one request on `route`; see the module comment for the rules."""
     now = time.perf_counter
@@ -155,7 +159,12 @@ async def run(
         decide_started = now()
         try:
             decision = await state.decide(
-                route, exclude=request.tried, outcome=pending, advance=first, limit=2
+                route,
+                exclude=request.tried,
+                outcome=pending,
+                advance=first,
+                limit=2,
+                tokens=tokens,
             )
         except StateUnavailable:  # a plain RedisState, no degraded mode: nothing to route on
             raise Exhausted(
@@ -168,7 +177,12 @@ async def run(
         if admission is None:
             if request.attempts and request.tried and await _next_round(request, policy):
                 continue
-            raise Exhausted(request.attempts, decision.retry_after_s, upstream_s=request.upstream_s)
+            raise Exhausted(
+                request.attempts,
+                decision.retry_after_s,
+                upstream_s=request.upstream_s,
+                quota_limited=decision.quota_limited,
+            )
         chosen = decision.chosen
         if request.attempts and observer is not None:
             observer.failover(route, request.attempts[-1])  # this request really moves on

@@ -27,7 +27,7 @@ from edgeroute.providers import (
     UpstreamStream,
 )
 from edgeroute.providers.base import Endpoint, ErrorClass
-from edgeroute.request import Rejected, parse_request
+from edgeroute.request import Rejected, estimate_tokens, parse_request
 from edgeroute.responses import error_response, new_request_id
 from edgeroute.router import Router
 from edgeroute.state.base import RouteSpec
@@ -137,6 +137,7 @@ class Proxy:
                 record=self.accounting.record,
                 observer=observer,
                 started=started,
+                tokens=estimate_tokens(upstream.fields),
             )
         except Exhausted as exhausted:
             return self._exhausted(route, exhausted, request_id, started)
@@ -251,6 +252,8 @@ class Proxy:
             return self._passthrough(route, exhausted, cause, request_id, started)
         attempts = exhausted.attempts
         account = self.accounting
+        if not attempts and exhausted.quota_limited:
+            return self._quota_limited(route, exhausted, request_id, started)
         if not attempts:
             if exhausted.state_unavailable:
                 account.metrics.state_errors.labels("decide").inc()
@@ -330,6 +333,24 @@ class Proxy:
                 "x-edgeroute-attempts": str(len(attempts)),
             },
             extra={"attempts": listed},
+        )
+
+    def _quota_limited(
+        self, route: RouteSpec, exhausted: Exhausted, request_id: str, started: float
+    ) -> web.Response:
+        """Every target is at a quota (or a limit its provider announced): the fleet holds the
+        request back rather than let a provider refuse it; retry when the first one frees."""
+        retry_after = max(1, math.ceil(exhausted.retry_after_s))
+        self.accounting.unserved(
+            request_id, route, 429, started, "rate_limited", error="rate_limit_exceeded"
+        )
+        return error_response(
+            429,
+            f"every target of model `{route.name}` is at its rate limit; "
+            f"retry after {retry_after}s",
+            type_="requests",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry_after), "x-request-id": request_id},
         )
 
     def _passthrough(

@@ -20,6 +20,16 @@ from edgeroute.state.base import RouteSpec
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _STR = msgspec.json.Decoder(str)
 _BOOL = msgspec.json.Decoder(bool)
+_INT = msgspec.json.Decoder(int)
+
+# The tokens a request is expected to use, reserved against a target's `tpm` at admission
+# and replaced with the provider's real usage when it answers. A documented estimate, not a
+# tokenizer: ~4 bytes of JSON per prompt token (English text, OpenAI's rule of thumb), plus
+# the completion the client allows (`max_completion_tokens` or `max_tokens`), or
+# DEFAULT_COMPLETION_TOKENS when it sets neither.
+BYTES_PER_TOKEN = 4
+DEFAULT_COMPLETION_TOKENS = 256
+_PROMPT_FIELDS = ("messages", "input", "prompt")
 
 
 class _StreamOptions(msgspec.Struct):
@@ -90,6 +100,21 @@ async def parse_request(
     if stream and endpoint == "embeddings":
         stream = False
     return route, UpstreamRequest(endpoint, fields, model, stream, wants_usage, request_id)
+
+
+def estimate_tokens(fields: dict[str, msgspec.Raw]) -> int:
+    """This request's estimated tokens (see BYTES_PER_TOKEN): prompt plus completion."""
+    prompt = sum(len(fields[name]) for name in _PROMPT_FIELDS if name in fields)
+    completion = DEFAULT_COMPLETION_TOKENS
+    for name in ("max_completion_tokens", "max_tokens"):
+        raw = fields.get(name)
+        if raw is not None and raw != b"null":
+            try:
+                completion = max(0, _INT.decode(raw))
+            except msgspec.DecodeError:
+                continue  # the provider will refuse it; the estimate need not
+            break
+    return -(-prompt // BYTES_PER_TOKEN) + completion
 
 
 def _invalid(status: int, message: str, code: str, param: str | None = None) -> Rejected:

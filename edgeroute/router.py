@@ -91,6 +91,9 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
                 price_per_mtok=t.price_per_mtok,
                 input_cost_per_mtok=t.input_cost_per_mtok,
                 output_cost_per_mtok=t.output_cost_per_mtok,
+                rpm=t.rpm or 0,
+                tpm=t.tpm or 0,
+                max_concurrency=t.max_concurrency or 0,
             )
             for t in route.targets
         ),
@@ -125,6 +128,10 @@ _EXCLUSION_TEXT = {
     "breaker_open": "breaker open for {ms} ms",
     "rate_limited": "rate-limited for {ms} ms",
     "probes_full": "half-open, every probe slot taken",
+    "quota_concurrency": "at its max_concurrency",
+    "quota_rpm": "at its rpm quota for {ms} ms",
+    "quota_tpm": "at its tpm quota for {ms} ms",
+    "learned_limit": "provider says its limit is spent for {ms} ms",
 }
 
 
@@ -241,8 +248,10 @@ class Router:
         record: Record,
         observer: Observer | None = None,
         started: float | None = None,
+        tokens: int = 0,
     ) -> Served[T]:
         """The failover engine (see `edgeroute.failover`) on this router's state and policy.
+        `tokens` is the request's estimated tokens (reserved against targets' tpm).
 
         The caller records the served attempt's outcome (the gateway does so once the
         response or stream has ended); every failed attempt is recorded here.
@@ -256,6 +265,7 @@ class Router:
             record=record,
             observer=observer,
             started=started,
+            tokens=tokens,
         )
 
     async def call(self, route: str, attempt: Callable[[Candidate], Awaitable[T]]) -> T:
