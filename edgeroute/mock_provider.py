@@ -484,6 +484,8 @@ class MockProvider:
         self.by_path: dict[str, int] = {}
         self.faults_served = 0
         self.in_flight = 0
+        # The most inference requests it ever held at once: what a concurrency quota caps.
+        self.peak_in_flight = 0
         self.last_authorization: str | None = None
         self.last_headers: Mapping[str, str] | None = None
         self.last_body: bytes | None = None
@@ -553,6 +555,7 @@ class MockProvider:
         self.requests = 0
         self.by_path = {}
         self.faults_served = 0
+        self.peak_in_flight = self.in_flight
         self.last_authorization = None
         self.last_headers = None
         self.last_body = None
@@ -571,6 +574,7 @@ class MockProvider:
             "by_path": dict(self.by_path),
             "faults_served": self.faults_served,
             "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
             "last_authorization": self.last_authorization,
             "last_headers": dict(self.last_headers) if self.last_headers is not None else None,
             "last_body": last_body,
@@ -814,6 +818,7 @@ class MockProvider:
         api: str = "openai",
     ) -> web.StreamResponse:
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             body = await request.read()
             self._record(request, path, body)
