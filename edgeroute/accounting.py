@@ -102,8 +102,10 @@ class Accounting:
         upstream_s: float,
         ttft: float | None = None,
         error: str | None = None,
+        limit_reset_s: float = 0.0,
     ) -> None:
-        """Reached a target: record the attempt's outcome, then the request's metrics."""
+        """Reached a target: record the attempt's outcome, then the request's metrics.
+        `limit_reset_s`: the provider's headers said its limit is spent for this long."""
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         self.recorder.submit(
             route,
@@ -113,6 +115,7 @@ class Accounting:
                 latency_s * 1000,
                 input_tokens=prompt,
                 output_tokens=completion,
+                limit_reset_s=limit_reset_s,
             ),
         )
         bound = self.metrics.target(route.name, target.provider, target.model)

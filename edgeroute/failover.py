@@ -48,6 +48,7 @@ class Failure:
     retryable: bool = True
     retry_after_s: float = 0.0
     status: int | None = None
+    limit_reset_s: float = 0.0  # a learned provider limit: out fleet-wide for this long
 
 
 @dataclass(slots=True)
@@ -269,7 +270,11 @@ def _failed(
     if observer is not None:
         observer.attempt_failed(request.route, target, failure, elapsed)
     return Outcome.for_admission(
-        admission, failure.kind, elapsed * 1000, retry_after_s=failure.retry_after_s
+        admission,
+        failure.kind,
+        elapsed * 1000,
+        retry_after_s=failure.retry_after_s,
+        limit_reset_s=failure.limit_reset_s,
     )
 
 

@@ -49,7 +49,12 @@ def classify(exc: BaseException) -> Failure:
     still this target's failure: another target is tried, the lease goes back."""
     if isinstance(exc, UpstreamError):
         return Failure(
-            exc.outcome, exc.error_class.value, exc.retryable, exc.retry_after_s, exc.status
+            exc.outcome,
+            exc.error_class.value,
+            exc.retryable,
+            exc.retry_after_s,
+            exc.status,
+            exc.limit_reset_s,
         )
     log.warning("attempt failed unexpectedly: %r", exc)
     return Failure(OutcomeKind.FAILURE, ErrorClass.BAD_RESPONSE.value)
@@ -182,6 +187,7 @@ class Proxy:
             kind=OutcomeKind.SUCCESS,
             latency_s=served.first_byte - served.attempt_started,
             usage=reply.usage,
+            limit_reset_s=reply.limit_reset_s,
             attempts=len(served.attempts) + 1,
             upstream_s=served.upstream_s,
         )
@@ -220,6 +226,7 @@ class Proxy:
                 kind=kind,
                 latency_s=ttft,
                 usage=stream.usage,
+                limit_reset_s=stream.limit_reset_s,
                 attempts=len(served.attempts) + 1,
                 upstream_s=served.upstream_s,
                 ttft=ttft,

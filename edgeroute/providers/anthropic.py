@@ -23,6 +23,7 @@ from edgeroute.providers.base import (
     UpstreamReply,
     UpstreamRequest,
     Usage,
+    parse_limit_reset,
 )
 from edgeroute.providers.sse import (
     PrimedStream,
@@ -175,4 +176,5 @@ class AnthropicAdapter:
             _encode(chat),
             "application/json",
             Usage(usage["prompt_tokens"], usage["completion_tokens"]),
+            parse_limit_reset(response.headers),
         )

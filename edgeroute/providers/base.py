@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Literal, Protocol
 
 import msgspec
@@ -57,6 +59,7 @@ class UpstreamError(Exception):
         body: bytes | None = None,
         content_type: str = "application/json",
         retry_after_s: float = 0.0,
+        limit_reset_s: float = 0.0,
     ) -> None:
         super().__init__(message)
         self.error_class = error_class
@@ -65,6 +68,8 @@ class UpstreamError(Exception):
         self.body = body
         self.content_type = content_type
         self.retry_after_s = retry_after_s
+        # The provider's rate-limit headers said 0 remaining, refilled in this many seconds.
+        self.limit_reset_s = limit_reset_s
 
     @property
     def retryable(self) -> bool:
@@ -117,6 +122,7 @@ class UpstreamReply:
     body: bytes
     content_type: str
     usage: Usage = field(default_factory=Usage)
+    limit_reset_s: float = 0.0  # see parse_limit_reset
 
 
 class UpstreamStream(Protocol):
@@ -124,6 +130,7 @@ class UpstreamStream(Protocol):
 
     status: int
     usage: Usage
+    limit_reset_s: float  # see parse_limit_reset
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
@@ -157,6 +164,55 @@ def parse_retry_after(value: str | None, value_ms: str | None = None) -> float:
     except (TypeError, ValueError):
         return 0.0
     return max(0.0, when.timestamp() - time.time())
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+# Which headers say a provider's budget is spent, and when it refills, per API family:
+# (remaining header, reset header). OpenAI and Azure send durations ("6m0s", "1s", "20ms");
+# Anthropic sends RFC 3339 instants.
+_LIMIT_HEADERS = (
+    ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+    ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset"),
+    ("anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"),
+    ("anthropic-ratelimit-input-tokens-remaining", "anthropic-ratelimit-input-tokens-reset"),
+    ("anthropic-ratelimit-output-tokens-remaining", "anthropic-ratelimit-output-tokens-reset"),
+)
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_reset(value: str, now: float | None = None) -> float:
+    """Seconds until a rate-limit reset: an OpenAI duration ("6m0s", "1.5s", "20ms"), plain
+    seconds, or an RFC 3339 instant (Anthropic); 0 when it cannot be read."""
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    if parts and "".join(n + u for n, u in parts) == value:
+        return sum(float(n) * _UNITS[u] for n, u in parts)
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if when.tzinfo is None:
+        return 0.0
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def parse_limit_reset(headers: Mapping[str, str], now: float | None = None) -> float:
+    """How long the provider says its budget stays spent: the latest reset among the limits
+    whose remaining count is 0 (a request needs all of them), or 0 when none is spent."""
+    longest = 0.0
+    for remaining_name, reset_name in _LIMIT_HEADERS:
+        remaining = headers.get(remaining_name)
+        if remaining is None or remaining.strip() != "0":
+            continue
+        reset = headers.get(reset_name)
+        if reset is not None:
+            longest = max(longest, parse_reset(reset, now))
+    return longest
 
 
 def classify_status(status: int) -> ErrorClass:

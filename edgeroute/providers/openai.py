@@ -16,6 +16,7 @@ from edgeroute.providers.base import (
     UpstreamRequest,
     Usage,
     UsageOnly,
+    parse_limit_reset,
 )
 from edgeroute.providers.sse import PrimedStream, StreamLimits, event_data, split_events
 from edgeroute.providers.transport import expect_event_stream, post, read_body
@@ -168,7 +169,11 @@ class OpenAIAdapter:
                 "upstream answered 2xx with a body that is not a JSON object with valid usage"
             ) from None
         return UpstreamReply(
-            response.status, data, response.headers.get("Content-Type", "application/json"), usage
+            response.status,
+            data,
+            response.headers.get("Content-Type", "application/json"),
+            usage,
+            parse_limit_reset(response.headers),
         )
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from edgeroute.config import ProviderConfig
-from edgeroute.providers.base import ErrorClass, UpstreamError, Usage
+from edgeroute.providers.base import ErrorClass, UpstreamError, Usage, parse_limit_reset
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +157,7 @@ class PrimedStream:
 
     def __init__(self, response: aiohttp.ClientResponse, limits: StreamLimits) -> None:
         self.usage = Usage()
+        self.limit_reset_s = parse_limit_reset(response.headers)
         self._reader = EventReader(response, limits)
         self._first: bytes | None = None
 

@@ -14,6 +14,7 @@ from edgeroute.providers.base import (
     ErrorClass,
     UpstreamError,
     classify_status,
+    parse_limit_reset,
     parse_retry_after,
 )
 
@@ -62,6 +63,7 @@ async def post(
             retry_after_s=parse_retry_after(
                 response.headers.get("Retry-After"), response.headers.get("retry-after-ms")
             ),
+            limit_reset_s=parse_limit_reset(response.headers),
         )
     return response
 
