@@ -54,6 +54,23 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Frozen, keyword-only, and strict about unknown fields: a typo is an error, not a no-op."""
 
 
+class BudgetConfig(_Base, frozen=True, kw_only=True):
+    usd: Annotated[float, msgspec.Meta(gt=0.0)]
+    period: Literal["day", "month"] = "day"  # UTC calendar days / months, Redis time
+
+
+class ClientConfig(_Base, frozen=True, kw_only=True):
+    """A client key with limits, held fleet-wide. `key` is plain or `sha256:<hex>`."""
+
+    name: Annotated[str, msgspec.Meta(pattern=_PROVIDER_NAME_PATTERN)]
+    key: Annotated[str, msgspec.Meta(min_length=1)]
+    rpm: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    tpm: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    budget: BudgetConfig | None = None
+    routes: list[str] = []  # empty: every route
+
+
 class ServerConfig(_Base, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -73,6 +90,7 @@ class ServerConfig(_Base, frozen=True, kw_only=True):
     # Open client connections beyond this (or beyond what the fd limit leaves room for,
     # counting one upstream socket per client) are answered 503 and closed at once.
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    clients: list[ClientConfig] = []
 
 
 class StateConfig(_Base, frozen=True, kw_only=True):
@@ -506,6 +524,21 @@ def _check_semantics(doc: dict[str, Any], raw: dict[str, Any], problems: _Proble
         for i, key in enumerate(server.api_keys):
             if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
                 problems.add(f"$.server.api_keys[{i}]", "sha256: must be followed by 64 hex digits")
+        client_names: set[str] = set()
+        known_routes = {
+            r["model"] for r in _items(raw, "routes") if isinstance(r.get("model"), str)
+        }
+        for i, client in enumerate(server.clients):
+            where = f"$.server.clients[{i}]"
+            key = client.key
+            if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
+                problems.add(f"{where}.key", "sha256: must be followed by 64 hex digits")
+            if client.name in client_names:
+                problems.add(f"{where}.name", f"duplicate client name {client.name!r}")
+            client_names.add(client.name)
+            for j, name in enumerate(client.routes):
+                if name not in known_routes:
+                    problems.add(f"{where}.routes[{j}]", f"unknown route {name!r}")
     # Names come from the raw document: a provider with a problem of its own still exists, so
     # routes naming it are not reported as well.
     names = [p["name"] for p in _items(raw, "providers") if isinstance(p.get("name"), str)]

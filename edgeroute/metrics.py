@@ -166,6 +166,20 @@ class Metrics:
             ["route", "provider", "model"],
             registry=r,
         )
+        # Per client `name` (server.clients[]): bounded by the config, never the key.
+        self.client_requests = Counter(
+            "edgeroute_client_requests",
+            "Requests of limited clients: served, unserved, or refused (rpm, tpm, "
+            "concurrency, budget, model_not_found).",
+            ["client", "outcome"],
+            registry=r,
+        )
+        self.client_spend = Counter(
+            "edgeroute_client_spend_usd",
+            "Spend of limited clients in US dollars (usage x the serving target's prices).",
+            ["client"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "edgeroute_breaker_state",
             "Breaker state per target: 0 closed, 1 open, 2 half-open.",

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from edgeroute import streaming, tracing
 from edgeroute.accounting import Accounting
+from edgeroute.clients import ClientLease, Clients, ClientSpec, Verdict
 from edgeroute.config import Config
 from edgeroute.failover import Attempt, Exhausted, Failure, Observer, Served
 from edgeroute.providers import (
@@ -42,6 +43,9 @@ log = logging.getLogger("edgeroute.proxy")
 _encode = msgspec.json.encode
 
 Result = UpstreamReply | UpstreamStream
+# Where the auth middleware leaves the calling client (server.clients[]) on the request.
+CLIENT_KEY = "edgeroute.client"
+_CLIENT_LEASE = "edgeroute.client_lease"
 
 
 def classify(exc: BaseException) -> Failure:
@@ -61,9 +65,13 @@ def classify(exc: BaseException) -> Failure:
 
 
 class Proxy:
-    def __init__(self, live: Live, accounting: Accounting) -> None:
+    def __init__(self, live: Live, accounting: Accounting, clients: Clients | None = None) -> None:
         # A reload swaps `live.current`; each request reads it once, at its start.
         self.live = live
+        self.clients = clients
+        # Settling a client's request runs off the request path; the loop holds only weak
+        # references to tasks, so they are kept here until done.
+        self._settling: set[asyncio.Task[None]] = set()
         self.accounting = accounting
         self.in_flight = 0
         accounting.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape
@@ -86,7 +94,7 @@ class Proxy:
             try:
                 return await self._handle(request, endpoint, request_id, started, current, None)
             finally:
-                self.in_flight -= 1
+                self._done(request)
         trace = tracer.request(request, endpoint)
         status = 499  # cancelled: the client went away
         try:
@@ -97,8 +105,15 @@ class Proxy:
             status = 500
             raise
         finally:
-            self.in_flight -= 1
+            self._done(request)
             trace.end(status)
+
+    def _done(self, request: web.Request) -> None:
+        self.in_flight -= 1
+        lease: ClientLease | None = request.pop(_CLIENT_LEASE, None)
+        if lease is not None:
+            # Never served (exhausted, refused, gone): the lease and estimate go back.
+            self._settle(lease, 0, 0, 0.0)
 
     async def _handle(
         self,
@@ -118,6 +133,12 @@ class Proxy:
             self.accounting.rejected(request_id, parsed.response.status, started, parsed.code)
             return parsed.response
         route, upstream = parsed
+        tokens = estimate_tokens(upstream.fields)
+        client: ClientSpec | None = http.get(CLIENT_KEY)
+        if client is not None and self.clients is not None:
+            refused = await self._admit_client(http, client, route, tokens, request_id, started)
+            if refused is not None:
+                return refused
 
         observer: Observer = self.accounting
         if trace is None:
@@ -142,7 +163,7 @@ class Proxy:
                 record=self.accounting.record,
                 observer=observer,
                 started=started,
-                tokens=estimate_tokens(upstream.fields),
+                tokens=tokens,
             )
         except Exhausted as exhausted:
             return self._exhausted(route, exhausted, request_id, started)
@@ -152,8 +173,95 @@ class Proxy:
             )
             raise
         if isinstance(served.result, UpstreamReply):
-            return self._reply(route, served, served.result, request_id, started)
-        return await self._stream(http, route, served, served.result, request_id, started, trace)
+            response: web.StreamResponse = self._reply(
+                route, served, served.result, request_id, started
+            )
+        else:
+            response = await self._stream(
+                http, route, served, served.result, request_id, started, trace
+            )
+        lease: ClientLease | None = http.pop(_CLIENT_LEASE, None)
+        if lease is not None:
+            usage = served.result.usage
+            target = served.target
+            cost = (
+                usage.prompt_tokens * target.input_cost_per_mtok
+                + usage.completion_tokens * target.output_cost_per_mtok
+            ) / 1_000_000
+            self._settle(lease, usage.prompt_tokens, usage.completion_tokens, cost)
+        return response
+
+    # ---- client limits -----------------------------------------------------------------
+
+    async def _admit_client(
+        self,
+        http: web.Request,
+        client: ClientSpec,
+        route: RouteSpec,
+        tokens: int,
+        request_id: str,
+        started: float,
+    ) -> web.Response | None:
+        """None when the client may go on (its lease kept for settling); else the answer."""
+        assert self.clients is not None
+        metrics = self.accounting.metrics
+        if not client.allows(route.name):
+            metrics.client_requests.labels(client.name, "model_not_found").inc()
+            self.accounting.rejected(request_id, 404, started, "model_not_found")
+            return error_response(
+                404,
+                f"The model `{route.name}` does not exist or you do not have access to it.",
+                type_="invalid_request_error",
+                param="model",
+                code="model_not_found",
+                headers={"x-request-id": request_id},
+            )
+        if not client.limited:
+            return None
+        verdict, lease = await self.clients.admit(client, tokens)
+        if lease is not None:
+            http[_CLIENT_LEASE] = lease
+            return None
+        metrics.client_requests.labels(client.name, verdict.reason or "refused").inc()
+        self.accounting.rejected(request_id, 429, started, "rate_limited")
+        retry_after = max(1, math.ceil(verdict.wait_ms / 1000))
+        headers = {
+            "Retry-After": str(retry_after),
+            "x-request-id": request_id,
+            **_rate_limit_headers(client, verdict),
+        }
+        if verdict.reason == "budget":
+            return error_response(
+                429,
+                f"client `{client.name}` has spent its {client.period}ly budget; it renews "
+                f"in {retry_after}s",
+                type_="insufficient_quota",
+                code="insufficient_quota",
+                headers=headers,
+            )
+        kind = "tokens" if verdict.reason == "tpm" else "requests"
+        return error_response(
+            429,
+            f"Rate limit reached for client `{client.name}` ({verdict.reason}); "
+            f"retry after {retry_after}s",
+            type_=kind,
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
+
+    def _settle(self, lease: ClientLease, prompt: int, completion: int, cost: float) -> None:
+        """Give the client's lease back with the real tokens and spend, off the request path."""
+        assert self.clients is not None
+        metrics = self.accounting.metrics
+        name = lease.spec.name
+        metrics.client_requests.labels(name, "served" if prompt or completion else "unserved").inc()
+        if cost:
+            metrics.client_spend.labels(name).inc(cost)
+        task = asyncio.get_running_loop().create_task(
+            self.clients.settle(lease, prompt + completion, cost)
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     # ---- served ------------------------------------------------------------------------
 
@@ -404,6 +512,30 @@ class Proxy:
             error=exc.error_class.value,
         )
         return response
+
+
+def _rate_limit_headers(client: ClientSpec, verdict: Verdict) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* response headers for the client's own limits."""
+    headers: dict[str, str] = {}
+    for kind, limit, used, reset_ms in (
+        ("requests", client.rpm, verdict.requests, verdict.reset_requests_ms),
+        ("tokens", client.tpm, verdict.tokens, verdict.reset_tokens_ms),
+    ):
+        if limit:
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - used))
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(reset_ms)
+    return headers
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's reset format: "1m0s", "6s", "20ms"."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
 
 
 __all__ = ["Proxy", "UpstreamRequest", "classify"]

@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from edgeroute import __version__, fleet, logfilter, reload, tracing
 from edgeroute.accounting import Accounting
+from edgeroute.clients import Clients, compile_clients, identify
 from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
 from edgeroute.explain import explanation_json, state_document
@@ -36,11 +37,12 @@ from edgeroute.httpguard import (
 )
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
-from edgeroute.proxy import Proxy
+from edgeroute.proxy import CLIENT_KEY, Proxy
 from edgeroute.recorder import Recorder
 from edgeroute.responses import error_response, new_request_id, write_access_line
 from edgeroute.router import Router, UnknownRoute
 from edgeroute.state import StateBackend, build_state
+from edgeroute.state.redis import RedisState
 
 log = logging.getLogger("edgeroute.server")
 _encode = msgspec.json.encode
@@ -123,6 +125,14 @@ def create_app(
     live = reload.Live(reload.Generation(config, router, adapters, digest))
     metrics.ops.serving(digest)
     client_keys = _key_digests(config.server.api_keys)
+    limited = compile_clients(config)
+    shared = state if isinstance(state, RedisState) else getattr(state, "primary", None)
+    clients = Clients(
+        limited,
+        shared if isinstance(shared, RedisState) else None,
+        lease_ttl_ms=max(1, round(config.state.lease_ttl_s * 1000)),
+    )
+    needs_key = bool(client_keys or limited)
     admin_token = config.server.admin_token
 
     admin_digests = _key_digests([admin_token]) if admin_token is not None else []
@@ -142,12 +152,13 @@ def create_app(
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if (
-            path.startswith("/v1/")
-            and client_keys
-            and not _matches(_presented_key(request), client_keys)
-        ):
-            return refuse(request, 401, "invalid or missing API key", "invalid_api_key")
+        if path.startswith("/v1/") and needs_key:
+            presented = _presented_key(request)
+            client = identify(presented, limited)
+            if client is not None:
+                request[CLIENT_KEY] = client  # by name from here on: the key stays here
+            elif not _matches(presented, client_keys):
+                return refuse(request, 401, "invalid or missing API key", "invalid_api_key")
         if path.startswith("/admin/"):
             if admin_token is None:
                 return refuse(
@@ -160,7 +171,7 @@ def create_app(
     # Without client keys, only /admin/* needs the check: keep it off the request path.
     # openai_errors is outermost: whatever is refused further in still answers in JSON.
     errors = openai_errors()
-    middlewares = [errors, auth] if client_keys else [errors, admin_only(auth)]
+    middlewares = [errors, auth] if needs_key else [errors, admin_only(auth)]
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes + 1)
     app[CONFIG] = config
     app[ROUTER] = router
@@ -188,7 +199,7 @@ def create_app(
         sessions.append(session)
         for provider in config.providers:
             adapters[provider.name] = make_adapter(provider, session)
-        app[PROXY] = Proxy(live, Accounting(metrics, recorder))
+        app[PROXY] = Proxy(live, Accounting(metrics, recorder), clients)
         yield
         await session.close()
 
@@ -310,6 +321,46 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/admin/state", admin_state)
+
+    async def admin_clients(request: web.Request) -> web.Response:
+        """Each client's usage and what is left, by name (never the key)."""
+        listed = []
+        for spec in limited:
+            seen = await clients.read(spec)
+            listed.append(
+                {
+                    "name": spec.name,
+                    "routes": sorted(spec.routes) or None,
+                    "requests": {
+                        "limit": spec.rpm or None,
+                        "used": seen.requests,
+                        "remaining": max(0, spec.rpm - seen.requests) if spec.rpm else None,
+                    },
+                    "tokens": {
+                        "limit": spec.tpm or None,
+                        "used": seen.tokens,
+                        "remaining": max(0, spec.tpm - seen.tokens) if spec.tpm else None,
+                    },
+                    "concurrency": {
+                        "limit": spec.max_concurrency or None,
+                        "in_flight": seen.inflight,
+                    },
+                    "budget": {
+                        "period": spec.period,
+                        "usd": spec.budget_micro / 1e6 if spec.budget_micro else None,
+                        "spent_usd": seen.spent_micro / 1e6,
+                        "remaining_usd": (
+                            max(0, spec.budget_micro - seen.spent_micro) / 1e6
+                            if spec.budget_micro
+                            else None
+                        ),
+                        "resets_in_ms": seen.period_end_ms,
+                    },
+                }
+            )
+        return _json({"clients": listed})
+
+    app.router.add_get("/admin/clients", admin_clients)
     # Route names and target ids may contain `/` (`vllm:meta-llama/Llama-3.1-8B-Instruct`):
     # the route runs to the first `/targets/`, the target to `/reset`. Matching is on the raw
     # path, so `%2F` works too (and keeps a route name containing `/targets/` unambiguous).

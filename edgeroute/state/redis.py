@@ -388,6 +388,17 @@ class RedisState:
             if reply[_RECORD_REPAIRED]:
                 self._repaired(route, reply[_RECORD_REPAIRED])
 
+    async def client_call(self, name: str, args: Sequence[Arg]) -> list[Any]:
+        """One call of the client script (lua/client.lua) on `{prefix:client:<name>}`;
+        `args` in wire.SCRIPT_ARGS["client"] order without the clock."""
+        key = f"{{{self.key_prefix}:client:{name}}}"
+        cmd: list[Arg] = ["EVALSHA", self._scripts["client"].sha, 1, key, *args]
+        cmd.append(self._clock_arg())
+        reply: list[Any] = await self._call(
+            command(len(cmd), encode_args(cmd)), key_slot(key.encode())
+        )
+        return reply
+
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         static = self._commands(route)
         dynamic: list[Arg] = [target_id, self._clock_arg()]

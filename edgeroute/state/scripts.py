@@ -9,6 +9,8 @@ from importlib import resources
 from pathlib import Path
 
 SCRIPT_NAMES = ("decide", "record", "reset")
+# Scripts on keys of their own, not a route's: they run without lib.lua.
+STANDALONE_NAMES = ("client",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,5 +38,8 @@ def load_scripts() -> dict[str, Script]:
     scripts = {}
     for name in SCRIPT_NAMES:
         source = f"{lib}\n-- ---- {name}.lua ----\n{_read(name)}"
+        scripts[name] = Script(name, source, hashlib.sha1(source.encode()).hexdigest())
+    for name in STANDALONE_NAMES:
+        source = _read(name)
         scripts[name] = Script(name, source, hashlib.sha1(source.encode()).hexdigest())
     return scripts

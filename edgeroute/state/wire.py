@@ -117,7 +117,29 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
     ),
     "record": ("k", "*[outcome]", "clock_ms"),
     "reset": ("target_id", "clock_ms"),
+    # server.clients[]: one key per client, {prefix:client:<name>}; no route parameters.
+    "client": (
+        "op",
+        "rpm",
+        "tpm",
+        "max_concurrency",
+        "budget_micro",
+        "period",
+        "token",
+        "tokens",
+        "reserved",
+        "reserved_at_ms",
+        "used_tokens",
+        "cost_micro",
+        "lease_ttl_ms",
+        "key_ttl_ms",
+        "clock_ms",
+    ),
 }
+CLIENT_OPS = {"admit": 0, "settle": 1, "read": 2}
+CLIENT_PERIODS = {"day": 0, "month": 1}
+# Why a client's request is refused (0: admitted).
+CLIENT_REASONS: tuple[str | None, ...] = (None, "rpm", "tpm", "concurrency", "budget")
 
 # ---- replies -----------------------------------------------------------------------------
 
@@ -183,6 +205,20 @@ SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
     "decide": (*DECIDE_HEAD, "*[candidate]", "*[target] (explain)"),
     "record": ("applied", "repaired"),
     "reset": ("generation", "repaired"),
+    "client": (
+        "admitted",
+        "reason",
+        "wait_ms",
+        "requests",
+        "tokens",
+        "inflight",
+        "spent_micro",
+        "reset_requests_ms",
+        "reset_tokens_ms",
+        "period_end_ms",
+        "reserved",
+        "now_ms",
+    ),
 }
 
 

@@ -1,0 +1,365 @@
+"""Client keys with limits (server.clients[]): who is calling, and whether they may, fleet-wide.
+
+Each client has one key of its own in Redis, `{prefix:client:<name>}`, changed only by
+lua/client.lua: admit (rpm, tpm, max_concurrency, budget) before the route's decide, settle
+(release the in-flight lease, replace the token estimate with the real usage, add the spend)
+when the request ends. `MemoryClients` is the reference model of the same rules (and what a
+replica without Redis uses). The key itself never leaves this module: metrics, logs and
+/admin/clients know a client by `name` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgeroute.config import Config
+from edgeroute.errors import StateUnavailable
+from edgeroute.state import wire
+from edgeroute.state.redis import RedisState
+
+log = logging.getLogger("edgeroute.clients")
+
+_BUCKET_MS, _SPAN = 1000, 61  # as lua/client.lua: no minute anywhere holds more than a limit
+_CONCURRENCY_WAIT_MS = 1000
+_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    name: str
+    digest: bytes  # sha256 of the key; the key itself is never kept
+    rpm: int = 0
+    tpm: int = 0
+    max_concurrency: int = 0
+    budget_micro: int = 0  # micro-USD per period; 0: no budget
+    period: str = "day"
+    routes: frozenset[str] = frozenset()  # empty: every route
+
+    def allows(self, route: str) -> bool:
+        return not self.routes or route in self.routes
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rpm or self.tpm or self.max_concurrency or self.budget_micro)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A client's standing after admit/settle/read (wire.SCRIPT_REPLIES["client"])."""
+
+    admitted: bool
+    reason: str | None  # wire.CLIENT_REASONS
+    wait_ms: int
+    requests: int  # counted in the last minute
+    tokens: int
+    inflight: int
+    spent_micro: int  # this budget period
+    reset_requests_ms: int
+    reset_tokens_ms: int
+    period_end_ms: int
+    reserved: int
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLease:
+    spec: ClientSpec
+    token: str
+    reserved: int
+    reserved_at_ms: int
+
+
+def compile_clients(config: Config) -> list[ClientSpec]:
+    specs = []
+    for client in config.server.clients:
+        key = client.key
+        digest = (
+            bytes.fromhex(key[7:])
+            if key.startswith("sha256:")
+            else hashlib.sha256(key.encode()).digest()
+        )
+        specs.append(
+            ClientSpec(
+                name=client.name,
+                digest=digest,
+                rpm=client.rpm or 0,
+                tpm=client.tpm or 0,
+                max_concurrency=client.max_concurrency or 0,
+                budget_micro=round(client.budget.usd * 1_000_000) if client.budget else 0,
+                period=client.budget.period if client.budget else "day",
+                routes=frozenset(client.routes),
+            )
+        )
+    return specs
+
+
+def identify(presented: str | None, clients: list[ClientSpec]) -> ClientSpec | None:
+    """The client whose key was presented; every key is compared (constant time)."""
+    if presented is None:
+        return None
+    digest = hashlib.sha256(presented.encode()).digest()
+    found = None
+    for client in clients:
+        if hmac.compare_digest(digest, client.digest):
+            found = client
+    return found
+
+
+class _Record:
+    __slots__ = ("leases", "period", "slots", "spent")
+
+    def __init__(self) -> None:
+        self.slots: list[list[int]] = []  # [bucket, requests, tokens], oldest first
+        self.leases: dict[str, int] = {}
+        self.spent = 0
+        self.period = -1
+
+
+def _period_start(day: int, period: str) -> int:
+    if period == "day":
+        return day
+    date = time.gmtime(day * 86400)
+    return day - (date.tm_mday - 1)
+
+
+def _next_period_ms(now: int, period: str) -> int:
+    today = now // _DAY_MS
+    if period == "day":
+        return (today + 1) * _DAY_MS
+    start = _period_start(today, period)
+    day = today + 1
+    while _period_start(day, period) == start:
+        day += 1
+    return day * _DAY_MS
+
+
+class MemoryClients:
+    """The reference model of lua/client.lua (and one replica's limits without Redis)."""
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.time
+        self._records: dict[str, _Record] = {}
+
+    def _load(self, spec: ClientSpec, now: int) -> _Record:
+        record = self._records.setdefault(spec.name, _Record())
+        oldest = now // _BUCKET_MS - _SPAN
+        record.slots = [s for s in record.slots if s[0] > oldest]
+        record.leases = {t: e for t, e in record.leases.items() if e > now}
+        this_period = _period_start(now // _DAY_MS, spec.period)
+        if record.period != this_period:
+            record.period, record.spent = this_period, 0
+        return record
+
+    @staticmethod
+    def _wait(slots: list[list[int]], now: int, column: int, over: int) -> int:
+        freed = 0
+        for slot in slots:
+            freed += slot[column]
+            if freed >= over:
+                return (slot[0] + _SPAN) * _BUCKET_MS - now
+        return _SPAN * _BUCKET_MS
+
+    def _verdict(
+        self,
+        spec: ClientSpec,
+        record: _Record,
+        now: int,
+        admitted: bool,
+        reason: int,
+        wait: int,
+        reserve: int,
+    ) -> Verdict:
+        slots = record.slots
+        reset = self._wait(slots, now, 1, 1) if slots else 0
+        return Verdict(
+            admitted,
+            wire.CLIENT_REASONS[reason],
+            max(0, wait),
+            sum(s[1] for s in slots),
+            sum(s[2] for s in slots),
+            len(record.leases),
+            record.spent,
+            reset,
+            reset,
+            _next_period_ms(now, spec.period) - now,
+            reserve,
+            now,
+        )
+
+    def admit_now(self, spec: ClientSpec, token: str, tokens: int, lease_ttl_ms: int) -> Verdict:
+        now = int(self._clock() * 1000)
+        record = self._load(spec, now)
+        slots = record.slots
+        requests = sum(s[1] for s in slots)
+        used = sum(s[2] for s in slots)
+        reserve = min(max(tokens, 1), spec.tpm) if spec.tpm else 0
+        if spec.budget_micro and record.spent >= spec.budget_micro:
+            return self._verdict(
+                spec, record, now, False, 4, _next_period_ms(now, spec.period) - now, 0
+            )
+        if spec.max_concurrency and len(record.leases) >= spec.max_concurrency:
+            return self._verdict(spec, record, now, False, 3, _CONCURRENCY_WAIT_MS, 0)
+        if spec.rpm and requests + 1 > spec.rpm:
+            wait = self._wait(slots, now, 1, requests + 1 - spec.rpm)
+            return self._verdict(spec, record, now, False, 1, wait, 0)
+        if spec.tpm and used + reserve > spec.tpm:
+            wait = self._wait(slots, now, 2, used + reserve - spec.tpm)
+            return self._verdict(spec, record, now, False, 2, wait, 0)
+        bucket = now // _BUCKET_MS
+        if not slots or slots[-1][0] != bucket:
+            slots.append([bucket, 0, 0])
+        slots[-1][1] += 1
+        slots[-1][2] += reserve
+        if spec.max_concurrency:
+            record.leases[token] = now + lease_ttl_ms
+        return self._verdict(spec, record, now, True, 0, 0, reserve)
+
+    def settle_now(self, lease: ClientLease, used: int, cost_micro: int) -> Verdict:
+        now = int(self._clock() * 1000)
+        spec = lease.spec
+        record = self._load(spec, now)
+        record.leases.pop(lease.token, None)
+        if lease.reserved:
+            delta = used - lease.reserved
+            bucket = lease.reserved_at_ms // _BUCKET_MS
+            slot = next((s for s in record.slots if s[0] == bucket), None)
+            if slot is not None:
+                slot[2] = max(0, slot[2] + delta)
+            elif delta > 0:
+                current = now // _BUCKET_MS
+                if not record.slots or record.slots[-1][0] != current:
+                    record.slots.append([current, 0, 0])
+                record.slots[-1][2] += delta
+        record.spent += cost_micro
+        return self._verdict(spec, record, now, False, 0, 0, 0)
+
+    def read_now(self, spec: ClientSpec) -> Verdict:
+        now = int(self._clock() * 1000)
+        return self._verdict(spec, self._load(spec, now), now, False, 0, 0, 0)
+
+
+class Clients:
+    """The gateway's client limits: in Redis when the state is, else in this process.
+
+    A refused or failed Redis call falls back to this replica's own counts (MemoryClients):
+    the fleet-wide guarantee holds only while Redis answers (see README, on_state_loss).
+    """
+
+    def __init__(
+        self,
+        specs: list[ClientSpec],
+        redis: RedisState | None,
+        *,
+        lease_ttl_ms: int,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.specs = specs
+        self.redis = redis
+        self.local = MemoryClients(clock)
+        self.lease_ttl_ms = lease_ttl_ms
+        # A client key lives as long as its longest memory: a month's spend.
+        self.key_ttl_ms = 32 * _DAY_MS
+        self._prefix = os.urandom(4).hex() + "-c"
+        self._tokens = itertools.count(1)
+
+    def _args(
+        self,
+        op: str,
+        spec: ClientSpec,
+        token: str = "",
+        tokens: int = 0,
+        reserved: int = 0,
+        reserved_at: int = 0,
+        used: int = 0,
+        cost: int = 0,
+    ) -> list[str | int]:
+        return [
+            wire.CLIENT_OPS[op],
+            spec.rpm,
+            spec.tpm,
+            spec.max_concurrency,
+            spec.budget_micro,
+            wire.CLIENT_PERIODS[spec.period],
+            token,
+            tokens,
+            reserved,
+            reserved_at,
+            used,
+            cost,
+            self.lease_ttl_ms,
+            self.key_ttl_ms,
+        ]
+
+    @staticmethod
+    def _decode(reply: list[int]) -> Verdict:
+        row = wire.Row(wire.SCRIPT_REPLIES["client"], reply)
+        return Verdict(
+            row["admitted"] == 1,
+            wire.CLIENT_REASONS[row["reason"]],
+            row["wait_ms"],
+            row["requests"],
+            row["tokens"],
+            row["inflight"],
+            row["spent_micro"],
+            row["reset_requests_ms"],
+            row["reset_tokens_ms"],
+            row["period_end_ms"],
+            row["reserved"],
+            row["now_ms"],
+        )
+
+    async def admit(self, spec: ClientSpec, tokens: int) -> tuple[Verdict, ClientLease | None]:
+        token = f"{self._prefix}{next(self._tokens):x}"
+        verdict: Verdict | None = None
+        if self.redis is not None:
+            try:
+                reply = await self.redis.client_call(
+                    spec.name, self._args("admit", spec, token, tokens)
+                )
+                verdict = self._decode(reply)
+            except StateUnavailable as exc:
+                log.warning("client limits of %r on local counts: %s", spec.name, exc)
+        if verdict is None:
+            verdict = self.local.admit_now(spec, token, tokens, self.lease_ttl_ms)
+        if not verdict.admitted:
+            return verdict, None
+        return verdict, ClientLease(spec, token, verdict.reserved, verdict.now_ms)
+
+    async def settle(self, lease: ClientLease, used: int, cost_usd: float) -> None:
+        cost = round(cost_usd * 1_000_000)
+        if self.redis is not None:
+            try:
+                await self.redis.client_call(
+                    lease.spec.name,
+                    self._args(
+                        "settle",
+                        lease.spec,
+                        lease.token,
+                        0,
+                        lease.reserved,
+                        lease.reserved_at_ms,
+                        used,
+                        cost,
+                    ),
+                )
+                return
+            except StateUnavailable as exc:
+                log.warning("client spend of %r kept locally: %s", lease.spec.name, exc)
+        self.local.settle_now(lease, used, cost)
+
+    async def read(self, spec: ClientSpec) -> Verdict:
+        if self.redis is not None:
+            try:
+                return self._decode(
+                    await self.redis.client_call(spec.name, self._args("read", spec))
+                )
+            except StateUnavailable:
+                pass
+        return self.local.read_now(spec)

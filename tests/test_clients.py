@@ -1,0 +1,121 @@
+"""Client limits (server.clients[]): lua/client.lua against its reference model MemoryClients,
+on one virtual clock, over memory, fakeredis, a real Redis and a real Redis Cluster."""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from edgeroute.clients import ClientLease, Clients, ClientSpec, identify
+from edgeroute.state.redis import RedisState
+from tests.support.backends import VirtualClock, redis_url_for, table
+
+# 2027-01-31T23:59:00Z: a minute before both a day and a month end.
+START = float(calendar.timegm((2027, 1, 31, 23, 59, 0)))
+
+
+@dataclass
+class Harness:
+    clients: Clients
+    clock: VirtualClock
+
+    def wait(self, ms: float) -> None:
+        self.clock.advance(ms)
+
+
+@pytest.fixture(params=table(("memory", "fakeredis", "redis", "cluster")))
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    clock = VirtualClock(START)
+    redis = None
+    if request.param != "memory":
+        redis = RedisState(
+            redis_url_for(request.param, request),
+            key_prefix=f"c-{uuid.uuid4().hex[:10]}",
+            timeout_ms=2000,
+            clock=clock,
+        )
+    yield Harness(Clients([], redis, lease_ttl_ms=60_000, clock=clock), clock)
+    if redis is not None:
+        await redis.close()
+
+
+def spec(**limits: object) -> ClientSpec:
+    return ClientSpec(name=f"team-{uuid.uuid4().hex[:6]}", digest=b"", **limits)  # type: ignore[arg-type]
+
+
+async def admitted(h: Harness, client: ClientSpec, tokens: int = 0) -> ClientLease:
+    verdict, lease = await h.clients.admit(client, tokens)
+    assert verdict.admitted and lease is not None, verdict
+    return lease
+
+
+async def test_rpm_admits_exactly_the_limit_then_says_when(harness: Harness) -> None:
+    client = spec(rpm=3)
+    for _ in range(3):
+        await admitted(harness, client)
+    verdict, lease = await harness.clients.admit(client, 0)
+    assert lease is None and verdict.reason == "rpm"
+    assert (verdict.requests, verdict.wait_ms) == (3, 61_000)
+    harness.wait(61_000)
+    await admitted(harness, client)
+
+
+async def test_tpm_reserves_then_settles_with_real_usage(harness: Harness) -> None:
+    client = spec(tpm=1000)
+    lease = await admitted(harness, client, tokens=800)
+    verdict, refused = await harness.clients.admit(client, 300)
+    assert refused is None and verdict.reason == "tpm"
+    await harness.clients.settle(lease, 100, 0.0)
+    await admitted(harness, client, tokens=900)
+    assert (await harness.clients.read(client)).tokens == 1000
+
+
+async def test_concurrency_counts_unsettled_leases(harness: Harness) -> None:
+    client = spec(max_concurrency=2)
+    first = await admitted(harness, client)
+    await admitted(harness, client)
+    verdict, refused = await harness.clients.admit(client, 0)
+    assert refused is None and verdict.reason == "concurrency"
+    await harness.clients.settle(first, 0, 0.0)
+    await admitted(harness, client)
+    # A replica that never settles does not hold a slot beyond the lease TTL.
+    harness.wait(60_001)
+    assert (await harness.clients.read(client)).inflight == 0
+
+
+async def test_a_budget_runs_out_and_renews_with_the_period(harness: Harness) -> None:
+    daily = spec(budget_micro=1_000_000, period="day")
+    monthly = spec(budget_micro=1_000_000, period="month")
+    for client in (daily, monthly):
+        lease = await admitted(harness, client)
+        await harness.clients.settle(lease, 10, 0.6)
+        lease = await admitted(harness, client)  # 0.6 < 1.0: still in
+        await harness.clients.settle(lease, 10, 0.6)
+        verdict, refused = await harness.clients.admit(client, 0)
+        assert refused is None and verdict.reason == "budget"
+        assert verdict.spent_micro == 1_200_000
+        assert verdict.wait_ms == 60_000  # both end at midnight, 2027-02-01
+    harness.wait(60_000)
+    for client in (daily, monthly):
+        assert (await harness.clients.read(client)).spent_micro == 0
+        await admitted(harness, client)
+
+
+async def test_a_month_is_a_calendar_month(harness: Harness) -> None:
+    monthly = spec(budget_micro=1, period="month")
+    harness.wait(60_000)  # 2027-02-01T00:00:00Z: February has 28 days
+    verdict = await harness.clients.read(monthly)
+    assert verdict.period_end_ms == 28 * 86_400_000
+
+
+def test_identify_compares_digests_of_every_key() -> None:
+    a = ClientSpec("a", hashlib.sha256(b"key-a").digest())
+    b = ClientSpec("b", hashlib.sha256(b"key-b").digest())
+    assert identify("key-b", [a, b]) is b
+    assert identify("key-c", [a, b]) is None
+    assert identify(None, [a, b]) is None
