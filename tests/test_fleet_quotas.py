@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import openai
 import pytest
 
 from edgeroute.mock_provider import MockSettings
-from tests.support.gateway import mock_upstreams
+from tests.support.gateway import Mock, get_json, mock_upstreams, wait_until
 from tests.support.redis_servers import RedisServer
 from tests.test_fleet import (
+    ADMIN_TOKEN,
     MESSAGES,
     Replica,
     fleet,
@@ -126,3 +128,116 @@ async def test_every_target_at_quota_is_a_429_with_retry_after(
             assert await mocks["only"].requests() == 2
             explained = await replicas[1].target("chat", "only")
             assert explained["excluded"] == "quota_rpm"
+
+
+# ---- client keys -----------------------------------------------------------------------------
+
+
+def client_fleet_config(mocks: Mapping[str, Mock], redis: RedisServer, **client: Any) -> Any:
+    document = fleet_config(
+        mocks,
+        [
+            route("chat", "cost", [{**target("only", 0.0), "output_cost_per_mtok": 100_000.0}]),
+            route("other", "cost", [target("only", 0.0)]),
+        ],
+        redis,
+    )
+    document["server"]["clients"] = [{"name": "team", "key": "sk-team", **client}]
+    return document
+
+
+async def settled_spend(replica: Replica, usd: float) -> None:
+    """The spend is settled off the request path: wait until the fleet's count has it."""
+
+    async def landed() -> bool:
+        status, listed = await get_json(
+            f"{replica.url}/admin/clients", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        assert status == 200
+        return bool(abs(listed["clients"][0]["budget"]["spent_usd"] - usd) < 1e-6)
+
+    await wait_until(landed, timeout=15.0, interval=0.02)
+
+
+def team_client(replica: Replica) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=f"{replica.url}/v1", api_key="sk-team", max_retries=0, timeout=60
+    )
+
+
+async def test_a_client_with_rpm_100_gets_exactly_100_from_three_replicas(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with mock_upstreams(only=MockSettings(latency_ms=20)) as mocks:
+        document = client_fleet_config(mocks, redis_server, rpm=100)
+        async with fleet(document, tmp_path) as replicas:
+            sdks = [team_client(replica) for replica in replicas]
+
+            async def one(sdk: openai.AsyncOpenAI) -> str:
+                try:
+                    await sdk.chat.completions.create(model="chat", messages=MESSAGES)
+                except openai.RateLimitError as exc:
+                    body: Any = exc.body
+                    assert body["code"] == "rate_limit_exceeded"
+                    headers = exc.response.headers
+                    assert 1 <= int(headers["Retry-After"]) <= 61
+                    assert headers["x-ratelimit-limit-requests"] == "100"
+                    assert headers["x-ratelimit-remaining-requests"] == "0"
+                    assert headers["x-ratelimit-reset-requests"].endswith("s")
+                    return "429"
+                return "200"
+
+            outcomes = await asyncio.gather(*(one(sdks[i % 3]) for i in range(300)))
+            assert outcomes.count("200") == 100
+            assert outcomes.count("429") == 200
+            assert await mocks["only"].requests() == 100
+            for sdk in sdks:
+                await sdk.close()
+            status, listed = await get_json(
+                f"{replicas[0].url}/admin/clients",
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            )
+            assert status == 200
+            (team,) = listed["clients"]
+            assert team["name"] == "team" and "key" not in team
+            assert (team["requests"]["used"], team["requests"]["remaining"]) == (100, 0)
+
+
+async def test_a_budget_runs_out_mid_stream_and_routes_are_restricted(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Each answer's completion tokens cost real money at the serving target's price: the
+    budget admits requests while any is left, then every replica says insufficient_quota."""
+    async with mock_upstreams(only=MockSettings()) as mocks:
+        document = client_fleet_config(
+            mocks, redis_server, budget={"usd": 2.0, "period": "day"}, routes=["chat"]
+        )
+        async with fleet(document, tmp_path) as replicas:
+            sdks = [team_client(replica) for replica in replicas]
+            with pytest.raises(openai.NotFoundError):
+                await sdks[0].chat.completions.create(model="other", messages=MESSAGES)
+            served = 0
+            spent = 0.0
+            for i in range(200):
+                sdk = sdks[i % 3]
+                try:
+                    completion = await sdk.chat.completions.create(model="chat", messages=MESSAGES)
+                except openai.RateLimitError as exc:
+                    body: Any = exc.body
+                    assert body["code"] == "insufficient_quota"
+                    assert int(exc.response.headers["Retry-After"]) >= 1
+                    break
+                served += 1
+                assert completion.usage is not None
+                last = completion.usage.completion_tokens * 0.1
+                spent += last
+                await settled_spend(replicas[i % 3], spent)
+            else:
+                raise AssertionError("the budget never ran out")
+            # Admitted while under budget, refused from the first request after it.
+            assert spent >= 2.0 and spent - last < 2.0
+            for sdk in sdks:
+                with pytest.raises(openai.RateLimitError):
+                    await sdk.chat.completions.create(model="chat", messages=MESSAGES)
+                await sdk.close()
+            assert await mocks["only"].requests() == served
