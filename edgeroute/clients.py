@@ -10,6 +10,7 @@ replica without Redis uses). The key itself never leaves this module: metrics, l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
+from edgeroute.replicas import Replicas
 from edgeroute.state import wire
 from edgeroute.state.redis import RedisState
 
@@ -41,6 +43,7 @@ class ClientSpec:
     budget_micro: int = 0  # micro-USD per period; 0: no budget
     period: str = "day"
     routes: frozenset[str] = frozenset()  # empty: every route
+    on_state_loss: str = "local_share"  # edgeroute/replicas.py
 
     def allows(self, route: str) -> bool:
         return not self.routes or route in self.routes
@@ -95,6 +98,7 @@ def compile_clients(config: Config) -> list[ClientSpec]:
                 budget_micro=round(client.budget.usd * 1_000_000) if client.budget else 0,
                 period=client.budget.period if client.budget else "day",
                 routes=frozenset(client.routes),
+                on_state_loss=client.on_state_loss or config.state.on_state_loss,
             )
         )
     return specs
@@ -240,6 +244,11 @@ class MemoryClients:
         record.spent += cost_micro
         return self._verdict(spec, record, now, False, 0, 0, 0)
 
+    def refuse_now(self, spec: ClientSpec) -> Verdict:
+        """fail_closed without shared state: refused, ask again in a second."""
+        now = int(self._clock() * 1000)
+        return self._verdict(spec, self._load(spec, now), now, False, 5, 1000, 0)
+
     def read_now(self, spec: ClientSpec) -> Verdict:
         now = int(self._clock() * 1000)
         return self._verdict(spec, self._load(spec, now), now, False, 0, 0, 0)
@@ -259,9 +268,12 @@ class Clients:
         *,
         lease_ttl_ms: int,
         clock: Callable[[], float] | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
         self.specs = specs
         self.redis = redis
+        self.replicas = replicas or Replicas(None)
+        self._shares: dict[tuple[str, int], ClientSpec] = {}
         self.local = MemoryClients(clock)
         self.lease_ttl_ms = lease_ttl_ms
         # A client key lives as long as its longest memory: a month's spend.
@@ -326,11 +338,38 @@ class Clients:
                 verdict = self._decode(reply)
             except StateUnavailable as exc:
                 log.warning("client limits of %r on local counts: %s", spec.name, exc)
+                policy = spec.on_state_loss
+                if policy == "fail_closed":
+                    verdict = self.local.refuse_now(spec)
+                else:
+                    # fail_open: no limits; local_share: this replica's part of each.
+                    spec = self._local_spec(spec, share=policy == "local_share")
         if verdict is None:
             verdict = self.local.admit_now(spec, token, tokens, self.lease_ttl_ms)
         if not verdict.admitted:
             return verdict, None
         return verdict, ClientLease(spec, token, verdict.reserved, verdict.now_ms)
+
+    def _local_spec(self, spec: ClientSpec, *, share: bool) -> ClientSpec:
+        """The limits this replica holds alone while Redis is away (counted under the same
+        name, so the spend it settles locally is seen by the same local record)."""
+        live = self.replicas.live if share else 0
+        cached = self._shares.get((spec.name, live))
+        if cached is not None:
+            return cached
+
+        def part(limit: int) -> int:
+            return self.replicas.share(limit) if share and limit else 0
+
+        local = dataclasses.replace(
+            spec,
+            rpm=part(spec.rpm),
+            tpm=part(spec.tpm),
+            max_concurrency=part(spec.max_concurrency),
+            budget_micro=part(spec.budget_micro),
+        )
+        self._shares[(spec.name, live)] = local
+        return local
 
     async def settle(self, lease: ClientLease, used: int, cost_usd: float) -> None:
         cost = round(cost_usd * 1_000_000)

@@ -47,6 +47,7 @@ PositiveSeconds = Annotated[float, msgspec.Meta(gt=0.0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
 StrategyName = Literal["cost", "latency", "hybrid", "round_robin", "least_busy"]
 ProviderKind = Literal["openai", "azure", "anthropic"]
+StateLossPolicy = Literal["fail_open", "fail_closed", "local_share"]
 _T = TypeVar("_T")
 
 
@@ -69,6 +70,7 @@ class ClientConfig(_Base, frozen=True, kw_only=True):
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
     budget: BudgetConfig | None = None
     routes: list[str] = []  # empty: every route
+    on_state_loss: StateLossPolicy | None = None  # unset: state.on_state_loss
 
 
 class ServerConfig(_Base, frozen=True, kw_only=True):
@@ -102,6 +104,8 @@ class StateConfig(_Base, frozen=True, kw_only=True):
     lease_ttl_s: PositiveSeconds = 900.0
     # Keys of a route nobody uses disappear after this long.
     idle_ttl_s: PositiveSeconds = 3600.0
+    # What quotas and client limits do while Redis is unreachable (edgeroute/replicas.py).
+    on_state_loss: StateLossPolicy = "local_share"
 
 
 class BreakerConfig(_Base, frozen=True, kw_only=True):
@@ -193,6 +197,7 @@ class TargetConfig(_Base, frozen=True, kw_only=True):
     rpm: Annotated[int, msgspec.Meta(ge=1)] | None = None
     tpm: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    on_state_loss: StateLossPolicy | None = None  # unset: state.on_state_loss
 
     @property
     def target_id(self) -> str:

@@ -174,6 +174,13 @@ class Metrics:
             ["client", "outcome"],
             registry=r,
         )
+        self.state_loss_policy = Gauge(
+            "edgeroute_state_loss_policy",
+            "1 for each on_state_loss policy some limit of this replica follows while Redis "
+            "is away (fail_open, fail_closed, local_share).",
+            ["policy"],
+            registry=r,
+        )
         self.client_spend = Counter(
             "edgeroute_client_spend_usd",
             "Spend of limited clients in US dollars (usage x the serving target's prices).",

@@ -230,6 +230,15 @@ class Proxy:
             "x-request-id": request_id,
             **_rate_limit_headers(client, verdict),
         }
+        if verdict.reason == "state_loss":
+            return error_response(
+                503,
+                f"limits of client `{client.name}` cannot be checked while shared state is "
+                "unreachable (on_state_loss: fail_closed)",
+                type_="service_unavailable",
+                code="state_unavailable",
+                headers=headers,
+            )
         if verdict.reason == "budget":
             return error_response(
                 429,

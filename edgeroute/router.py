@@ -94,6 +94,7 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
                 rpm=t.rpm or 0,
                 tpm=t.tpm or 0,
                 max_concurrency=t.max_concurrency or 0,
+                on_state_loss=t.on_state_loss or config.state.on_state_loss,
             )
             for t in route.targets
         ),

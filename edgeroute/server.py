@@ -39,9 +39,11 @@ from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
 from edgeroute.proxy import CLIENT_KEY, Proxy
 from edgeroute.recorder import Recorder
+from edgeroute.replicas import Replicas
 from edgeroute.responses import error_response, new_request_id, write_access_line
 from edgeroute.router import Router, UnknownRoute
 from edgeroute.state import StateBackend, build_state
+from edgeroute.state.fallback import FallbackState
 from edgeroute.state.redis import RedisState
 
 log = logging.getLogger("edgeroute.server")
@@ -127,11 +129,22 @@ def create_app(
     client_keys = _key_digests(config.server.api_keys)
     limited = compile_clients(config)
     shared = state if isinstance(state, RedisState) else getattr(state, "primary", None)
+    redis = shared if isinstance(shared, RedisState) else None
+    replicas = Replicas(redis)
+    if isinstance(state, FallbackState):
+        state.live_replicas = lambda: replicas.live
     clients = Clients(
         limited,
-        shared if isinstance(shared, RedisState) else None,
+        redis,
         lease_ttl_ms=max(1, round(config.state.lease_ttl_s * 1000)),
+        replicas=replicas,
     )
+    loss_policies = sorted(
+        {c.on_state_loss for c in limited}
+        | {t.on_state_loss for r in router.routes.values() for t in r.targets if t.has_quota}
+    )
+    for policy in loss_policies:
+        metrics.state_loss_policy.labels(policy).set(1)
     needs_key = bool(client_keys or limited)
     admin_token = config.server.admin_token
 
@@ -221,10 +234,18 @@ def create_app(
         yield
         await router.close()
 
+    async def heartbeat(app: web.Application) -> AsyncIterator[None]:
+        # Only limits divide by the replica count: without any, no heartbeat traffic.
+        if loss_policies:
+            replicas.start()
+        yield
+        await replicas.stop()
+
     # Order matters on the way out (reverse): stop polling, drain records, close state.
+    # Every worker of `serve --workers N` beats on its own: each holds its own local share.
     # Of the workers of `serve --workers N`, one polls for all (see Metrics.polls_breakers).
     pollers = [breaker_gauges] if metrics.polls_breakers else []
-    app.cleanup_ctx.extend([close_state, outcome_recorder, *pollers, upstream_session])
+    app.cleanup_ctx.extend([close_state, outcome_recorder, heartbeat, *pollers, upstream_session])
     _live_operations(app, config, state, metrics, live, config_path, lambda: sessions[0])
 
     def proxied(endpoint: str) -> Handler:
@@ -257,6 +278,10 @@ def create_app(
         }
         if health.error:
             body["state_error"] = health.error
+        if loss_policies:
+            # What limits do while shared state is away, and the replica count they share by.
+            body["on_state_loss"] = loss_policies
+            body["live_replicas"] = replicas.live
         if request.app[DRAINING].is_set():
             return _json({"status": "draining", **body}, status=503)
         return _json({"status": "ready", **body})

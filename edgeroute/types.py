@@ -36,6 +36,8 @@ class TargetSpec:
     rpm: int = 0
     tpm: int = 0
     max_concurrency: int = 0
+    # What the quotas do while shared state is away: local_share, fail_open, fail_closed.
+    on_state_loss: str = "local_share"
 
     @property
     def has_quota(self) -> bool:

@@ -95,6 +95,58 @@ class FallbackState:
         # Lease releases owed to Redis for outcomes that arrived while it was away.
         self._releases: deque[tuple[int, RouteSpec, Outcome]] = deque(maxlen=max_releases)
         self.last_error = ""
+        # How many replicas share a quota (edgeroute/replicas.py): set by the gateway.
+        self.live_replicas: Callable[[], int] = lambda: 1
+        self._degraded_routes: dict[str, tuple[RouteSpec, int, RouteSpec, tuple[str, ...]]] = {}
+
+    def _local_decide(
+        self,
+        route: RouteSpec,
+        *,
+        exclude: Collection[str] = (),
+        outcome: Outcome | None = None,
+        advance: bool = True,
+        limit: int = 0,
+        tokens: int = 0,
+    ) -> RoutingDecision:
+        """Decide on local state with each target's quotas as its on_state_loss says:
+        local_share divides them by the live replicas, fail_open drops them, fail_closed
+        keeps the target out until shared state is back."""
+        local, closed = self._degraded(route)
+        if closed:
+            exclude = (*exclude, *closed)
+        return self.local.decide_now(
+            local, exclude=exclude, outcome=outcome, advance=advance, limit=limit, tokens=tokens
+        )
+
+    def _degraded(self, route: RouteSpec) -> tuple[RouteSpec, tuple[str, ...]]:
+        if not any(t.has_quota for t in route.targets):
+            return route, ()
+        live = max(1, self.live_replicas())
+        cached = self._degraded_routes.get(route.name)
+        if cached is not None and cached[0] is route and cached[1] == live:
+            return cached[2], cached[3]
+
+        def part(limit: int, policy: str) -> int:
+            if not limit or policy == "fail_open":
+                return 0
+            return max(1, limit // live)
+
+        targets = tuple(
+            dataclasses.replace(
+                t,
+                rpm=part(t.rpm, t.on_state_loss),
+                tpm=part(t.tpm, t.on_state_loss),
+                max_concurrency=part(t.max_concurrency, t.on_state_loss),
+            )
+            for t in route.targets
+        )
+        closed = tuple(
+            t.id for t in route.targets if t.has_quota and t.on_state_loss == "fail_closed"
+        )
+        local = dataclasses.replace(route, targets=targets, positions={})
+        self._degraded_routes[route.name] = (route, live, local, closed)
+        return local, closed
 
     @property
     def degraded(self) -> bool:
@@ -235,7 +287,7 @@ class FallbackState:
         if outcome is not None and self._take_local(outcome):
             if shard in self._spells:
                 return self._remember(
-                    self.local.decide_now(
+                    self._local_decide(
                         route,
                         exclude=exclude,
                         outcome=outcome,
@@ -266,7 +318,7 @@ class FallbackState:
         if outcome is not None:
             outcome = self._foreign(shard, route, outcome)
         return self._remember(
-            self.local.decide_now(
+            self._local_decide(
                 route, exclude=exclude, outcome=outcome, advance=advance, limit=limit, tokens=tokens
             )
         )

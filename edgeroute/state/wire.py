@@ -136,10 +136,18 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
         "clock_ms",
     ),
 }
+SCRIPT_ARGS["heartbeat"] = ("replica_id", "ttl_ms", "key_ttl_ms", "clock_ms")
 CLIENT_OPS = {"admit": 0, "settle": 1, "read": 2}
 CLIENT_PERIODS = {"day": 0, "month": 1}
 # Why a client's request is refused (0: admitted).
-CLIENT_REASONS: tuple[str | None, ...] = (None, "rpm", "tpm", "concurrency", "budget")
+CLIENT_REASONS: tuple[str | None, ...] = (
+    None,
+    "rpm",
+    "tpm",
+    "concurrency",
+    "budget",
+    "state_loss",  # shared state is away and the client's on_state_loss is fail_closed
+)
 
 # ---- replies -----------------------------------------------------------------------------
 
@@ -219,6 +227,7 @@ SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
         "reserved",
         "now_ms",
     ),
+    "heartbeat": ("live",),
 }
 
 
