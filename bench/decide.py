@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import cProfile
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -46,6 +47,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.connection import Connection
 
+from edgeroute.clients import Clients, ClientSpec
 from edgeroute.errors import StateUnavailable
 from edgeroute.state import wire
 from edgeroute.state.base import RouteSpec, StateBackend
@@ -78,6 +80,10 @@ GOAL_MEMORY_RATE = 100_000.0
 GOAL_REDIS_RATE = 15_000.0
 GOAL_REDIS_P50_MS = 0.3
 GOAL_BYTES_PER_TARGET = 2048.0
+# Target and client limits on: at most 25 % slower than off (decisions/s and Lua time).
+GOAL_QUOTA_RATIO = 0.8  # 1 / 1.25
+# Quotas that never bind: the cost of checking and counting them, not of refusing.
+QUOTA_NEVER_BINDS = {"rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6}
 
 _PROVIDERS = ("openai", "azure", "anthropic", "bedrock")
 
@@ -136,11 +142,25 @@ def make_targets(n: int) -> tuple[TargetSpec, ...]:
     )
 
 
-def make_route(name: str, strategy: str, n: int, window: WindowParams | None = None) -> RouteSpec:
+def make_route(
+    name: str,
+    strategy: str,
+    n: int,
+    window: WindowParams | None = None,
+    *,
+    quotas: bool = False,
+) -> RouteSpec:
+    targets = make_targets(n)
+    if quotas:
+        q = QUOTA_NEVER_BINDS
+        targets = tuple(
+            dataclasses.replace(t, rpm=q["rpm"], tpm=q["tpm"], max_concurrency=q["max_concurrency"])
+            for t in targets
+        )
     return RouteSpec(
         name=name,
         strategy=RoutingStrategy.named(strategy),
-        targets=make_targets(n),
+        targets=targets,
         window=window or WindowParams(),
     )
 
@@ -238,8 +258,10 @@ async def closed_loop(
     seconds: float | None = None,
     decisions: int | None = None,
     recorder: Recorder | None = None,
+    gate: Callable[[], Coroutine[Any, Any, object]] | None = None,
 ) -> LoopResult:
-    """`concurrency` tasks deciding until `seconds` pass or `decisions` were made in total."""
+    """`concurrency` tasks deciding until `seconds` pass or `decisions` were made in total.
+    `gate` (the client-limit call) runs alongside each decide, as the gateway pipelines it."""
     maker = OutcomeMaker(route)
     stop = [False]
     budget = [decisions if decisions is not None else -1]
@@ -259,7 +281,10 @@ async def closed_loop(
             budget[0] -= 1
             t0 = perf()
             try:
-                decision = await decide(route)
+                if gate is None:
+                    decision = await decide(route)
+                else:
+                    decision, _ = await asyncio.gather(decide(route), gate())
             except StateUnavailable:
                 errors[0] += 1
                 await asyncio.sleep(0.001)
@@ -379,22 +404,25 @@ async def run_cell(
     concurrency: int,
     settings: Settings,
     probe: ServerProbe | None,
+    *,
+    label: str | None = None,
+    gate: Callable[[], Coroutine[Any, Any, object]] | None = None,
 ) -> Cell:
     await closed_loop(
-        state, route, concurrency, seconds=settings.warmup_s, recorder=Recorder(state)
+        state, route, concurrency, seconds=settings.warmup_s, recorder=Recorder(state), gate=gate
     )
     redis_state = state if isinstance(state, RedisState) else None
     before = probe.sample() if probe is not None else None
     batches0 = redis_state.batches if redis_state is not None else 0
     recorder = Recorder(state)
     result = await closed_loop(
-        state, route, concurrency, seconds=settings.cell_s, recorder=recorder
+        state, route, concurrency, seconds=settings.cell_s, recorder=recorder, gate=gate
     )
     latencies = sorted(result.latencies_ns)
     n = max(1, result.decisions)
     cell = Cell(
         backend=state.name,
-        strategy=route.strategy.kind,
+        strategy=label or route.strategy.kind,
         targets=len(route.targets),
         concurrency=concurrency,
         decisions=result.decisions,
@@ -719,6 +747,27 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
             GOAL_BYTES_PER_TARGET,
             "B",
             False,
+        )
+    for label in ("hybrid+quota", "hybrid+q+client"):
+        on = cells.get(("redis", label, 8, 64))
+        add(
+            f"{label} / off decisions/s, 8 tgts, c=64",
+            on and red64 and on["decisions_per_s"] / red64["decisions_per_s"],
+            GOAL_QUOTA_RATIO,
+            "x",
+            True,
+        )
+        on1 = cells.get(("redis", label, 8, 1))
+        add(
+            f"off / {label} Lua us, 8 tgts, c=1",
+            on1
+            and red1
+            and on1["lua_us_per_decision"]
+            and red1["lua_us_per_decision"]
+            and red1["lua_us_per_decision"] / on1["lua_us_per_decision"],
+            GOAL_QUOTA_RATIO,
+            "x",
+            True,
         )
     accounting = report.get("accounting")
     if accounting:
@@ -1087,6 +1136,31 @@ async def run_all(url: str, settings: Settings, prefix: str, report: dict[str, A
                         f"{cell.decisions_per_s:>10,.0f}/s p50 {cell.p50_ms:.3f} ms"
                         f" p99 {cell.p99_ms:.3f} ms"
                     )
+
+        # Limits on: the same hybrid 8-target route with every target's rpm/tpm/concurrency
+        # checked and counted (never binding), then also a client's limits (lua/client.lua,
+        # pipelined with each decide as the gateway does).
+        clients = Clients([], redis_state, lease_ttl_ms=60_000)
+        q = QUOTA_NEVER_BINDS
+        team = ClientSpec(
+            "bench", b"", rpm=q["rpm"], tpm=q["tpm"], max_concurrency=q["max_concurrency"]
+        )
+
+        async def client_gate() -> object:
+            return await clients.admit(team, 100)
+
+        for concurrency in CONCURRENCIES:
+            route = make_route(f"quota-8-c{concurrency}", "hybrid", 8, quotas=True)
+            for label, gate in (("hybrid+quota", None), ("hybrid+q+client", client_gate)):
+                cell = await run_cell(
+                    redis_state, route, concurrency, settings, probe, label=label, gate=gate
+                )
+                report["cells"].append(asdict(cell))
+                log(
+                    f"  redis  {label:<16} 8 targets c={concurrency:<3}"
+                    f"{cell.decisions_per_s:>10,.0f}/s p50 {cell.p50_ms:.3f} ms"
+                    f" lua {cell.lua_us_per_decision or 0:.1f} us"
+                )
 
         # The ceiling, right after the cells while the 8-target route's window is warm.
         route = routes[("hybrid", 8, 64)]

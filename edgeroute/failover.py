@@ -150,8 +150,14 @@ async def run(
     observer: Observer | None = None,
     started: float | None = None,
     tokens: int = 0,
+    gate: Awaitable[object] | None = None,
 ) -> Served[T]:
-    """Serve one request on `route`; see the module comment for the rules."""
+    """Serve one request on `route`; see the module comment for the rules.
+
+    `gate` (the client's limits) runs alongside the first decide, so both go to shared
+    state in one pipelined round trip; if it raises, the decide's admission is given back
+    (a NEUTRAL outcome: the target's quota counts keep it, which errs on the safe side)
+    and its exception ends the request."""
     now = time.perf_counter
     request = _Request(route, now() if started is None else started)
     first = True
@@ -159,7 +165,7 @@ async def run(
         pending, request.pending = request.pending, None
         decide_started = now()
         try:
-            decision = await state.decide(
+            deciding = state.decide(
                 route,
                 exclude=request.tried,
                 outcome=pending,
@@ -167,6 +173,11 @@ async def run(
                 limit=2,
                 tokens=tokens,
             )
+            if gate is None:
+                decision = await deciding
+            else:
+                decision = await _gated(state, route, deciding, gate, record)
+                gate = None
         except StateUnavailable:  # a plain RedisState, no degraded mode: nothing to route on
             raise Exhausted(
                 request.attempts, 1.0, upstream_s=request.upstream_s, state_unavailable=True
@@ -227,6 +238,23 @@ async def run(
             request.attempts,
             request.upstream_s,
         )
+
+
+async def _gated(
+    state: StateBackend,
+    route: RouteSpec,
+    deciding: Awaitable[RoutingDecision],
+    gate: Awaitable[object],
+    record: Record,
+) -> RoutingDecision:
+    decided, gated = await asyncio.gather(deciding, gate, return_exceptions=True)
+    if isinstance(gated, BaseException):
+        if isinstance(decided, RoutingDecision) and decided.admission is not None:
+            await record(route, Outcome.for_admission(decided.admission, OutcomeKind.NEUTRAL))
+        raise gated
+    if isinstance(decided, BaseException):
+        raise decided
+    return decided
 
 
 async def _handle_failure(

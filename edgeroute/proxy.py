@@ -43,6 +43,16 @@ log = logging.getLogger("edgeroute.proxy")
 _encode = msgspec.json.encode
 
 Result = UpstreamReply | UpstreamStream
+
+
+class ClientRefused(Exception):
+    """A client over one of its limits: `response` is its answer (429, or 503)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__("client refused")
+        self.response = response
+
+
 # Where the auth middleware leaves the calling client (server.clients[]) on the request.
 CLIENT_KEY = "edgeroute.client"
 _CLIENT_LEASE = "edgeroute.client_lease"
@@ -135,10 +145,13 @@ class Proxy:
         route, upstream = parsed
         tokens = estimate_tokens(upstream.fields)
         client: ClientSpec | None = http.get(CLIENT_KEY)
+        gate = None
         if client is not None and self.clients is not None:
-            refused = await self._admit_client(http, client, route, tokens, request_id, started)
-            if refused is not None:
-                return refused
+            if not client.allows(route.name):
+                return self._not_allowed(client, route, request_id, started)
+            if client.limited:
+                # Checked alongside the route's decide: one pipelined round trip for both.
+                gate = self._admit_client(http, client, tokens, request_id, started)
 
         observer: Observer = self.accounting
         if trace is None:
@@ -164,7 +177,10 @@ class Proxy:
                 observer=observer,
                 started=started,
                 tokens=tokens,
+                gate=gate,
             )
+        except ClientRefused as refused:
+            return refused.response
         except Exhausted as exhausted:
             return self._exhausted(route, exhausted, request_id, started)
         except asyncio.CancelledError:
@@ -193,35 +209,35 @@ class Proxy:
 
     # ---- client limits -----------------------------------------------------------------
 
+    def _not_allowed(
+        self, client: ClientSpec, route: RouteSpec, request_id: str, started: float
+    ) -> web.Response:
+        self.accounting.metrics.client_requests.labels(client.name, "model_not_found").inc()
+        self.accounting.rejected(request_id, 404, started, "model_not_found")
+        return error_response(
+            404,
+            f"The model `{route.name}` does not exist or you do not have access to it.",
+            type_="invalid_request_error",
+            param="model",
+            code="model_not_found",
+            headers={"x-request-id": request_id},
+        )
+
     async def _admit_client(
         self,
         http: web.Request,
         client: ClientSpec,
-        route: RouteSpec,
         tokens: int,
         request_id: str,
         started: float,
-    ) -> web.Response | None:
-        """None when the client may go on (its lease kept for settling); else the answer."""
+    ) -> None:
+        """Keeps the client's lease for settling; raises ClientRefused with the answer."""
         assert self.clients is not None
         metrics = self.accounting.metrics
-        if not client.allows(route.name):
-            metrics.client_requests.labels(client.name, "model_not_found").inc()
-            self.accounting.rejected(request_id, 404, started, "model_not_found")
-            return error_response(
-                404,
-                f"The model `{route.name}` does not exist or you do not have access to it.",
-                type_="invalid_request_error",
-                param="model",
-                code="model_not_found",
-                headers={"x-request-id": request_id},
-            )
-        if not client.limited:
-            return None
         verdict, lease = await self.clients.admit(client, tokens)
         if lease is not None:
             http[_CLIENT_LEASE] = lease
-            return None
+            return
         metrics.client_requests.labels(client.name, verdict.reason or "refused").inc()
         self.accounting.rejected(request_id, 429, started, "rate_limited")
         retry_after = max(1, math.ceil(verdict.wait_ms / 1000))
@@ -231,31 +247,37 @@ class Proxy:
             **_rate_limit_headers(client, verdict),
         }
         if verdict.reason == "state_loss":
-            return error_response(
-                503,
-                f"limits of client `{client.name}` cannot be checked while shared state is "
-                "unreachable (on_state_loss: fail_closed)",
-                type_="service_unavailable",
-                code="state_unavailable",
-                headers=headers,
+            raise ClientRefused(
+                error_response(
+                    503,
+                    f"limits of client `{client.name}` cannot be checked while shared state is "
+                    "unreachable (on_state_loss: fail_closed)",
+                    type_="service_unavailable",
+                    code="state_unavailable",
+                    headers=headers,
+                )
             )
         if verdict.reason == "budget":
-            return error_response(
-                429,
-                f"client `{client.name}` has spent its {client.period}ly budget; it renews "
-                f"in {retry_after}s",
-                type_="insufficient_quota",
-                code="insufficient_quota",
-                headers=headers,
+            raise ClientRefused(
+                error_response(
+                    429,
+                    f"client `{client.name}` has spent its {client.period}ly budget; it renews "
+                    f"in {retry_after}s",
+                    type_="insufficient_quota",
+                    code="insufficient_quota",
+                    headers=headers,
+                )
             )
         kind = "tokens" if verdict.reason == "tpm" else "requests"
-        return error_response(
-            429,
-            f"Rate limit reached for client `{client.name}` ({verdict.reason}); "
-            f"retry after {retry_after}s",
-            type_=kind,
-            code="rate_limit_exceeded",
-            headers=headers,
+        raise ClientRefused(
+            error_response(
+                429,
+                f"Rate limit reached for client `{client.name}` ({verdict.reason}); "
+                f"retry after {retry_after}s",
+                type_=kind,
+                code="rate_limit_exceeded",
+                headers=headers,
+            )
         )
 
     def _settle(self, lease: ClientLease, prompt: int, completion: int, cost: float) -> None:

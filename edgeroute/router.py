@@ -250,6 +250,7 @@ class Router:
         observer: Observer | None = None,
         started: float | None = None,
         tokens: int = 0,
+        gate: Awaitable[object] | None = None,
     ) -> Served[T]:
         """The failover engine (see `edgeroute.failover`) on this router's state and policy.
         `tokens` is the request's estimated tokens (reserved against targets' tpm).
@@ -267,6 +268,7 @@ class Router:
             observer=observer,
             started=started,
             tokens=tokens,
+            gate=gate,
         )
 
     async def call(self, route: str, attempt: Callable[[Candidate], Awaitable[T]]) -> T:

@@ -16,6 +16,8 @@ from tests.support.bench import run_quick
 BACKENDS = ("memory", "redis")
 ROWS = (("hybrid", 2), ("hybrid", 8), ("hybrid", 32), ("round_robin", 8))
 CONCURRENCIES = (1, 64)
+# Limits on (Redis only, hybrid 8 targets): target quotas, and target plus client limits.
+QUOTA_ROWS = (("hybrid+quota", 8, 1), ("hybrid+q+client", 8, 2))
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,10 @@ def test_every_cell_is_reported(report: dict[str, Any]) -> None:
         for backend in BACKENDS
         for strategy, targets in ROWS
         for concurrency in CONCURRENCIES
+    } | {
+        ("redis", strategy, targets, concurrency)
+        for strategy, targets, _ in QUOTA_ROWS
+        for concurrency in CONCURRENCIES
     }
     assert set(cells) == expected
     assert len(report["cells"]) == len(expected)
@@ -45,9 +51,11 @@ def test_every_cell_is_reported(report: dict[str, Any]) -> None:
 def test_one_redis_command_per_decision(report: dict[str, Any]) -> None:
     assert report["accounting"]["commands_per_decision"] == 1.0
     assert report["accounting"]["evalsha_calls"] == report["accounting"]["decisions"]
+    calls = {strategy: n for strategy, _, n in QUOTA_ROWS}
     for cell in report["cells"]:
         if cell["backend"] == "redis":
-            assert cell["commands_per_decision"] == 1.0, cell
+            # The client's limits are a second script, pipelined in the same round trip.
+            assert cell["commands_per_decision"] == calls.get(cell["strategy"], 1.0), cell
             assert cell["round_trips_per_decision"] > 0, cell
         else:
             assert cell["commands_per_decision"] is None, cell
@@ -66,6 +74,6 @@ def test_memory_ceiling_and_goals_are_reported(report: dict[str, Any]) -> None:
         assert ceiling["rps"] > 0, ceiling["note"]
         assert ceiling["ratio"] > 0
     statuses = {goal["name"]: goal["status"] for goal in report["goals"]}
-    assert len(statuses) == 6
+    assert len(statuses) == 10
     assert set(statuses.values()) <= {"PASS", "MISS"}
     assert report["meta"]["loop"]

@@ -9,11 +9,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import pytest
 
 from edgeroute.clients import ClientLease, Clients, ClientSpec, identify
+from edgeroute.mock_provider import MockSettings
 from edgeroute.state.redis import RedisState
 from tests.support.backends import VirtualClock, redis_url_for, table
+from tests.support.gateway import gateway_config, mock_upstreams, running_gateway
 
 # 2027-01-31T23:59:00Z: a minute before both a day and a month end.
 START = float(calendar.timegm((2027, 1, 31, 23, 59, 0)))
@@ -119,3 +122,57 @@ def test_identify_compares_digests_of_every_key() -> None:
     assert identify("key-b", [a, b]) is b
     assert identify("key-c", [a, b]) is None
     assert identify(None, [a, b]) is None
+
+
+# ---- the gateway, in one process on MemoryState (the fleet tests run them on Redis) ---------
+
+
+async def test_gateway_keys_clients_and_plain_api_keys_side_by_side() -> None:
+    async with mock_upstreams(up=MockSettings()) as mocks:
+        document = gateway_config(
+            mocks,
+            [
+                {"model": "chat", "targets": [{"provider": "up", "model": "m"}]},
+                {"model": "other", "targets": [{"provider": "up", "model": "m"}]},
+            ],
+            server={
+                "api_keys": ["sk-unlimited"],
+                "admin_token": "admin",
+                "clients": [
+                    {
+                        "name": "team",
+                        "key": "sha256:" + hashlib.sha256(b"sk-team").hexdigest(),
+                        "rpm": 2,
+                        "routes": ["chat"],
+                    }
+                ],
+            },
+        )
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        async with running_gateway(document) as (url, _), aiohttp.ClientSession() as session:
+
+            async def post(key: str, model: str = "chat") -> aiohttp.ClientResponse:
+                async with session.post(
+                    f"{url}/v1/chat/completions",
+                    json={**body, "model": model},
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    await response.read()
+                    return response
+
+            assert (await post("sk-nobody")).status == 401
+            assert (await post("sk-team", "other")).status == 404
+            assert [(await post("sk-team")).status for _ in range(3)] == [200, 200, 429]
+            refused = await post("sk-team")
+            assert refused.headers["x-ratelimit-limit-requests"] == "2"
+            assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+            assert [(await post("sk-unlimited")).status for _ in range(3)] == [200, 200, 200]
+            async with session.get(
+                f"{url}/admin/clients", headers={"Authorization": "Bearer admin"}
+            ) as response:
+                listed = await response.json()
+            assert listed["clients"][0]["requests"] == {"limit": 2, "used": 2, "remaining": 0}
+            async with session.get(f"{url}/metrics") as response:
+                text = await response.text()
+            assert 'edgeroute_client_requests_total{client="team",outcome="rpm"} 2.0' in text
+            assert "sk-team" not in text
