@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from edgeroute.clients import compile_clients
 from edgeroute.config import (
     BreakerConfig,
     Config,
@@ -24,6 +25,7 @@ from edgeroute.config import (
     require_routes,
 )
 from edgeroute.errors import ConfigError
+from edgeroute.router import compile_route
 
 DOCUMENTED_EXAMPLE = """\
 server: {host: 127.0.0.1, port: 8080}
@@ -920,3 +922,97 @@ def test_problems_inside_mappings_and_lists_of_values_keep_their_place() -> None
         "$.providers[0].headers[...] (provider p): Expected `str`, got `int`",
         "$.server.api_keys[1]: Expected `str`, got `int`",
     ]
+
+
+# ---- limits: target quotas, client keys, on_state_loss --------------------------------------
+
+
+def with_client(**client: Any) -> dict[str, Any]:
+    return {**minimal(), "server": {"clients": [{"name": "team", "key": "k", **client}]}}
+
+
+@pytest.mark.parametrize(
+    ("raw", "pattern"),
+    [
+        pytest.param(
+            minimal(targets=[{"provider": "p", "model": "m", "rpm": 0}]),
+            r"^\$\.routes\[0\]\.targets\[0\]\.rpm \(route r\): Expected `int` >= 1",
+            id="target-rpm-zero",
+        ),
+        pytest.param(
+            minimal(targets=[{"provider": "p", "model": "m", "tpm": "lots"}]),
+            r"^\$\.routes\[0\]\.targets\[0\]\.tpm \(route r\): Expected `int \| null`",
+            id="target-tpm-type",
+        ),
+        pytest.param(
+            minimal(targets=[{"provider": "p", "model": "m", "on_state_loss": "panic"}]),
+            r"^\$\.routes\[0\]\.targets\[0\]\.on_state_loss \(route r\): Invalid enum value .panic.",
+            id="target-policy",
+        ),
+        pytest.param(
+            with_client(budget={"usd": 5, "period": "week"}),
+            r"^\$\.server\.clients\[0\]\.budget\.period: ",
+            id="budget-period",
+        ),
+        pytest.param(
+            with_client(budget={"usd": 0}),
+            r"^\$\.server\.clients\[0\]\.budget\.usd: Expected `float` > 0",
+            id="budget-zero",
+        ),
+        pytest.param(
+            with_client(key="sha256:abc"),
+            r"^\$\.server\.clients\[0\]\.key: sha256: must be followed by 64 hex digits",
+            id="client-bad-digest",
+        ),
+        pytest.param(
+            with_client(routes=["r", "nope"]),
+            r"^\$\.server\.clients\[0\]\.routes\[1\]: unknown route 'nope'",
+            id="client-unknown-route",
+        ),
+        pytest.param(
+            {
+                **minimal(),
+                "server": {"clients": [{"name": "a", "key": "k1"}, {"name": "a", "key": "k2"}]},
+            },
+            r"^\$\.server\.clients\[1\]\.name: duplicate client name 'a'",
+            id="client-duplicate",
+        ),
+        pytest.param(
+            {**minimal(), "state": {"on_state_loss": "sometimes"}},
+            r"^\$\.state\.on_state_loss: ",
+            id="state-policy",
+        ),
+    ],
+)
+def test_bad_limits_name_their_path(raw: Any, pattern: str) -> None:
+    message = config_error(raw)
+    assert re.search(pattern, message), message
+
+
+def test_limits_compile_into_the_route_and_clients() -> None:
+    config = parse_config(
+        {
+            **minimal(targets=[{"provider": "p", "model": "m", "tpm": 30000, "rpm": 180}]),
+            "state": {"on_state_loss": "fail_open"},
+            "server": {
+                "clients": [
+                    {
+                        "name": "team",
+                        "key": "k",
+                        "budget": {"usd": 50},
+                        "on_state_loss": "fail_closed",
+                    }
+                ]
+            },
+        },
+        env={},
+    )
+    target = compile_route(config, config.routes[0]).targets[0]
+    assert (target.rpm, target.tpm, target.max_concurrency) == (180, 30000, 0)
+    assert target.on_state_loss == "fail_open"
+    (client,) = compile_clients(config)
+    assert (client.budget_micro, client.period, client.on_state_loss) == (
+        50_000_000,
+        "day",
+        "fail_closed",
+    )
