@@ -38,6 +38,17 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
                 "provider": item.spec.provider,
                 "model": item.spec.model,
                 "price_per_mtok": item.spec.price_per_mtok,
+                # The target's provider quotas and what they do while Redis is away.
+                "quota": (
+                    {
+                        "rpm": item.spec.rpm or None,
+                        "tpm": item.spec.tpm or None,
+                        "max_concurrency": item.spec.max_concurrency or None,
+                        "on_state_loss": item.spec.on_state_loss,
+                    }
+                    if item.spec.has_quota
+                    else None
+                ),
                 "breaker": item.snapshot.state.value,
                 "generation": item.snapshot.generation,
                 "consecutive_failures": item.snapshot.consecutive_failures,
