@@ -36,8 +36,10 @@ def quota_route(first: TargetSpec, second_price: float = 2.0) -> RouteSpec:
     )
 
 
-def limited(**quotas: int) -> TargetSpec:
-    return TargetSpec("t0", "p0", "m0", price_per_mtok=1.0, **quotas)
+def limited(rpm: int = 0, tpm: int = 0, max_concurrency: int = 0) -> TargetSpec:
+    return TargetSpec(
+        "t0", "p0", "m0", price_per_mtok=1.0, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency
+    )
 
 
 async def test_max_concurrency_counts_leases_and_frees_on_record(harness: Harness) -> None:
