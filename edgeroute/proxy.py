@@ -53,9 +53,13 @@ class ClientRefused(Exception):
         self.response = response
 
 
-# Where the auth middleware leaves the calling client (server.clients[]) on the request.
-CLIENT_KEY = "edgeroute.client"
-_CLIENT_LEASE = "edgeroute.client_lease"
+# Where the auth middleware leaves the calling client (server.clients[]) on the request, and
+# where its lease waits to be settled: typed keys where aiohttp has them (3.12+), else names.
+_RequestKey: Any = getattr(web, "RequestKey", None)
+CLIENT_KEY: Any = _RequestKey("edgeroute_client", ClientSpec) if _RequestKey else "edgeroute.client"
+_CLIENT_LEASE: Any = (
+    _RequestKey("edgeroute_client_lease", ClientLease) if _RequestKey else "edgeroute.lease"
+)
 
 
 def classify(exc: BaseException) -> Failure:
