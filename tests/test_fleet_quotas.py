@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
 from edgeroute.mock_provider import MockSettings
-from tests.support.gateway import Mock, get_json, mock_upstreams, wait_until
-from tests.support.redis_servers import RedisServer
+from tests.support.gateway import GatewayProcess, Mock, get_json, mock_upstreams, wait_until
+from tests.support.redis_servers import RedisServer, free_port
 from tests.test_fleet import (
     ADMIN_TOKEN,
     MESSAGES,
@@ -241,3 +242,58 @@ async def test_a_budget_runs_out_mid_stream_and_routes_are_restricted(
                     await sdk.chat.completions.create(model="chat", messages=MESSAGES)
                 await sdk.close()
             assert await mocks["only"].requests() == served
+
+
+# ---- Redis killed mid-run ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "admitted"), [("local_share", 10), ("fail_open", 30), ("fail_closed", 0)]
+)
+async def test_redis_killed_mid_run_each_on_state_loss_policy(
+    redis_server: RedisServer, tmp_path: Path, policy: str, admitted: int
+) -> None:
+    """Three replicas learn from heartbeats that they are three; Redis dies; a client with
+    rpm 30 then gets, from one replica: its share (10), everything (fail_open) or nothing
+    (fail_closed, 503)."""
+    async with mock_upstreams(only=MockSettings()) as mocks:
+        document = client_fleet_config(mocks, redis_server, rpm=30, on_state_loss=policy)
+        document["state"]["timeout_ms"] = 300
+        gateways = [
+            GatewayProcess(
+                document, tmp_path, port=free_port(), env={"EDGEROUTE_LOG_LEVEL": "ERROR"}
+            )
+            for _ in range(3)
+        ]
+        try:
+            await asyncio.gather(*(asyncio.to_thread(g.wait_ready, 60.0) for g in gateways))
+
+            async def three() -> bool:
+                for gateway in gateways:
+                    _, ready = await get_json(f"{gateway.url}/readyz")
+                    if ready.get("live_replicas") != 3 or ready["on_state_loss"] != [policy]:
+                        return False
+                return True
+
+            await wait_until(three, timeout=20.0, interval=0.2)
+            redis_server.kill()
+            statuses = []
+            async with aiohttp.ClientSession() as session:
+                for _ in range(30):
+                    async with session.post(
+                        f"{gateways[0].url}/v1/chat/completions",
+                        json={"model": "chat", "messages": MESSAGES},
+                        headers={"Authorization": "Bearer sk-team"},
+                    ) as response:
+                        await response.read()
+                        statuses.append(response.status)
+            assert statuses.count(200) == admitted, statuses
+            refused = (
+                {429} if policy == "local_share" else {503} if policy == "fail_closed" else set()
+            )
+            assert set(statuses) - {200} == refused
+            _, ready = await get_json(f"{gateways[0].url}/readyz")
+            assert ready["live_replicas"] == 3  # the last count seen
+        finally:
+            for gateway in gateways:
+                gateway.kill()
