@@ -85,6 +85,14 @@ PRICES = st.one_of(
 )
 WEIGHTS = st.sampled_from([0.0, 0.1, 0.2, 0.25, 1 / 3, 0.4, 0.5, 0.7, 1.0])
 INDICES = st.integers(min_value=0, max_value=1_000)  # taken modulo the current list length
+# A target's (rpm, tpm, max_concurrency); 0 = no such quota, and most targets have none.
+QUOTAS = st.one_of(
+    st.just((0, 0, 0)),
+    st.just((0, 0, 0)),
+    st.tuples(
+        st.sampled_from([0, 1, 3]), st.sampled_from([0, 100, 500]), st.sampled_from([0, 1, 2])
+    ),
+)
 
 
 class OutcomeDraw:
@@ -213,11 +221,14 @@ def assert_same_decision(memory: RoutingDecision, actual: RoutingDecision) -> No
             actual.admission.target_id,
             actual.admission.generation,
             actual.admission.probe,
+            actual.admission.reserved_tokens,
         ) == (
             memory.admission.target_id,
             memory.admission.generation,
             memory.admission.probe,
+            memory.admission.reserved_tokens,
         ), f"admission differs{detail}"
+    assert actual.quota_limited == memory.quota_limited, f"quota_limited differs{detail}"
     assert actual.retry_after_s == memory.retry_after_s, f"wait differs{detail}"
     assert actual.rr_cursor == memory.rr_cursor, f"rr_cursor differs{detail}"
     assert actual.admissible == memory.admissible, f"admissible count differs{detail}"
@@ -351,6 +362,8 @@ class StateMachine(RuleBasedStateMachine):
             load_penalty=st.sampled_from([0.0, 0.25, 1 / 3, 1.0]),
             tolerance=st.sampled_from([0.0, 0.1, 0.5]),
         ),
+        # Per target (rpm, tpm, max_concurrency), 0 = none: small enough to bind often.
+        quotas=st.lists(QUOTAS, min_size=5, max_size=5),
     )
     def setup_route(
         self,
@@ -360,6 +373,7 @@ class StateMachine(RuleBasedStateMachine):
         half_open_max_probes: int,
         weights: tuple[float, float, float],
         estimator: EstimatorParams,
+        quotas: list[tuple[int, int, int]],
     ) -> None:
         if self.strategy_kind == "hybrid":
             strategy = RoutingStrategy.hybrid(
@@ -371,8 +385,16 @@ class StateMachine(RuleBasedStateMachine):
             name=f"route-{uuid.uuid4().hex[:8]}",
             strategy=strategy,
             targets=tuple(
-                TargetSpec(id=f"t{i}", provider=f"p{i}", model=f"m{i}", price_per_mtok=price)
-                for i, price in enumerate(prices)
+                TargetSpec(
+                    id=f"t{i}",
+                    provider=f"p{i}",
+                    model=f"m{i}",
+                    price_per_mtok=price,
+                    rpm=quota[0],
+                    tpm=quota[1],
+                    max_concurrency=quota[2],
+                )
+                for i, (price, quota) in enumerate(zip(prices, quotas, strict=False))
             ),
             breaker=BreakerParams(
                 failure_threshold=failure_threshold,
@@ -395,6 +417,7 @@ class StateMachine(RuleBasedStateMachine):
         advance=st.booleans(),
         piggyback=st.none() | st.tuples(INDICES, OUTCOMES),
         limit=st.sampled_from([0, 0, 1, 2]),
+        tokens=st.sampled_from([0, 0, 10, 60, 150, 400]),
     )
     def decide(
         self,
@@ -402,8 +425,9 @@ class StateMachine(RuleBasedStateMachine):
         advance: bool,
         piggyback: tuple[int, OutcomeDraw] | None,
         limit: int,
+        tokens: int,
     ) -> None:
-        self._decide(exclude, advance, piggyback, limit)
+        self._decide(exclude, advance, piggyback, limit, tokens)
 
     def _decide(
         self,
@@ -411,6 +435,7 @@ class StateMachine(RuleBasedStateMachine):
         advance: bool,
         piggyback: tuple[int, OutcomeDraw] | None,
         limit: int = 0,
+        tokens: int = 0,
     ) -> None:
         route = self.spec
         excluded = [t.id for i, t in enumerate(route.targets) if i in exclude]
@@ -421,10 +446,20 @@ class StateMachine(RuleBasedStateMachine):
             redis_outcome = piggyback[1].for_admission(item.redis)
         expected, actual = self.both(
             lambda: self.memory.decide(
-                route, exclude=excluded, outcome=memory_outcome, advance=advance, limit=limit
+                route,
+                exclude=excluded,
+                outcome=memory_outcome,
+                advance=advance,
+                limit=limit,
+                tokens=tokens,
             ),
             lambda: self.redis.decide(
-                route, exclude=excluded, outcome=redis_outcome, advance=advance, limit=limit
+                route,
+                exclude=excluded,
+                outcome=redis_outcome,
+                advance=advance,
+                limit=limit,
+                tokens=tokens,
             ),
         )
         assert_same_decision(expected, actual)
