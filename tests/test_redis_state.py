@@ -18,7 +18,7 @@ from edgeroute import RoutingStrategy, StateUnavailable
 from edgeroute.state import RedisState
 from edgeroute.state.base import RouteSpec
 from edgeroute.state.redis import route_keys
-from edgeroute.state.scripts import SCRIPT_NAMES, load_scripts
+from edgeroute.state.scripts import SCRIPT_NAMES, STANDALONE_NAMES, load_scripts
 from edgeroute.state.topology import parse_state_url
 from edgeroute.types import BreakerParams, Outcome, OutcomeKind, WindowParams
 from tests.support.redis_servers import RedisServer, free_port
@@ -184,9 +184,9 @@ def test_lua_scripts_ship_inside_the_wheel(tmp_path: Path) -> None:
     )
     wheel = next(tmp_path.glob("edgeroute-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for script in ("lib", *SCRIPT_NAMES):
+    for script in ("lib", *SCRIPT_NAMES, *STANDALONE_NAMES):
         assert f"edgeroute/lua/{script}.lua" in names
-    assert set(load_scripts()) == set(SCRIPT_NAMES)
+    assert set(load_scripts()) == {*SCRIPT_NAMES, *STANDALONE_NAMES}
 
 
 async def test_window_values_stay_bounded_by_the_bucket_count(redis_url: str) -> None:
