@@ -94,7 +94,7 @@ async def test_a_provider_saying_zero_remaining_is_out_fleet_wide_until_its_rese
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     served: list[str] = []
-    spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "4s"}
+    spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "10s"}
     async with (
         running_app(_upstream("limited", spent, served)) as limited_url,
         running_app(_upstream("spare", {}, served)) as spare_url,
@@ -119,7 +119,12 @@ async def test_a_provider_saying_zero_remaining_is_out_fleet_wide_until_its_rese
                     ],
                 }
             ],
-            "state": {"redis_url": redis_server.url, "key_prefix": f"learned-{free_port()}"},
+            "state": {
+                "redis_url": redis_server.url,
+                "key_prefix": f"learned-{free_port()}",
+                # About shared state, never degraded mode: a loaded machine must not time out.
+                "timeout_ms": 3000,
+            },
         }
         gateways = [GatewayProcess(document, tmp_path, port=free_port()) for _ in range(2)]
         try:
@@ -143,13 +148,13 @@ async def test_a_provider_saying_zero_remaining_is_out_fleet_wide_until_its_rese
                     return rows["limited"]
 
                 # The outcome is recorded off the request path: wait for it to land.
-                for _ in range(200):
+                for _ in range(1000):
                     row = await learned()
                     if row["excluded"] == "learned_limit":
                         break
                     await asyncio.sleep(0.02)
                 assert row["excluded"] == "learned_limit", row
-                assert 0 < row["excluded_for_ms"] <= 4000
+                assert 0 < row["excluded_for_ms"] <= 10_000
                 assert [await chat(gateways[1]), await chat(gateways[0])] == ["spare", "spare"]
                 assert served == ["limited", "spare", "spare"]
                 await asyncio.sleep(row["excluded_for_ms"] / 1000 + 0.1)
