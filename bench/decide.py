@@ -1140,7 +1140,7 @@ async def run_all(url: str, settings: Settings, prefix: str, report: dict[str, A
         # Limits on: the same hybrid 8-target route with every target's rpm/tpm/concurrency
         # checked and counted (never binding), then also a client's limits (lua/client.lua,
         # pipelined with each decide as the gateway does).
-        clients = Clients([], redis_state, lease_ttl_ms=60_000)
+        clients = Clients(redis_state, lease_ttl_ms=60_000)
         q = QUOTA_NEVER_BINDS
         team = ClientSpec(
             "bench", b"", rpm=q["rpm"], tpm=q["tpm"], max_concurrency=q["max_concurrency"]

@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from edgeroute.config import Config
@@ -104,7 +104,7 @@ def compile_clients(config: Config) -> list[ClientSpec]:
     return specs
 
 
-def identify(presented: str | None, clients: list[ClientSpec]) -> ClientSpec | None:
+def identify(presented: str | None, clients: Sequence[ClientSpec]) -> ClientSpec | None:
     """The client whose key was presented; every key is compared (constant time)."""
     if presented is None:
         return None
@@ -263,17 +263,16 @@ class Clients:
 
     def __init__(
         self,
-        specs: list[ClientSpec],
         redis: RedisState | None,
         *,
         lease_ttl_ms: int,
         clock: Callable[[], float] | None = None,
         replicas: Replicas | None = None,
     ) -> None:
-        self.specs = specs
         self.redis = redis
         self.replicas = replicas or Replicas(None)
-        self._shares: dict[tuple[str, int], ClientSpec] = {}
+        # Keyed by the spec itself: a reload that changes a client's limits shares the new ones.
+        self._shares: dict[tuple[ClientSpec, int], ClientSpec] = {}
         self.local = MemoryClients(clock)
         self.lease_ttl_ms = lease_ttl_ms
         # A client key lives as long as its longest memory: a month's spend.
@@ -354,7 +353,7 @@ class Clients:
         """The limits this replica holds alone while Redis is away (counted under the same
         name, so the spend it settles locally is seen by the same local record)."""
         live = self.replicas.live if share else 0
-        cached = self._shares.get((spec.name, live))
+        cached = self._shares.get((spec, live))
         if cached is not None:
             return cached
 
@@ -368,7 +367,7 @@ class Clients:
             max_concurrency=part(spec.max_concurrency),
             budget_micro=part(spec.budget_micro),
         )
-        self._shares[(spec.name, live)] = local
+        self._shares[(spec, live)] = local
         return local
 
     async def settle(self, lease: ClientLease, used: int, cost_usd: float) -> None:

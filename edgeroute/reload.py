@@ -8,8 +8,9 @@ the generation it started with, start to finish. Routing state is keyed by route
 target id, so targets that survive a reload keep their breakers, windows and cursors.
 
 A config that does not load, or that changes what only a restart can change (listen
-address, shared-state settings, keys and tokens the middleware checks), is refused with one
-log line; the running config keeps serving.
+address, shared-state settings, `server.api_keys` and the admin token), is refused with one
+log line; the running config keeps serving. Client keys with limits (`server.clients`) and
+target quotas do reload: each request looks its client up in the generation it starts on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import msgspec
 import yaml
 from aiohttp import web
 
+from edgeroute.clients import ClientSpec, compile_clients
 from edgeroute.config import Config, load_config
 from edgeroute.errors import ConfigError
 from edgeroute.metrics import Metrics
@@ -39,11 +41,12 @@ log = logging.getLogger("edgeroute.reload")
 
 WATCH_ENV = "EDGEROUTE_CONFIG_WATCH_S"
 DEFAULT_WATCH_S = 5.0
-# The only server fields a reload applies: the Router reads them (its failover policy). Every
-# other one (socket, auth, limits, deadlines, connection cap) was captured at start.
+# The only server fields a reload applies: the Router reads its failover policy, and the auth
+# middleware and the proxy read `clients` from the generation. Every other one (socket,
+# api_keys, admin token, deadlines, connection cap) was captured at start.
 # (host and port are taken from the running server before comparing: `serve --host/--port`
 # may override the file, and a socket cannot move anyway.)
-_RELOADABLE_SERVER = frozenset({"max_attempts", "request_timeout_s"})
+_RELOADABLE_SERVER = frozenset({"max_attempts", "request_timeout_s", "clients"})
 
 
 def document_hash(document: object) -> str:
@@ -75,6 +78,26 @@ class Generation:
     router: Router
     adapters: Mapping[str, ProviderAdapter]
     hash: str
+    clients: tuple[ClientSpec, ...]  # server.clients, compiled: key digests and limits
+
+    @property
+    def state_loss_policies(self) -> list[str]:
+        """The on_state_loss policies some limit of this config follows (sorted)."""
+        return sorted(
+            {c.on_state_loss for c in self.clients if c.limited}
+            | {
+                t.on_state_loss
+                for r in self.router.routes.values()
+                for t in r.targets
+                if t.has_quota
+            }
+        )
+
+
+def generation(
+    config: Config, router: Router, adapters: Mapping[str, ProviderAdapter], digest: str
+) -> Generation:
+    return Generation(config, router, adapters, digest, tuple(compile_clients(config)))
 
 
 class Live:
@@ -172,7 +195,7 @@ class Reloader:
                 adapters[provider.name] = (
                     kept if kept is not None and same else make_adapter(provider, self.session())
                 )
-            self.live.swap(Generation(config, router, adapters, digest))
+            self.live.swap(generation(config, router, adapters, digest))
             counter.labels("success").inc()
             log.warning(
                 "config reloaded (%s): %s %s -> %s, %s",
@@ -238,6 +261,7 @@ __all__ = [
     "config_hash",
     "document_hash",
     "file_hash",
+    "generation",
     "watch",
     "watch_interval",
     "watcher_context",

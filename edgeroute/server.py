@@ -21,11 +21,11 @@ from pathlib import Path
 import aiohttp
 import msgspec
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 
 from edgeroute import __version__, fleet, logfilter, reload, tracing
 from edgeroute.accounting import Accounting
-from edgeroute.clients import Clients, compile_clients, identify
+from edgeroute.clients import Clients, identify
 from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
 from edgeroute.explain import explanation_json, state_document
@@ -92,18 +92,6 @@ def _matches(presented: str | None, digests: list[bytes]) -> bool:
     return found
 
 
-def admin_only(auth: Middleware) -> Middleware:
-    """`auth` for /admin/* only: the proxied paths skip the extra coroutine."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/"):
-            return await auth(request, handler)
-        return await handler(request)
-
-    return middleware
-
-
 def create_app(
     config: Config,
     *,
@@ -124,28 +112,28 @@ def create_app(
     router = Router(config, state)
     adapters: dict[str, ProviderAdapter] = {}  # filled once the HTTP session exists
     digest = reload.file_hash(config_path) if config_path else reload.config_hash(config)
-    live = reload.Live(reload.Generation(config, router, adapters, digest))
+    live = reload.Live(reload.generation(config, router, adapters, digest))
     metrics.ops.serving(digest)
     client_keys = _key_digests(config.server.api_keys)
-    limited = compile_clients(config)
     shared = state if isinstance(state, RedisState) else getattr(state, "primary", None)
     redis = shared if isinstance(shared, RedisState) else None
     replicas = Replicas(redis)
     if isinstance(state, FallbackState):
         state.live_replicas = lambda: replicas.live
     clients = Clients(
-        limited,
         redis,
         lease_ttl_ms=max(1, round(config.state.lease_ttl_s * 1000)),
         replicas=replicas,
     )
-    loss_policies = sorted(
-        {c.on_state_loss for c in limited}
-        | {t.on_state_loss for r in router.routes.values() for t in r.targets if t.has_quota}
-    )
-    for policy in loss_policies:
-        metrics.state_loss_policy.labels(policy).set(1)
-    needs_key = bool(client_keys or limited)
+
+    def policies_in_force(old: reload.Generation | None, new: reload.Generation) -> None:
+        for policy in old.state_loss_policies if old is not None else ():
+            metrics.state_loss_policy.labels(policy).set(0)
+        for policy in new.state_loss_policies:
+            metrics.state_loss_policy.labels(policy).set(1)
+
+    policies_in_force(None, live.current)
+    live.on_swap.append(policies_in_force)
     admin_token = config.server.admin_token
 
     admin_digests = _key_digests([admin_token]) if admin_token is not None else []
@@ -165,13 +153,17 @@ def create_app(
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if path.startswith("/v1/") and needs_key:
-            presented = _presented_key(request)
-            client = identify(presented, limited)
-            if client is not None:
-                request[CLIENT_KEY] = client  # by name from here on: the key stays here
-            elif not _matches(presented, client_keys):
-                return refuse(request, 401, "invalid or missing API key", "invalid_api_key")
+        if path.startswith("/v1/"):
+            # The live config's clients: a reload that adds a client or changes its limits
+            # applies from the next request on.
+            limited = live.current.clients
+            if limited or client_keys:
+                presented = _presented_key(request)
+                client = identify(presented, limited)
+                if client is not None:
+                    request[CLIENT_KEY] = client  # by name from here on: the key stays here
+                elif not _matches(presented, client_keys):
+                    return refuse(request, 401, "invalid or missing API key", "invalid_api_key")
         if path.startswith("/admin/"):
             if admin_token is None:
                 return refuse(
@@ -181,10 +173,9 @@ def create_app(
                 return refuse(request, 401, "invalid or missing admin token", "invalid_admin_token")
         return await handler(request)
 
-    # Without client keys, only /admin/* needs the check: keep it off the request path.
     # openai_errors is outermost: whatever is refused further in still answers in JSON.
-    errors = openai_errors()
-    middlewares = [errors, auth] if needs_key else [errors, admin_only(auth)]
+    # (auth is one middleware either way; without keys a /v1/ request costs it two checks.)
+    middlewares = [openai_errors(), auth]
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes + 1)
     app[CONFIG] = config
     app[ROUTER] = router
@@ -235,9 +226,7 @@ def create_app(
         await router.close()
 
     async def heartbeat(app: web.Application) -> AsyncIterator[None]:
-        # Only limits divide by the replica count: without any, no heartbeat traffic.
-        if loss_policies:
-            replicas.start()
+        replicas.start()
         yield
         await replicas.stop()
 
@@ -278,6 +267,7 @@ def create_app(
         }
         if health.error:
             body["state_error"] = health.error
+        loss_policies = live.current.state_loss_policies
         if loss_policies:
             # What limits do while shared state is away, and the replica count they share by.
             body["on_state_loss"] = loss_policies
@@ -350,7 +340,7 @@ def create_app(
     async def admin_clients(request: web.Request) -> web.Response:
         """Each client's usage and what is left, by name (never the key)."""
         listed = []
-        for spec in limited:
+        for spec in live.current.clients:
             seen = await clients.read(spec)
             listed.append(
                 {

@@ -42,7 +42,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
             timeout_ms=2000,
             clock=clock,
         )
-    yield Harness(Clients([], redis, lease_ttl_ms=60_000, clock=clock), clock)
+    yield Harness(Clients(redis, lease_ttl_ms=60_000, clock=clock), clock)
     if redis is not None:
         await redis.close()
 

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.support.gateway import (
     GatewayProcess,
     Mock,
     gateway_config,
+    get_json,
     loads,
     mock_upstreams,
     running_app,
@@ -226,3 +228,68 @@ async def test_changes_only_a_restart_can_apply_are_refused(
     assert "$.state: changed, and only a restart can apply it" in refused[0]
     assert "$.server.header_timeout_s: changed" in refused[1]
     assert "invalid YAML" in refused[2]
+
+
+async def test_a_reload_adds_a_client_and_changes_client_and_target_rpm_on_redis(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """server.clients and targets[].rpm come from the live config at each request's start:
+    a reload that adds a client, or changes a client's or a target's rpm, applies at once,
+    with what was already counted in Redis kept."""
+
+    def document(team_rpm: int, target_rpm: int, new_rpm: int = 0) -> dict[str, Any]:
+        clients = [{"name": "team", "key": "sk-team", "rpm": team_rpm}]
+        if new_rpm:
+            clients.append({"name": "new", "key": "sk-new", "rpm": new_rpm})
+        return gateway_config(
+            mocks,
+            [{"model": "chat", "targets": [{"provider": "a", "model": "m", "rpm": target_rpm}]}],
+            server={"admin_token": "admin", "clients": clients},
+            # A generous state timeout: this is about shared counts, never degraded mode.
+            state={"redis_url": redis_url, "key_prefix": prefix, "timeout_ms": 3000},
+        )
+
+    prefix = f"reload-{uuid.uuid4().hex[:8]}"
+    async with mock_upstreams(a=MockSettings()) as mocks:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(document(2, 10)))
+        app = create_app(loads(document(2, 10)), config_path=path)
+        async with running_app(app) as url:
+
+            async def chat(key: str) -> int | str:
+                """200, or the refusal: `client <its rpm>`, or `target` (its rpm is spent)."""
+                async with openai.AsyncOpenAI(
+                    base_url=f"{url}/v1", api_key=key, max_retries=0
+                ) as client:
+                    try:
+                        await client.chat.completions.create(model="chat", messages=MESSAGES)
+                    except openai.RateLimitError as exc:
+                        limit = exc.response.headers.get("x-ratelimit-limit-requests")
+                        return f"client {limit}" if limit else "target"
+                    except openai.AuthenticationError:
+                        return 401
+                return 200
+
+            async def reload_to(changed: dict[str, Any]) -> None:
+                write_atomically(path, changed)
+                assert await app[RELOADER].reload("test")
+
+            assert [await chat("sk-team") for _ in range(3)] == [200, 200, "client 2"]
+            assert await chat("sk-new") == 401
+            # The target has counted 3 (a client's refusal keeps the decide's count: it ran
+            # alongside, in the same round trip).
+            await reload_to(document(3, 4, new_rpm=1))
+            assert await chat("sk-team") == 200  # its 3rd this minute: rpm 3 now
+            assert await chat("sk-new") == "target"  # a client now; the target's 4 are spent
+            await reload_to(document(3, 10, new_rpm=2))
+            assert [await chat("sk-new") for _ in range(2)] == [200, "client 2"]
+            assert await chat("sk-team") == "client 3"
+            status, listed = await get_json(
+                f"{url}/admin/clients", headers={"Authorization": "Bearer admin"}
+            )
+            assert status == 200
+            used = {c["name"]: c["requests"] for c in listed["clients"]}
+            assert used == {
+                "team": {"limit": 3, "used": 3, "remaining": 0},
+                "new": {"limit": 2, "used": 2, "remaining": 0},
+            }

@@ -67,7 +67,7 @@ class _Replicas(Replicas):
 )
 async def test_client_limits_while_redis_is_away(policy: str, admitted: int) -> None:
     redis = unreachable()
-    clients = Clients([], redis, lease_ttl_ms=60_000, replicas=_Replicas(4))
+    clients = Clients(redis, lease_ttl_ms=60_000, replicas=_Replicas(4))
     spec = ClientSpec("team", b"", rpm=12, on_state_loss=policy)
     try:
         verdicts = [(await clients.admit(spec, 0))[0] for _ in range(12)]
