@@ -270,7 +270,7 @@ class Clients:
         replicas: Replicas | None = None,
     ) -> None:
         self.redis = redis
-        self.replicas = replicas or Replicas(None)
+        self.replicas = replicas or Replicas()
         # Keyed by the spec itself: a reload that changes a client's limits shares the new ones.
         self._shares: dict[tuple[ClientSpec, int], ClientSpec] = {}
         self.local = MemoryClients(clock)

@@ -5,7 +5,9 @@ string with a TTL of three intervals, plus the replica's id in a set for discove
 share the `{prefix:#fleet}` hash tag, so Redis Cluster keeps them in one slot (`#` is not
 allowed in route names: no route's keys can ever share it). They go through
 a plain redis-py asyncio client, not the Lua state path: heartbeats are not routing state,
-and a heartbeat never waits behind (or slows) a decide.
+and a heartbeat never waits behind (or slows) a decide. The same read also counts the live
+replicas that limits divide by while Redis is away (on_state_loss: local_share,
+edgeroute/replicas.py): one writer, one key family, one TTL for both.
 """
 
 from __future__ import annotations
@@ -175,9 +177,12 @@ def heartbeat_context(
     current: Callable[[], Heartbeat],
     metrics: OpsMetrics,
     wake: asyncio.Event,
+    counted: Callable[[int], None],
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """One cleanup context: beat every interval (and at once when `wake` is set, e.g. after
-    a reload), read the fleet for the gauges, leave on shutdown."""
+    a reload), read the fleet for the gauges and `counted` (the live replica count limits
+    share by: edgeroute/replicas.py), leave on shutdown. While Redis fails, nothing is
+    counted: the last count stands."""
 
     async def loop() -> None:
         failing = False
@@ -185,6 +190,7 @@ def heartbeat_context(
             try:
                 await heartbeats.beat(current())
                 replicas = await heartbeats.read()
+                counted(len(replicas))
                 metrics.fleet_replicas.set(len(replicas))
                 metrics.fleet_config_hashes.set(len({r.config_hash for r in replicas}))
                 if failing:

@@ -117,7 +117,7 @@ def create_app(
     client_keys = _key_digests(config.server.api_keys)
     shared = state if isinstance(state, RedisState) else getattr(state, "primary", None)
     redis = shared if isinstance(shared, RedisState) else None
-    replicas = Replicas(redis)
+    replicas = Replicas()  # counted by the fleet heartbeat (see _live_operations)
     if isinstance(state, FallbackState):
         state.live_replicas = lambda: replicas.live
     clients = Clients(
@@ -225,17 +225,11 @@ def create_app(
         yield
         await router.close()
 
-    async def heartbeat(app: web.Application) -> AsyncIterator[None]:
-        replicas.start()
-        yield
-        await replicas.stop()
-
     # Order matters on the way out (reverse): stop polling, drain records, close state.
-    # Every worker of `serve --workers N` beats on its own: each holds its own local share.
     # Of the workers of `serve --workers N`, one polls for all (see Metrics.polls_breakers).
     pollers = [breaker_gauges] if metrics.polls_breakers else []
-    app.cleanup_ctx.extend([close_state, outcome_recorder, heartbeat, *pollers, upstream_session])
-    _live_operations(app, config, state, metrics, live, config_path, lambda: sessions[0])
+    app.cleanup_ctx.extend([close_state, outcome_recorder, *pollers, upstream_session])
+    _live_operations(app, config, state, metrics, live, config_path, lambda: sessions[0], replicas)
 
     def proxied(endpoint: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -391,8 +385,11 @@ def _live_operations(
     live: reload.Live,
     config_path: str | Path | None,
     session: Callable[[], aiohttp.ClientSession],
+    replicas: Replicas,
 ) -> None:
-    """Config reload (with a file), the fleet heartbeat (with Redis) and /admin/fleet."""
+    """Config reload (with a file), the fleet heartbeat (with Redis) and /admin/fleet. The
+    heartbeat also counts the live replicas that limits share while Redis is away; every
+    worker of `serve --workers N` beats on its own, so each holds its own local share."""
     env = os.environ
     if config_path is not None:
         reloader = reload.Reloader(Path(config_path), live, state, metrics, session)
@@ -421,7 +418,9 @@ def _live_operations(
         )
         wake = asyncio.Event()
         live.on_swap.append(lambda old, new: wake.set())  # the new hash, at once
-        app.cleanup_ctx.append(fleet.heartbeat_context(heartbeats, heartbeat, metrics.ops, wake))
+        app.cleanup_ctx.append(
+            fleet.heartbeat_context(heartbeats, heartbeat, metrics.ops, wake, replicas.seen)
+        )
     live.on_swap.append(lambda old, new: metrics.ops.serving(new.hash))
 
     async def admin_fleet(request: web.Request) -> web.Response:

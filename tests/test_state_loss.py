@@ -2,7 +2,8 @@
 
 Redis here is a port nobody listens on (a real refused connection, no mock): every shared
 call fails with StateUnavailable, the degraded-mode wrapper decides on local state, and the
-client limits count locally; `live_replicas` stands for the count heartbeats last saw.
+client limits count locally; `live_replicas` stands for the count the fleet heartbeat last
+saw (edgeroute/fleet.py: the same heartbeat /admin/fleet lists).
 """
 
 from __future__ import annotations
@@ -10,15 +11,26 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from redis.asyncio import Redis
 
 from edgeroute import RoutingStrategy
 from edgeroute.clients import Clients, ClientSpec
+from edgeroute.mock_provider import MockSettings
 from edgeroute.replicas import Replicas
+from edgeroute.server import create_app
 from edgeroute.state import FallbackState
 from edgeroute.state.base import RouteSpec
 from edgeroute.state.redis import RedisState
 from edgeroute.types import TargetSpec
-from tests.support.redis_servers import RedisServer, free_port
+from tests.support.gateway import (
+    gateway_config,
+    get_json,
+    loads,
+    mock_upstreams,
+    running_app,
+    wait_until,
+)
+from tests.support.redis_servers import free_port
 
 
 def unreachable() -> RedisState:
@@ -56,18 +68,12 @@ async def test_target_quotas_while_redis_is_away(policy: str, served_by_t0: int)
         await state.close()
 
 
-class _Replicas(Replicas):
-    def __init__(self, live: int) -> None:
-        super().__init__(None)
-        self.live = live
-
-
 @pytest.mark.parametrize(
     ("policy", "admitted"), [("local_share", 3), ("fail_open", 12), ("fail_closed", 0)]
 )
 async def test_client_limits_while_redis_is_away(policy: str, admitted: int) -> None:
     redis = unreachable()
-    clients = Clients(redis, lease_ttl_ms=60_000, replicas=_Replicas(4))
+    clients = Clients(redis, lease_ttl_ms=60_000, replicas=Replicas(4))
     spec = ClientSpec("team", b"", rpm=12, on_state_loss=policy)
     try:
         verdicts = [(await clients.admit(spec, 0))[0] for _ in range(12)]
@@ -78,21 +84,49 @@ async def test_client_limits_while_redis_is_away(policy: str, admitted: int) -> 
         await redis.close()
 
 
-async def test_heartbeats_count_the_live_replicas(redis_server: RedisServer) -> None:
+async def test_the_fleet_heartbeat_is_the_count_limits_share_by(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One heartbeat for /admin/fleet and local_share: two gateways on one real Redis see
+    each other in both, under `{prefix:#fleet}` only; one leaves and the other counts 1."""
+    monkeypatch.setenv("EDGEROUTE_HEARTBEAT_S", "0.2")
     prefix = f"hb-{uuid.uuid4().hex[:8]}"
-    states = [RedisState(redis_server.url, key_prefix=prefix) for _ in range(3)]
-    replicas = [Replicas(state) for state in states]
-    try:
-        for replica in replicas:
-            await replica.beat()
-        await replicas[0].beat()
-        assert [r.live for r in replicas] == [3, 2, 3]
-        assert replicas[0].share(100) == 33
-        # Redis gone: the last count seen is kept.
-        gone = Replicas(unreachable())
-        gone.live = 3
-        await gone.beat()
-        assert gone.live == 3
-    finally:
-        for state in states:
-            await state.close()
+    async with mock_upstreams(a=MockSettings()) as mocks:
+        document = gateway_config(
+            mocks,
+            [{"model": "chat", "targets": [{"provider": "a", "model": "m"}]}],
+            state={"redis_url": redis_url, "key_prefix": prefix},
+            server={
+                "admin_token": "admin",
+                "clients": [{"name": "team", "key": "sk-team", "rpm": 10}],
+            },
+        )
+        admin = {"Authorization": "Bearer admin"}
+
+        async def counted(url: str, n: int) -> bool:
+            _, ready = await get_json(f"{url}/readyz")
+            _, view = await get_json(f"{url}/admin/fleet", headers=admin)
+            return bool(ready["live_replicas"] == n and len(view["replicas"]) == n)
+
+        async with running_app(create_app(loads(document))) as url:
+            async with running_app(create_app(loads(document))):
+                await wait_until(lambda: counted(url, 2), timeout=10)
+                _, ready = await get_json(f"{url}/readyz")
+                assert ready["on_state_loss"] == ["local_share"]
+                redis = Redis.from_url(redis_url)
+                try:
+                    keys = {k.decode() async for k in redis.scan_iter(f"{{{prefix}:*")}
+                finally:
+                    await redis.aclose()
+                assert keys and all(k.startswith(f"{{{prefix}:#fleet}}:") for k in keys), keys
+            await wait_until(lambda: counted(url, 1), timeout=10)
+
+
+def test_a_replica_share_of_a_limit() -> None:
+    replicas = Replicas()
+    assert replicas.live == 1 and replicas.share(100) == 100
+    replicas.seen(3)
+    assert replicas.share(100) == 33
+    assert replicas.share(2) == 1  # never 0: 0 would mean no limit
+    replicas.seen(0)  # a read that found none (this one's own beat expired): still one
+    assert replicas.live == 1

@@ -399,14 +399,6 @@ class RedisState:
         )
         return reply
 
-    async def heartbeat(self, replica_id: str, ttl_ms: int) -> int:
-        """Say this replica is alive; returns how many replicas said so within `ttl_ms`."""
-        key = f"{{{self.key_prefix}:replicas}}"
-        cmd: list[Arg] = ["EVALSHA", self._scripts["heartbeat"].sha, 1, key, replica_id, ttl_ms]
-        cmd += [10 * ttl_ms, self._clock_arg()]
-        reply = await self._call(command(len(cmd), encode_args(cmd)), key_slot(key.encode()))
-        return int(reply[0])
-
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         static = self._commands(route)
         dynamic: list[Arg] = [target_id, self._clock_arg()]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 SCRIPT_NAMES = ("decide", "record", "reset")
 # Scripts on keys of their own, not a route's: they run without lib.lua.
-STANDALONE_NAMES = ("client", "heartbeat")
+STANDALONE_NAMES = ("client",)
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,7 +136,6 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
         "clock_ms",
     ),
 }
-SCRIPT_ARGS["heartbeat"] = ("replica_id", "ttl_ms", "key_ttl_ms", "clock_ms")
 CLIENT_OPS = {"admit": 0, "settle": 1, "read": 2}
 CLIENT_PERIODS = {"day": 0, "month": 1}
 # Why a client's request is refused (0: admitted).
@@ -227,7 +226,6 @@ SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
         "reserved",
         "now_ms",
     ),
-    "heartbeat": ("live",),
 }
 
 
