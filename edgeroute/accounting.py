@@ -10,7 +10,7 @@ import logging
 import time
 
 from edgeroute import tracing
-from edgeroute.failover import Attempt, Failure
+from edgeroute.failover import Attempt, Cause, Failure
 from edgeroute.metrics import Metrics
 from edgeroute.providers.base import Usage
 from edgeroute.recorder import Recorder
@@ -40,6 +40,9 @@ class Accounting:
     def failover(self, route: RouteSpec, last: Attempt) -> None:
         self.metrics.failovers.labels(route.name, last.provider, last.error).inc()
 
+    def fallback(self, route: RouteSpec, to: RouteSpec, cause: Cause) -> None:
+        self.metrics.fallbacks.labels(route.name, to.name, cause).inc()
+
     async def record(self, route: RouteSpec, outcome: Outcome) -> None:
         """Outcomes go to state off the request path, batched by the recorder."""
         self.recorder.submit(route, outcome)
@@ -61,8 +64,10 @@ class Accounting:
         attempts: list[Attempt] | None = None,
         upstream_s: float | None = None,
         error: str | None = None,
+        requested: str | None = None,
     ) -> None:
-        """Ended without a served answer: exhausted, passed-through client error, gone."""
+        """Ended without a served answer: exhausted, passed-through client error, gone.
+        `route` is where it ended; `requested`, the route the client named, if another."""
         total = time.perf_counter() - started
         last = attempts[-1] if attempts else None
         provider = last.provider if last else ""
@@ -83,6 +88,7 @@ class Accounting:
                 upstream_s=upstream_s,
                 error=error,
                 trace_id=tracing.current_trace_id(),
+                requested_route=requested if requested != name else None,
             )
 
     def served(
@@ -103,8 +109,10 @@ class Accounting:
         ttft: float | None = None,
         error: str | None = None,
         limit_reset_s: float = 0.0,
+        requested: str | None = None,
     ) -> None:
         """Reached a target: record the attempt's outcome, then the request's metrics.
+        `route` is the route that served; `requested`, the route the client named.
         `limit_reset_s`: the provider's headers said its limit is spent for this long."""
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         self.recorder.submit(
@@ -156,4 +164,5 @@ class Accounting:
                 ttft=ttft,
                 error=error,
                 trace_id=tracing.current_trace_id(),
+                requested_route=requested if requested != route.name else None,
             )

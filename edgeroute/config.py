@@ -216,6 +216,16 @@ class RouteConfig(_Base, frozen=True, kw_only=True):
     targets: Annotated[list[TargetConfig], msgspec.Meta(min_length=1)]
     breaker: BreakerConfig | None = None
     latency: LatencyConfig | None = None
+    # Routes a request continues on, in order, when this one cannot serve it: every target
+    # excluded or failed (`fallbacks`), the prompt too long for a target, or a target's
+    # content filter refusing it. See README, "Fallback chains".
+    fallbacks: list[RouteName] = []
+    context_window_fallbacks: list[RouteName] = []
+    content_policy_fallbacks: list[RouteName] = []
+
+
+# The fallback lists of a route, each checked the same way (known routes, no cycles).
+FALLBACK_FIELDS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
 
 
 class Config(_Base, frozen=True, kw_only=True):
@@ -553,6 +563,7 @@ def _check_semantics(doc: dict[str, Any], raw: dict[str, Any], problems: _Proble
     seen_routes: set[str] = set()
     for i, route in enumerate(_items(doc, "routes")):
         _check_route(f"$.routes[{i}]", route, names, seen_routes, problems)
+    _check_fallbacks(_items(doc, "routes"), _items(raw, "routes"), problems)
 
 
 def _items(doc: dict[str, Any], section: str) -> list[dict[str, Any]]:
@@ -621,6 +632,68 @@ def _check_route(
         elif target_id in seen_targets:
             problems.add(twhere, f"duplicate target id {target_id!r}; set `id`")
         seen_targets.add(target_id)
+
+
+def _check_fallbacks(
+    routes: list[dict[str, Any]], raw_routes: list[dict[str, Any]], problems: _Problems
+) -> None:
+    """Every fallback names a known route other than its own, once per list, and no list
+    kind loops back to where it started (a → b → a): a chain must end."""
+    known = [r["model"] for r in raw_routes if isinstance(r.get("model"), str)]
+    index = {name: i for i, name in reversed(list(enumerate(known)))}
+    for field in FALLBACK_FIELDS:
+        graph: dict[str, list[tuple[int, str]]] = {}
+        for i, route in enumerate(routes):
+            names = route.get(field)
+            model = route.get("model")
+            if not isinstance(names, list) or not isinstance(model, str):
+                continue
+            seen: set[str] = set()
+            for j, name in enumerate(names):
+                where = f"$.routes[{i}].{field}[{j}]"
+                if not isinstance(name, str):
+                    continue
+                if name == model:
+                    problems.add(where, f"route {model!r} cannot fall back to itself")
+                elif name not in index:
+                    problems.add(
+                        where,
+                        f"unknown route {name!r}; known routes: {', '.join(known)}"
+                        + _did_you_mean(name, known),
+                    )
+                elif name in seen:
+                    problems.add(where, f"route {name!r} is listed twice")
+                else:
+                    graph.setdefault(model, []).append((j, name))
+                seen.add(name)
+        for cycle, j in _cycles(graph):
+            where = f"$.routes[{index[cycle[0]]}].{field}[{j}]"
+            problems.add(where, f"{field} go round in a cycle: {' → '.join(cycle)}")
+
+
+def _cycles(graph: dict[str, list[tuple[int, str]]]) -> list[tuple[list[str], int]]:
+    """Each cycle of `graph` once, as its routes (first repeated at the end) and the index in
+    the first route's list of the edge that starts it."""
+    found: list[tuple[list[str], int]] = []
+    reported: set[frozenset[str]] = set()
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str], edges: list[int]) -> None:
+        for j, nxt in graph.get(node, ()):
+            if nxt in path:
+                start = path.index(nxt)
+                members = frozenset(path[start:])
+                if members not in reported:
+                    reported.add(members)
+                    found.append(([*path[start:], nxt], [*edges, j][start]))
+            elif nxt not in done:
+                visit(nxt, [*path, nxt], [*edges, j])
+        done.add(node)
+
+    for node in list(graph):
+        if node not in done:
+            visit(node, [node], [])
+    return found
 
 
 def _has_userinfo(url: str) -> bool:

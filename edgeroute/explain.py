@@ -14,9 +14,12 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
 
     `rank` is 1 for the next request's target (None: excluded); `rr_cursor` is the
     round-robin cursor the next request takes; `excluded` is the backend's reason code
-    and `excluded_because` the same in words.
+    and `excluded_because` the same in words. `fallbacks` are the route's lists as
+    configured; `fallback_chain` is the order of routes a request walks while each one is
+    exhausted (this route first, each fallback's own fallbacks depth first).
     """
     strategy = explanation.strategy
+    fallbacks = explanation.fallbacks
     return {
         "route": explanation.route,
         "strategy": strategy.kind,
@@ -32,6 +35,12 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
         "order": list(explanation.order),
         "reason": explanation.reason,
         "rr_cursor": explanation.snapshot.rr_cursor,
+        "fallbacks": {
+            "fallbacks": list(fallbacks.exhausted),
+            "context_window_fallbacks": list(fallbacks.context_window),
+            "content_policy_fallbacks": list(fallbacks.content_policy),
+        },
+        "fallback_chain": list(explanation.chain),
         "targets": [
             {
                 "target": item.spec.id,

@@ -7,7 +7,10 @@ One loop serves the gateway and the library's `Router.call`, written plainly:
   exponential backoff (full jitter, capped), so a fleet does not retry in lockstep;
 - a failure that another target may not fix (a client error) stops at once;
 - whatever an attempt raises is an attempt failure, classified by the caller's `classify`,
-  and every admission's lease goes back to the state on every path, cancellation included.
+  and every admission's lease goes back to the state on every path, cancellation included;
+- a route that cannot serve the request hands it on to a fallback route (see `Fallbacks`):
+  the same loop goes on there with that route's own strategy and state, under the one
+  deadline; each route of the chain gets `max_attempts` attempts of its own.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from edgeroute.errors import StateUnavailable
 from edgeroute.state.base import RouteSpec, StateBackend
@@ -25,6 +28,34 @@ from edgeroute.strategy import Candidate, RoutingDecision
 from edgeroute.types import Admission, Outcome, OutcomeKind, TargetSpec
 
 T = TypeVar("T")
+
+# Why a request leaves a route for a fallback route: every target is excluded or has failed
+# ("exhausted"), or a target said the prompt is too long or its content filter refused it.
+Cause = Literal["exhausted", "context_window", "content_policy"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fallbacks:
+    """A route's fallback routes by cause (`routes[].fallbacks`, `context_window_fallbacks`,
+    `content_policy_fallbacks`), as route names in the order they are tried."""
+
+    exhausted: tuple[str, ...] = ()
+    context_window: tuple[str, ...] = ()
+    content_policy: tuple[str, ...] = ()
+
+    def of(self, cause: Cause) -> tuple[str, ...]:
+        if cause == "context_window":
+            return self.context_window
+        if cause == "content_policy":
+            return self.content_policy
+        return self.exhausted
+
+    def __bool__(self) -> bool:
+        return bool(self.exhausted or self.context_window or self.content_policy)
+
+
+# The fallback routes of `route` for `cause`, compiled (the router's lookup).
+FallbackRoutes = Callable[["RouteSpec", Cause], Sequence["RouteSpec"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +80,15 @@ class Failure:
     retry_after_s: float = 0.0
     status: int | None = None
     limit_reset_s: float = 0.0  # a learned provider limit: out fleet-wide for this long
+    # A failure that a fallback route of this cause may fix (context window, content policy).
+    fallback: Cause | None = None
 
 
 @dataclass(slots=True)
 class Attempt:
     """One failed upstream attempt, as the client's 502 lists it."""
 
+    route: str
     target: TargetSpec
     error: str
     status: int | None = None
@@ -71,8 +105,10 @@ class Attempt:
 
 @dataclass(slots=True)
 class Served(Generic[T]):
-    """The attempt that answered: its decision, admission, result and timings."""
+    """The attempt that answered: its route (a fallback's, when the chain moved on), decision,
+    admission, result and timings; `attempts` are the failed ones across the chain."""
 
+    route: RouteSpec
     decision: RoutingDecision
     admission: Admission
     result: T
@@ -88,10 +124,12 @@ class Served(Generic[T]):
 
 class Exhausted(Exception):
     """The request ends without an answer: nothing admissible, the budget spent, or a
-    failure no other target can fix (`cause`, e.g. the client's own 400)."""
+    failure no other target can fix (`cause`, e.g. the client's own 400). `route` is the
+    route it ended on (the last of its fallback chain)."""
 
     def __init__(
         self,
+        route: RouteSpec,
         attempts: list[Attempt],
         retry_after_s: float = 0.0,
         *,
@@ -102,6 +140,7 @@ class Exhausted(Exception):
         quota_limited: bool = False,
     ) -> None:
         super().__init__(f"exhausted after {len(attempts)} attempts")
+        self.route = route
         self.attempts = attempts
         self.retry_after_s = retry_after_s
         self.cause = cause
@@ -123,6 +162,8 @@ class Observer(Protocol):
 
     def failover(self, route: RouteSpec, last: Attempt) -> None: ...
 
+    def fallback(self, route: RouteSpec, to: RouteSpec, cause: Cause) -> None: ...
+
 
 Classify = Callable[[BaseException], Failure]
 Record = Callable[[RouteSpec, Outcome], Awaitable[None]]
@@ -130,13 +171,18 @@ Record = Callable[[RouteSpec, Outcome], Awaitable[None]]
 
 @dataclass(slots=True)
 class _Request:
-    route: RouteSpec
+    route: RouteSpec  # the route the request is on now
     started: float
     tried: list[str] = field(default_factory=list)
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)  # across the whole chain
+    route_attempts: int = 0  # on `route`: each route of a chain has its own budget
     pending: Outcome | None = None
     rounds: int = 0
     upstream_s: float = 0.0
+    # Fallback routes still to try, next first, each with the cause whose list named it; and
+    # every route the request has been on (a chain never visits a route twice).
+    plan: list[tuple[RouteSpec, Cause]] = field(default_factory=list)
+    visited: set[str] = field(default_factory=set)
 
 
 async def run(
@@ -151,17 +197,19 @@ async def run(
     started: float | None = None,
     tokens: int = 0,
     gate: Awaitable[object] | None = None,
+    fallbacks: FallbackRoutes | None = None,
 ) -> Served[T]:
-    """Serve one request on `route`; see the module comment for the rules.
+    """Serve one request on `route` (or down its fallback chain); see the module comment.
 
     `gate` (the client's limits) runs alongside the first decide, so both go to shared
     state in one pipelined round trip; if it raises, the decide's admission is given back
     (a NEUTRAL outcome: the target's quota counts keep it, which errs on the safe side)
     and its exception ends the request."""
     now = time.perf_counter
-    request = _Request(route, now() if started is None else started)
-    first = True
+    request = _Request(route, now() if started is None else started, visited={route.name})
+    first = True  # the request's first decide on this route: it moves the route's cursor
     while True:
+        route = request.route
         pending, request.pending = request.pending, None
         decide_started = now()
         try:
@@ -180,23 +228,28 @@ async def run(
                 gate = None
         except StateUnavailable:  # a plain RedisState, no degraded mode: nothing to route on
             raise Exhausted(
-                request.attempts, 1.0, upstream_s=request.upstream_s, state_unavailable=True
+                route, request.attempts, 1.0, upstream_s=request.upstream_s, state_unavailable=True
             ) from None
         first = False
         if observer is not None:
             observer.decided(route, decision, now() - decide_started)
         admission = decision.admission
         if admission is None:
-            if request.attempts and request.tried and await _next_round(request, policy):
+            # A fallback route beats another round on targets that just failed.
+            if _fall_back(request, "exhausted", fallbacks, policy, observer):
+                first = True
+                continue
+            if request.route_attempts and request.tried and await _next_round(request, policy):
                 continue
             raise Exhausted(
+                route,
                 request.attempts,
                 decision.retry_after_s,
                 upstream_s=request.upstream_s,
                 quota_limited=decision.quota_limited,
             )
         chosen = decision.chosen
-        if request.attempts and observer is not None:
+        if request.route_attempts and observer is not None:
             observer.failover(route, request.attempts[-1])  # this request really moves on
         attempt_started = now()
         remaining = policy.deadline_s - (attempt_started - request.started)
@@ -220,7 +273,12 @@ async def run(
                 request, chosen, admission, failure, attempt_started, policy, record, observer
             ):
                 continue
+            leave = _leaving_because(failure, deadline_hit)
+            if leave is not None and _fall_back(request, leave, fallbacks, policy, observer):
+                first = True
+                continue
             raise Exhausted(
+                route,
                 request.attempts,
                 0.0,
                 cause=None if deadline_hit else exc,
@@ -230,6 +288,7 @@ async def run(
         first_byte = now()
         request.upstream_s += first_byte - attempt_started
         return Served(
+            route,
             decision,
             admission,
             result,
@@ -257,6 +316,48 @@ async def _gated(
     return decided
 
 
+def _leaving_because(failure: Failure, deadline_hit: bool) -> Cause | None:
+    """Why a failure that ends the request on its route may move it to a fallback route:
+    its own cause, or the route's budget spent; never the deadline or a plain client error."""
+    if deadline_hit:
+        return None
+    if failure.fallback is not None:
+        return failure.fallback
+    return "exhausted" if failure.retryable else None
+
+
+def _fall_back(
+    request: _Request,
+    cause: Cause,
+    fallbacks: FallbackRoutes | None,
+    policy: FailoverPolicy,
+    observer: Observer | None,
+) -> bool:
+    """Move the request on to the next route of its chain; False when there is none.
+
+    The route's own list for `cause` goes in front of what is left of the chain (depth
+    first), routes already visited left out. An exhausted route goes on to whatever comes
+    next; a context-window or content-policy failure only to a route listed for that cause.
+    """
+    if fallbacks is None or time.perf_counter() - request.started >= policy.deadline_s:
+        return False
+    listed = [(spec, cause) for spec in fallbacks(request.route, cause)]
+    chain = [(spec, why) for spec, why in listed + request.plan if spec.name not in request.visited]
+    i = next((i for i, (_, why) in enumerate(chain) if cause in ("exhausted", why)), None)
+    if i is None:
+        return False
+    spec = chain[i][0]
+    if observer is not None:
+        observer.fallback(request.route, spec, cause)
+    request.plan = chain[:i] + chain[i + 1 :]
+    request.visited.add(spec.name)
+    request.route = spec
+    request.tried.clear()
+    request.route_attempts = 0
+    request.rounds = 0
+    return True
+
+
 async def _handle_failure(
     request: _Request,
     chosen: Candidate,
@@ -267,11 +368,12 @@ async def _handle_failure(
     record: Record,
     observer: Observer | None,
 ) -> bool:
-    """Account for a failed attempt; True when the request may try again."""
+    """Account for a failed attempt; True when the request may try again on this route."""
     outcome = _failed(request, chosen, admission, failure, attempt_started, observer)
     budget_left = (
         failure.retryable
-        and len(request.attempts) < policy.max_attempts
+        and failure.fallback is None
+        and request.route_attempts < policy.max_attempts
         and time.perf_counter() - request.started < policy.deadline_s
     )
     if budget_left:
@@ -293,8 +395,11 @@ def _failed(
     """Count a failed attempt on the request and tell the observer; the outcome to record."""
     elapsed = time.perf_counter() - attempt_started
     request.upstream_s += elapsed
+    request.route_attempts += 1
     target = chosen.target
-    request.attempts.append(Attempt(target, failure.error, failure.status, failure.retry_after_s))
+    request.attempts.append(
+        Attempt(request.route.name, target, failure.error, failure.status, failure.retry_after_s)
+    )
     if observer is not None:
         observer.attempt_failed(request.route, target, failure, elapsed)
     return Outcome.for_admission(
@@ -309,7 +414,7 @@ def _failed(
 async def _next_round(request: _Request, policy: FailoverPolicy) -> bool:
     """Every admissible target failed this round: back off, then try them all again."""
     remaining = policy.deadline_s - (time.perf_counter() - request.started)
-    if len(request.attempts) >= policy.max_attempts or remaining <= 0:
+    if request.route_attempts >= policy.max_attempts or remaining <= 0:
         return False
     request.rounds += 1
     request.tried.clear()

@@ -154,6 +154,13 @@ class Metrics:
             ["route", "from_provider", "error"],
             registry=r,
         )
+        # cause: exhausted (every target excluded or failed), context_window, content_policy.
+        self.fallbacks = Counter(
+            "edgeroute_fallbacks",
+            "Requests handed on from a route to one of its fallback routes, by cause.",
+            ["route", "to_route", "cause"],
+            registry=r,
+        )
         self.tokens = Counter(
             "edgeroute_tokens",
             "Tokens reported by upstreams.",

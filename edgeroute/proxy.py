@@ -192,13 +192,15 @@ class Proxy:
                 request_id, route, 499, started, "client_disconnected", error="client_disconnected"
             )
             raise
+        # From here on `route` is the route that served: a fallback's, when the chain moved.
+        requested, route = route.name, served.route
         if isinstance(served.result, UpstreamReply):
             response: web.StreamResponse = self._reply(
-                route, served, served.result, request_id, started
+                route, served, served.result, request_id, started, requested
             )
         else:
             response = await self._stream(
-                http, route, served, served.result, request_id, started, trace
+                http, route, served, served.result, request_id, started, trace, requested
             )
         lease: ClientLease | None = http.pop(_CLIENT_LEASE, None)
         if lease is not None:
@@ -304,6 +306,7 @@ class Proxy:
     def _headers(served: Served[Result], request_id: str) -> dict[str, str]:
         target = served.target
         return {
+            "x-edgeroute-route": served.route.name,
             "x-edgeroute-provider": target.provider,
             "x-edgeroute-model": target.model,
             "x-edgeroute-attempts": str(len(served.attempts) + 1),
@@ -318,6 +321,7 @@ class Proxy:
         reply: UpstreamReply,
         request_id: str,
         started: float,
+        requested: str,
     ) -> web.Response:
         self.accounting.served(
             request_id,
@@ -333,6 +337,7 @@ class Proxy:
             limit_reset_s=reply.limit_reset_s,
             attempts=len(served.attempts) + 1,
             upstream_s=served.upstream_s,
+            requested=requested,
         )
         response = web.Response(
             status=reply.status, body=reply.body, headers=self._headers(served, request_id)
@@ -349,6 +354,7 @@ class Proxy:
         request_id: str,
         started: float,
         trace: RequestTrace | None,
+        requested: str,
     ) -> web.StreamResponse:
         ttft = served.first_byte - served.attempt_started
         account = self.accounting
@@ -374,6 +380,7 @@ class Proxy:
                 upstream_s=served.upstream_s,
                 ttft=ttft,
                 error=error,
+                requested=requested,
             )
 
         try:
@@ -410,11 +417,12 @@ class Proxy:
             retry_after = max(1, math.ceil(exhausted.retry_after_s))
             account.unserved(
                 request_id,
-                route,
+                exhausted.route,
                 503,
                 started,
                 "no_providers_available",
                 error="no_providers_available",
+                requested=route.name,
             )
             return error_response(
                 503,
@@ -422,7 +430,11 @@ class Proxy:
                 "(every target's breaker is open or rate-limited)",
                 type_="service_unavailable",
                 code="no_providers_available",
-                headers={"Retry-After": str(retry_after), "x-request-id": request_id},
+                headers={
+                    "Retry-After": str(retry_after),
+                    "x-request-id": request_id,
+                    "x-edgeroute-route": exhausted.route.name,
+                },
             )
         listed = [
             {"provider": a.provider, "model": a.model, "error": a.error, "status": a.status}
@@ -432,13 +444,14 @@ class Proxy:
             return self._all_rate_limited(route, exhausted, listed, request_id, started)
         account.unserved(
             request_id,
-            route,
+            exhausted.route,
             502,
             started,
             "all_providers_failed",
             attempts=attempts,
             upstream_s=exhausted.upstream_s,
             error="all_providers_failed",
+            requested=route.name,
         )
         return error_response(
             502,
@@ -446,7 +459,11 @@ class Proxy:
             + ", ".join(f"{a.provider}/{a.model}: {a.error}" for a in attempts),
             type_="upstream_error",
             code="all_providers_failed",
-            headers={"x-request-id": request_id, "x-edgeroute-attempts": str(len(attempts))},
+            headers={
+                "x-request-id": request_id,
+                "x-edgeroute-route": exhausted.route.name,
+                "x-edgeroute-attempts": str(len(attempts)),
+            },
             extra={"attempts": listed},
         )
 
@@ -464,13 +481,14 @@ class Proxy:
         retry_after = max(1, math.ceil(min(waits))) if waits else 1
         self.accounting.unserved(
             request_id,
-            route,
+            exhausted.route,
             429,
             started,
             "rate_limited",
             attempts=attempts,
             upstream_s=exhausted.upstream_s,
             error="rate_limited",
+            requested=route.name,
         )
         return error_response(
             429,
@@ -480,6 +498,7 @@ class Proxy:
             headers={
                 "Retry-After": str(retry_after),
                 "x-request-id": request_id,
+                "x-edgeroute-route": exhausted.route.name,
                 "x-edgeroute-attempts": str(len(attempts)),
             },
             extra={"attempts": listed},
@@ -492,7 +511,13 @@ class Proxy:
         request back rather than let a provider refuse it; retry when the first one frees."""
         retry_after = max(1, math.ceil(exhausted.retry_after_s))
         self.accounting.unserved(
-            request_id, route, 429, started, "rate_limited", error="rate_limit_exceeded"
+            request_id,
+            exhausted.route,
+            429,
+            started,
+            "rate_limited",
+            error="rate_limit_exceeded",
+            requested=route.name,
         )
         return error_response(
             429,
@@ -500,7 +525,11 @@ class Proxy:
             f"retry after {retry_after}s",
             type_="requests",
             code="rate_limit_exceeded",
-            headers={"Retry-After": str(retry_after), "x-request-id": request_id},
+            headers={
+                "Retry-After": str(retry_after),
+                "x-request-id": request_id,
+                "x-edgeroute-route": exhausted.route.name,
+            },
         )
 
     def _passthrough(
@@ -530,6 +559,7 @@ class Proxy:
             body=body,
             headers={
                 "x-request-id": request_id,
+                "x-edgeroute-route": exhausted.route.name,
                 "x-edgeroute-provider": last.provider,
                 "x-edgeroute-model": last.model,
                 "x-edgeroute-attempts": str(len(attempts)),
@@ -538,13 +568,14 @@ class Proxy:
         response.content_type = exc.content_type.split(";")[0] or "application/json"
         self.accounting.unserved(
             request_id,
-            route,
+            exhausted.route,
             status,
             started,
             "client_error",
             attempts=attempts,
             upstream_s=exhausted.upstream_s,
             error=exc.error_class.value,
+            requested=route.name,
         )
         return response
 

@@ -76,6 +76,8 @@ class _AccessLine(msgspec.Struct, omit_defaults=True):
     ttft_ms: float | None = None
     error: str | None = None
     trace_id: str | None = None
+    # The route the client named, when a fallback route (`route`) served or ended it.
+    requested_route: str | None = None
 
 
 _encode_line = msgspec.json.Encoder().encode
@@ -95,6 +97,7 @@ def write_access_line(
     ttft: float | None = None,
     error: str | None = None,
     trace_id: str | None = None,
+    requested_route: str | None = None,
 ) -> None:
     """One JSON line per request on the `edgeroute.access` logger (never a key or a body).
 
@@ -118,6 +121,7 @@ def write_access_line(
             None if ttft is None else round(ttft * 1000, 3),
             error or None,
             trace_id,
+            requested_route,
         )
     )
     sink = accesslog.writer()

@@ -11,10 +11,12 @@ from edgeroute import failover
 from edgeroute.config import Config, RouteConfig, effective_breaker, effective_latency
 from edgeroute.errors import AllProvidersFailed, NoProvidersAvailable, RoutingError
 from edgeroute.failover import (
+    Cause,
     Classify,
     Exhausted,
     FailoverPolicy,
     Failure,
+    Fallbacks,
     Observer,
     Record,
     Served,
@@ -58,11 +60,15 @@ class AttemptFailed(Exception):
         *,
         retryable: bool = True,
         retry_after_s: float = 0.0,
+        fallback: Cause | None = None,
     ) -> None:
         self.kind = kind
         self.error_class = error_class
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        # "context_window" / "content_policy": leave the route for that cause's fallback
+        # route (none configured: the request ends with this error).
+        self.fallback = fallback
         super().__init__(error_class)
 
 
@@ -121,6 +127,14 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
     )
 
 
+def compile_fallbacks(route: RouteConfig) -> Fallbacks:
+    return Fallbacks(
+        exhausted=tuple(route.fallbacks),
+        context_window=tuple(route.context_window_fallbacks),
+        content_policy=tuple(route.content_policy_fallbacks),
+    )
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -172,11 +186,16 @@ class Explanation:
     reason: str
     targets: list[TargetExplanation]
     snapshot: RouteSnapshot
+    fallbacks: Fallbacks
+    # The routes an exhausted request walks, in order, starting with this one.
+    chain: list[str]
 
 
 def _library_classify(exc: BaseException) -> Failure:
     if isinstance(exc, AttemptFailed):
-        return Failure(exc.kind, exc.error_class, exc.retryable, exc.retry_after_s)
+        return Failure(
+            exc.kind, exc.error_class, exc.retryable, exc.retry_after_s, fallback=exc.fallback
+        )
     return Failure(OutcomeKind.FAILURE, type(exc).__name__)
 
 
@@ -192,6 +211,9 @@ class Router:
         self.routes: dict[str, RouteSpec] = {
             r.model: compile_route(config, r) for r in config.routes
         }
+        self.fallbacks: dict[str, Fallbacks] = {
+            r.model: compile_fallbacks(r) for r in config.routes
+        }
         server = config.server
         self.policy = FailoverPolicy(
             max_attempts=server.max_attempts, deadline_s=server.request_timeout_s
@@ -202,6 +224,25 @@ class Router:
         if spec is None:
             raise UnknownRoute(name)
         return spec
+
+    def fallback_routes(self, route: RouteSpec, cause: Cause) -> tuple[RouteSpec, ...]:
+        """The routes `route` hands a request on to for `cause`, in order (the engine's
+        lookup; config checks guarantee every name is a route)."""
+        return tuple(self.routes[name] for name in self.fallbacks[route.name].of(cause))
+
+    def chain(self, route: str) -> list[str]:
+        """The routes a request on `route` walks while each one is exhausted: the route,
+        then each fallback with its own chain (depth first), no route twice."""
+        order: list[str] = []
+
+        def walk(name: str) -> None:
+            if name not in order:
+                order.append(name)
+                for fallback in self.fallbacks[name].exhausted:
+                    walk(fallback)
+
+        walk(route)
+        return order
 
     def health(self) -> StateHealth:
         return self.state.health()
@@ -269,13 +310,15 @@ class Router:
             started=started,
             tokens=tokens,
             gate=gate,
+            fallbacks=self.fallback_routes,
         )
 
     async def call(self, route: str, attempt: Callable[[Candidate], Awaitable[T]]) -> T:
         """Run `attempt` on the best target, failing over while failures are retryable.
 
         `attempt` raises AttemptFailed to classify a failure; any other exception counts as
-        a retryable FAILURE. Same engine, budget and deadline as the gateway.
+        a retryable FAILURE. Same engine, budget, deadline and fallback chains as the
+        gateway: `candidate.target` may belong to a fallback route.
         """
         spec = self.route(route)
 
@@ -293,7 +336,8 @@ class Router:
                 route, [(a.provider, a.model, a.error) for a in exhausted.attempts]
             ) from None
         latency_ms = (served.first_byte - served.attempt_started) * 1000
-        await record(spec, Outcome.for_admission(served.admission, OutcomeKind.SUCCESS, latency_ms))
+        outcome = Outcome.for_admission(served.admission, OutcomeKind.SUCCESS, latency_ms)
+        await record(served.route, outcome)
         return served.result
 
     async def explain(self, route: str) -> Explanation:
@@ -321,6 +365,8 @@ class Router:
             reason=view.decision.reason,
             targets=targets,
             snapshot=view.snapshot,
+            fallbacks=self.fallbacks[route],
+            chain=self.chain(route),
         )
 
     async def snapshot(self, route: str) -> RouteSnapshot:

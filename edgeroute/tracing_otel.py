@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from edgeroute import __version__, tracing
-from edgeroute.failover import Attempt, Failure, Observer
+from edgeroute.failover import Attempt, Cause, Failure, Observer
 from edgeroute.providers.base import (
     ProviderAdapter,
     UpstreamError,
@@ -283,6 +283,17 @@ class RequestTrace:
             },
         )
 
+    def _fallback(self, route: RouteSpec, to: RouteSpec, cause: Cause) -> None:
+        # The server span's `edgeroute.route` follows the decides: the serving route.
+        self.span.add_event(
+            "edgeroute.fallback",
+            {
+                "edgeroute.from_route": route.name,
+                "edgeroute.to_route": to.name,
+                "edgeroute.fallback.cause": cause,
+            },
+        )
+
 
 def _set_usage(span: Span, usage: Usage) -> None:
     span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
@@ -313,6 +324,10 @@ class _TracingObserver:
     def failover(self, route: RouteSpec, last: Attempt) -> None:
         self._delegate.failover(route, last)
         self._trace._failover(last)
+
+    def fallback(self, route: RouteSpec, to: RouteSpec, cause: Cause) -> None:
+        self._delegate.fallback(route, to, cause)
+        self._trace._fallback(route, to, cause)
 
 
 __all__ = ["RequestTrace", "Tracer"]

@@ -1,0 +1,352 @@
+"""Fallback chains (`routes[].fallbacks`) and error-class fallbacks
+(`context_window_fallbacks`, `content_policy_fallbacks`), end to end: `edgeroute serve` as a
+real process, mock upstreams on loopback, the official OpenAI SDK as the client. What the
+client got (status, `x-edgeroute-*` headers) is checked against what each upstream received,
+what explain says, the metrics and the access line; the library's `Router.call` walks the
+same chains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from edgeroute.config import ConfigErrors, parse_config
+from edgeroute.mock_provider import MockSettings
+from edgeroute.router import AttemptFailed, Router
+from edgeroute.strategy import Candidate
+from edgeroute.types import OutcomeKind
+from tests.support.backends import GATEWAY_KINDS, table
+from tests.support.gateway import HOST, GatewayProcess, gateway_config, get_json, mock_upstreams
+
+pytestmark = pytest.mark.slow
+
+MESSAGES: list[Any] = [{"role": "user", "content": "fall back, please"}]
+ADMIN = "fallback-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def route(name: str, *providers: str, **extra: Any) -> dict[str, Any]:
+    """A cost route over one target per provider (config order: no prices, ties keep it)."""
+    return {
+        "model": name,
+        "strategy": "cost",
+        "targets": [{"provider": p, "model": f"{p}-model", "id": p} for p in providers],
+        **extra,
+    }
+
+
+@pytest.fixture(params=table(GATEWAY_KINDS))
+def state_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "memory":
+        return {}
+    redis_url: str = request.getfixturevalue("redis_url")
+    prefix = f"fallbacks-{uuid.uuid4().hex[:10]}"
+    return {"state": {"redis_url": redis_url, "key_prefix": prefix, "timeout_ms": 2000}}
+
+
+@asynccontextmanager
+async def gateway(document: dict[str, Any], workdir: Path) -> AsyncIterator[GatewayProcess]:
+    document.setdefault("server", {})["admin_token"] = ADMIN
+    process = GatewayProcess(document, workdir, port=free_port())
+    try:
+        await asyncio.to_thread(process.wait_ready)
+        yield process
+    finally:
+        process.kill()
+
+
+def client(process: GatewayProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{process.url}/v1", api_key="k", max_retries=0, timeout=30)
+
+
+async def metric(process: GatewayProcess, name: str, **labels: str) -> float:
+    """One sample of the gateway's /metrics (0 when the child does not exist yet)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{process.url}/metrics") as r:
+        text = await r.text()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            sample, value = line.rsplit(" ", 1)
+            got = sample[len(name) + 1 : -1].split(",")
+            if ",".join(sorted(got)) == want:
+                return float(value)
+    return 0.0
+
+
+def access_lines(process: GatewayProcess) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for line in process.log().splitlines()
+        if line.startswith("{") and '"request_id"' in line
+    ]
+
+
+async def explain(process: GatewayProcess, name: str) -> dict[str, Any]:
+    status, body = await get_json(f"{process.url}/v1/routes/{name}/explain")
+    assert status == 200, body
+    result: dict[str, Any] = body
+    return result
+
+
+# ---- item 2: a chain of routes ------------------------------------------------------------
+
+
+async def test_chain_of_three_routes_exhausts_into_the_third(
+    tmp_path: Path, state_section: dict[str, Any]
+) -> None:
+    sick = MockSettings(error_rate=1.0)
+    async with mock_upstreams(a1=sick, a2=sick, b1=sick, c1=MockSettings()) as mocks:
+        document = gateway_config(
+            mocks,
+            [
+                route("a", "a1", "a2", fallbacks=["b"]),
+                route("b", "b1", fallbacks=["c"]),
+                route("c", "c1"),
+            ],
+            breaker={"failure_threshold": 2, "open_timeout_s": 120},
+            **state_section,
+        )
+        async with gateway(document, tmp_path) as process:
+            raw = await client(process).chat.completions.with_raw_response.create(
+                model="a", messages=MESSAGES, extra_headers={"x-request-id": "chain-1"}
+            )
+            assert raw.http_response.status_code == 200
+            assert raw.headers["x-edgeroute-route"] == "c"
+            assert raw.headers["x-edgeroute-provider"] == "c1"
+            # a1, a2 (route a's round), b1, then c1 answered: every attempt of the chain.
+            assert raw.headers["x-edgeroute-attempts"] == "4"
+            assert "c1" in (raw.parse().choices[0].message.content or "")
+            assert [await mocks[m].requests() for m in ("a1", "a2", "b1", "c1")] == [1, 1, 1, 1]
+
+            assert (
+                await metric(
+                    process, "edgeroute_fallbacks_total", route="a", to_route="b", cause="exhausted"
+                )
+                == 1
+            )
+            assert (
+                await metric(
+                    process, "edgeroute_fallbacks_total", route="b", to_route="c", cause="exhausted"
+                )
+                == 1
+            )
+            assert (
+                await metric(
+                    process,
+                    "edgeroute_requests_total",
+                    route="c",
+                    provider="c1",
+                    model="c1-model",
+                    outcome="success",
+                )
+                == 1
+            )
+
+            # Route a's targets have failed twice now (threshold 2) after a second request:
+            # then a and b are skipped without an attempt, straight to c.
+            await client(process).chat.completions.create(model="a", messages=MESSAGES)
+            raw = await client(process).chat.completions.with_raw_response.create(
+                model="a", messages=MESSAGES
+            )
+            assert raw.headers["x-edgeroute-route"] == "c"
+            assert raw.headers["x-edgeroute-attempts"] == "1"
+            assert [await mocks[m].requests() for m in ("a1", "a2", "b1", "c1")] == [2, 2, 2, 3]
+
+            served = next(line for line in access_lines(process) if line["request_id"] == "chain-1")
+            assert served["route"] == "c"
+            assert served["requested_route"] == "a"
+            assert served["attempts"] == 4
+            assert served["provider"] == "c1"
+
+            # Explain shows the lists and the order an exhausted request walks.
+            explained = await explain(process, "a")
+            assert explained["fallbacks"] == {
+                "fallbacks": ["b"],
+                "context_window_fallbacks": [],
+                "content_policy_fallbacks": [],
+            }
+            assert explained["fallback_chain"] == ["a", "b", "c"]
+            assert (await explain(process, "c"))["fallback_chain"] == ["c"]
+
+
+async def test_chain_exhausted_everywhere_is_one_502_listing_every_attempt(
+    tmp_path: Path,
+) -> None:
+    sick = MockSettings(error_rate=1.0)
+    async with mock_upstreams(a1=sick, b1=sick) as mocks:
+        document = gateway_config(
+            mocks,
+            [route("a", "a1", fallbacks=["b"]), route("b", "b1")],
+            server={"max_attempts": 2},
+        )
+        async with gateway(document, tmp_path) as process:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await client(process).chat.completions.create(model="a", messages=MESSAGES)
+            error = caught.value
+            assert error.status_code == 502
+            # a1 once (a moves on rather than retrying), then b1 with its own budget of 2.
+            assert error.response.headers["x-edgeroute-attempts"] == "3"
+            assert error.response.headers["x-edgeroute-route"] == "b"
+            body = error.response.json()["error"]
+            assert body["code"] == "all_providers_failed"
+            assert [a["provider"] for a in body["attempts"]] == ["a1", "b1", "b1"]
+            assert [await mocks[m].requests() for m in ("a1", "b1")] == [1, 2]
+
+
+async def test_streaming_request_falls_back_before_the_first_byte(tmp_path: Path) -> None:
+    async with mock_upstreams(a1=MockSettings(error_rate=1.0), b1=MockSettings()) as mocks:
+        document = gateway_config(mocks, [route("a", "a1", fallbacks=["b"]), route("b", "b1")])
+        async with gateway(document, tmp_path) as process:
+            async with client(process).chat.completions.with_streaming_response.create(
+                model="a", messages=MESSAGES, stream=True
+            ) as response:
+                assert response.headers["x-edgeroute-route"] == "b"
+                assert response.headers["x-edgeroute-attempts"] == "2"
+                text = ""
+                async for chunk in await response.parse():
+                    if chunk.choices:
+                        text += chunk.choices[0].delta.content or ""
+            assert text.startswith("Hello from b1")
+            assert [await mocks[m].requests() for m in ("a1", "b1")] == [1, 1]
+
+
+# ---- config errors -------------------------------------------------------------------------
+
+
+def _document(*routes: dict[str, Any]) -> dict[str, Any]:
+    provider = {"name": "p", "base_url": "http://127.0.0.1:9/v1"}
+    return {"providers": [provider], "routes": list(routes)}
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        pytest.param(
+            [route("a", "p", fallbacks=["b", "nope"]), route("b", "p")],
+            r"$.routes[0].fallbacks[1] (route a): unknown route 'nope'; known routes: a, b",
+            id="unknown",
+        ),
+        pytest.param(
+            [route("a", "p", context_window_fallbacks=["a"])],
+            r"$.routes[0].context_window_fallbacks[0] (route a): "
+            "route 'a' cannot fall back to itself",
+            id="self",
+        ),
+        pytest.param(
+            [
+                route("a", "p", fallbacks=["b"]),
+                route("b", "p", fallbacks=["c"]),
+                route("c", "p", fallbacks=["a"]),
+            ],
+            r"$.routes[0].fallbacks[0] (route a): fallbacks go round in a cycle: a → b → c → a",
+            id="cycle",
+        ),
+        pytest.param(
+            [route("a", "p"), route("b", "p", content_policy_fallbacks=["a", "a"])],
+            r"$.routes[1].content_policy_fallbacks[1] (route b): route 'a' is listed twice",
+            id="twice",
+        ),
+    ],
+)
+def test_bad_fallbacks_are_config_errors_with_their_path(
+    routes: list[dict[str, Any]], expected: str
+) -> None:
+    with pytest.raises(ConfigErrors) as caught:
+        parse_config(_document(*routes), env={})
+    assert caught.value.errors == (expected,)
+
+
+def test_fallbacks_across_kinds_may_point_back() -> None:
+    """`a` falls back to `b` when down; `b` sends prompts too long for it to `a`: no loop
+    (a request never visits a route twice), so not a cycle."""
+    config = parse_config(
+        _document(
+            route("a", "p", fallbacks=["b"]), route("b", "p", context_window_fallbacks=["a"])
+        ),
+        env={},
+    )
+    assert config.route("a").fallbacks == ["b"]
+
+
+# ---- the library API -------------------------------------------------------------------------
+
+
+async def test_router_call_walks_the_chain() -> None:
+    config = parse_config(
+        _document(
+            route("a", "p", fallbacks=["b", "c"]),
+            route("b", "p", fallbacks=["d"]),
+            route("c", "p"),
+            route("d", "p"),
+        ),
+        env={},
+    )
+    router = Router(config)
+    seen: list[str] = []
+
+    async def attempt(candidate: Candidate) -> str:
+        seen.append(candidate.target.id)
+        if len(seen) < 4:
+            raise AttemptFailed(OutcomeKind.FAILURE, "boom")
+        return f"answer {len(seen)}"
+
+    try:
+        # a, b, then b's own fallback d (depth first), then c answers.
+        assert router.chain("a") == ["a", "b", "d", "c"]
+        assert await router.call("a", attempt) == "answer 4"
+        assert len(seen) == 4
+        snapshots = {name: await router.snapshot(name) for name in ("a", "b", "c", "d")}
+        assert [snapshots[n].targets[0].failures for n in ("a", "b", "d")] == [1, 1, 1]
+        assert snapshots["c"].targets[0].successes == 1
+    finally:
+        await router.close()
+
+
+async def test_router_call_takes_an_error_class_fallback() -> None:
+    config = parse_config(
+        _document(
+            route("small", "p", fallbacks=["other"], context_window_fallbacks=["large"]),
+            route("other", "p"),
+            route("large", "p"),
+        ),
+        env={},
+    )
+    router = Router(config)
+    calls = 0
+
+    async def attempt(candidate: Candidate) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise AttemptFailed(
+                OutcomeKind.NEUTRAL,
+                "context_window_exceeded",
+                retryable=False,
+                fallback="context_window",
+            )
+        return calls
+
+    try:
+        assert await router.call("small", attempt) == 2
+        small = await router.snapshot("small")
+        assert small.targets[0].failures == 0  # NEUTRAL: not the target's fault
+        assert (await router.snapshot("large")).targets[0].successes == 1
+        assert (await router.snapshot("other")).targets[0].successes == 0
+    finally:
+        await router.close()
