@@ -1,9 +1,12 @@
 """A fake LLM upstream for tests, benchmarks, docker compose and the quickstart.
 
 It answers the OpenAI endpoints the gateway forwards (chat, completions, embeddings, models)
+Azure OpenAI's deployment paths (`/openai/deployments/{deployment}/...`, for `kind: azure`)
 and Anthropic's Messages API (`POST /v1/messages`, so `kind: anthropic` can be tried without a
 key) with realistic bodies, and it can misbehave on purpose: latency, random 500s, 429s with
-`Retry-After`, connection resets, hangs, slow first tokens and cut streams. A small control
+`Retry-After`, connection resets, hangs, slow first tokens, cut streams, and the refusals a
+provider gives a prompt too long for the model or one its content filter blocks, each in the
+error shape of the API the request came in on. A small control
 plane under `/_mock/` lets a test reconfigure faults at runtime and read back what the mock
 saw (request counts, the last `Authorization` header and body) without restarting it.
 
@@ -56,6 +59,8 @@ FAULTS: Final[tuple[str, ...]] = (
     "hang",
     "slow_first_token",
     "cut_stream",
+    "context_window",
+    "content_policy",
 )
 
 # Faults that only make sense on a streamed reply; other requests pass through untouched and
@@ -248,6 +253,72 @@ _ANTHROPIC_ERROR_TYPES: Final = {
     413: "request_too_large",
     429: "rate_limit_error",
     529: "overloaded_error",
+}
+
+
+# The refusals faults `context_window` and `content_policy` answer with, per API, as each
+# provider sends them (status, body): OpenAI's codes, Azure's content filter with its
+# innererror, Anthropic's invalid_request_error wording.
+_CONTEXT_MESSAGE: Final = (
+    "This model's maximum context length is 128000 tokens. However, your messages resulted "
+    "in 131072 tokens. Please reduce the length of the messages."
+)
+_OPENAI_CONTEXT: Final = _error_body(
+    _CONTEXT_MESSAGE, "invalid_request_error", "messages", "context_length_exceeded"
+)
+_REFUSALS: Final[dict[str, dict[str, tuple[int, bytes]]]] = {
+    "context_window": {
+        "openai": (400, _OPENAI_CONTEXT),
+        "azure": (400, _OPENAI_CONTEXT),
+        "anthropic": (
+            400,
+            _anthropic_error_body(
+                "prompt is too long: 210000 tokens > 200000 maximum", "invalid_request_error"
+            ),
+        ),
+    },
+    "content_policy": {
+        "openai": (
+            400,
+            _error_body(
+                "Your request was rejected as a result of our safety system. Your prompt may "
+                "contain text that is not allowed by our safety system.",
+                "invalid_request_error",
+                code="content_policy_violation",
+            ),
+        ),
+        "azure": (
+            400,
+            _ENCODER.encode(
+                {
+                    "error": {
+                        "message": "The response was filtered due to the prompt triggering "
+                        "Azure OpenAI's content management policy. Please modify your prompt "
+                        "and retry.",
+                        "type": None,
+                        "param": "prompt",
+                        "code": "content_filter",
+                        "status": 400,
+                        "innererror": {
+                            "code": "ResponsibleAIPolicyViolation",
+                            "content_filter_result": {
+                                "hate": {"filtered": True, "severity": "high"},
+                                "self_harm": {"filtered": False, "severity": "safe"},
+                                "sexual": {"filtered": False, "severity": "safe"},
+                                "violence": {"filtered": False, "severity": "safe"},
+                            },
+                        },
+                    }
+                }
+            ),
+        ),
+        "anthropic": (
+            400,
+            _anthropic_error_body(
+                "Output blocked by content filtering policy", "invalid_request_error"
+            ),
+        ),
+    },
 }
 
 
@@ -468,7 +539,7 @@ class _Reply:
     stream: bool
     parts: list[bytes]
     content_chunks: int = 0  # streamed content events at the front of `parts`
-    api: str = "openai"  # which API's error shapes faults use: "openai" or "anthropic"
+    api: str = "openai"  # which API's error shapes faults use: openai, azure or anthropic
 
 
 class MockProvider:
@@ -826,6 +897,8 @@ class MockProvider:
                 if api == "anthropic" and not request.headers.get("anthropic-version"):
                     raise _BadRequest("anthropic-version: header is required")
                 reply = parse(body)
+                if api == "azure":
+                    reply.api = api
             except _BadRequest as exc:
                 # A rejected request consumes no fault, so fault counts stay predictable.
                 if api == "anthropic":
@@ -859,6 +932,9 @@ class MockProvider:
         self, request: web.Request, reply: _Reply, fault: str
     ) -> web.StreamResponse:
         s = self.settings
+        if fault in _REFUSALS:
+            status, body = _REFUSALS[fault][reply.api]
+            return self._json(body, status)
         if reply.api == "anthropic" and fault in ("error_rate", "rate_limit", "status"):
             return self._anthropic_fault(fault)
         if fault == "error_rate":
@@ -975,6 +1051,22 @@ class MockProvider:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._inference(request, "/v1/embeddings", self._parse_embedding)
 
+    # Azure OpenAI: the deployment in the path, `api-version` in the query (not checked).
+    async def azure_chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(
+            request, "/openai/deployments/chat/completions", self._parse_chat, api="azure"
+        )
+
+    async def azure_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(
+            request, "/openai/deployments/completions", self._parse_completion, api="azure"
+        )
+
+    async def azure_embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(
+            request, "/openai/deployments/embeddings", self._parse_embedding, api="azure"
+        )
+
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self._inference(request, "/v1/messages", self._parse_messages, api="anthropic")
 
@@ -1033,6 +1125,10 @@ def create_mock_app(settings: MockSettings, *, name: str = "mock") -> web.Applic
     router.add_post("/v1/completions", provider.completions)
     router.add_post("/v1/embeddings", provider.embeddings)
     router.add_post("/v1/messages", provider.messages)
+    azure = "/openai/deployments/{deployment}"
+    router.add_post(f"{azure}/chat/completions", provider.azure_chat_completions)
+    router.add_post(f"{azure}/completions", provider.azure_completions)
+    router.add_post(f"{azure}/embeddings", provider.azure_embeddings)
     router.add_get("/v1/models", provider.models)
     router.add_get("/healthz", provider.healthz)
     router.add_get("/_mock/stats", provider.get_stats)
@@ -1118,6 +1214,8 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 _HELP_EPILOG = """\
 endpoints:
   POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models   OpenAI API
+  POST /openai/deployments/{deployment}/chat/completions (also completions, embeddings)
+                      Azure OpenAI (kind: azure; base_url without /v1)
   POST /v1/messages   Anthropic Messages API (needs an anthropic-version header; any key)
   GET /healthz
 
@@ -1132,13 +1230,22 @@ settings (flags above; same names in /_mock/config):
   error_rate          fraction of requests answered 500 (0..1)
   stream_chunks       content chunks per streamed reply
   model_name          report this model (null: echo the request's)
-  fault               none | status | rate_limit | reset | hang | slow_first_token | cut_stream:
+  fault               none | status | rate_limit | reset | hang | slow_first_token | cut_stream
+                      | context_window | content_policy:
                         status            answer `status` with an error body of the right API
                         rate_limit        429 with Retry-After: `retry_after_s`
                         reset             send half the reply, then drop the connection
                         hang              never answer
                         slow_first_token  wait `first_token_delay_ms` before the first byte
                         cut_stream        stream `cut_after_chunks` chunks, then close
+                        context_window    400: the prompt is too long for the model, as the
+                                          API called says it (OpenAI/Azure code
+                                          context_length_exceeded, Anthropic "prompt is too
+                                          long: ...")
+                        content_policy    400: refused by the content filter (OpenAI
+                                          content_policy_violation, Azure content_filter with
+                                          innererror ResponsibleAIPolicyViolation, Anthropic
+                                          "Output blocked by content filtering policy")
   fault_count         faulty requests before `fault` returns to none (0: every request)
   status              HTTP status for fault `status` (400-599, default 500)
   retry_after_s       Retry-After of fault `rate_limit` (default 1)

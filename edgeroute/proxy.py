@@ -73,6 +73,7 @@ def classify(exc: BaseException) -> Failure:
             exc.retry_after_s,
             exc.status,
             exc.limit_reset_s,
+            fallback=exc.fallback,
         )
     log.warning("attempt failed unexpectedly: %r", exc)
     return Failure(OutcomeKind.FAILURE, ErrorClass.BAD_RESPONSE.value)

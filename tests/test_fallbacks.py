@@ -8,12 +8,7 @@ same chains.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +21,18 @@ from edgeroute.mock_provider import MockSettings
 from edgeroute.router import AttemptFailed, Router
 from edgeroute.strategy import Candidate
 from edgeroute.types import OutcomeKind
-from tests.support.backends import GATEWAY_KINDS, table
-from tests.support.gateway import HOST, GatewayProcess, gateway_config, get_json, mock_upstreams
+from tests.support.backends import GATEWAY_KINDS, gateway_state, table
+from tests.support.gateway import (
+    GatewayProcess,
+    gateway_config,
+    gateway_process,
+    get_json,
+    mock_upstreams,
+)
 
 pytestmark = pytest.mark.slow
 
 MESSAGES: list[Any] = [{"role": "user", "content": "fall back, please"}]
-ADMIN = "fallback-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def route(name: str, *providers: str, **extra: Any) -> dict[str, Any]:
@@ -53,22 +47,7 @@ def route(name: str, *providers: str, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture(params=table(GATEWAY_KINDS))
 def state_section(request: pytest.FixtureRequest) -> dict[str, Any]:
-    if request.param == "memory":
-        return {}
-    redis_url: str = request.getfixturevalue("redis_url")
-    prefix = f"fallbacks-{uuid.uuid4().hex[:10]}"
-    return {"state": {"redis_url": redis_url, "key_prefix": prefix, "timeout_ms": 2000}}
-
-
-@asynccontextmanager
-async def gateway(document: dict[str, Any], workdir: Path) -> AsyncIterator[GatewayProcess]:
-    document.setdefault("server", {})["admin_token"] = ADMIN
-    process = GatewayProcess(document, workdir, port=free_port())
-    try:
-        await asyncio.to_thread(process.wait_ready)
-        yield process
-    finally:
-        process.kill()
+    return gateway_state(request, "fallbacks")
 
 
 def client(process: GatewayProcess) -> openai.AsyncOpenAI:
@@ -122,7 +101,7 @@ async def test_chain_of_three_routes_exhausts_into_the_third(
             breaker={"failure_threshold": 2, "open_timeout_s": 120},
             **state_section,
         )
-        async with gateway(document, tmp_path) as process:
+        async with gateway_process(document, tmp_path) as process:
             raw = await client(process).chat.completions.with_raw_response.create(
                 model="a", messages=MESSAGES, extra_headers={"x-request-id": "chain-1"}
             )
@@ -195,7 +174,7 @@ async def test_chain_exhausted_everywhere_is_one_502_listing_every_attempt(
             [route("a", "a1", fallbacks=["b"]), route("b", "b1")],
             server={"max_attempts": 2},
         )
-        async with gateway(document, tmp_path) as process:
+        async with gateway_process(document, tmp_path) as process:
             with pytest.raises(openai.APIStatusError) as caught:
                 await client(process).chat.completions.create(model="a", messages=MESSAGES)
             error = caught.value
@@ -212,7 +191,7 @@ async def test_chain_exhausted_everywhere_is_one_502_listing_every_attempt(
 async def test_streaming_request_falls_back_before_the_first_byte(tmp_path: Path) -> None:
     async with mock_upstreams(a1=MockSettings(error_rate=1.0), b1=MockSettings()) as mocks:
         document = gateway_config(mocks, [route("a", "a1", fallbacks=["b"]), route("b", "b1")])
-        async with gateway(document, tmp_path) as process:
+        async with gateway_process(document, tmp_path) as process:
             async with client(process).chat.completions.with_streaming_response.create(
                 model="a", messages=MESSAGES, stream=True
             ) as response:
@@ -350,3 +329,195 @@ async def test_router_call_takes_an_error_class_fallback() -> None:
         assert (await router.snapshot("other")).targets[0].successes == 0
     finally:
         await router.close()
+
+
+# ---- item 3: error-class fallbacks ---------------------------------------------------------
+
+KINDS = ("openai", "azure", "anthropic")
+
+
+def providers_by_kind(mocks: dict[str, Any]) -> list[dict[str, Any]]:
+    """One provider per adapter kind, each on its own mock (`openai`, `azure`, `anthropic`),
+    plus the plain OpenAI-compatible `large` and `safe` the fallback routes use."""
+    out: list[dict[str, Any]] = []
+    for name, mock in mocks.items():
+        provider: dict[str, Any] = {"name": name, "base_url": mock.base_url, "api_key": "sk-x"}
+        if name == "azure":
+            provider.update(kind="azure", base_url=mock.url, api_version="2024-10-21")
+        elif name == "anthropic":
+            provider["kind"] = "anthropic"
+        out.append(provider)
+    return out
+
+
+async def test_error_class_fallbacks_from_every_adapter_kind_spare_the_breaker(
+    tmp_path: Path, state_section: dict[str, Any]
+) -> None:
+    settings = {name: MockSettings() for name in (*KINDS, "large", "safe")}
+    async with mock_upstreams(**settings) as mocks:
+        routes = [
+            route(
+                kind,
+                kind,
+                context_window_fallbacks=["large"],
+                content_policy_fallbacks=["safe"],
+                fallbacks=["safe"],
+            )
+            for kind in KINDS
+        ]
+        document = {
+            "providers": providers_by_kind(mocks),
+            "routes": [*routes, route("large", "large"), route("safe", "safe")],
+            # One failure would open a breaker: these must not count as one.
+            "breaker": {"failure_threshold": 1, "open_timeout_s": 120},
+            **state_section,
+        }
+        async with gateway_process(document, tmp_path) as process:
+            gpt = client(process)
+            for kind in KINDS:
+                for fault, landing in (("context_window", "large"), ("content_policy", "safe")):
+                    await mocks[kind].configure(fault=fault, fault_count=1)
+                    stream = kind == "azure"  # a stream falls back before its first byte too
+                    if stream:
+                        async with gpt.chat.completions.with_streaming_response.create(
+                            model=kind, messages=MESSAGES, stream=True
+                        ) as response:
+                            headers = response.headers
+                            chunks = [c async for c in await response.parse()]
+                        text = "".join(
+                            c.choices[0].delta.content or "" for c in chunks if c.choices
+                        )
+                    else:
+                        raw = await gpt.chat.completions.with_raw_response.create(
+                            model=kind, messages=MESSAGES
+                        )
+                        headers = raw.headers
+                        text = raw.parse().choices[0].message.content or ""
+                    where = f"{kind}/{fault}"
+                    assert headers["x-edgeroute-route"] == landing, where
+                    assert headers["x-edgeroute-provider"] == landing, where
+                    assert headers["x-edgeroute-attempts"] == "2", where
+                    assert text.startswith(f"Hello from {landing}"), where
+                    assert (await mocks[kind].stats())["faults_served"] >= 1, where
+                    assert (
+                        await metric(
+                            process,
+                            "edgeroute_fallbacks_total",
+                            route=kind,
+                            to_route=landing,
+                            cause=fault,
+                        )
+                        == 1
+                    ), where
+                # The refusing target's breaker never heard of either refusal.
+                target = (await explain(process, kind))["targets"][0]
+                assert target["breaker"] == "closed", kind
+                assert target["consecutive_failures"] == 0, kind
+                assert target["window"]["failures"] == 0, kind
+                assert target["admissible"], kind
+            # Each refusing upstream was asked twice, once per fault; each landing route
+            # served one request per kind; the exhaustion fallback never fired.
+            assert [await mocks[k].requests() for k in KINDS] == [2, 2, 2]
+            assert await mocks["large"].requests() == 3
+            assert await mocks["safe"].requests() == 3
+            for kind in KINDS:
+                assert (
+                    await metric(
+                        process,
+                        "edgeroute_fallbacks_total",
+                        route=kind,
+                        to_route="safe",
+                        cause="exhausted",
+                    )
+                    == 0
+                )
+
+
+async def test_without_a_fallback_refusals_pass_through_unchanged(tmp_path: Path) -> None:
+    async with mock_upstreams(**{kind: MockSettings() for kind in KINDS}) as mocks:
+        document = {
+            "providers": providers_by_kind(mocks),
+            # A general fallback is not a context-window or content-policy fallback.
+            "routes": [route(kind, kind, fallbacks=["spare"]) for kind in KINDS]
+            + [route("spare", "openai")],
+            "breaker": {"failure_threshold": 1, "open_timeout_s": 120},
+        }
+        async with gateway_process(document, tmp_path) as process:
+            gpt = client(process)
+            expected = {
+                ("openai", "context_window"): ("context_length_exceeded", "maximum context"),
+                ("openai", "content_policy"): ("content_policy_violation", "safety system"),
+                ("azure", "context_window"): ("context_length_exceeded", "maximum context"),
+                ("azure", "content_policy"): ("content_filter", "content management policy"),
+                # Anthropic's error, in OpenAI's shape as every Anthropic error is.
+                ("anthropic", "context_window"): ("context_length_exceeded", "prompt is too long"),
+                ("anthropic", "content_policy"): (None, "content filtering policy"),
+            }
+            for (kind, fault), (code, words) in expected.items():
+                await mocks[kind].configure(fault=fault, fault_count=1)
+                with pytest.raises(openai.BadRequestError) as caught:
+                    await gpt.chat.completions.create(model=kind, messages=MESSAGES)
+                error = caught.value
+                where = f"{kind}/{fault}"
+                assert error.response.headers["x-edgeroute-route"] == kind, where
+                assert error.response.headers["x-edgeroute-attempts"] == "1", where
+                body = error.response.json()["error"]
+                assert body["code"] == code, where
+                assert words in body["message"], where
+                if kind == "azure" and fault == "content_policy":
+                    assert body["innererror"]["code"] == "ResponsibleAIPolicyViolation"
+            assert await mocks["openai"].requests() == 2  # never the spare route
+            for kind in KINDS:
+                target = (await explain(process, kind))["targets"][0]
+                assert (target["breaker"], target["window"]["failures"]) == ("closed", 0), kind
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # vLLM's OpenAI server, older (top-level) and newer ({"error": ...}) shapes.
+        (
+            b'{"object":"error","message":"This model\'s maximum context length is 4096 tokens.'
+            b" However, you requested 5000 tokens (4000 in the messages, 1000 in the completion)."
+            b' Please reduce the length of the messages or completion.","type":"BadRequestError",'
+            b'"param":null,"code":400}',
+            "context_window_exceeded",
+        ),
+        (
+            b'{"error":{"message":"\'max_tokens\' or \'max_completion_tokens\' is too large: 8000.'
+            b" This model's maximum context length is 4096 tokens and your request has 2778 input"
+            b' tokens (8000 > 4096 - 2778).","type":"BadRequestError","param":null,"code":400}}',
+            "context_window_exceeded",
+        ),
+        # vLLM's engine.
+        (
+            b'{"error":{"message":"The decoder prompt (length 8825) is longer than the maximum'
+            b' model length of 8192.","type":"BadRequestError","code":400}}',
+            "context_window_exceeded",
+        ),
+        (
+            b'{"error":{"message":"x","type":"invalid_request_error",'
+            b'"code":"context_length_exceeded"}}',
+            "context_window_exceeded",
+        ),
+        (
+            b'{"error":{"message":"x","type":"invalid_request_error",'
+            b'"code":"content_policy_violation"}}',
+            "content_policy_violation",
+        ),
+        (
+            b'{"error":{"message":"x","code":"BadRequest",'
+            b'"innererror":{"code":"ResponsibleAIPolicyViolation"}}}',
+            "content_policy_violation",
+        ),
+        (b'{"error":{"message":"Invalid temperature","code":"invalid_value"}}', None),
+        (b'{"error":"plain words"}', None),
+        (b"<html>bad gateway</html>", None),
+        (b"[1, 2]", None),
+    ],
+)
+def test_openai_compatible_refusals_are_recognised(body: bytes, expected: str | None) -> None:
+    from edgeroute.providers.openai import recognise_error
+
+    found = recognise_error(body)
+    assert (found.value if found is not None else None) == expected

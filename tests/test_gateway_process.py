@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from tests.support.gateway import (
     HOST,
     GatewayProcess,
     gateway_config,
+    gateway_process,
     get_json,
     mock_upstreams,
     running_app,
@@ -48,16 +49,6 @@ def free_port() -> int:
 
 def routes() -> list[dict[str, Any]]:
     return [{"model": "chat", "strategy": "cost", "targets": [{"provider": "a", "model": "a-1"}]}]
-
-
-@asynccontextmanager
-async def gateway_process(document: dict[str, Any], workdir: Path) -> AsyncIterator[GatewayProcess]:
-    process = GatewayProcess(document, workdir, port=free_port())
-    try:
-        await asyncio.to_thread(process.wait_ready)
-        yield process
-    finally:
-        process.kill()
 
 
 def client(process: GatewayProcess) -> openai.AsyncOpenAI:

@@ -9,6 +9,8 @@ import msgspec
 
 from edgeroute.config import ProviderConfig
 from edgeroute.providers.anthropic_translate import (
+    CONTENT_FILTER_MARKERS,
+    CONTEXT_LENGTH_MARKERS,
     MalformedUpstream,
     MessagesStreamTranslator,
     TranslationError,
@@ -43,6 +45,34 @@ _UNDECODABLE = (msgspec.DecodeError, RecursionError)
 
 def _bad(message: str) -> UpstreamError:
     return UpstreamError(ErrorClass.BAD_RESPONSE, message)
+
+
+class _ErrorDetail(msgspec.Struct):
+    type: str | None = None
+    message: str | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail | None = None
+
+
+_ERROR_DECODER = msgspec.json.Decoder(_ErrorBody)
+
+
+def recognise_error(body: bytes) -> ErrorClass | None:
+    """Anthropic's 400 invalid_request_error says "prompt is too long: 210000 tokens >
+    200000 maximum" for the context window and "Output blocked by content filtering
+    policy" when its filter refuses."""
+    try:
+        detail = _ERROR_DECODER.decode(body).error
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    text = (detail.message or "").lower() if detail is not None else ""
+    if any(marker in text for marker in CONTEXT_LENGTH_MARKERS):
+        return ErrorClass.CONTEXT_WINDOW
+    if any(marker in text for marker in CONTENT_FILTER_MARKERS):
+        return ErrorClass.CONTENT_POLICY
+    return None
 
 
 def _client_error(message: str, param: str | None = None) -> UpstreamError:
@@ -140,6 +170,7 @@ class AnthropicAdapter:
         try:
             response = await post(self._session, self._url, _encode(body), headers, self._timeout)
         except UpstreamError as exc:
+            exc.recognise(recognise_error)
             if exc.body:
                 try:
                     exc.body = _encode(

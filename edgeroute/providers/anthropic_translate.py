@@ -141,7 +141,9 @@ _ERROR_TYPES: Final[dict[str, tuple[str, str | None]]] = {
 
 # Anthropic reports an over-long prompt as a plain invalid_request_error; OpenAI has a dedicated
 # code that LangChain & co. use to trigger history trimming, so we recover it from the message.
-_CONTEXT_LENGTH_MARKERS: Final = ("prompt is too long", "exceed context limit")
+CONTEXT_LENGTH_MARKERS: Final = ("prompt is too long", "exceed context limit")
+# How Anthropic words a refusal by its content filter (a 400 invalid_request_error too).
+CONTENT_FILTER_MARKERS: Final = ("blocked by content filtering policy",)
 
 # Anthropic only accepts tool ids matching this; ids minted by other providers (e.g.
 # "functions.get_weather:0") show up when a conversation fails over, so they are rewritten.
@@ -944,6 +946,6 @@ def anthropic_error_to_openai(status: int, body: dict[str, Any]) -> dict[str, An
         err_type, code = "invalid_request_error", None
     if err_type == "invalid_request_error" and code is None:
         lowered = message.lower()
-        if any(marker in lowered for marker in _CONTEXT_LENGTH_MARKERS):
+        if any(marker in lowered for marker in CONTEXT_LENGTH_MARKERS):
             code = "context_length_exceeded"
     return {"error": {"message": message, "type": err_type, "param": None, "code": code}}

@@ -12,13 +12,14 @@ import email.utils
 import enum
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Literal, Protocol
 
 import msgspec
 
+from edgeroute.failover import Cause
 from edgeroute.types import OutcomeKind
 
 Endpoint = Literal["chat", "completions", "embeddings"]
@@ -39,11 +40,23 @@ class ErrorClass(enum.Enum):
     STREAM = "stream_error"
     BAD_RESPONSE = "bad_response"
     TOO_LARGE = "response_too_large"  # a body or one SSE event over the provider's bound
+    # Client errors an adapter recognises in the upstream's error body: the prompt is too
+    # long for this model, or the provider's content filter refused it. Another route may
+    # take them (routes[].context_window_fallbacks / content_policy_fallbacks).
+    CONTEXT_WINDOW = "context_window_exceeded"
+    CONTENT_POLICY = "content_policy_violation"
 
 
 _OUTCOMES = {
     ErrorClass.RATE_LIMITED: OutcomeKind.RATE_LIMITED,
+    # The request's fault, not the target's: a breaker never hears of them.
     ErrorClass.CLIENT: OutcomeKind.NEUTRAL,
+    ErrorClass.CONTEXT_WINDOW: OutcomeKind.NEUTRAL,
+    ErrorClass.CONTENT_POLICY: OutcomeKind.NEUTRAL,
+}
+_CAUSES: dict[ErrorClass, Cause] = {
+    ErrorClass.CONTEXT_WINDOW: "context_window",
+    ErrorClass.CONTENT_POLICY: "content_policy",
 }
 
 
@@ -73,12 +86,31 @@ class UpstreamError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """A client error is the client's to fix: trying another provider would not help."""
-        return self.error_class is not ErrorClass.CLIENT
+        """A client error is the client's to fix: another target of the route would not help
+        (a fallback route named for its cause may: see `fallback`)."""
+        return self.error_class not in (
+            ErrorClass.CLIENT,
+            ErrorClass.CONTEXT_WINDOW,
+            ErrorClass.CONTENT_POLICY,
+        )
 
     @property
     def outcome(self) -> OutcomeKind:
         return _OUTCOMES.get(self.error_class, OutcomeKind.FAILURE)
+
+    @property
+    def fallback(self) -> Cause | None:
+        """The fallback list that may take this request elsewhere, if any."""
+        return _CAUSES.get(self.error_class)
+
+    def recognise(self, read: Callable[[bytes], ErrorClass | None]) -> None:
+        """Reclassify a client error by what the adapter's `read` finds in its body (None:
+        nothing it knows). Status and body stay the upstream's: without a fallback for the
+        new class the client still gets them unchanged."""
+        if self.error_class is ErrorClass.CLIENT and self.body:
+            found = read(self.body)
+            if found is not None:
+                self.error_class = found
 
 
 # Token counts feed Prometheus counters and cost sums: a negative or non-integer count from

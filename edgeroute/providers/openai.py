@@ -33,6 +33,56 @@ def _bad(message: str) -> UpstreamError:
     return UpstreamError(ErrorClass.BAD_RESPONSE, message)
 
 
+class _InnerError(msgspec.Struct):
+    code: str | None = None
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str | None = None
+    code: str | int | None = None  # vLLM puts the HTTP status here
+    innererror: _InnerError | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    """{"error": {...}} (OpenAI, Azure, vLLM); older vLLM has message and code at the top."""
+
+    error: _ErrorDetail | str | None = None
+    message: str | None = None
+
+
+_ERROR_DECODER = msgspec.json.Decoder(_ErrorBody)
+# How OpenAI-compatible servers say the prompt does not fit: OpenAI and Azure by code, vLLM
+# only in words ("This model's maximum context length is 4096 tokens. However, you
+# requested ..." from its OpenAI server; "The decoder prompt (length 5000) is longer than the
+# maximum model length of 4096." from its engine).
+_CONTEXT_CODES = frozenset({"context_length_exceeded"})
+_CONTEXT_PHRASES = ("maximum context length is", "longer than the maximum model length")
+# A refusal by the content filter: OpenAI's `content_policy_violation`, Azure's
+# `content_filter` with innererror `ResponsibleAIPolicyViolation`.
+_CONTENT_CODES = frozenset({"content_filter", "content_policy_violation"})
+_CONTENT_INNER_CODES = frozenset({"ResponsibleAIPolicyViolation"})
+
+
+def recognise_error(body: bytes) -> ErrorClass | None:
+    """A context-window or content-policy refusal in an OpenAI-compatible error body."""
+    try:
+        document = _ERROR_DECODER.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    detail = document.error if isinstance(document.error, _ErrorDetail) else None
+    code = detail.code if detail is not None else None
+    inner = detail.innererror.code if detail is not None and detail.innererror else None
+    message = detail.message if detail is not None else None
+    if isinstance(document.error, str):
+        message = document.error
+    text = (message or document.message or "").lower()
+    if code in _CONTEXT_CODES or any(phrase in text for phrase in _CONTEXT_PHRASES):
+        return ErrorClass.CONTEXT_WINDOW
+    if code in _CONTENT_CODES or inner in _CONTENT_INNER_CODES:
+        return ErrorClass.CONTENT_POLICY
+    return None
+
+
 class OpenAIStream(PrimedStream):
     """Passes OpenAI SSE through, reading usage from the final chunk on the way.
 
@@ -149,9 +199,13 @@ class OpenAIAdapter:
             headers = {**headers, "Accept": "text/event-stream"}
         if request.extra_headers:
             headers = {**headers, **request.extra_headers}
-        response = await post(
-            self._session, self.url(request), request.body(**overrides), headers, self._timeout
-        )
+        try:
+            response = await post(
+                self._session, self.url(request), request.body(**overrides), headers, self._timeout
+            )
+        except UpstreamError as exc:
+            exc.recognise(recognise_error)
+            raise
         if request.stream:
             expect_event_stream(response)
             stream = OpenAIStream(response, self._limits, strip_usage_chunk=bool(inject_usage))

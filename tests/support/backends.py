@@ -32,6 +32,17 @@ def table(kinds: tuple[str, ...] = KINDS) -> list[object]:
     return [pytest.param(kind, marks=getattr(pytest.mark, kind), id=kind) for kind in kinds]
 
 
+def gateway_state(request: pytest.FixtureRequest, prefix: str) -> dict[str, object]:
+    """The config sections a `table(GATEWAY_KINDS)` fixture param selects: none (in-process
+    state), or a real Redis under a fresh key prefix with a roomy timeout (gateway tests are
+    never about degraded mode)."""
+    if request.param == "memory":
+        return {}
+    redis_url: str = request.getfixturevalue("redis_url")
+    key_prefix = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    return {"state": {"redis_url": redis_url, "key_prefix": key_prefix, "timeout_ms": 2000}}
+
+
 class VirtualClock:
     """Seconds; only the test moves it."""
 

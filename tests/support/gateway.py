@@ -180,6 +180,21 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
 
+@asynccontextmanager
+async def gateway_process(
+    document: dict[str, Any], workdir: Path, **kwargs: Any
+) -> AsyncIterator[GatewayProcess]:
+    """`edgeroute serve` on a free port, ready to take requests; killed on the way out."""
+    from tests.support.redis_servers import free_port
+
+    process = GatewayProcess(document, workdir, port=free_port(), **kwargs)
+    try:
+        await asyncio.to_thread(process.wait_ready)
+        yield process
+    finally:
+        process.kill()
+
+
 async def get_json(url: str, **kwargs: Any) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as response:
         return response.status, await response.json(content_type=None)
