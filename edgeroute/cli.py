@@ -258,13 +258,25 @@ def _explanation_text(explanation: Explanation, state: str) -> str:
         "IN-FLIGHT",
         "EXCLUDED BECAUSE",
     ]
-    return "\n".join(
-        [
-            f"route {explanation.route} ({_strategy_text(explanation.strategy)}; state: {state})",
-            _table(headers, rows),
-            f"reason: {explanation.reason}",
-        ]
-    )
+    lines = [
+        f"route {explanation.route} ({_strategy_text(explanation.strategy)}; state: {state})",
+        _table(headers, rows),
+        f"reason: {explanation.reason}",
+    ]
+    fallbacks = explanation.fallbacks
+    if fallbacks:
+        lines.append(
+            f"fallback chain: {' -> '.join(explanation.chain)}"
+            + "".join(
+                f"; {label}: {', '.join(names)}"
+                for label, names in (
+                    ("context window", fallbacks.context_window),
+                    ("content policy", fallbacks.content_policy),
+                )
+                if names
+            )
+        )
+    return "\n".join(lines)
 
 
 def _by_rank(targets: list[TargetExplanation]) -> list[TargetExplanation]:

@@ -126,7 +126,15 @@ class Tracer:
 class RequestTrace:
     """The spans of one client request."""
 
-    __slots__ = ("_attempts", "_context", "_stream_span", "_tracer", "span", "trace_id")
+    __slots__ = (
+        "_attempts",
+        "_context",
+        "_route",
+        "_stream_span",
+        "_tracer",
+        "span",
+        "trace_id",
+    )
 
     def __init__(self, tracer: trace.Tracer, http: web.Request, endpoint: str) -> None:
         self._tracer = tracer
@@ -145,6 +153,7 @@ class RequestTrace:
         self._context = trace.set_span_in_context(self.span)
         self.trace_id = format(self.span.get_span_context().trace_id, "032x")
         self._attempts = 0
+        self._route: str | None = None  # the route of the latest decide: attempts run there
         self._stream_span: Span | None = None
         tracing.set_trace_id(self.trace_id)
 
@@ -171,6 +180,8 @@ class RequestTrace:
             "edgeroute.target": target.id,
             "edgeroute.attempt": self._attempts,
         }
+        if self._route is not None:
+            attributes["edgeroute.route"] = self._route
         if host:
             attributes["server.address"] = host
         if port:
@@ -240,6 +251,8 @@ class RequestTrace:
         self, route: RouteSpec, decision: RoutingDecision, elapsed_s: float, shared_state: str
     ) -> None:
         server = self.span
+        # With a fallback chain the last decide's route is the one that served.
+        self._route = route.name
         server.set_attribute("edgeroute.route", route.name)
         server.set_attribute("edgeroute.strategy", route.strategy.kind)
         end = time.time_ns()

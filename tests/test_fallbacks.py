@@ -9,6 +9,8 @@ same chains.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -521,3 +523,20 @@ def test_openai_compatible_refusals_are_recognised(body: bytes, expected: str | 
 
     found = recognise_error(body)
     assert (found.value if found is not None else None) == expected
+
+
+def test_cli_explain_names_the_chain(tmp_path: Path) -> None:
+    config = tmp_path / "fallbacks.yaml"
+    document = _document(
+        route("a", "p", fallbacks=["b"], context_window_fallbacks=["c"]),
+        route("b", "p", fallbacks=["c"]),
+        route("c", "p"),
+    )
+    config.write_text(json.dumps(document))  # JSON is YAML
+    run = subprocess.run(
+        [sys.executable, "-m", "edgeroute.cli", "explain", "--config", str(config), "a"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "fallback chain: a -> b -> c; context window: c" in run.stdout

@@ -187,6 +187,56 @@ async def test_a_failed_over_request_is_one_trace_continued_from_the_client(
         assert "sk-" not in text
 
 
+async def test_a_fallback_shows_as_an_event_and_the_serving_route(tmp_path: Path) -> None:
+    async with (
+        mock_upstreams(bad=MockSettings(error_rate=1.0), good=MockSettings()) as mocks,
+        otlp_receiver() as (otlp_url, receiver),
+    ):
+        document = gateway_config(
+            mocks,
+            [
+                {
+                    "model": "chat",
+                    "targets": [{"provider": "bad", "model": "m"}],
+                    "fallbacks": ["backup"],
+                },
+                {"model": "backup", "targets": [{"provider": "good", "model": "m"}]},
+            ],
+        )
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        gateway = GatewayProcess(document, tmp_path, port=free_port(), env=env)
+        try:
+            await asyncio.to_thread(gateway.wait_ready)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"{gateway.url}/v1/chat/completions", json=CHAT) as response,
+            ):
+                assert response.status == 200, await response.text()
+                assert response.headers["x-edgeroute-route"] == "backup"
+            await wait_until(lambda: receiver.named("POST "), timeout=15)
+            await wait_until(lambda: len(receiver.named("chat ")) == 2, timeout=15)
+        finally:
+            await asyncio.to_thread(gateway.terminate)
+
+    (server,) = receiver.named("POST ")
+    assert attributes(server.attributes)["edgeroute.route"] == "backup"
+    (fallback,) = [e for e in server.events if e.name == "edgeroute.fallback"]
+    assert attributes(fallback.attributes) == {
+        "edgeroute.from_route": "chat",
+        "edgeroute.to_route": "backup",
+        "edgeroute.fallback.cause": "exhausted",
+    }
+    attempts = sorted(receiver.named("chat "), key=lambda s: s.start_time_unix_nano)
+    routes = [attributes(s.attributes)["edgeroute.route"] for s in attempts]
+    assert routes == ["chat", "backup"]
+    decides = sorted(receiver.named("edgeroute.decide"), key=lambda s: s.start_time_unix_nano)
+    assert [attributes(s.attributes)["edgeroute.route"] for s in decides] == [
+        "chat",
+        "chat",
+        "backup",
+    ]
+
+
 async def test_a_stream_attempt_span_has_ttft_and_tokens(tmp_path: Path) -> None:
     async with (
         mock_upstreams(good=MockSettings()) as mocks,
