@@ -275,6 +275,68 @@ async def test_rate_limit_fault(mock: Mock, client: openai.AsyncOpenAI) -> None:
     assert info.value.response.headers["retry-after-ms"] == "250"
 
 
+async def test_azure_deployment_paths_answer_and_refuse_in_azures_shape(mock: Mock) -> None:
+    async with openai.AsyncAzureOpenAI(
+        azure_endpoint=mock.url, api_key="k", api_version="2024-10-21", max_retries=0
+    ) as azure:
+        reply = await azure.chat.completions.create(model="gpt-4o-dep", messages=MESSAGES)
+        assert reply.model == "gpt-4o-dep"
+        await mock.configure(fault="content_policy", fault_count=1)
+        with pytest.raises(openai.BadRequestError) as info:
+            await azure.chat.completions.create(model="gpt-4o-dep", messages=MESSAGES)
+    assert info.value.code == "content_filter"
+    body = info.value.body
+    assert isinstance(body, dict)
+    assert body["innererror"]["code"] == "ResponsibleAIPolicyViolation"
+    assert (await mock.stats())["by_path"]["/openai/deployments/chat/completions"] == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "words"),
+    [
+        ("context_window", "context_length_exceeded", "maximum context length is"),
+        ("content_policy", "content_policy_violation", "safety system"),
+    ],
+)
+async def test_refusal_faults_in_openais_shape(
+    mock: Mock, client: openai.AsyncOpenAI, fault: str, code: str, words: str
+) -> None:
+    await mock.configure(fault=fault, fault_count=1)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert info.value.code == code
+    assert words in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("context_window", "prompt is too long: 210000 tokens > 200000 maximum"),
+        ("content_policy", "Output blocked by content filtering policy"),
+    ],
+)
+async def test_refusal_faults_in_anthropics_shape(mock: Mock, fault: str, message: str) -> None:
+    await mock.configure(fault=fault, fault_count=1)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{mock.v1}/messages",
+            json={
+                "model": "claude",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            headers={"anthropic-version": "2023-06-01"},
+        ) as response,
+    ):
+        assert response.status == 400
+        body = await response.json()
+    assert body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": message},
+    }
+
+
 async def test_fault_count_counts_down(mock: Mock, client: openai.AsyncOpenAI) -> None:
     settings = await mock.configure(fault="status", status=503, fault_count=2)
     assert (settings["fault"], settings["fault_count"]) == ("status", 2)
