@@ -640,7 +640,10 @@ def _check_fallbacks(
     """Every fallback names a known route other than its own, once per list, and no list
     kind loops back to where it started (a → b → a): a chain must end."""
     known = [r["model"] for r in raw_routes if isinstance(r.get("model"), str)]
-    index = {name: i for i, name in reversed(list(enumerate(known)))}
+    index: dict[str, int] = {}  # a route's place in $.routes (the first, if named twice)
+    for i, raw in enumerate(raw_routes):
+        if isinstance(raw.get("model"), str):
+            index.setdefault(raw["model"], i)
     for field in FALLBACK_FIELDS:
         graph: dict[str, list[tuple[int, str]]] = {}
         for i, route in enumerate(routes):

@@ -253,6 +253,20 @@ def test_bad_fallbacks_are_config_errors_with_their_path(
     assert caught.value.errors == (expected,)
 
 
+def test_a_cycle_is_reported_at_its_routes_own_place() -> None:
+    """A route with a problem of its own (no `model`) still takes its place in $.routes."""
+    nameless = {"targets": [{"provider": "p", "model": "x"}]}
+    document = _document(
+        nameless, route("a", "p", fallbacks=["b"]), route("b", "p", fallbacks=["a"])
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        parse_config(document, env={})
+    assert caught.value.errors == (
+        "$.routes[0]: missing required field `model`",
+        "$.routes[1].fallbacks[0] (route a): fallbacks go round in a cycle: a → b → a",
+    )
+
+
 def test_fallbacks_across_kinds_may_point_back() -> None:
     """`a` falls back to `b` when down; `b` sends prompts too long for it to `a`: no loop
     (a request never visits a route twice), so not a cycle."""
