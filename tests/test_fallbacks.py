@@ -207,6 +207,30 @@ async def test_streaming_request_falls_back_before_the_first_byte(tmp_path: Path
             assert [await mocks[m].requests() for m in ("a1", "b1")] == [1, 1]
 
 
+async def test_a_route_at_its_quota_falls_back(
+    tmp_path: Path, state_section: dict[str, Any]
+) -> None:
+    """A target at its rpm quota is excluded like an open breaker: with nothing else
+    admissible on its route, the request goes down the chain instead of a 429."""
+    async with mock_upstreams(a1=MockSettings(), b1=MockSettings()) as mocks:
+        quota_route = route("a", "a1", fallbacks=["b"])
+        quota_route["targets"][0]["rpm"] = 1
+        document = gateway_config(mocks, [quota_route, route("b", "b1")], **state_section)
+        async with gateway_process(document, tmp_path) as process:
+            gpt = client(process)
+            first = await gpt.chat.completions.with_raw_response.create(
+                model="a", messages=MESSAGES
+            )
+            assert first.headers["x-edgeroute-route"] == "a"
+            second = await gpt.chat.completions.with_raw_response.create(
+                model="a", messages=MESSAGES
+            )
+            assert second.headers["x-edgeroute-route"] == "b"
+            assert second.headers["x-edgeroute-attempts"] == "1"
+            assert [await mocks[m].requests() for m in ("a1", "b1")] == [1, 1]
+            assert (await explain(process, "a"))["targets"][0]["excluded"] == "quota_rpm"
+
+
 # ---- config errors -------------------------------------------------------------------------
 
 
