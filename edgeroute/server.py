@@ -37,6 +37,7 @@ from edgeroute.httpguard import (
 )
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
+from edgeroute.providers.transport import new_session
 from edgeroute.proxy import CLIENT_KEY, Proxy
 from edgeroute.recorder import Recorder
 from edgeroute.replicas import Replicas
@@ -191,15 +192,7 @@ def create_app(
     sessions: list[aiohttp.ClientSession] = []
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
-        )
-        session = aiohttp.ClientSession(
-            # No Accept-Encoding: upstreams answer plain, and the body passes through as is.
-            # One that compresses anyway is still decoded before the client sees it.
-            connector=connector,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        session = new_session()
         sessions.append(session)
         for provider in config.providers:
             adapters[provider.name] = make_adapter(provider, session)

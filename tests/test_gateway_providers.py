@@ -740,3 +740,83 @@ async def test_compressing_openai_upstream_is_understood() -> None:
             assert seen == [None]
             # ... and still understands an upstream that compresses anyway.
             assert completion.choices[0].message.content == "squeezed " * 50
+
+
+# --- what goes upstream: the provider's headers, complete, built once ------------------------
+
+
+async def test_upstream_request_headers_are_exactly_the_providers() -> None:
+    """Headers are built per provider at startup (no per-attempt merging by aiohttp): the
+    upstream sees content type, auth, Accept and the configured extras, and nothing aiohttp
+    would add by itself (User-Agent, Accept-Encoding)."""
+    seen: list[dict[str, str]] = []
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+    }
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append({k.lower(): v for k, v in request.headers.items()})
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "c",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": "m",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hi"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    async with running_app(app) as upstream:
+        document = {
+            "providers": [
+                {
+                    "name": "up",
+                    "base_url": f"{upstream}/v1",
+                    "api_key": "k-up",
+                    "headers": {"OpenAI-Organization": "org-1"},
+                    "stream_usage": False,
+                }
+            ],
+            "routes": [{"model": "m", "targets": [{"provider": "up", "model": "m"}]}],
+        }
+        async with (
+            running_gateway(document) as (url, _app),
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client,
+        ):
+            messages: Any = [{"role": "user", "content": "hi"}]
+            await client.chat.completions.create(model="m", messages=messages)
+            created = await client.chat.completions.create(
+                model="m", messages=messages, stream=True
+            )
+            async for _ in created:
+                pass
+    plain, streamed = seen
+    common = {
+        "content-type": "application/json",
+        "authorization": "Bearer k-up",
+        "openai-organization": "org-1",
+    }
+    for headers, accept in ((plain, "*/*"), (streamed, "text/event-stream")):
+        assert set(headers) == {*common, "accept", "host", "content-length"}
+        assert {k: headers[k] for k in common} == common
+        assert headers["accept"] == accept

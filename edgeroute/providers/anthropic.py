@@ -34,7 +34,12 @@ from edgeroute.providers.sse import (
     event_name,
     split_events,
 )
-from edgeroute.providers.transport import expect_event_stream, post, read_body
+from edgeroute.providers.transport import (
+    expect_event_stream,
+    post,
+    read_body,
+    request_headers,
+)
 
 ANTHROPIC_VERSION = "2023-06-01"
 _encode = msgspec.json.encode
@@ -135,13 +140,10 @@ class AnthropicAdapter:
         self.config = config
         self._session = session
         self._url = config.base_url.rstrip("/") + "/messages"
-        self._headers = {
-            "Content-Type": "application/json",
-            "anthropic-version": ANTHROPIC_VERSION,
-        }
+        base = {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
         if config.api_key:
-            self._headers["x-api-key"] = config.api_key
-        self._headers.update(config.headers)
+            base["x-api-key"] = config.api_key
+        self._headers, self._stream_headers = request_headers(base, config.headers)
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
         )
@@ -162,11 +164,10 @@ class AnthropicAdapter:
         except RecursionError:
             # The gateway's parser bounds nesting; this is the backstop if that bound grows.
             raise _client_error("request JSON is nested too deeply") from None
-        headers = self._headers
-        if request.stream:
-            headers = {**headers, "Accept": "text/event-stream"}
+        headers = self._stream_headers if request.stream else self._headers
         if request.extra_headers:
-            headers = {**headers, **request.extra_headers}
+            headers = headers.copy()
+            headers.update(request.extra_headers)
         try:
             response = await post(self._session, self._url, _encode(body), headers, self._timeout)
         except UpstreamError as exc:

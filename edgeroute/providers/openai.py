@@ -19,7 +19,12 @@ from edgeroute.providers.base import (
     parse_limit_reset,
 )
 from edgeroute.providers.sse import PrimedStream, StreamLimits, event_data, split_events
-from edgeroute.providers.transport import expect_event_stream, post, read_body
+from edgeroute.providers.transport import (
+    expect_event_stream,
+    post,
+    read_body,
+    request_headers,
+)
 
 _INCLUDE_USAGE = msgspec.Raw(b'{"include_usage":true}')
 _USAGE_DECODER = msgspec.json.Decoder(UsageOnly)
@@ -170,8 +175,9 @@ class OpenAIAdapter:
         self.config = config
         self._session = session
         self._base = config.base_url.rstrip("/")
-        self._headers = {"Content-Type": "application/json", **self._auth_headers(config)}
-        self._headers.update(config.headers)
+        self._headers, self._stream_headers = request_headers(
+            {"Content-Type": "application/json", **self._auth_headers(config)}, config.headers
+        )
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
         )
@@ -194,11 +200,10 @@ class OpenAIAdapter:
         )
         if inject_usage:
             overrides["stream_options"] = _INCLUDE_USAGE
-        headers = self._headers
-        if request.stream:
-            headers = {**headers, "Accept": "text/event-stream"}
+        headers = self._stream_headers if request.stream else self._headers
         if request.extra_headers:
-            headers = {**headers, **request.extra_headers}
+            headers = headers.copy()
+            headers.update(request.extra_headers)
         try:
             response = await post(
                 self._session, self.url(request), request.body(**overrides), headers, self._timeout
