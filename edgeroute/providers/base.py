@@ -139,9 +139,23 @@ class UpstreamRequest:
     request_id: str
     # Headers for this attempt only, e.g. the W3C `traceparent` of its span (tracing on).
     extra_headers: dict[str, str] | None = None
+    # Encoded bodies by target model: a failover to a target of the same model reuses one.
+    _bodies: dict[str, bytes] = field(default_factory=dict)
 
     def body(self, **overrides: object) -> bytes:
-        """The client's body with `model` (and `overrides`) replaced; the rest byte for byte."""
+        """The client's body with `model` (and `overrides`) replaced; the rest byte for byte.
+
+        Re-encoding the object around the raw values (rather than splicing the model into
+        the client's bytes) is what keeps odd JSON valid: duplicate keys collapse to one,
+        escaped keys are written plainly, and `model` appears exactly once."""
+        if not overrides:
+            cached = self._bodies.get(self.model)
+            if cached is None:
+                cached = self._bodies[self.model] = self._encode(overrides)
+            return cached
+        return self._encode(overrides)
+
+    def _encode(self, overrides: dict[str, object]) -> bytes:
         fields: dict[str, object] = dict(self.fields)
         fields["model"] = self.model
         fields.update(overrides)
