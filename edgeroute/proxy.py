@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict, istr
 
 from edgeroute import streaming, tracing
 from edgeroute.accounting import Accounting
@@ -43,6 +44,10 @@ log = logging.getLogger("edgeroute.proxy")
 _encode = msgspec.json.encode
 
 Result = UpstreamReply | UpstreamStream
+_ATTEMPTS = istr("x-edgeroute-attempts")
+_REASON = istr("x-edgeroute-reason")
+_REQUEST_ID = istr("x-request-id")
+_TARGET_HEADERS_MAX = 4096
 
 
 class ClientRefused(Exception):
@@ -89,6 +94,7 @@ class Proxy:
         self._settling: set[asyncio.Task[None]] = set()
         self.accounting = accounting
         self.in_flight = 0
+        self._target_headers: dict[tuple[str, str, str], CIMultiDict[str]] = {}
         accounting.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape
 
     @property
@@ -303,17 +309,28 @@ class Proxy:
 
     # ---- served ------------------------------------------------------------------------
 
-    @staticmethod
-    def _headers(served: Served[Result], request_id: str) -> dict[str, str]:
+    def _headers(self, served: Served[Result], request_id: str) -> CIMultiDict[str]:
+        """The reply's own headers: the serving route's and target's, built once per (route,
+        provider, model), and the three that change per reply. aiohttp copies a CIMultiDict
+        without normalising each name again, as it must for a plain dict."""
         target = served.target
-        return {
-            "x-edgeroute-route": served.route.name,
-            "x-edgeroute-provider": target.provider,
-            "x-edgeroute-model": target.model,
-            "x-edgeroute-attempts": str(len(served.attempts) + 1),
-            "x-edgeroute-reason": served.decision.reason,
-            "x-request-id": request_id,
-        }
+        key = (served.route.name, target.provider, target.model)
+        base = self._target_headers.get(key)
+        if base is None:
+            if len(self._target_headers) >= _TARGET_HEADERS_MAX:
+                self._target_headers.clear()  # reloads renamed targets: start over
+            base = self._target_headers[key] = CIMultiDict(
+                {
+                    "x-edgeroute-route": served.route.name,
+                    "x-edgeroute-provider": target.provider,
+                    "x-edgeroute-model": target.model,
+                }
+            )
+        headers = base.copy()
+        headers[_ATTEMPTS] = str(len(served.attempts) + 1)
+        headers[_REASON] = served.decision.reason
+        headers[_REQUEST_ID] = request_id
+        return headers
 
     def _reply(
         self,
@@ -340,11 +357,13 @@ class Proxy:
             upstream_s=served.upstream_s,
             requested=requested,
         )
-        response = web.Response(
-            status=reply.status, body=reply.body, headers=self._headers(served, request_id)
+        # content_type given here, not set afterwards: the setter re-parses the header.
+        return web.Response(
+            status=reply.status,
+            body=reply.body,
+            headers=self._headers(served, request_id),
+            content_type=reply.content_type.split(";")[0] or "application/json",
         )
-        response.content_type = reply.content_type.split(";")[0] or "application/json"
-        return response
 
     async def _stream(
         self,

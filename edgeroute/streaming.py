@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from collections.abc import Mapping
 
 import msgspec
 from aiohttp import web
@@ -33,7 +34,7 @@ async def relay(
     http: web.Request,
     stream: UpstreamStream,
     target: TargetSpec,
-    headers: dict[str, str],
+    headers: Mapping[str, str],
 ) -> tuple[web.StreamResponse, StreamEnd, str | None]:
     """Send `stream` to the client. Returns the response, how it ended and the error class
     (for a broken upstream). CancelledError (the client left) propagates after cleanup."""
