@@ -34,11 +34,12 @@ class Accounting:
         self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float
     ) -> None:
         metrics = self.metrics
-        metrics.attempts.labels(target.provider, target.model, failure.error).inc()
-        metrics.upstream_duration.labels(target.provider, target.model).observe(elapsed_s)
+        metrics.child(metrics.attempts, target.provider, target.model, failure.error).inc()
+        metrics.child(metrics.upstream_duration, target.provider, target.model).observe(elapsed_s)
 
     def failover(self, route: RouteSpec, last: Attempt) -> None:
-        self.metrics.failovers.labels(route.name, last.provider, last.error).inc()
+        metrics = self.metrics
+        metrics.child(metrics.failovers, route.name, last.provider, last.error).inc()
 
     def fallback(self, route: RouteSpec, to: RouteSpec, cause: Cause) -> None:
         self.metrics.fallbacks.labels(route.name, to.name, cause).inc()
@@ -73,9 +74,10 @@ class Accounting:
         provider = last.provider if last else ""
         model = last.model if last else ""
         name = route.name if route is not None else ""
-        self.metrics.requests.labels(name, provider, model, outcome).inc()
+        metrics = self.metrics
+        metrics.child(metrics.requests, name, provider, model, outcome).inc()
         if route is not None:
-            self.metrics.request_duration.labels(name).observe(total)
+            metrics.child(metrics.request_duration, name).observe(total)
         if access_log.isEnabledFor(logging.INFO):
             write_access_line(
                 request_id,
@@ -141,12 +143,15 @@ class Accounting:
                 if cost:
                     bound.cost.inc(cost / 1_000_000)
         elif kind is OutcomeKind.FAILURE and error is not None:
-            self.metrics.attempts.labels(target.provider, target.model, error).inc()
+            metrics = self.metrics
+            metrics.child(metrics.attempts, target.provider, target.model, error).inc()
         total = time.perf_counter() - started
         if outcome == "success":
             bound.success.inc()
         else:
-            self.metrics.requests.labels(route.name, target.provider, target.model, outcome).inc()
+            metrics = self.metrics
+            provider, model = target.provider, target.model
+            metrics.child(metrics.requests, route.name, provider, model, outcome).inc()
         bound.request_duration.observe(total)
         if ttft is None:
             self.metrics.overhead.observe(max(0.0, total - upstream_s))

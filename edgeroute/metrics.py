@@ -17,9 +17,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -52,6 +54,7 @@ _LATENCY_BUCKETS = (
     300.0,
 )
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_M = TypeVar("_M", bound=MetricWrapperBase)
 BREAKER_CODES = {"closed": 0, "open": 1, "half_open": 2}
 
 
@@ -245,6 +248,7 @@ class Metrics:
         )
         self._targets: dict[tuple[str, str, str], TargetMetrics] = {}
         self._state_calls: dict[str, Histogram] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
         self.ops = OpsMetrics(r)
 
     def target(self, route: str, provider: str, model: str) -> TargetMetrics:
@@ -261,6 +265,16 @@ class Metrics:
                 completion_tokens=self.tokens.labels(route, provider, model, "completion"),
                 cost=self.cost.labels(route, provider, model),
             )
+        return bound
+
+    def child(self, family: _M, *labels: str) -> _M:
+        """`family.labels(*labels)`, cached: the lookup costs more than the update. For the
+        label sets that are not per (route, target) success: failures, failovers, refusals
+        (bounded: routes and targets from the config, outcomes and error classes fixed)."""
+        key = (family, *labels)
+        bound = self._children.get(key)
+        if bound is None:
+            bound = self._children[key] = family.labels(*labels)
         return bound
 
     def observe_state_call(self, op: str, seconds: float) -> None:

@@ -225,7 +225,8 @@ class Proxy:
     def _not_allowed(
         self, client: ClientSpec, route: RouteSpec, request_id: str, started: float
     ) -> web.Response:
-        self.accounting.metrics.client_requests.labels(client.name, "model_not_found").inc()
+        metrics = self.accounting.metrics
+        metrics.child(metrics.client_requests, client.name, "model_not_found").inc()
         self.accounting.rejected(request_id, 404, started, "model_not_found")
         return error_response(
             404,
@@ -251,7 +252,7 @@ class Proxy:
         if lease is not None:
             http[_CLIENT_LEASE] = lease
             return
-        metrics.client_requests.labels(client.name, verdict.reason or "refused").inc()
+        metrics.child(metrics.client_requests, client.name, verdict.reason or "refused").inc()
         self.accounting.rejected(request_id, 429, started, "rate_limited")
         retry_after = max(1, math.ceil(verdict.wait_ms / 1000))
         headers = {
@@ -298,9 +299,10 @@ class Proxy:
         assert self.clients is not None
         metrics = self.accounting.metrics
         name = lease.spec.name
-        metrics.client_requests.labels(name, "served" if prompt or completion else "unserved").inc()
+        served = "served" if prompt or completion else "unserved"
+        metrics.child(metrics.client_requests, name, served).inc()
         if cost:
-            metrics.client_spend.labels(name).inc(cost)
+            metrics.child(metrics.client_spend, name).inc(cost)
         task = asyncio.get_running_loop().create_task(
             self.clients.settle(lease, prompt + completion, cost)
         )
