@@ -2,6 +2,7 @@
 """A/B two checkouts of edgeroute side by side, in one run: is a refactor as fast as before?
 
     python bench/ab.py --base REV [--rounds N] [--duration S] [--state redis|memory]
+                       [--clients off|both|B]
 
 Checks REV out into a temporary `git worktree`, then starts one mock upstream, one private
 redis-server (tests/support/redis_servers.py, the launcher the tests use) and two gateways
@@ -10,6 +11,10 @@ with the same config: A runs REV's code, B this checkout's (each with its own ke
 noisy machine hits both alike; CPU ms per request comes from /proc/<pid>/stat. Prints each
 round, the medians and B/A ratios, and PASS when B's req/s is at least 95 % of A's (the
 refactor target). Every process and the worktree are removed on the way out.
+
+`--clients both` gives both gateways one client key with rpm/tpm limits (never reached) that
+every request presents; `--clients B` only B, so `--base HEAD --clients B` measures what
+client limits cost against the same code without them (goal: B/A >= 0.75).
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ import tempfile
 from pathlib import Path
 
 from _processes import REPO, RedisServer, managed_processes  # bench/ is on sys.path
-from gateway import BODY, cpu_seconds, gateway_config  # the same request, config and CPU reading
+from gateway import (  # the same request, config and CPU reading
+    BODY,
+    CLIENT_KEY,
+    cpu_seconds,
+    gateway_config,
+)
 
 WRK_LUA = f"""wrk.method = "POST"
 wrk.body = '{BODY.decode()}'
@@ -56,6 +66,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--state", choices=("redis", "memory"), default="redis")
+    parser.add_argument(
+        "--clients",
+        choices=("off", "both", "B"),
+        default="off",
+        help="one limited client (server.clients) whose key wrk presents, on both gateways or "
+        "on B only (with --base HEAD: what client limits cost, side by side)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -90,14 +107,17 @@ def main() -> int:
             gateways: dict[str, tuple[str, int]] = {}
             for name, tree in (("A", worktree), ("B", REPO)):
                 path = processes.workdir / f"{name}.yaml"
-                path.write_text(gateway_config(f"{upstream}/v1", redis_url, f"ab-{name}"))
+                limited = args.clients == "both" or args.clients == name
+                path.write_text(gateway_config(f"{upstream}/v1", redis_url, f"ab-{name}", limited))
                 pid = processes.start(
                     name, [*cli, "serve", "--config", str(path)], {**env, "PYTHONPATH": str(tree)}
                 )
                 url = processes.wait_for(name, r"listening on (http://\S+)").group(1)
                 gateways[name] = (url + "/chat/completions", pid)  # url ends in /v1
+            # The key goes to both: a gateway without keys configured does not look at it.
             script = processes.workdir / "post.lua"
-            script.write_text(WRK_LUA)
+            auth = f'wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"\n'
+            script.write_text(WRK_LUA + (auth if args.clients != "off" else ""))
             for url, _ in gateways.values():  # warm up: connections, scripts, JIT-free caches
                 wrk(url, 1.0, script)
             rows: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
@@ -128,6 +148,7 @@ def main() -> int:
     report = {
         "base": base_rev,
         "state": args.state,
+        "clients": args.clients,
         "rounds": rows,
         "median_rps": {k: v[0] for k, v in median.items()},
         "median_cpu_ms_per_request": {k: v[1] for k, v in median.items()},
@@ -137,7 +158,11 @@ def main() -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"\nA = {base_rev} (base), B = this checkout; {args.state} state; wrk -t2 -c64")
+        limits = {"off": "", "both": ", client limits on", "B": ", client limits on B only"}[
+            args.clients
+        ]
+        where = f"{args.state} state{limits}"
+        print(f"\nA = {base_rev} (base), B = this checkout; {where}; wrk -t2 -c64")
         for name in ("A", "B"):
             rps, cpu = median[name]
             print(f"  {name}: median {rps:8.0f} req/s, {cpu:.3f} ms CPU/request")

@@ -11,6 +11,8 @@ back to back, in this order:
 - `redis`: the default configuration on a fleet: Redis state (a private `redis-server` this
   script spawns), access log ON, one worker;
 - `redis-nolog`: the same with `EDGEROUTE_ACCESS_LOG=0` (what the access line costs);
+- `redis-clients`: the same as `redis` with one client key with rpm/tpm limits
+  (`server.clients`, never reached) that every request presents: what client limits cost;
 - `redis-w2`: the same as `redis` with `--workers 2`;
 - `memory`: in-memory state, access log on (the embedded default);
 - `direct`: the upstream alone, no gateway.
@@ -74,11 +76,13 @@ class System:
     access_log: bool = True
     workers: int = 1
     latency: bool = True  # an open-loop latency row too
+    clients: bool = False  # server.clients: one limited client, whose key wrk presents
 
 
 SYSTEM_LIST = (
     System("redis", "default: Redis, log on", "redis"),
     System("redis-nolog", "Redis, access log off", "redis", access_log=False, latency=False),
+    System("redis-clients", "Redis, log on, client limits", "redis", latency=False, clients=True),
     System("redis-w2", "Redis, log on, 2 workers", "redis", workers=2, latency=False),
     System("memory", "memory state, log on", "memory"),
     System("direct", "direct to upstream", None),
@@ -124,6 +128,11 @@ GOAL_LITELLM_RATIO = 60.0
 GOAL_ADDED_P50_MS = 1.0
 GOAL_ADDED_P99_MS = 5.0
 GOAL_COMMANDS = 2.0
+GOAL_CLIENT_LIMITS_RATIO = 0.75  # client limits on cost at most 25 % of throughput
+# The client of the `redis-clients` system: limits far above what a run can reach, so
+# every request is checked and counted and none is refused.
+CLIENT_KEY = "sk-bench-client"
+CLIENT_LIMITS = f"{{name: bench, key: {CLIENT_KEY}, rpm: 1000000000, tpm: 1000000000000}}"
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -225,11 +234,17 @@ def start_redis(processes: Processes) -> tuple[str, int]:
     return server.url, server.pid
 
 
-def gateway_config(upstream_url: str, redis_url: str | None, key_prefix: str) -> str:
-    """YAML for one gateway: a hybrid route over two providers that share the upstream."""
+def gateway_config(
+    upstream_url: str, redis_url: str | None, key_prefix: str, clients: bool = False
+) -> str:
+    """YAML for one gateway: a hybrid route over two providers that share the upstream;
+    `clients`: with one limited client key (CLIENT_KEY)."""
     state = f"state: {{redis_url: '{redis_url}', key_prefix: {key_prefix}}}\n" if redis_url else ""
+    extra = f", clients: [{CLIENT_LIMITS}]" if clients else ""
     return (
-        "server: {host: 127.0.0.1, port: 0, shutdown_timeout_s: 1}\n" + state + "providers:\n"
+        f"server: {{host: 127.0.0.1, port: 0, shutdown_timeout_s: 1{extra}}}\n"
+        + state
+        + "providers:\n"
         f"  - {{name: up-a, base_url: '{upstream_url}'}}\n"
         f"  - {{name: up-b, base_url: '{upstream_url}'}}\n"
         "routes:\n"
@@ -323,7 +338,12 @@ def start_stack(processes: Processes, systems: Sequence[str], litellm: str | Non
             continue
         config = processes.workdir / f"gateway-{system}.yaml"
         config.write_text(
-            gateway_config(upstream_url, redis_url if spec.state == "redis" else None, key_prefix)
+            gateway_config(
+                upstream_url,
+                redis_url if spec.state == "redis" else None,
+                key_prefix,
+                clients=spec.clients,
+            )
         )
         name = f"gateway-{system}"
         argv = [*cli, "serve", "--config", str(config), "--workers", str(spec.workers)]
@@ -336,16 +356,17 @@ def start_stack(processes: Processes, systems: Sequence[str], litellm: str | Non
         gateways[system] = (match.group(1), pid)
     stack = Stack(redis_url, redis_pid, upstream_url, upstream_pid, gateways, key_prefix)
     for system in systems:  # one request each: the whole path works before anything is timed
-        status, _ = http_post(stack.url(system), BODY)
+        status, _ = http_post(stack.url(system), BODY, client=BY_NAME[system].clients)
         if status != 200:
             raise RuntimeError(f"{LABELS[system]}: a test request got HTTP {status}")
     return stack
 
 
-def http_post(url: str, body: bytes) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-    )
+def http_post(url: str, body: bytes, client: bool = False) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    if client:
+        headers["Authorization"] = f"Bearer {CLIENT_KEY}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return int(response.status), response.read()
@@ -483,14 +504,17 @@ def redis_accounting(
 _WRK_MARK = "EDGEROUTE_WRK "
 
 
-def wrk_script(path: Path) -> None:
+def wrk_script(path: Path, client: bool = False) -> None:
+    """`client`: requests present CLIENT_KEY (the `redis-clients` system)."""
     body = BODY.decode()
     assert "]]" not in body
+    auth = f'wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"\n' if client else ""
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = [[{body}]]\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        "done = function(summary, latency, requests)\n"
+        + auth
+        + "done = function(summary, latency, requests)\n"
         "  local e = summary.errors\n"
         f'  io.write(string.format("\\n{_WRK_MARK}'
         '{\\"requests\\":%.0f,\\"duration_us\\":%.0f,\\"bytes\\":%.0f,'
@@ -731,12 +755,16 @@ class Measure:
 
     def throughput(self, system: str) -> Throughput:
         url = self.stack.url(system)
+        script = self.script
+        if BY_NAME[system].clients:
+            script = self.script.with_name("post-client.lua")
+            wrk_script(script, client=True)
         if self.settings.throughput_warmup_s:
-            run_wrk(url, self.script, self.settings.throughput_warmup_s)
+            run_wrk(url, script, self.settings.throughput_warmup_s)
             time.sleep(0.2)  # the recorder writes the warm-up's last outcomes
         metrics0, cpu0, redis0 = self._snapshot(system)
         upstream0 = cpu_seconds(self.stack.upstream_pid)
-        result = run_wrk(url, self.script, self.settings.throughput_s)
+        result = run_wrk(url, script, self.settings.throughput_s)
         upstream1 = cpu_seconds(self.stack.upstream_pid)
         time.sleep(0.2)  # requests cut off by wrk's end and their records finish
         metrics1, cpu1, redis1 = self._snapshot(system)
@@ -916,7 +944,7 @@ def run_profile(system: str, settings: Settings, out: Path | None) -> str:
     with managed_processes("gw") as processes:
         stack = start_stack(processes, [system])
         script = processes.workdir / "post.lua"
-        wrk_script(script)
+        wrk_script(script, client=BY_NAME[system].clients)
         _, pid = stack.gateways[system]
         if settings.throughput_warmup_s:
             run_wrk(stack.url(system), script, settings.throughput_warmup_s)
@@ -1064,6 +1092,13 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         "access log on / off req/s, Redis, c=64",
         ratio("redis", "redis-nolog"),
         GOAL_ACCESS_LOG_RATIO,
+        "",
+        True,
+    )
+    add(
+        "client limits on / off req/s, Redis, c=64",
+        ratio("redis-clients", "redis"),
+        GOAL_CLIENT_LIMITS_RATIO,
         "",
         True,
     )

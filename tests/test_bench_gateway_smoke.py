@@ -13,7 +13,7 @@ import pytest
 from tests.support.bench import run_quick
 
 # The default configuration (Redis state, access log on) leads; its variants follow.
-SYSTEMS = ["redis", "redis-nolog", "redis-w2", "memory", "direct"]
+SYSTEMS = ["redis", "redis-nolog", "redis-clients", "redis-w2", "memory", "direct"]
 GATEWAYS = set(SYSTEMS) - {"direct"}
 LATENCY_SYSTEMS = {"redis", "memory", "direct"}
 
@@ -81,10 +81,11 @@ def test_redis_commands_per_request(report: dict[str, Any]) -> None:
 
 def test_targets_are_reported(report: dict[str, Any]) -> None:
     statuses = {goal["name"]: goal["status"] for goal in report["goals"]}
-    assert len(statuses) == 13
+    assert len(statuses) == 14
     names = list(statuses)
     assert names[0].startswith("req/s, default config")
     assert any(name.startswith("access log on / off") for name in names)
+    assert any(name.startswith("client limits on / off") for name in names)
     assert any(name.startswith("--workers 2 / --workers 1") for name in names)
     assert set(statuses.values()) <= {"PASS", "MISS"}
     meta = report["meta"]
