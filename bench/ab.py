@@ -145,6 +145,8 @@ def main() -> int:
         for name, values in rows.items()
     }
     ratio = median["B"][0] / median["A"][0]
+    # Client limits on B only: what they cost (issue 12), else a refactor's no-regression bar.
+    goal = 0.75 if args.clients == "B" else 0.95
     report = {
         "base": base_rev,
         "state": args.state,
@@ -153,7 +155,7 @@ def main() -> int:
         "median_rps": {k: v[0] for k, v in median.items()},
         "median_cpu_ms_per_request": {k: v[1] for k, v in median.items()},
         "rps_ratio_b_over_a": ratio,
-        "pass": ratio >= 0.95,
+        "pass": ratio >= goal,
     }
     if args.json:
         print(json.dumps(report))
@@ -166,8 +168,8 @@ def main() -> int:
         for name in ("A", "B"):
             rps, cpu = median[name]
             print(f"  {name}: median {rps:8.0f} req/s, {cpu:.3f} ms CPU/request")
-        verdict = "PASS" if ratio >= 0.95 else "MISS"
-        print(f"  B/A req/s {ratio:.3f} (target >= 0.95): {verdict}")
+        verdict = "PASS" if ratio >= goal else "MISS"
+        print(f"  B/A req/s {ratio:.3f} (target >= {goal}): {verdict}")
     return 0
 
 
