@@ -10,7 +10,9 @@ replica without Redis uses). The key itself never leaves this module: metrics, l
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import hashlib
 import hmac
 import itertools
@@ -19,18 +21,22 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgeroute.config import Config
 from edgeroute.errors import StateUnavailable
 from edgeroute.replicas import Replicas
 from edgeroute.state import wire
-from edgeroute.state.redis import RedisState
+from edgeroute.state.redis import RedisState, ScriptPrefix
+from edgeroute.state.resp import Arg
 
 log = logging.getLogger("edgeroute.clients")
 
 _BUCKET_MS, _SPAN = 1000, 61  # as lua/client.lua: no minute anywhere holds more than a limit
 _CONCURRENCY_WAIT_MS = 1000
 _DAY_MS = 86_400_000
+# How many of Clients._rest an admit and a settle send per call (the rest is encoded once).
+_ADMIT, _SETTLE = 2, 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +77,40 @@ class Verdict:
     now_ms: int
 
 
+_VERDICT_WIDTH = len(wire.SCRIPT_REPLIES["client"])
+if tuple(f.name for f in dataclasses.fields(Verdict)) != tuple(wire.SCRIPT_REPLIES["client"]):
+    raise ImportError("Verdict's fields must be lua/client.lua's REPLY (state/wire.py), in order")
+
+
 @dataclass(frozen=True, slots=True)
 class ClientLease:
     spec: ClientSpec
     token: str
     reserved: int
     reserved_at_ms: int
+
+
+class Admitting:
+    """An admit under way (Clients.begin_admit): its script call is already queued."""
+
+    __slots__ = ("reply", "spec", "token", "tokens")
+
+    def __init__(
+        self, spec: ClientSpec, token: str, tokens: int, reply: asyncio.Future[Any] | None = None
+    ) -> None:
+        self.spec = spec
+        self.token = token
+        self.tokens = tokens
+        self.reply = reply  # the Redis reply to come; None: counted in this process
+
+
+@dataclass(frozen=True, slots=True)
+class _Prefixes:
+    """One client's static script arguments for admit and settle, encoded once."""
+
+    spec: ClientSpec
+    admit: ScriptPrefix
+    settle: ScriptPrefix
 
 
 def compile_clients(config: Config) -> list[ClientSpec]:
@@ -279,18 +313,13 @@ class Clients:
         self.key_ttl_ms = 32 * _DAY_MS
         self._prefix = os.urandom(4).hex() + "-c"
         self._tokens = itertools.count(1)
+        self._prefixes: dict[str, _Prefixes] = {}
 
-    def _args(
-        self,
-        op: str,
-        spec: ClientSpec,
-        token: str = "",
-        tokens: int = 0,
-        reserved: int = 0,
-        reserved_at: int = 0,
-        used: int = 0,
-        cost: int = 0,
-    ) -> list[str | int]:
+    # lua/client.lua's ARGV (wire.SCRIPT_ARGS["client"]) in two parts: what a client's
+    # limits fix (encoded once per client and op) and what each call adds.
+
+    @staticmethod
+    def _head(op: str, spec: ClientSpec) -> list[Arg]:
         return [
             wire.CLIENT_OPS[op],
             spec.rpm,
@@ -298,6 +327,18 @@ class Clients:
             spec.max_concurrency,
             spec.budget_micro,
             wire.CLIENT_PERIODS[spec.period],
+        ]
+
+    def _rest(
+        self,
+        token: str = "",
+        tokens: int = 0,
+        reserved: int = 0,
+        reserved_at: int = 0,
+        used: int = 0,
+        cost: int = 0,
+    ) -> list[Arg]:
+        return [
             token,
             tokens,
             reserved,
@@ -308,33 +349,44 @@ class Clients:
             self.key_ttl_ms,
         ]
 
+    def _prefixes_of(self, redis: RedisState, spec: ClientSpec) -> _Prefixes:
+        """Of `_rest`, an admit sends the first two per call (the others are constant), a
+        settle the first six."""
+        cached = self._prefixes.get(spec.name)
+        if cached is None or cached.spec is not spec:  # a reload may change the limits
+            constant = self._rest()
+            cached = self._prefixes[spec.name] = _Prefixes(
+                spec,
+                redis.client_prefix(spec.name, self._head("admit", spec), constant[_ADMIT:]),
+                redis.client_prefix(spec.name, self._head("settle", spec), constant[_SETTLE:]),
+            )
+        return cached
+
     @staticmethod
     def _decode(reply: list[int]) -> Verdict:
-        row = wire.Row(wire.SCRIPT_REPLIES["client"], reply)
-        return Verdict(
-            row["admitted"] == 1,
-            wire.CLIENT_REASONS[row["reason"]],
-            row["wait_ms"],
-            row["requests"],
-            row["tokens"],
-            row["inflight"],
-            row["spent_micro"],
-            row["reset_requests_ms"],
-            row["reset_tokens_ms"],
-            row["period_end_ms"],
-            row["reserved"],
-            row["now_ms"],
-        )
+        # Positional: Verdict's fields are the reply's, in order (checked at import).
+        return Verdict(reply[0] == 1, wire.CLIENT_REASONS[reply[1]], *reply[2:_VERDICT_WIDTH])
 
     async def admit(self, spec: ClientSpec, tokens: int) -> tuple[Verdict, ClientLease | None]:
+        return await self.finish_admit(self.begin_admit(spec, tokens))
+
+    def begin_admit(self, spec: ClientSpec, tokens: int) -> Admitting:
+        """Queue the admit now (no task, no await): called just before the route's decide,
+        both leave in the same pipelined write. Always follow with `finish_admit`."""
         token = f"{self._prefix}{next(self._tokens):x}"
+        redis = self.redis
+        if redis is None:
+            return Admitting(spec, token, tokens)
+        prefixes = self._prefixes_of(redis, spec)
+        args = self._rest(token, tokens)[:_ADMIT]
+        return Admitting(spec, token, tokens, redis.client_submit(prefixes.admit, args))
+
+    async def finish_admit(self, admitting: Admitting) -> tuple[Verdict, ClientLease | None]:
+        spec, token, tokens = admitting.spec, admitting.token, admitting.tokens
         verdict: Verdict | None = None
-        if self.redis is not None:
+        if self.redis is not None and admitting.reply is not None:
             try:
-                reply = await self.redis.client_call(
-                    spec.name, self._args("admit", spec, token, tokens)
-                )
-                verdict = self._decode(reply)
+                verdict = self._decode(self.redis.checked(await admitting.reply))
             except StateUnavailable as exc:
                 log.warning("client limits of %r on local counts: %s", spec.name, exc)
                 policy = spec.on_state_loss
@@ -370,33 +422,54 @@ class Clients:
         self._shares[(spec, live)] = local
         return local
 
+    def _submit_settle(
+        self, redis: RedisState, lease: ClientLease, used: int, cost: int
+    ) -> asyncio.Future[Any]:
+        prefix = self._prefixes_of(redis, lease.spec).settle
+        rest = self._rest(lease.token, 0, lease.reserved, lease.reserved_at_ms, used, cost)
+        return redis.client_submit(prefix, rest[:_SETTLE])
+
     async def settle(self, lease: ClientLease, used: int, cost_usd: float) -> None:
         cost = round(cost_usd * 1_000_000)
         if self.redis is not None:
             try:
-                await self.redis.client_call(
-                    lease.spec.name,
-                    self._args(
-                        "settle",
-                        lease.spec,
-                        lease.token,
-                        0,
-                        lease.reserved,
-                        lease.reserved_at_ms,
-                        used,
-                        cost,
-                    ),
-                )
+                self.redis.checked(await self._submit_settle(self.redis, lease, used, cost))
                 return
             except StateUnavailable as exc:
-                log.warning("client spend of %r kept locally: %s", lease.spec.name, exc)
+                self._kept_locally(lease, exc)
         self.local.settle_now(lease, used, cost)
+
+    def settle_soon(self, lease: ClientLease, used: int, cost_usd: float) -> None:
+        """`settle` without waiting (the request path): the call is queued now, and a
+        failure is settled locally when its reply comes, without a task per request."""
+        cost = round(cost_usd * 1_000_000)
+        if self.redis is None:
+            self.local.settle_now(lease, used, cost)
+            return
+        reply = self._submit_settle(self.redis, lease, used, cost)
+        reply.add_done_callback(functools.partial(self._settled, lease, used, cost))
+
+    def _settled(
+        self, lease: ClientLease, used: int, cost: int, reply: asyncio.Future[Any]
+    ) -> None:
+        if reply.cancelled():
+            return
+        try:
+            assert self.redis is not None
+            self.redis.checked(reply.result())
+        except StateUnavailable as exc:
+            self._kept_locally(lease, exc)
+            self.local.settle_now(lease, used, cost)
+
+    @staticmethod
+    def _kept_locally(lease: ClientLease, exc: StateUnavailable) -> None:
+        log.warning("client spend of %r kept locally: %s", lease.spec.name, exc)
 
     async def read(self, spec: ClientSpec) -> Verdict:
         if self.redis is not None:
             try:
                 return self._decode(
-                    await self.redis.client_call(spec.name, self._args("read", spec))
+                    await self.redis.client_call(spec.name, self._head("read", spec) + self._rest())
                 )
             except StateUnavailable:
                 pass

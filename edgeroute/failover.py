@@ -16,6 +16,7 @@ One loop serves the gateway and the library's `Router.call`, written plainly:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -201,8 +202,9 @@ async def run(
 ) -> Served[T]:
     """Serve one request on `route` (or down its fallback chain); see the module comment.
 
-    `gate` (the client's limits) runs alongside the first decide, so both go to shared
-    state in one pipelined round trip; if it raises, the decide's admission is given back
+    `gate` (the client's limits) is awaited right after the first decide; its caller has
+    queued its state call already, so both go in one pipelined round trip (no tasks). If
+    it raises, the decide's admission is given back
     (a NEUTRAL outcome: the target's quota counts keep it, which errs on the safe side)
     and its exception ends the request."""
     now = time.perf_counter
@@ -306,13 +308,23 @@ async def _gated(
     gate: Awaitable[object],
     record: Record,
 ) -> RoutingDecision:
-    decided, gated = await asyncio.gather(deciding, gate, return_exceptions=True)
-    if isinstance(gated, BaseException):
-        if isinstance(decided, RoutingDecision) and decided.admission is not None:
+    # No tasks, no gather: the caller queued the gate's call before this decide's, so both
+    # are in the same pipelined write and awaiting one after the other costs no round trip.
+    try:
+        decided = await deciding
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await gate  # seen through: a lease it took is kept for settling
+        raise
+    except BaseException:
+        await gate  # a refusal of the client answers first; else the decide's error
+        raise
+    try:
+        await gate
+    except BaseException:
+        if decided.admission is not None:
             await record(route, Outcome.for_admission(decided.admission, OutcomeKind.NEUTRAL))
-        raise gated
-    if isinstance(decided, BaseException):
-        raise decided
+        raise
     return decided
 
 

@@ -19,7 +19,7 @@ from multidict import CIMultiDict, istr
 
 from edgeroute import streaming, tracing
 from edgeroute.accounting import Accounting
-from edgeroute.clients import ClientLease, Clients, ClientSpec, Verdict
+from edgeroute.clients import Admitting, ClientLease, Clients, ClientSpec, Verdict
 from edgeroute.config import Config
 from edgeroute.failover import Attempt, Exhausted, Failure, Observer, Served
 from edgeroute.providers import (
@@ -89,9 +89,6 @@ class Proxy:
         # A reload swaps `live.current`; each request reads it once, at its start.
         self.live = live
         self.clients = clients
-        # Settling a client's request runs off the request path; the loop holds only weak
-        # references to tasks, so they are kept here until done.
-        self._settling: set[asyncio.Task[None]] = set()
         self.accounting = accounting
         self.in_flight = 0
         self._target_headers: dict[tuple[str, str, str], CIMultiDict[str]] = {}
@@ -161,8 +158,10 @@ class Proxy:
             if not client.allows(route.name):
                 return self._not_allowed(client, route, request_id, started)
             if client.limited:
-                # Checked alongside the route's decide: one pipelined round trip for both.
-                gate = self._admit_client(http, client, tokens, request_id, started)
+                # Queued now, right before the route's decide: both leave in one pipelined
+                # write, and the engine awaits the decide, then this.
+                admitting = self.clients.begin_admit(client, tokens)
+                gate = self._admit_client(http, admitting, request_id, started)
 
         observer: Observer = self.accounting
         if trace is None:
@@ -238,17 +237,13 @@ class Proxy:
         )
 
     async def _admit_client(
-        self,
-        http: web.Request,
-        client: ClientSpec,
-        tokens: int,
-        request_id: str,
-        started: float,
+        self, http: web.Request, admitting: Admitting, request_id: str, started: float
     ) -> None:
         """Keeps the client's lease for settling; raises ClientRefused with the answer."""
         assert self.clients is not None
         metrics = self.accounting.metrics
-        verdict, lease = await self.clients.admit(client, tokens)
+        client = admitting.spec
+        verdict, lease = await self.clients.finish_admit(admitting)
         if lease is not None:
             http[_CLIENT_LEASE] = lease
             return
@@ -303,11 +298,7 @@ class Proxy:
         metrics.child(metrics.client_requests, name, served).inc()
         if cost:
             metrics.child(metrics.client_spend, name).inc(cost)
-        task = asyncio.get_running_loop().create_task(
-            self.clients.settle(lease, prompt + completion, cost)
-        )
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self.clients.settle_soon(lease, prompt + completion, cost)
 
     # ---- served ------------------------------------------------------------------------
 

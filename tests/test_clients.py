@@ -3,6 +3,7 @@ on one virtual clock, over memory, fakeredis, a real Redis and a real Redis Clus
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import hashlib
 import uuid
@@ -14,7 +15,10 @@ import pytest
 
 from edgeroute.clients import ClientLease, Clients, ClientSpec, identify
 from edgeroute.mock_provider import MockSettings
+from edgeroute.state.base import RouteSpec
 from edgeroute.state.redis import RedisState
+from edgeroute.strategy import RoutingStrategy
+from edgeroute.types import TargetSpec
 from tests.support.backends import VirtualClock, redis_url_for, table
 from tests.support.gateway import gateway_config, mock_upstreams, running_gateway
 
@@ -176,3 +180,44 @@ async def test_gateway_keys_clients_and_plain_api_keys_side_by_side() -> None:
                 text = await response.text()
             assert 'edgeroute_client_requests_total{client="team",outcome="rpm"} 2.0' in text
             assert "sk-team" not in text
+
+
+async def test_settle_soon_gives_the_lease_back_without_waiting(harness: Harness) -> None:
+    """The request path settles without awaiting (nor a task per request, on one server):
+    the call is queued at once and the lease is free when its reply is in."""
+    client = spec(max_concurrency=1)
+    lease = await admitted(harness, client)
+    assert not (await harness.clients.admit(client, 0))[0].admitted
+    harness.clients.settle_soon(lease, 0, 0.0)
+    for _ in range(200):
+        if (await harness.clients.read(client)).inflight == 0:
+            break
+        await asyncio.sleep(0.01)
+    await admitted(harness, client)
+
+
+async def test_a_clients_admit_and_the_routes_decide_share_one_round_trip(redis_url: str) -> None:
+    """begin_admit queues the client's call before the decide's: one pipelined write, one
+    round trip, no gather and no task (issue 12: client limits cost a second EVALSHA)."""
+    state = RedisState(redis_url, key_prefix=f"c-{uuid.uuid4().hex[:10]}", timeout_ms=2000)
+    clients = Clients(state, lease_ttl_ms=60_000)
+    route = RouteSpec(
+        name="r",
+        strategy=RoutingStrategy.cost_based(),
+        targets=(TargetSpec("t", "p", "m"),),
+        lease_ttl_ms=60_000,
+        idle_ttl_ms=60_000,
+    )
+    try:
+        await state.ping()  # connected and scripts loaded: only the two calls remain
+        before = state.batches
+        tasks = len(asyncio.all_tasks())
+        admitting = clients.begin_admit(spec(rpm=10), 5)
+        decision = await state.decide(route)
+        assert len(asyncio.all_tasks()) == tasks
+        verdict, lease = await clients.finish_admit(admitting)
+        assert state.batches == before + 1
+        assert decision.admission is not None
+        assert verdict.admitted and lease is not None and verdict.requests == 1
+    finally:
+        await state.close()

@@ -60,6 +60,8 @@ _H_NOW, _H_RESERVED, _H_QUOTA = _H["now_ms"], _H["reserved"], _H["quota_limited"
 _RECORD_REPAIRED = wire.SCRIPT_REPLIES["record"].index("repaired")
 _RESET_REPAIRED = wire.SCRIPT_REPLIES["reset"].index("repaired")
 
+_CLOCK_REDIS = encode_args([0])  # the last ARGV when the scripts read Redis TIME
+
 log = logging.getLogger("edgeroute.state")
 
 
@@ -75,6 +77,18 @@ class _RouteCommands:
     reset: bytes
     reset_count: int
     slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptPrefix:
+    """The static parts of one script call, encoded once: the head (EVALSHA, sha, keys,
+    leading ARGV) and the constant ARGV that follow the per-call ones (before the clock)."""
+
+    encoded: bytes
+    count: int
+    slot: int
+    suffix: bytes = b""
+    suffix_count: int = 0
 
 
 def route_keys(prefix: str, route: str) -> tuple[str, str, str]:
@@ -230,9 +244,14 @@ class RedisState:
         if self._cluster is not None:
             return await self._cluster.call(slot, cmd)
         assert self._pipeline is not None
-        reply = await self._pipeline.submit(cmd)
+        return self.checked(await self._pipeline.submit(cmd))
+
+    def checked(self, reply: Any) -> Any:
+        """A reply from the pipeline, or StateUnavailable for an error reply."""
         if isinstance(reply, ResponseError):
-            if isinstance(reply, ReadOnlyError | MasterDownError | BusyLoadingError):
+            if self._pipeline is not None and isinstance(
+                reply, ReadOnlyError | MasterDownError | BusyLoadingError
+            ):
                 # A demoted primary (failover) or a restarting one: find the primary again.
                 self._pipeline.drop_connection()
             code = getattr(reply, "status_code", None)
@@ -387,6 +406,36 @@ class RedisState:
         for route, reply in zip(routes, replies, strict=True):
             if reply[_RECORD_REPAIRED]:
                 self._repaired(route, reply[_RECORD_REPAIRED])
+
+    def client_prefix(
+        self, name: str, head: Sequence[Arg], suffix: Sequence[Arg] = ()
+    ) -> ScriptPrefix:
+        """The client script's call on `{prefix:client:<name>}`: ARGV `head` first, the
+        per-call ARGV (client_submit), then `suffix`, then the clock."""
+        key = f"{{{self.key_prefix}:client:{name}}}"
+        cmd: list[Arg] = ["EVALSHA", self._scripts["client"].sha, 1, key, *head]
+        return ScriptPrefix(
+            encode_args(cmd), len(cmd), key_slot(key.encode()), encode_args(suffix), len(suffix)
+        )
+
+    def client_submit(self, prefix: ScriptPrefix, args: Sequence[Arg]) -> asyncio.Future[Any]:
+        """Queue a client script call now, without a task: it leaves in the next pipelined
+        write together with whatever else this loop iteration queues (the route's decide).
+        `args`: the per-call ARGV between the prefix's head and suffix. The reply is raw:
+        pass it through `checked`. (A cluster routes by slot in a task of its own, and
+        checks the reply there.)"""
+        clock = _CLOCK_REDIS if self._clock is None else encode_args([self._clock_arg()])
+        cmd = command(
+            prefix.count + len(args) + prefix.suffix_count + 1,
+            prefix.encoded,
+            encode_args(args),
+            prefix.suffix,
+            clock,
+        )
+        if self._cluster is not None:
+            return asyncio.ensure_future(self._cluster.call(prefix.slot, cmd))
+        assert self._pipeline is not None
+        return self._pipeline.submit(cmd)
 
     async def client_call(self, name: str, args: Sequence[Arg]) -> list[Any]:
         """One call of the client script (lua/client.lua) on `{prefix:client:<name>}`;
