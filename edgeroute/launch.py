@@ -74,13 +74,13 @@ def state_name(config: Config) -> str:
 def serve_config(config: Config, workers: int = 1, config_path: str | None = None) -> int:
     """One process serves (workers=1), or a supervisor runs `workers` processes.
 
-    `config_path` turns on reloading (SIGHUP, the file watcher) in a single process; workers
-    do not reload yet (a change of config there is a restart)."""
+    `config_path` turns on reloading (SIGHUP, the file watcher); with workers the supervisor
+    reloads them all (see edgeroute.workers)."""
     if workers > 1:
         from edgeroute.workers import Supervisor
 
         configure_logging(access_lines=False)
-        return Supervisor(config, workers).run()
+        return Supervisor(config, workers, config_path).run()
 
     from edgeroute.server import serve
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_INDEX_ENV = "EDGEROUTE_WORKER_INDEX"
@@ -290,8 +291,21 @@ class Metrics:
         # Read at every scrape: workers come and go. A fresh registry, so the values this
         # process also holds in `self.registry` are not exported twice.
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        registry.register(_WithoutStaleConfigs(self.multiprocess_dir))
         return generate_latest(registry)
+
+
+class _WithoutStaleConfigs(Collector):
+    """The workers' files, less `edgeroute_config_info` series no live worker serves (0)."""
+
+    def __init__(self, path: str) -> None:
+        self._files = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._files.collect():  # type: ignore[no-untyped-call]
+            if family.name == "edgeroute_config_info":
+                family.samples = [s for s in family.samples if s.value]
+            yield family
 
 
 class OpsMetrics:
@@ -309,6 +323,8 @@ class OpsMetrics:
             "1 for the hash of the config this replica serves (sha256 of the file as written).",
             ["hash"],
             registry=r,
+            # Workers: 1 for each hash some live worker serves; a dead one's hash leaves.
+            multiprocess_mode="livemax",
         )
         self.fleet_replicas = Gauge(
             "edgeroute_fleet_replicas",
@@ -325,6 +341,9 @@ class OpsMetrics:
     def serving(self, digest: str) -> None:
         """Exactly one `edgeroute_config_info` child: the config served now."""
         if self._hash is not None and self._hash != digest:
-            self.config_info.remove(self._hash)
+            if os.environ.get(MULTIPROC_DIR_ENV) is None:
+                self.config_info.remove(self._hash)
+            else:  # a worker's file cannot drop a series: 0, which the exposition leaves out
+                self.config_info.labels(self._hash).set(0)
         self._hash = digest
         self.config_info.labels(digest).set(1)

@@ -11,6 +11,10 @@ A config that does not load, or that changes what only a restart can change (lis
 address, shared-state settings, `server.api_keys` and the admin token), is refused with one
 log line; the running config keeps serving. Client keys with limits (`server.clients`) and
 target quotas do reload: each request looks its client up in the generation it starts on.
+
+Under `serve --workers N` the supervisor is the one process that reads the file (on SIGHUP
+and from its own watch) and runs `check`; the workers `apply` what it hands them (see
+edgeroute.workers).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from edgeroute.config import Config, load_config
 from edgeroute.errors import ConfigError
 from edgeroute.metrics import Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
-from edgeroute.router import Router
+from edgeroute.router import Router, compile_route
 from edgeroute.state import StateBackend
 
 log = logging.getLogger("edgeroute.reload")
@@ -136,76 +140,130 @@ def _diff(old: Config, new: Config) -> str:
     return "routes " + (" ".join(parts) if parts else "unchanged")
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What reading the config file again decided, before anything is swapped.
+
+    `result` is the label `edgeroute_config_reloads_total` counts; `config` is set only for
+    "success" (the validated config to serve now, host and port kept from the running one).
+    """
+
+    result: str  # "success", "unchanged" or "failure"
+    config: Config | None
+    hash: str  # the config served once this reload is applied
+    message: str
+
+    def log(self) -> None:
+        level = {"failure": logging.ERROR, "success": logging.WARNING}.get(
+            self.result, logging.INFO
+        )
+        log.log(level, "%s", self.message)
+
+
+def check(path: Path, running: Config, running_hash: str, reason: str) -> Verdict:
+    """Read and validate `path` against the config served now (blocking: call it off the
+    event loop). The one check both a single process and the workers' supervisor run."""
+    try:
+        config, digest = load_config(path), file_hash(path)
+        server = msgspec.structs.replace(
+            config.server, host=running.server.host, port=running.server.port
+        )
+        config = msgspec.structs.replace(config, server=server)
+        if digest == running_hash:
+            return Verdict(
+                "unchanged",
+                None,
+                running_hash,
+                f"config reload ({reason}): {path} unchanged ({digest})",
+            )
+        field = _restart_only_change(running, config)
+        if field is not None:
+            raise ConfigError(f"{field}: changed, and only a restart can apply it")
+        for route in config.routes:  # what a Router builds from it (a worker must not refuse)
+            compile_route(config, route)
+    except ConfigError as exc:
+        return Verdict(
+            "failure",
+            None,
+            running_hash,
+            f"config reload refused ({reason}): {path}: {exc}; still serving config {running_hash}",
+        )
+    return Verdict(
+        "success",
+        config,
+        digest,
+        f"config reloaded ({reason}): {path} {running_hash} -> {digest}, {_diff(running, config)}",
+    )
+
+
+class FileWatch:
+    """Has the config file changed since it was last read? (One stat: costs nothing.)"""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = _file_identity(path)
+
+    def mark(self) -> None:
+        """About to read the file: whatever changes after this is a change again."""
+        self._seen = _file_identity(self.path)
+
+    def changed(self) -> bool:
+        now = _file_identity(self.path)
+        if now is None or now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+
 class Reloader:
-    """Loads `path` on request and swaps `live` when the new config is valid."""
+    """Swaps `live` to a new config: read from `path` on request (a single process), or
+    handed over already checked (`apply`: a worker of `serve --workers N`, whose supervisor
+    reads the file once for all of them)."""
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         live: Live,
         state: StateBackend,
         metrics: Metrics,
         session: Callable[[], aiohttp.ClientSession],
     ) -> None:
         self.path = path
+        self.file = FileWatch(path) if path is not None else None
         self.live = live
         self.state = state
         self.metrics = metrics
         self.session = session
         self._lock = asyncio.Lock()
 
-    def _load(self) -> tuple[Config, str]:
-        return load_config(self.path), file_hash(self.path)
-
     async def reload(self, reason: str) -> bool:
         """True when the new config serves now (or is the same); False when refused."""
+        assert self.path is not None and self.file is not None
         async with self._lock:
-            counter = self.metrics.ops.config_reloads
+            self.file.mark()
             old = self.live.current
-            try:
-                # YAML parsing and validation off the event loop: requests keep flowing.
-                config, digest = await asyncio.to_thread(self._load)
-                server = msgspec.structs.replace(
-                    config.server, host=old.config.server.host, port=old.config.server.port
-                )
-                config = msgspec.structs.replace(config, server=server)
-                if digest == old.hash:
-                    counter.labels("unchanged").inc()
-                    log.info("config reload (%s): %s unchanged (%s)", reason, self.path, digest)
-                    return True
-                field = _restart_only_change(old.config, config)
-                if field is not None:
-                    raise ConfigError(f"{field}: changed, and only a restart can apply it")
-                router = Router(config, self.state)
-            except ConfigError as exc:
-                counter.labels("failure").inc()
-                log.error(
-                    "config reload refused (%s): %s: %s; still serving config %s",
-                    reason,
-                    self.path,
-                    exc,
-                    old.hash,
-                )
-                return False
-            adapters: dict[str, ProviderAdapter] = {}
-            previous = {p.name: p for p in old.config.providers}
-            for provider in config.providers:
-                kept = old.adapters.get(provider.name)
-                same = previous.get(provider.name) == provider
-                adapters[provider.name] = (
-                    kept if kept is not None and same else make_adapter(provider, self.session())
-                )
-            self.live.swap(generation(config, router, adapters, digest))
-            counter.labels("success").inc()
-            log.warning(
-                "config reloaded (%s): %s %s -> %s, %s",
-                reason,
-                self.path,
-                old.hash,
-                digest,
-                _diff(old.config, config),
+            # YAML parsing and validation off the event loop: requests keep flowing.
+            verdict = await asyncio.to_thread(check, self.path, old.config, old.hash, reason)
+            if verdict.config is not None:
+                self.apply(verdict.config, verdict.hash)
+            self.metrics.ops.config_reloads.labels(verdict.result).inc()
+            verdict.log()
+            return verdict.result != "failure"
+
+    def apply(self, config: Config, digest: str) -> None:
+        """Serve `config` (already checked) from the next request on: one swap on the loop;
+        providers that did not change keep their adapters (and connections)."""
+        old = self.live.current
+        router = Router(config, self.state)
+        adapters: dict[str, ProviderAdapter] = {}
+        previous = {p.name: p for p in old.config.providers}
+        for provider in config.providers:
+            kept = old.adapters.get(provider.name)
+            same = previous.get(provider.name) == provider
+            adapters[provider.name] = (
+                kept if kept is not None and same else make_adapter(provider, self.session())
             )
-            return True
+        self.live.swap(generation(config, router, adapters, digest))
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -232,12 +290,10 @@ def watch_interval(env: Mapping[str, str]) -> float:
 
 async def watch(reloader: Reloader, interval_s: float) -> None:
     """Poll the config file; one stat per interval costs nothing measurable."""
-    seen = _file_identity(reloader.path)
+    assert reloader.file is not None
     while True:
         await asyncio.sleep(interval_s)
-        now = _file_identity(reloader.path)
-        if now is not None and now != seen:
-            seen = now
+        if reloader.file.changed():
             await reloader.reload("file changed")
 
 
@@ -255,9 +311,12 @@ def watcher_context(
 
 
 __all__ = [
+    "FileWatch",
     "Generation",
     "Live",
     "Reloader",
+    "Verdict",
+    "check",
     "config_hash",
     "document_hash",
     "file_hash",

@@ -98,9 +98,11 @@ def create_app(
     *,
     state: StateBackend | None = None,
     config_path: str | Path | None = None,
+    digest: str | None = None,
 ) -> web.Application:
     """`config_path`: the file `config` came from; reloads (SIGHUP, the file watcher) read
-    it again, and its hash is the one the fleet view compares."""
+    it again, and its hash is the one the fleet view compares. `digest`: that hash when the
+    caller has it (a worker, handed config and hash by its supervisor)."""
     metrics = Metrics()
     if state is None:
         state = build_state(
@@ -112,7 +114,8 @@ def create_app(
         )
     router = Router(config, state)
     adapters: dict[str, ProviderAdapter] = {}  # filled once the HTTP session exists
-    digest = reload.file_hash(config_path) if config_path else reload.config_hash(config)
+    if digest is None:
+        digest = reload.file_hash(config_path) if config_path else reload.config_hash(config)
     live = reload.Live(reload.generation(config, router, adapters, digest))
     metrics.ops.serving(digest)
     client_keys = _key_digests(config.server.api_keys)
@@ -384,9 +387,10 @@ def _live_operations(
     heartbeat also counts the live replicas that limits share while Redis is away; every
     worker of `serve --workers N` beats on its own, so each holds its own local share."""
     env = os.environ
-    if config_path is not None:
-        reloader = reload.Reloader(Path(config_path), live, state, metrics, session)
-        app[RELOADER] = reloader
+    path = Path(config_path) if config_path is not None else None
+    reloader = reload.Reloader(path, live, state, metrics, session)
+    app[RELOADER] = reloader
+    if path is not None:
         interval = reload.watch_interval(env)
         if interval > 0:
             app.cleanup_ctx.append(reload.watcher_context(reloader, interval))
@@ -470,16 +474,21 @@ async def serve(
     ready: Callable[[str], None] | None = None,
     reuse_port: bool = False,
     config_path: str | Path | None = None,
+    digest: str | None = None,
+    on_app: Callable[[web.Application], None] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, then drain: /readyz turns 503, in-flight work finishes.
 
     The drain waits up to `server.shutdown_timeout_s` for in-flight requests and streams;
     whatever is still running then is cancelled, so the process exits within that time.
     `reuse_port`: SO_REUSEPORT, for the workers of `edgeroute serve --workers N`.
-    With `config_path`, SIGHUP reloads the config (see `edgeroute.reload`).
+    With `config_path`, SIGHUP reloads the config (see `edgeroute.reload`). `on_app` sees
+    the app before it listens (a worker wires its supervisor's reloads to it).
     """
     tracing.configure()
-    app = create_app(config, config_path=config_path)
+    app = create_app(config, config_path=config_path, digest=digest)
+    if on_app is not None:
+        on_app(app)
     server = config.server
     logfilter.install()  # identical errors (EMFILE, resets) once per window, then a count
     open_files = raise_open_file_limit()
@@ -515,9 +524,9 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        reloader = app.get(RELOADER)
+        reloader = app[RELOADER]
         reloads: set[asyncio.Task[bool]] = set()
-        if reloader is not None:
+        if reloader.path is not None:
 
             def on_hangup() -> None:
                 task = loop.create_task(reloader.reload("SIGHUP"))

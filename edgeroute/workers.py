@@ -8,8 +8,14 @@ supervisor serves nothing itself; it
 - holds the port (bound with SO_REUSEPORT, never listening: the kernel hands connections
   only to listening sockets) so a restarted worker can always bind it again, and so port 0
   means one port for every worker;
-- hands each worker the parsed config on its stdin and keeps that pipe open: a worker that
-  reads EOF knows the supervisor is gone and drains itself (no orphans after a SIGKILL);
+- hands each worker the parsed config and its hash on its stdin and keeps that pipe open: a
+  worker that reads EOF knows the supervisor is gone and drains itself (no orphans after a
+  SIGKILL);
+- reloads the config for all of them (SIGHUP, and the file watch of edgeroute.reload, run
+  here only so N workers never race over one file): it reads and checks the file once,
+  refuses a bad one with one log line before any worker sees it, and sends a good one down
+  every worker's pipe; each swaps it in between requests. Worker 0 alone counts reloads in
+  `edgeroute_config_reloads_total`, so one reload counts once;
 - restarts a worker that dies, with a growing delay while workers keep dying young (no
   restart storm), and logs each exit and restart;
 - on SIGTERM/SIGINT passes SIGTERM on; every worker drains within `server.shutdown_timeout_s`
@@ -36,12 +42,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import msgspec
 from prometheus_client import multiprocess
 
+from edgeroute import reload
 from edgeroute.config import Config
 from edgeroute.metrics import MULTIPROC_DIR_ENV, WORKER_INDEX_ENV
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from edgeroute.reload import Reloader
 
 log = logging.getLogger("edgeroute.workers")
 
@@ -56,6 +69,33 @@ START_TIMEOUT_S = 60.0
 EXIT_GRACE_S = 3.0
 _POLL_S = 0.1
 _LENGTH = struct.Struct("!I")
+# The worker that counts reloads (and polls breakers: see Metrics.polls_breakers).
+_COUNTING_WORKER = 0
+
+
+class Start(msgspec.Struct, frozen=True):
+    """The first message down a worker's pipe: what to serve."""
+
+    config: Config
+    hash: str
+
+
+class Reload(msgspec.Struct, frozen=True):
+    """Every later message: a reload the supervisor has checked.
+
+    `config` is the config to serve from now on (None: a refused or unchanged reload, sent
+    only to be counted); `count` is the result to count, sent to the counting worker only.
+    """
+
+    reason: str
+    hash: str
+    config: Config | None = None
+    count: str | None = None
+
+
+def _frame(message: Start | Reload) -> bytes:
+    body = msgspec.msgpack.encode(message)
+    return _LENGTH.pack(len(body)) + body
 
 
 class WorkersError(Exception):
@@ -154,12 +194,19 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, config: Config, workers: int) -> None:
+    def __init__(self, config: Config, workers: int, config_path: str | None = None) -> None:
         self.config = config
         self.workers = workers
+        self.path = Path(config_path) if config_path is not None else None
+        # Looked at from the start: a change while the workers start up is a change.
+        self._watch = reload.FileWatch(self.path) if self.path is not None else None
+        self.hash = reload.file_hash(self.path) if self.path else reload.config_hash(config)
         self._payload = b""
         self._slots = [_Slot(i) for i in range(workers)]
         self._stopping = False
+        self._reload_asked = False
+        # Counts for the counting worker while it is down: it gets them when it is back.
+        self._uncounted: list[bytes] = []
         self._metrics_dir = ""
         self._env: dict[str, str] = {}
 
@@ -171,12 +218,14 @@ class Supervisor:
         holder, port = self._hold_port()
         # Every worker binds the port the supervisor holds (the config may say 0: any).
         server = msgspec.structs.replace(self.config.server, port=port)
-        self._payload = msgspec.msgpack.encode(msgspec.structs.replace(self.config, server=server))
+        self.config = msgspec.structs.replace(self.config, server=server)
+        self._payload = _frame(Start(self.config, self.hash))
         self._metrics_dir = tempfile.mkdtemp(prefix="edgeroute-metrics-")
         self._env = {**os.environ, MULTIPROC_DIR_ENV: self._metrics_dir}
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             if not self._start_all():
                 self._stop_all()
@@ -198,6 +247,47 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
+
+    def _on_hangup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_asked = True  # done by the supervision loop, not inside a handler
+
+    # -- reloads --
+
+    def _reload(self, reason: str) -> None:
+        """Check the file once; send a good config to every worker, count the result once."""
+        if self.path is None or self._watch is None:
+            log.warning("%s: no config file to reload (serving --model)", reason)
+            return
+        self._watch.mark()
+        verdict = reload.check(self.path, self.config, self.hash, reason)
+        if verdict.config is not None:
+            self.config, self.hash = verdict.config, verdict.hash
+            self._payload = _frame(Start(self.config, self.hash))  # for workers started later
+            for slot in self._slots:
+                counted = slot.index == _COUNTING_WORKER
+                message = Reload(
+                    reason, self.hash, self.config, count=verdict.result if counted else None
+                )
+                if not self._send(slot, _frame(message)) and counted:
+                    self._uncounted.append(_frame(Reload(reason, self.hash, count="success")))
+        else:
+            counted_only = _frame(Reload(reason, self.hash, count=verdict.result))
+            if not self._send(self._slots[_COUNTING_WORKER], counted_only):
+                self._uncounted.append(counted_only)
+        verdict.log()
+
+    def _send(self, slot: _Slot, frame: bytes) -> bool:
+        """Down a running worker's pipe; False when there is none (it restarts with the
+        latest config anyway)."""
+        process = slot.process
+        if process is None or process.stdin is None or process.poll() is not None:
+            return False
+        try:
+            process.stdin.write(frame)
+            process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            return False  # it is dying; the supervision loop restarts it
+        return True
 
     def _hold_port(self) -> tuple[socket.socket, int]:
         """Bind (not listen) the port with SO_REUSEPORT; its number when the config says 0."""
@@ -230,9 +320,11 @@ class Supervisor:
         finally:
             os.close(write_fd)
         assert process.stdin is not None
+        pending = self._uncounted if slot.index == _COUNTING_WORKER else []
         try:
-            process.stdin.write(_LENGTH.pack(len(self._payload)) + self._payload)
+            process.stdin.write(self._payload + b"".join(pending))
             process.stdin.flush()
+            pending.clear()
         except BrokenPipeError:
             pass  # it died at once; the supervision loop sees the exit
         # stdin stays open: its EOF is how the worker learns the supervisor is gone.
@@ -282,9 +374,19 @@ class Supervisor:
                 log.warning("worker %d (pid %d) is serving again", slot.index, slot.process.pid)
 
     def _supervise(self) -> None:
+        watch = self._watch
+        interval = reload.watch_interval(os.environ) if watch is not None else 0.0
+        next_look = time.monotonic() + interval
         while not self._stopping:
             self._wait_ready(_POLL_S)
             now = time.monotonic()
+            if self._reload_asked:
+                self._reload_asked = False
+                self._reload("SIGHUP")
+            elif watch is not None and interval > 0 and now >= next_look:
+                next_look = now + interval
+                if watch.changed():
+                    self._reload("file changed")
             for slot in self._slots:
                 process = slot.process
                 if slot.restart_at is not None:
@@ -364,7 +466,7 @@ def _describe(code: int) -> str:
 # --- one worker -----------------------------------------------------------------------------
 
 
-def _read_config(stdin: int) -> Config:
+def _read_start(stdin: int) -> Start:
     def read_exactly(size: int) -> bytes:
         data = b""
         while len(data) < size:
@@ -375,7 +477,26 @@ def _read_config(stdin: int) -> Config:
         return data
 
     (size,) = _LENGTH.unpack(read_exactly(_LENGTH.size))
-    return msgspec.msgpack.decode(read_exactly(size), type=Config)
+    return msgspec.msgpack.decode(read_exactly(size), type=Start)
+
+
+class _Frames:
+    """Whole messages out of the bytes the pipe gives, however they are split."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self._buffer)
+            end = _LENGTH.size + size
+            if len(self._buffer) < end:
+                break
+            frames.append(self._buffer[_LENGTH.size : end])
+            self._buffer = self._buffer[end:]
+        return frames
 
 
 def worker_main() -> int:
@@ -383,12 +504,13 @@ def worker_main() -> int:
     import asyncio
 
     from edgeroute.launch import configure_logging, freeze_startup_objects, run
-    from edgeroute.server import serve
+    from edgeroute.server import RELOADER, serve
 
     stdin = sys.stdin.fileno()
     ready_fd = int(os.environ[READY_FD_ENV])
     index = os.environ.get(WORKER_INDEX_ENV, "?")
-    config = _read_config(stdin)
+    start = _read_start(stdin)
+    config = start.config
     configure_logging()
 
     def ready(url: str) -> None:
@@ -398,16 +520,40 @@ def worker_main() -> int:
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
+        frames = _Frames()
 
-        def supervisor_gone() -> None:
-            # EOF (or anything) on stdin: the supervisor exited without stopping us. Drain
-            # as on SIGTERM rather than serve on as an orphan nobody will stop.
-            loop.remove_reader(stdin)
-            log.warning("worker %s: supervisor gone, draining", index)
-            os.kill(os.getpid(), signal.SIGTERM)
+        def listen_to_supervisor(app: web.Application) -> None:
+            reloader = app[RELOADER]
 
-        loop.add_reader(stdin, supervisor_gone)
-        return await serve(config, ready=ready, reuse_port=True)
+            def on_message() -> None:
+                try:
+                    data = os.read(stdin, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    # EOF: the supervisor exited without stopping us. Drain as on SIGTERM
+                    # rather than serve on as an orphan nobody will stop.
+                    loop.remove_reader(stdin)
+                    log.warning("worker %s: supervisor gone, draining", index)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                for frame in frames.feed(data):
+                    _apply(reloader, msgspec.msgpack.decode(frame, type=Reload), index)
+
+            def on_hangup() -> None:
+                log.warning(
+                    "worker %s: SIGHUP ignored: send it to the supervisor (pid %d), which "
+                    "reloads every worker",
+                    index,
+                    os.getppid(),
+                )
+
+            loop.add_reader(stdin, on_message)
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+
+        return await serve(
+            config, ready=ready, reuse_port=True, digest=start.hash, on_app=listen_to_supervisor
+        )
 
     try:
         return run(main)
@@ -419,6 +565,22 @@ def worker_main() -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _apply(reloader: Reloader, message: Reload, index: str) -> None:
+    """One reload from the supervisor, which has checked it already (and logged it)."""
+    result = message.count
+    if message.config is not None:
+        try:
+            reloader.apply(message.config, message.hash)
+        except Exception:
+            # The supervisor compiled the same routes: only a bug gets here. Keep serving.
+            log.exception(
+                "worker %s: cannot apply config %s; serving the old one", index, message.hash
+            )
+            result = "failure" if result is not None else None
+    if result is not None:
+        reloader.metrics.ops.config_reloads.labels(result).inc()
 
 
 if __name__ == "__main__":

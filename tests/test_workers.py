@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx2
+import openai
 import pytest
+import yaml
 
 from edgeroute import accesslog
 from edgeroute.launch import run
 from edgeroute.mock_provider import MockSettings
+from edgeroute.reload import file_hash
 from edgeroute.workers import WorkersError, available_cpus, parse_workers
 from tests.support.gateway import (
     HOST,
@@ -228,6 +232,188 @@ async def test_sigterm_drains_in_flight_requests_on_every_worker(
     records = access_lines(process.log())
     assert [r["status"] for r in records] == [200] * slow
     assert len({r["request_id"][:16] for r in records}) == 2  # both workers were draining
+
+
+# --- reloading every worker -----------------------------------------------------------------
+
+
+def sample(text: str, name: str) -> float | None:
+    """One sample, by its exact name and labels (`x_total{result="success"}`)."""
+    for line in text.splitlines():
+        if line.rsplit(" ", 1)[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def no_keepalive_client(url: str) -> openai.AsyncOpenAI:
+    """The openai SDK on a fresh connection per request: the kernel spreads them over the
+    workers (a pooled connection would stay with one)."""
+    http = openai.DefaultAsyncHttpx2Client(limits=httpx2.Limits(max_keepalive_connections=0))
+    return openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="unused", max_retries=0, http_client=http
+    )
+
+
+async def served_by(url: str, model: str, requests: int) -> tuple[set[str], set[str]]:
+    """Send `requests` to `model`; the providers that answered and the workers that served
+    (a request id starts with its process's random prefix)."""
+    providers, workers = set(), set()
+    async with no_keepalive_client(url) as client:
+        for _ in range(requests):
+            raw = await client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "hi"}]
+            )
+            raw.parse()
+            providers.add(raw.headers["x-edgeroute-provider"])
+            workers.add(raw.headers["x-request-id"][:16])
+    return providers, workers
+
+
+def with_route(document: dict[str, Any], name: str, provider: str) -> dict[str, Any]:
+    route = {"model": name, "targets": [{"provider": provider, "model": f"{provider}-1"}]}
+    return {**document, "routes": [*document["routes"], route]}
+
+
+def rewrite(path: Path, document: dict[str, Any] | str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(document if isinstance(document, str) else yaml.safe_dump(document))
+    os.replace(tmp, path)
+
+
+async def reloads(url: str, result: str) -> float:
+    return sample(await scrape(url), f'edgeroute_config_reloads_total{{result="{result}"}}') or 0
+
+
+def config_infos(text: str) -> list[str]:
+    return series(text, "edgeroute_config_info")
+
+
+@pytest.mark.slow
+async def test_sighup_reloads_every_worker_under_load_counted_once(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with mock_upstreams(a=MockSettings(), b=MockSettings()) as mocks:
+        document = gateway_config(mocks, routes(), state=redis_state(redis_server))
+        process = await asyncio.to_thread(
+            GatewayProcess,
+            document,
+            tmp_path,
+            port=free_port(),
+            env={"EDGEROUTE_WORKERS": "2", "EDGEROUTE_CONFIG_WATCH_S": "0"},
+        )
+        try:
+            await asyncio.to_thread(process.wait_ready, 60)
+            url, path = process.url, process.config_path
+            outcomes = {"ok": 0, "failed": 0}
+            errors: list[str] = []
+            stop = asyncio.Event()
+
+            async def send_continuously() -> None:
+                async with no_keepalive_client(url) as client:
+                    while not stop.is_set():
+                        try:
+                            await client.chat.completions.create(
+                                model="chat", messages=[{"role": "user", "content": "hi"}]
+                            )
+                            outcomes["ok"] += 1
+                        except openai.OpenAIError as exc:
+                            outcomes["failed"] += 1
+                            errors.append(repr(exc))
+
+            senders = [asyncio.create_task(send_continuously()) for _ in range(4)]
+            await wait_until(lambda: outcomes["ok"] >= 20, timeout=20)
+
+            # 1. A route is added: SIGHUP to the supervisor, and both workers serve it.
+            added = with_route(document, "chat2", "b")
+            rewrite(path, added)
+            process.process.send_signal(signal.SIGHUP)
+            await wait_until(lambda: _reloads_reach(url, "success", 1), timeout=20)
+            providers, workers = await served_by(url, "chat2", 40)
+            assert providers == {"b"} and len(workers) == 2
+            new_hash = file_hash(path)
+            for _ in range(4):  # whichever worker answers the scrape
+                text = await scrape(url)
+                assert sample(text, 'edgeroute_config_reloads_total{result="success"}') == 1
+                assert config_infos(text) == [f'edgeroute_config_info{{hash="{new_hash}"}} 1.0']
+
+            # 2. The same file again: unchanged, counted once.
+            process.process.send_signal(signal.SIGHUP)
+            await wait_until(lambda: _reloads_reach(url, "unchanged", 1), timeout=20)
+
+            # 3. An invalid config: refused by the supervisor, no worker touched.
+            rewrite(path, with_route(added, "chat3", "nowhere"))
+            process.process.send_signal(signal.SIGHUP)
+            await wait_until(lambda: _reloads_reach(url, "failure", 1), timeout=20)
+            providers, workers = await served_by(url, "chat2", 30)
+            assert providers == {"b"} and len(workers) == 2
+
+            before = outcomes["ok"]
+            await wait_until(lambda: outcomes["ok"] >= before + 20, timeout=20)
+            stop.set()
+            await asyncio.gather(*senders)
+            assert outcomes["failed"] == 0, errors[:5]
+
+            # 4. A SIGHUP sent to a worker itself neither kills nor reloads it.
+            pids = worker_pids(process)
+            os.kill(min(pids), signal.SIGHUP)
+            await wait_until(lambda: "SIGHUP ignored" in process.log(), timeout=10)
+            assert worker_pids(process) == pids
+
+            # 5. A worker that dies comes back on the config served now; nothing stale.
+            os.kill(min(pids), signal.SIGKILL)
+            await wait_until(lambda: "is serving again" in process.log(), timeout=60)
+            providers, workers = await served_by(url, "chat2", 30)
+            assert providers == {"b"} and len(workers) == 2
+            text = await scrape(url)
+            assert config_infos(text) == [f'edgeroute_config_info{{hash="{new_hash}"}} 1.0']
+            for result, count in (("success", 1), ("unchanged", 1), ("failure", 1)):
+                assert sample(text, f'edgeroute_config_reloads_total{{result="{result}"}}') == (
+                    count
+                )
+            assert await asyncio.to_thread(process.terminate, 30) == 0
+        finally:
+            process.kill()
+    log = process.log()
+    refused = [line for line in log.splitlines() if "config reload refused" in line]
+    assert len(refused) == 1, log[-3000:]
+    assert "$.routes[2].targets[0].provider" in refused[0]
+    assert refused[0].endswith(f"still serving config {new_hash}")
+    assert len([x for x in log.splitlines() if "config reloaded (SIGHUP)" in x]) == 1
+    assert "sk-" not in log and "Warning" not in log
+
+
+async def _reloads_reach(url: str, result: str, count: float) -> bool:
+    return await reloads(url, result) >= count
+
+
+@pytest.mark.slow
+async def test_the_supervisor_alone_watches_the_config_file(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with mock_upstreams(a=MockSettings(), b=MockSettings()) as mocks:
+        document = gateway_config(mocks, routes(), state=redis_state(redis_server))
+        process = await asyncio.to_thread(
+            GatewayProcess,
+            document,
+            tmp_path,
+            port=free_port(),
+            env={"EDGEROUTE_WORKERS": "2", "EDGEROUTE_CONFIG_WATCH_S": "0.2"},
+        )
+        try:
+            await asyncio.to_thread(process.wait_ready, 60)
+            rewrite(process.config_path, with_route(document, "chat2", "b"))
+            await wait_until(lambda: _reloads_reach(process.url, "success", 1), timeout=20)
+            providers, workers = await served_by(process.url, "chat2", 40)
+            assert providers == {"b"} and len(workers) == 2
+            await asyncio.sleep(1.0)  # several watch intervals: nobody reloads it again
+            text = await scrape(process.url)
+            assert sample(text, 'edgeroute_config_reloads_total{result="success"}') == 1
+            assert sample(text, 'edgeroute_config_reloads_total{result="unchanged"}') is None
+            assert await asyncio.to_thread(process.terminate, 30) == 0
+        finally:
+            process.kill()
+    reloaded = [x for x in process.log().splitlines() if "config reloaded" in x]
+    assert len(reloaded) == 1 and "(file changed)" in reloaded[0], reloaded
 
 
 def run_serve(
