@@ -37,7 +37,7 @@ class Accounting:
         metrics.child(metrics.attempts, target.provider, target.model, failure.error).inc()
         metrics.child(metrics.upstream_duration, target.provider, target.model).observe(elapsed_s)
 
-    def failover(self, route: RouteSpec, last: Attempt) -> None:
+    def failover(self, route: RouteSpec, last: Attempt, to: TargetSpec) -> None:
         metrics = self.metrics
         metrics.child(metrics.failovers, route.name, last.provider, last.error).inc()
 

@@ -161,7 +161,7 @@ class Observer(Protocol):
         self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float
     ) -> None: ...
 
-    def failover(self, route: RouteSpec, last: Attempt) -> None: ...
+    def failover(self, route: RouteSpec, last: Attempt, to: TargetSpec) -> None: ...
 
     def fallback(self, route: RouteSpec, to: RouteSpec, cause: Cause) -> None: ...
 
@@ -252,7 +252,7 @@ async def run(
             )
         chosen = decision.chosen
         if request.route_attempts and observer is not None:
-            observer.failover(route, request.attempts[-1])  # this request really moves on
+            observer.failover(route, request.attempts[-1], chosen.target)  # it really moves on
         attempt_started = now()
         remaining = policy.deadline_s - (attempt_started - request.started)
         try:

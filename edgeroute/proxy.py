@@ -171,7 +171,7 @@ class Proxy:
                 return await adapters[candidate.target.provider].send(upstream)
 
         else:
-            observer = trace.observer(self.accounting, router.health)
+            observer = trace.observer(self.accounting, router.state, self.accounting.recorder)
 
             async def attempt(candidate: Candidate) -> Result:
                 upstream.model = candidate.target.model

@@ -42,15 +42,44 @@ class Recorder:
         self._stopping = False
         self._stop_timeout = stop_timeout_s
         self.dropped = 0
+        # Records submitted and records done with (written, failed or dropped), in queue
+        # order, and who waits for a count to be done (see `written`).
+        self._submitted = 0
+        self._done = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def submit(self, route: RouteSpec, outcome: Outcome) -> None:
         self._pending.append((route, outcome))
+        self._submitted += 1
         if len(self._pending) > self._max_pending:
             self._pending.popleft()
             self.dropped += 1
+            self._settle(1)
             if self._on_drop is not None:
                 self._on_drop(1)
         self._wake.set()
+
+    def written(self) -> asyncio.Future[None]:
+        """Done once every record submitted so far has reached the state (or failed to, or
+        was dropped): for a traced request that reads back what its own outcome did."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._done >= self._submitted:
+            waiter.set_result(None)
+        else:
+            self._waiters.append((self._submitted, waiter))
+        return waiter
+
+    def _settle(self, count: int) -> None:
+        self._done += count
+        if not self._waiters:
+            return
+        waiting = []
+        for mark, waiter in self._waiters:
+            if mark > self._done:
+                waiting.append((mark, waiter))
+            elif not waiter.done():
+                waiter.set_result(None)
+        self._waiters = waiting
 
     @property
     def pending(self) -> int:
@@ -77,6 +106,8 @@ class Recorder:
                 if self._on_error is not None:
                     self._on_error(exc)
                 log.warning("recording %d outcomes failed: %s", len(batch), exc)
+            finally:
+                self._settle(count)
 
     async def stop(self) -> None:
         """Write what is queued, the batch already on its way included, then stop.
@@ -99,6 +130,7 @@ class Recorder:
                 await task
             lost = len(self._pending)
             self._pending.clear()
+            self._settle(lost)
             if lost:
                 self.dropped += lost
                 if self._on_drop is not None:

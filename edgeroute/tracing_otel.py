@@ -2,7 +2,8 @@
 
 One trace per client request:
   server span   `POST /v1/chat/completions`: route, strategy, status, attempts; failovers
-                as `edgeroute.failover` events
+                as `edgeroute.failover` events (from and to target, cause), and the breaker
+                transitions this request's own attempts caused as `edgeroute.breaker` events
   ├─ decision   `edgeroute.decide`, one per state decide: chosen target, score, reason,
   │             candidate count, shared state live/degraded/local; a half-open probe
   │             admission as a `edgeroute.breaker.probe` event
@@ -11,14 +12,26 @@ One trace per client request:
 Breaker transitions are seen by the breaker poller, off any request: each becomes a short
 `edgeroute.breaker` span carrying an `edgeroute.breaker.transition` event.
 
+The state scripts do not say which outcome moved a breaker, so a request reads the target
+back once its own outcome is applied (a failed attempt's outcome by the next decide, the
+last one by the recorder: the server span then ends a moment later, with the end time of the
+response): its result moved the breaker when the breaker is now one generation past the one
+the attempt was admitted at, in the state that result leads to (a failure: open; a probe's
+success: closed). Only traced requests with such an attempt pay that read. Requests that
+failed on one target at once may each carry the event of the one transition they caused
+together.
+
 Spans are parented explicitly (never through the global context), so nothing here depends
 on which task or callback runs the code. Attributes never carry keys, bodies or headers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import msgspec
@@ -41,9 +54,10 @@ from edgeroute.providers.base import (
     UpstreamStream,
     Usage,
 )
-from edgeroute.state.base import RouteSpec, StateHealth
+from edgeroute.recorder import Recorder
+from edgeroute.state.base import RouteSpec, StateBackend
 from edgeroute.strategy import Candidate, RoutingDecision
-from edgeroute.types import TargetSpec
+from edgeroute.types import Admission, CircuitState, OutcomeKind, TargetSpec
 
 # gen_ai.operation.name per endpoint, gen_ai.system per adapter kind (semconv values).
 _OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
@@ -55,6 +69,8 @@ class _ResponseModel(msgspec.Struct):
 
 
 _MODEL_DECODER = msgspec.json.Decoder(_ResponseModel)
+# How long the end of a traced request waits for its last outcome to reach the state.
+_READ_BACK_TIMEOUT_S = 2.0
 
 
 def _response_model(body: bytes) -> str | None:
@@ -123,13 +139,32 @@ class Tracer:
         self.provider.shutdown()
 
 
+@dataclass(frozen=True, slots=True)
+class _BreakerCheck:
+    """An attempt whose result may have moved its target's breaker: read back once applied."""
+
+    route: RouteSpec
+    target: str
+    generation: int  # the breaker generation the attempt was admitted at
+    before: CircuitState
+    after: CircuitState  # the state this result leads to, if it moved the breaker
+
+
+# Ends of requests still reading breakers back: a reference until done.
+_FINISHING: set[asyncio.Task[None]] = set()
+
+
 class RequestTrace:
     """The spans of one client request."""
 
     __slots__ = (
+        "_admitted",
         "_attempts",
+        "_checks",
         "_context",
+        "_recorder",
         "_route",
+        "_state",
         "_stream_span",
         "_tracer",
         "span",
@@ -155,10 +190,18 @@ class RequestTrace:
         self._attempts = 0
         self._route: str | None = None  # the route of the latest decide: attempts run there
         self._stream_span: Span | None = None
+        # The last admission, with its target's breaker state then; attempts to read back.
+        self._admitted: tuple[RouteSpec, Admission, CircuitState] | None = None
+        self._checks: list[_BreakerCheck] = []
+        self._state: StateBackend | None = None
+        self._recorder: Recorder | None = None
         tracing.set_trace_id(self.trace_id)
 
-    def observer(self, delegate: Observer, health: Callable[[], StateHealth]) -> Observer:
-        return _TracingObserver(self, delegate, health)
+    def observer(self, delegate: Observer, state: StateBackend, recorder: Recorder) -> Observer:
+        """The engine's observer for this request; `state` and `recorder` are where its
+        outcomes go, read back for the breaker transitions they caused."""
+        self._state, self._recorder = state, recorder
+        return _TracingObserver(self, delegate, state)
 
     # ---- one upstream attempt ----------------------------------------------------------
 
@@ -168,6 +211,8 @@ class RequestTrace:
         upstream: UpstreamRequest,
         adapter: ProviderAdapter,
     ) -> UpstreamReply | UpstreamStream:
+        if self._checks:  # the previous attempt's outcome came with the decide for this one
+            await self._read_breakers()
         target = candidate.target
         self._attempts += 1
         operation = _OPERATIONS.get(upstream.endpoint, upstream.endpoint)
@@ -228,6 +273,7 @@ class RequestTrace:
         span, self._stream_span = self._stream_span, None
         if span is None:
             return
+        self._result(OutcomeKind.FAILURE if error is not None else OutcomeKind.SUCCESS)
         _set_usage(span, usage)
         if error is not None:
             span.set_attribute("error.type", error)
@@ -239,13 +285,70 @@ class RequestTrace:
     def end(self, status: int) -> None:
         if self._stream_span is not None:  # a stream cut short by cancellation
             self.stream_ended(Usage(), "cancelled")
+        elif self._admitted is not None and status < 400:
+            self._result(OutcomeKind.SUCCESS)  # a reply (a stream says so when it ends)
         span = self.span
         span.set_attribute("http.response.status_code", status)
         span.set_attribute("edgeroute.attempts", self._attempts)
         if status >= 500:
             span.set_attribute("error.type", str(status))
             span.set_status(StatusCode.ERROR)
-        span.end()
+        if not self._checks:
+            span.end()
+            return
+        # The last outcome goes to the state through the recorder: read the breaker back
+        # once it is there, then end the span at the time the response ended.
+        task = asyncio.get_running_loop().create_task(self._finish(time.time_ns()))
+        _FINISHING.add(task)
+        task.add_done_callback(_FINISHING.discard)
+
+    async def _finish(self, end_time: int) -> None:
+        try:
+            # A state too slow to take the record costs the event, never the span.
+            with contextlib.suppress(TimeoutError):
+                if self._recorder is not None:
+                    await asyncio.wait_for(self._recorder.written(), _READ_BACK_TIMEOUT_S)
+                await self._read_breakers()
+        finally:
+            self.span.end(end_time=end_time)
+
+    # ---- breakers this request moved -----------------------------------------------------
+
+    def _result(self, kind: OutcomeKind) -> None:
+        """The last admitted attempt ended so: queue a read-back if it may move a breaker."""
+        admitted, self._admitted = self._admitted, None
+        if admitted is None:
+            return
+        route, admission, before = admitted
+        if kind is OutcomeKind.FAILURE:
+            after = CircuitState.OPEN  # from closed at the threshold, or a failed probe
+        elif kind is OutcomeKind.SUCCESS and admission.probe:
+            after = CircuitState.CLOSED  # a half-open probe's success may close it
+        else:
+            return
+        self._checks.append(
+            _BreakerCheck(route, admission.target_id, admission.generation, before, after)
+        )
+
+    async def _read_breakers(self) -> None:
+        checks, self._checks = self._checks, []
+        if self._state is None:
+            return
+        with contextlib.suppress(Exception):  # state trouble is counted by the state layer
+            for check in checks:
+                snapshot = await self._state.snapshot(check.route)
+                now = next(t for t in snapshot.targets if t.target_id == check.target)
+                if now.generation == check.generation + 1 and now.state is check.after:
+                    self.span.add_event(
+                        "edgeroute.breaker",
+                        {
+                            "edgeroute.route": check.route.name,
+                            "edgeroute.target": check.target,
+                            "edgeroute.breaker.from": check.before.value,
+                            "edgeroute.breaker.to": check.after.value,
+                            "edgeroute.breaker.generation": now.generation,
+                        },
+                    )
 
     def _decided(
         self, route: RouteSpec, decision: RoutingDecision, elapsed_s: float, shared_state: str
@@ -286,13 +389,15 @@ class RequestTrace:
             )
         span.end(end_time=end)
 
-    def _failover(self, last: Attempt) -> None:
+    def _failover(self, last: Attempt, to: TargetSpec) -> None:
         self.span.add_event(
             "edgeroute.failover",
             {
                 "edgeroute.from_target": last.target.id,
                 "edgeroute.from_provider": last.provider,
-                "error.type": last.error,
+                "edgeroute.to_target": to.id,
+                "edgeroute.to_provider": to.provider,
+                "error.type": last.error,  # the cause
             },
         )
 
@@ -316,27 +421,28 @@ def _set_usage(span: Span, usage: Usage) -> None:
 class _TracingObserver:
     """The engine's observer for a traced request: metrics as usual, plus spans and events."""
 
-    __slots__ = ("_delegate", "_health", "_trace")
+    __slots__ = ("_delegate", "_state", "_trace")
 
-    def __init__(
-        self, trace: RequestTrace, delegate: Observer, health: Callable[[], StateHealth]
-    ) -> None:
+    def __init__(self, trace: RequestTrace, delegate: Observer, state: StateBackend) -> None:
         self._trace = trace
         self._delegate = delegate
-        self._health = health
+        self._state = state
 
     def decided(self, route: RouteSpec, decision: RoutingDecision, elapsed_s: float) -> None:
         self._delegate.decided(route, decision, elapsed_s)
-        self._trace._decided(route, decision, elapsed_s, self._health().shared_state)
+        self._trace._decided(route, decision, elapsed_s, self._state.health().shared_state)
+        if decision.admission is not None and decision.candidates:
+            self._trace._admitted = (route, decision.admission, decision.chosen.state)
 
     def attempt_failed(
         self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float
     ) -> None:
         self._delegate.attempt_failed(route, target, failure, elapsed_s)
+        self._trace._result(failure.kind)
 
-    def failover(self, route: RouteSpec, last: Attempt) -> None:
-        self._delegate.failover(route, last)
-        self._trace._failover(last)
+    def failover(self, route: RouteSpec, last: Attempt, to: TargetSpec) -> None:
+        self._delegate.failover(route, last, to)
+        self._trace._failover(last, to)
 
     def fallback(self, route: RouteSpec, to: RouteSpec, cause: Cause) -> None:
         self._delegate.fallback(route, to, cause)

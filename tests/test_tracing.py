@@ -146,8 +146,13 @@ async def test_a_failed_over_request_is_one_trace_continued_from_the_client(
     assert attrs["http.response.status_code"] == 200
     assert attrs["edgeroute.attempts"] == 2
     (failover,) = [e for e in server.events if e.name == "edgeroute.failover"]
-    assert attributes(failover.attributes)["error.type"] == "server_error"
-    assert attributes(failover.attributes)["edgeroute.from_provider"] == "bad"
+    moved = attributes(failover.attributes)
+    assert moved["error.type"] == "server_error"  # the cause
+    assert moved["edgeroute.from_provider"] == "bad"
+    assert moved["edgeroute.to_provider"] == "good"
+    assert moved["edgeroute.from_target"] != moved["edgeroute.to_target"]
+    # One failure of three (the default threshold) moves no breaker.
+    assert not [e for e in server.events if e.name == "edgeroute.breaker"]
 
     decides = sorted(receiver.named("edgeroute.decide"), key=lambda s: s.start_time_unix_nano)
     assert len(decides) == 2
@@ -235,6 +240,87 @@ async def test_a_fallback_shows_as_an_event_and_the_serving_route(tmp_path: Path
         "chat",
         "backup",
     ]
+
+
+async def post(url: str) -> str:
+    """One chat completion; the provider that answered."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v1/chat/completions", json=CHAT) as response,
+    ):
+        assert response.status == 200, await response.text()
+        return response.headers["x-edgeroute-provider"]
+
+
+def breaker_events(span: Span) -> list[dict[str, Any]]:
+    return [attributes(e.attributes) for e in span.events if e.name == "edgeroute.breaker"]
+
+
+async def test_breakers_a_request_moved_are_events_on_its_span(tmp_path: Path) -> None:
+    async with (
+        mock_upstreams(bad=MockSettings(error_rate=1.0), good=MockSettings()) as mocks,
+        otlp_receiver() as (otlp_url, receiver),
+    ):
+        document = gateway_config(
+            mocks,
+            [
+                {
+                    "model": "chat",
+                    "strategy": "cost",
+                    "targets": [
+                        {"provider": "bad", "model": "m-bad", "input_cost_per_mtok": 0.1},
+                        {"provider": "good", "model": "m-good", "input_cost_per_mtok": 1.0},
+                    ],
+                }
+            ],
+            breaker={"failure_threshold": 1, "open_timeout_s": 0.3, "success_threshold": 1},
+        )
+        gateway = GatewayProcess(
+            document,
+            tmp_path,
+            port=free_port(),
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_url,
+                "OTEL_BSP_SCHEDULE_DELAY": "50",
+                "EDGEROUTE_CONFIG_WATCH_S": "0",
+            },
+        )
+        try:
+            await asyncio.to_thread(gateway.wait_ready)
+            # 1. bad fails once: its breaker opens (reported by the failover's decide).
+            assert await post(gateway.url) == "good"
+            await wait_until(lambda: len(receiver.named("POST ")) == 1, timeout=15)
+            # 2. While it is open, a request goes straight to good: it moved nothing.
+            assert await post(gateway.url) == "good"
+            await wait_until(lambda: len(receiver.named("POST ")) == 2, timeout=15)
+            # 3. bad recovers; after the open timeout its probe succeeds and closes it (the
+            #    request's last outcome, written by the recorder after the response).
+            await mocks["bad"].configure(error_rate=0.0)
+            await asyncio.sleep(0.5)
+            assert await post(gateway.url) == "bad"
+            await wait_until(lambda: len(receiver.named("POST ")) == 3, timeout=15)
+        finally:
+            await asyncio.to_thread(gateway.terminate)
+
+    opened, untouched, closed = sorted(
+        receiver.named("POST "), key=lambda s: s.start_time_unix_nano
+    )
+    (failover,) = [
+        attributes(e.attributes) for e in opened.events if e.name == "edgeroute.failover"
+    ]
+    bad = failover["edgeroute.from_target"]
+    (event,) = breaker_events(opened)
+    assert event["edgeroute.route"] == "chat"
+    assert event["edgeroute.target"] == bad
+    assert (event["edgeroute.breaker.from"], event["edgeroute.breaker.to"]) == ("closed", "open")
+    assert breaker_events(untouched) == []
+    assert not [e for e in untouched.events if e.name == "edgeroute.failover"]
+    (event,) = breaker_events(closed)
+    assert event["edgeroute.target"] == bad
+    assert (event["edgeroute.breaker.from"], event["edgeroute.breaker.to"]) == (
+        "half_open",
+        "closed",
+    )
 
 
 async def test_a_stream_attempt_span_has_ttft_and_tokens(tmp_path: Path) -> None:
