@@ -117,12 +117,15 @@ class Accounting:
         `route` is the route that served; `requested`, the route the client named.
         `limit_reset_s`: the provider's headers said its limit is spent for this long."""
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        sample_ms = latency_s * 1000
+        if ttft is None and kind is OutcomeKind.SUCCESS and route.estimator.per_output_token:
+            sample_ms /= max(1, completion)  # `latency: {per_output_token: true}`
         self.recorder.submit(
             route,
             Outcome.for_admission(
                 admission,
                 kind,
-                latency_s * 1000,
+                sample_ms,
                 input_tokens=prompt,
                 output_tokens=completion,
                 limit_reset_s=limit_reset_s,

@@ -136,6 +136,9 @@ class LatencyConfig(_Base, frozen=True, kw_only=True):
     load_penalty: NonNegative = 0.1
     # Targets within this fraction of the best score take turns (no herding).
     tolerance: NonNegative = 0.1
+    # Non-streamed successes count as upstream time per output token (streams: time to
+    # first token either way), so long answers do not make a provider look slow.
+    per_output_token: bool = False
 
 
 class WeightsConfig(_Base, frozen=True, kw_only=True):

@@ -121,6 +121,7 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
             explore_ttl_ms=_ms(latency.explore_ttl_s),
             load_penalty=latency.load_penalty,
             tolerance=latency.tolerance,
+            per_output_token=latency.per_output_token,
         ),
         lease_ttl_ms=_ms(config.state.lease_ttl_s),
         idle_ttl_ms=_ms(config.state.idle_ttl_s),

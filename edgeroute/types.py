@@ -84,6 +84,9 @@ class EstimatorParams:
     explore_ttl_ms: int = 30_000
     load_penalty: float = 0.1
     tolerance: float = 0.1
+    # The gateway's sample for a non-streamed success is upstream time / output tokens (at
+    # least 1). Applied where outcomes are made (edgeroute.accounting), never by the state.
+    per_output_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)
