@@ -235,32 +235,44 @@ def _strategy_text(strategy: RoutingStrategy) -> str:
 
 
 def _explanation_text(explanation: Explanation, state: str) -> str:
+    """The explain JSON's essentials in 100 columns (for target ids up to ~19 characters):
+    what ranks (the decayed estimate, error rate, its age, exploration), then the window's
+    statistics; why a target is excluded goes under the table, where it has room."""
+    ordered = _by_rank(explanation.targets)
     rows = [
         [
             t.spec.id,
             t.snapshot.state.value,
             _fmt(t.score, ".3f"),
             "-" if t.rank is None else str(t.rank),
+            _fmt(t.snapshot.estimate_ms),
+            _error_rate(t),
+            _age(t.snapshot.estimate_age_ms),
+            _exploration(t),
+            str(t.snapshot.inflight),
             _fmt(t.snapshot.latency_ms),
             _pct(t.snapshot.success_rate),
-            str(t.snapshot.inflight),
-            t.excluded_because or "-",
         ]
-        for t in _by_rank(explanation.targets)
+        for t in ordered
     ]
     headers = [
         "TARGET",
         "STATE",
         "SCORE",
         "RANK",
-        "LATENCY MS",
-        "SUCCESS",
+        "EST MS",
+        "ERR",
+        "AGE",
+        "EXPLORE",
         "IN-FLIGHT",
-        "EXCLUDED BECAUSE",
+        "WIN MS",
+        "WIN OK",
     ]
+    excluded = [f"  {t.spec.id}: {t.excluded_because}" for t in ordered if t.excluded_because]
     lines = [
         f"route {explanation.route} ({_strategy_text(explanation.strategy)}; state: {state})",
         _table(headers, rows),
+        *(["excluded:", *excluded] if excluded else []),
         f"reason: {explanation.reason}",
     ]
     fallbacks = explanation.fallbacks
@@ -277,6 +289,38 @@ def _explanation_text(explanation: Explanation, state: str) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _error_rate(target: TargetExplanation) -> str:
+    """`-` for a target nothing was ever learnt about, else its decayed error rate."""
+    snapshot = target.snapshot
+    if snapshot.estimate_us is None and not snapshot.error_rate:
+        return "-"
+    return _pct(snapshot.error_rate)
+
+
+def _age(ms: int | None) -> str:
+    """An estimate's age, short: `-` (never measured), `850ms`, `4.2s`, `75s`, `12m`."""
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 10_000:
+        return f"{ms / 1000:.1f}s"
+    if ms < 600_000:
+        return f"{ms // 1000}s"
+    return f"{ms // 60_000}m"
+
+
+def _exploration(target: TargetExplanation) -> str:
+    """`next` (the next request re-measures it), `N live` (explorations in flight),
+    `stale` (due, waiting for the budget), `-` (the estimate is fresh)."""
+    if target.explore:
+        return "next"
+    live = target.snapshot.explorations_in_use
+    if live:
+        return f"{live} live"
+    return "stale" if target.snapshot.stale else "-"
 
 
 def _by_rank(targets: list[TargetExplanation]) -> list[TargetExplanation]:

@@ -422,21 +422,28 @@ def test_explain_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("route chat (hybrid, weights cost 0.40 / latency 0.40")
-    header = lines[1].split()
-    for column in (
+    # The JSON's estimate columns too, and the window's statistics, in 100 columns.
+    assert lines[1].split() == [
         "TARGET",
         "STATE",
         "SCORE",
         "RANK",
-        "LATENCY",
-        "SUCCESS",
+        "EST",
+        "MS",
+        "ERR",
+        "AGE",
+        "EXPLORE",
         "IN-FLIGHT",
-        "EXCLUDED",
-    ):
-        assert column in header
-    # Best first.
+        "WIN",
+        "MS",
+        "WIN",
+        "OK",
+    ]
+    assert all(len(line) <= 100 for line in lines[:4])
+    # Best first; nothing measured: no estimate, no age, due for exploration.
     assert lines[2].split()[:2] == ["cheap:gpt-4o-mini", "closed"]
     assert lines[2].split()[3] == "1"
+    assert lines[2].split()[4:8] == ["-", "-", "-", "stale"]
     assert lines[3].split()[:2] == ["fast:gpt-4o", "closed"]
     assert lines[-1].startswith("reason: hybrid: cheap:gpt-4o-mini")
     assert len(lines) == 5
@@ -482,10 +489,18 @@ def test_explain_shows_why_a_target_is_excluded(
     code, out, _ = run(capsys, "explain", "-c", path, "chat")
     assert code == 0
     lines = out.splitlines()
-    assert lines[2].split()[:2] == ["fast:gpt-4o", "closed"]
-    assert "250.0" in lines[2] and "100%" in lines[2]
-    assert lines[3].split()[:4] == ["cheap:gpt-4o-mini", "open", "-", "-"]
-    assert "breaker open for" in lines[3]
+    assert all(len(line) <= 100 for line in lines[:4])
+    fast_row, cheap_row = lines[2].split(), lines[3].split()
+    # SCORE RANK | EST MS ERR AGE EXPLORE | IN-FLIGHT | WIN MS WIN OK, as in the JSON.
+    assert fast_row[:2] == ["fast:gpt-4o", "closed"]
+    assert fast_row[4:6] == ["250.0", "0%"]  # the decayed estimate and error rate
+    assert fast_row[6].endswith(("ms", "s"))  # its age
+    assert fast_row[7] == "-"  # fresh: not due for exploration
+    assert fast_row[9:] == ["250.0", "100%"]  # the window
+    assert cheap_row[:4] == ["cheap:gpt-4o-mini", "open", "-", "-"]
+    assert cheap_row[4:7] == ["-", "100%", "-"]  # three failures, no latency measured
+    assert lines[4] == "excluded:"  # why, under the table (the ms tick between runs)
+    assert lines[5].startswith("  cheap:gpt-4o-mini: breaker open for ")
 
     code, out, _ = run(capsys, "state", "-c", path, "--route", "chat", "--json")
     assert code == 0
