@@ -23,6 +23,7 @@ from edgeroute.server import LIVE, RELOADER, create_app
 from tests.support.gateway import (
     GatewayProcess,
     Mock,
+    SdkLoad,
     gateway_config,
     get_json,
     loads,
@@ -76,25 +77,9 @@ async def test_sighup_reloads_under_load_without_a_failed_request(tmp_path: Path
         try:
             await asyncio.to_thread(gateway.wait_ready)
             url = gateway.url
-            outcomes = {"ok": 0, "failed": 0}
-            errors: list[str] = []
-            stop = asyncio.Event()
-
-            async def send_continuously() -> None:
-                async with openai.AsyncOpenAI(
-                    base_url=f"{url}/v1", api_key="unused", max_retries=0
-                ) as client:
-                    while not stop.is_set():
-                        try:
-                            await client.chat.completions.create(
-                                model="chat", messages=[{"role": "user", "content": "hi"}]
-                            )
-                            outcomes["ok"] += 1
-                        except openai.OpenAIError as exc:
-                            outcomes["failed"] += 1
-                            errors.append(repr(exc))
-
-            senders = [asyncio.create_task(send_continuously()) for _ in range(4)]
+            load = SdkLoad(
+                lambda: openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            )
 
             async def reload_to(document: Any, result: str, count: float) -> None:
                 write_atomically(gateway.config_path, document)
@@ -105,7 +90,7 @@ async def test_sighup_reloads_under_load_without_a_failed_request(tmp_path: Path
                     timeout=10,
                 )
 
-            await wait_until(lambda: outcomes["ok"] >= 20, timeout=10)
+            await load.more(20)
 
             # 1. A route is added.
             added = {**document, "routes": [*document["routes"], _route("chat2", "a")]}
@@ -119,24 +104,21 @@ async def test_sighup_reloads_under_load_without_a_failed_request(tmp_path: Path
             await reload_to(removed, "success", 2)
             hash_removed = file_hash(gateway.config_path)
             served_by_b = await mocks["b"].requests()
-            before = outcomes["ok"]
-            await wait_until(lambda: outcomes["ok"] >= before + 20, timeout=10)
+            await load.more(20)
 
             # 3. An invalid config is refused: the old one keeps serving.
             invalid = {**removed, "routes": [_route("chat", "nowhere")]}
             await reload_to(invalid, "failure", 1)
             assert await models(url) == {"chat", "chat2"}
-            after_refusal = outcomes["ok"]
-            await wait_until(lambda: outcomes["ok"] >= after_refusal + 20, timeout=10)
+            await load.more(20)
 
-            stop.set()
-            await asyncio.gather(*senders)
+            await load.stop()
             assert await mocks["b"].requests() == served_by_b
         finally:
             await asyncio.to_thread(gateway.terminate)
 
-    assert outcomes["failed"] == 0, errors[:5]
-    assert outcomes["ok"] > 60
+    assert load.failed == 0, load.errors[:5]
+    assert load.ok > 60
     log = gateway.log()
     refused = [line for line in log.splitlines() if "config reload refused" in line]
     assert len(refused) == 1, log[-2000:]

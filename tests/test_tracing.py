@@ -40,6 +40,14 @@ from tests.support.gateway import (
 from tests.support.redis_servers import free_port
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello there"}]}
+BAD_THEN_GOOD = {
+    "model": "chat",
+    "strategy": "cost",  # the cheap target first: when it fails, one failover
+    "targets": [
+        {"provider": "bad", "model": "m-bad", "input_cost_per_mtok": 0.1},
+        {"provider": "good", "model": "m-good", "input_cost_per_mtok": 1.0},
+    ],
+}
 
 
 class Receiver:
@@ -91,19 +99,7 @@ async def test_a_failed_over_request_is_one_trace_continued_from_the_client(
         mock_upstreams(bad=MockSettings(error_rate=1.0), good=MockSettings()) as mocks,
         otlp_receiver() as (otlp_url, receiver),
     ):
-        document = gateway_config(
-            mocks,
-            [
-                {
-                    "model": "chat",
-                    "strategy": "cost",  # the cheap, broken target first: one failover
-                    "targets": [
-                        {"provider": "bad", "model": "m-bad", "input_cost_per_mtok": 0.1},
-                        {"provider": "good", "model": "m-good", "input_cost_per_mtok": 1.0},
-                    ],
-                }
-            ],
-        )
+        document = gateway_config(mocks, [BAD_THEN_GOOD])
         gateway = GatewayProcess(
             document,
             tmp_path,
@@ -263,16 +259,7 @@ async def test_breakers_a_request_moved_are_events_on_its_span(tmp_path: Path) -
     ):
         document = gateway_config(
             mocks,
-            [
-                {
-                    "model": "chat",
-                    "strategy": "cost",
-                    "targets": [
-                        {"provider": "bad", "model": "m-bad", "input_cost_per_mtok": 0.1},
-                        {"provider": "good", "model": "m-good", "input_cost_per_mtok": 1.0},
-                    ],
-                }
-            ],
+            [BAD_THEN_GOOD],
             breaker={"failure_threshold": 1, "open_timeout_s": 0.3, "success_threshold": 1},
         )
         gateway = GatewayProcess(

@@ -34,6 +34,7 @@ from edgeroute.workers import WorkersError, available_cpus, parse_workers
 from tests.support.gateway import (
     HOST,
     GatewayProcess,
+    SdkLoad,
     gateway_config,
     mock_upstreams,
     wait_until,
@@ -288,40 +289,32 @@ def config_infos(text: str) -> list[str]:
     return series(text, "edgeroute_config_info")
 
 
+def start_two_workers(document: dict[str, Any], workdir: Path, watch_s: str) -> GatewayProcess:
+    process = GatewayProcess(
+        document,
+        workdir,
+        port=free_port(),
+        env={"EDGEROUTE_WORKERS": "2", "EDGEROUTE_CONFIG_WATCH_S": watch_s},
+    )
+    try:
+        process.wait_ready(timeout=60)
+    except BaseException:
+        process.kill()
+        raise
+    return process
+
+
 @pytest.mark.slow
 async def test_sighup_reloads_every_worker_under_load_counted_once(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with mock_upstreams(a=MockSettings(), b=MockSettings()) as mocks:
         document = gateway_config(mocks, routes(), state=redis_state(redis_server))
-        process = await asyncio.to_thread(
-            GatewayProcess,
-            document,
-            tmp_path,
-            port=free_port(),
-            env={"EDGEROUTE_WORKERS": "2", "EDGEROUTE_CONFIG_WATCH_S": "0"},
-        )
+        process = await asyncio.to_thread(start_two_workers, document, tmp_path, "0")
         try:
-            await asyncio.to_thread(process.wait_ready, 60)
             url, path = process.url, process.config_path
-            outcomes = {"ok": 0, "failed": 0}
-            errors: list[str] = []
-            stop = asyncio.Event()
-
-            async def send_continuously() -> None:
-                async with no_keepalive_client(url) as client:
-                    while not stop.is_set():
-                        try:
-                            await client.chat.completions.create(
-                                model="chat", messages=[{"role": "user", "content": "hi"}]
-                            )
-                            outcomes["ok"] += 1
-                        except openai.OpenAIError as exc:
-                            outcomes["failed"] += 1
-                            errors.append(repr(exc))
-
-            senders = [asyncio.create_task(send_continuously()) for _ in range(4)]
-            await wait_until(lambda: outcomes["ok"] >= 20, timeout=20)
+            load = SdkLoad(lambda: no_keepalive_client(url))  # both workers under load
+            await load.more(20)
 
             # 1. A route is added: SIGHUP to the supervisor, and both workers serve it.
             added = with_route(document, "chat2", "b")
@@ -347,11 +340,9 @@ async def test_sighup_reloads_every_worker_under_load_counted_once(
             providers, workers = await served_by(url, "chat2", 30)
             assert providers == {"b"} and len(workers) == 2
 
-            before = outcomes["ok"]
-            await wait_until(lambda: outcomes["ok"] >= before + 20, timeout=20)
-            stop.set()
-            await asyncio.gather(*senders)
-            assert outcomes["failed"] == 0, errors[:5]
+            await load.more(20)
+            await load.stop()
+            assert load.failed == 0, load.errors[:5]
 
             # 4. A SIGHUP sent to a worker itself neither kills nor reloads it.
             pids = worker_pids(process)
@@ -392,15 +383,8 @@ async def test_the_supervisor_alone_watches_the_config_file(
 ) -> None:
     async with mock_upstreams(a=MockSettings(), b=MockSettings()) as mocks:
         document = gateway_config(mocks, routes(), state=redis_state(redis_server))
-        process = await asyncio.to_thread(
-            GatewayProcess,
-            document,
-            tmp_path,
-            port=free_port(),
-            env={"EDGEROUTE_WORKERS": "2", "EDGEROUTE_CONFIG_WATCH_S": "0.2"},
-        )
+        process = await asyncio.to_thread(start_two_workers, document, tmp_path, "0.2")
         try:
-            await asyncio.to_thread(process.wait_ready, 60)
             rewrite(process.config_path, with_route(document, "chat2", "b"))
             await wait_until(lambda: _reloads_reach(process.url, "success", 1), timeout=20)
             providers, workers = await served_by(process.url, "chat2", 40)

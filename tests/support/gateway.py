@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import yaml
 from aiohttp import web
 
@@ -214,3 +215,40 @@ async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.0
 
 def loads(document: dict[str, Any]) -> Config:
     return parse_config(document, env={})
+
+
+class SdkLoad:
+    """`senders` openai SDK clients sending chat completions to `model` until `stop()`:
+    continuous load for reload tests, counting what succeeded and what failed."""
+
+    def __init__(
+        self, client: Callable[[], openai.AsyncOpenAI], model: str = "chat", senders: int = 4
+    ) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self._client = client
+        self._model = model
+        self._stopping = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._send()) for _ in range(senders)]
+
+    async def _send(self) -> None:
+        async with self._client() as client:
+            while not self._stopping.is_set():
+                try:
+                    await client.chat.completions.create(
+                        model=self._model, messages=[{"role": "user", "content": "hi"}]
+                    )
+                    self.ok += 1
+                except openai.OpenAIError as exc:
+                    self.failed += 1
+                    self.errors.append(repr(exc))
+
+    async def more(self, count: int, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        """Wait until `count` more requests have succeeded."""
+        target = self.ok + count
+        await wait_until(lambda: self.ok >= target, timeout=timeout)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await asyncio.gather(*self._tasks)
