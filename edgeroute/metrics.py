@@ -330,11 +330,14 @@ class OpsMetrics:
             "edgeroute_fleet_replicas",
             "Live replicas with a heartbeat in shared state, as this replica last read them.",
             registry=r,
+            # Workers read the same fleet: one series, and none left by a dead worker.
+            multiprocess_mode="livemax",
         )
         self.fleet_config_hashes = Gauge(
             "edgeroute_fleet_config_hashes",
             "Distinct config hashes among live replicas (more than 1: the fleet disagrees).",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self._hash: str | None = None
 

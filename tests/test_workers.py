@@ -357,6 +357,9 @@ async def test_sighup_reloads_every_worker_under_load_counted_once(
             assert providers == {"b"} and len(workers) == 2
             text = await scrape(url)
             assert config_infos(text) == [f'edgeroute_config_info{{hash="{new_hash}"}} 1.0']
+            # The fleet gauges: one series each (no pid label), nothing left by the dead worker.
+            assert len(series(text, "edgeroute_fleet_config_hashes")) == 1
+            assert len(series(text, "edgeroute_fleet_replicas")) == 1
             for result, count in (("success", 1), ("unchanged", 1), ("failure", 1)):
                 assert sample(text, f'edgeroute_config_reloads_total{{result="{result}"}}') == (
                     count
