@@ -755,6 +755,29 @@ async def test_recorder_keeps_going_after_the_state_fails() -> None:
         await recorder.stop()
 
 
+async def test_recorder_written_waits_for_what_was_submitted_before_it() -> None:
+    state = StuckState()
+    recorder = Recorder(state, max_batch=1)  # type: ignore[arg-type]
+    route = two_targets()
+    assert recorder.written().done()  # nothing submitted: nothing to wait for
+    recorder.start()
+    try:
+        recorder.submit(route, outcome(0))
+        recorder.submit(route, outcome(1))
+        first_two = recorder.written()
+        recorder.submit(route, outcome(2))
+        all_three = recorder.written()
+        await wait_until(lambda: state.calls == 1, 2.0)  # t0 is being written (stuck)
+        assert not first_two.done()
+        state.release.set()
+        await asyncio.wait_for(first_two, 2.0)
+        assert state.written[:2] == ["t0", "t1"]
+        await asyncio.wait_for(all_three, 2.0)
+        assert state.written == ["t0", "t1", "t2"]
+    finally:
+        await recorder.stop()
+
+
 async def test_stopping_the_recorder_writes_the_batch_in_flight() -> None:
     state = StuckState()
     recorder = Recorder(state, max_batch=2)  # type: ignore[arg-type]
