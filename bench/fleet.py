@@ -177,6 +177,20 @@ class Load:
         )
 
 
+async def state_errors(session: aiohttp.ClientSession, replicas: list[str]) -> float:
+    """Failed shared-state calls summed over the fleet (`edgeroute_state_errors_total`): a
+    replica whose Redis call failed or timed out decided that request on local state, where
+    the fleet-wide guarantees do not hold, so the figures say how often it happened."""
+    total = 0.0
+    for base in replicas:
+        async with session.get(f"{base}/metrics") as resp:
+            text = await resp.text()
+        for line in text.splitlines():
+            if line.startswith("edgeroute_state_errors_total{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
     async with session.get(url) as resp:
         return await resp.json(content_type=None)
@@ -207,6 +221,7 @@ async def failing_provider(
     await asyncio.sleep(duration_s / 3)
     sick = stack.mocks["sick"]
     await post_json(session, f"{sick}/_mock/reset_stats", {})
+    errors_before = await state_errors(session, stack.replicas)
     await post_json(session, f"{sick}/_mock/config", {"error_rate": 1})
     switched = time.monotonic()
     stopped: dict[int, float] = {}
@@ -225,6 +240,7 @@ async def failing_provider(
     load.stop.set()
     await running
     stats = await get_json(session, f"{sick}/_mock/stats")
+    errors_during = await state_errors(session, stack.replicas) - errors_before
     samples = load.samples
     failed_over = [s for s in samples if s.attempts >= 2 and s.started >= switched - 1.0]
     return {
@@ -244,6 +260,7 @@ async def failing_provider(
             if failed_over
             else None
         ),
+        "state_errors": int(errors_during),
         "client_errors": len(load.errors),
         "client_error_rate": len(load.errors) / len(samples) if samples else 0.0,
     }
@@ -334,7 +351,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         "A provider starts failing mid-run",
         f"  {'clients':>8} {'requests':>9} {'sent to it':>11} {'goal':>5} "
-        f"{'all stopped':>12} {'last sent':>10} {'client errors':>14}",
+        f"{'all stopped':>12} {'last sent':>10} {'client errors':>14} {'state errors':>13}",
     ]
     for row in results["failing_provider"]:
         stopped = row["all_stopped_ms"]
@@ -344,7 +361,8 @@ def report(results: dict[str, Any]) -> str:
             f"{row['failure_threshold']:>5} "
             f"{(f'{stopped:.1f} ms' if stopped is not None else 'never'):>12} "
             f"{(f'{last:.1f} ms' if last is not None else '-'):>10} "
-            f"{row['client_errors']:>6} ({row['client_error_rate']:.2%})"
+            f"{row['client_errors']:>6} ({row['client_error_rate']:.2%}) "
+            f"{row['state_errors']:>13}"
         )
     k = results["redis_killed"]
     b, a, c = k["before_kill"], k["after_kill"], k["in_flight_at_kill"]

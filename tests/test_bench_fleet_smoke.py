@@ -25,7 +25,11 @@ def test_a_failing_provider_costs_no_client_request(report: dict[str, Any]) -> N
     rows = report["failing_provider"]
     assert rows and all(row["client_errors"] == 0 and row["requests"] > 0 for row in rows)
     few = next(row for row in rows if row["clients"] <= row["failure_threshold"])
-    assert few["sent_to_failing"] == few["failure_threshold"]
+    # Exact only while Redis answers in time: a call past state.timeout_ms (a loaded machine)
+    # is decided on the replica's local state, which is the documented degraded mode, not
+    # the fleet-wide guarantee; the bench counts those calls so the two are told apart.
+    if few["state_errors"] == 0:
+        assert few["sent_to_failing"] == few["failure_threshold"]
     assert all(row["sent_to_failing"] >= row["failure_threshold"] for row in rows)
 
 
