@@ -45,7 +45,13 @@ ProviderName = Annotated[str, msgspec.Meta(pattern=_PROVIDER_NAME_PATTERN)]
 Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0.0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
-StrategyName = Literal["cost", "latency", "hybrid", "round_robin", "least_busy"]
+StrategyName = Literal[
+    "cost", "latency", "hybrid", "round_robin", "least_busy", "priority", "weighted"
+]
+WithinName = Literal["round_robin", "latency", "cost", "hybrid", "least_busy"]
+BreakerScope = Literal["target", "provider"]
+# routes[].affinity.key: a request header, or a top-level string field of the JSON body.
+AFFINITY_KEY_RE = re.compile(r"(header):([A-Za-z0-9!#$%&'*+.^_`|~-]+)|(body):([A-Za-z0-9_.-]+)")
 ProviderKind = Literal["openai", "azure", "anthropic"]
 StateLossPolicy = Literal["fail_open", "fail_closed", "local_share"]
 _T = TypeVar("_T")
@@ -116,6 +122,9 @@ class BreakerConfig(_Base, frozen=True, kw_only=True):
     max_open_timeout_s: PositiveSeconds = 300.0
     # A probe reservation a replica never reports back (it crashed) frees itself after this.
     probe_ttl_s: PositiveSeconds = 30.0
+    # target: one breaker per target of each route; provider: one per provider, shared by
+    # every route with scope provider that sends to it.
+    scope: BreakerScope = "target"
 
 
 class LatencyConfig(_Base, frozen=True, kw_only=True):
@@ -201,6 +210,10 @@ class TargetConfig(_Base, frozen=True, kw_only=True):
     tpm: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
     on_state_loss: StateLossPolicy | None = None  # unset: state.on_state_loss
+    # strategy priority: the target's group, lower first (unset on every target: config
+    # order, one target per group); strategy weighted: its share of the route's traffic.
+    priority: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    weight: int | None = None
 
     @property
     def target_id(self) -> str:
@@ -212,9 +225,20 @@ class TargetConfig(_Base, frozen=True, kw_only=True):
         return self.input_cost_per_mtok + self.output_cost_per_mtok
 
 
+class AffinityConfig(_Base, frozen=True, kw_only=True):
+    # Where the session id comes from: `header:NAME` or `body:FIELD` (a top-level string).
+    key: str
+    # A pin not used for this long is gone (each use starts it again).
+    ttl_s: PositiveSeconds = 600.0
+    # The most pins the route keeps; past it the least recently used one is dropped.
+    max_pins: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
+
+
 class RouteConfig(_Base, frozen=True, kw_only=True):
     model: RouteName
     strategy: StrategyName = "hybrid"
+    # strategy priority: what orders the targets inside one priority group.
+    within: WithinName | None = None
     weights: WeightsConfig | None = None
     targets: Annotated[list[TargetConfig], msgspec.Meta(min_length=1)]
     breaker: BreakerConfig | None = None
@@ -225,6 +249,7 @@ class RouteConfig(_Base, frozen=True, kw_only=True):
     fallbacks: list[RouteName] = []
     context_window_fallbacks: list[RouteName] = []
     content_policy_fallbacks: list[RouteName] = []
+    affinity: AffinityConfig | None = None
 
 
 # The fallback lists of a route, each checked the same way (known routes, no cycles).
@@ -604,12 +629,27 @@ def _check_route(
         if model in seen:
             problems.add(f"{where}.model", f"duplicate route {model!r}")
         seen.add(model)
+    strategy = route.get("strategy", "hybrid")
+    scoring = (route.get("within") or "round_robin") if strategy == "priority" else strategy
     weights = _typed(route.get("weights"), WeightsConfig)
     if weights is not None:
-        if route.get("strategy", "hybrid") != "hybrid":
-            problems.add(f"{where}.weights", "weights only apply to strategy hybrid")
+        if scoring != "hybrid":
+            problems.add(
+                f"{where}.weights",
+                "weights only apply to strategy hybrid (or priority with within: hybrid)",
+            )
         elif weights.cost + weights.latency + weights.reliability <= 0.0:
             problems.add(f"{where}.weights", "all weights are zero")
+    if route.get("within") is not None and strategy != "priority":
+        problems.add(f"{where}.within", "within only applies to strategy priority")
+    affinity = route.get("affinity")
+    key = affinity.get("key") if isinstance(affinity, dict) else None
+    if isinstance(key, str) and not AFFINITY_KEY_RE.fullmatch(key):
+        problems.add(
+            f"{where}.affinity.key",
+            f"{key!r} is not header:NAME or body:FIELD (e.g. header:x-session-id, body:user)",
+        )
+    _check_policy(where, strategy, _items(route, "targets"), problems)
     seen_targets: set[str] = set()
     for j, item in enumerate(_items(route, "targets")):
         twhere = f"{where}.targets[{j}]"
@@ -700,6 +740,28 @@ def _cycles(graph: dict[str, list[tuple[int, str]]]) -> list[tuple[list[str], in
         if node not in done:
             visit(node, [node], [])
     return found
+
+
+def _check_policy(
+    where: str, strategy: Any, targets: list[dict[str, Any]], problems: _Problems
+) -> None:
+    """`priority` and `weight` belong to their strategies; a priority is set on every
+    target or on none (where an unset one would sort among set ones is anybody's guess)."""
+    with_priority = [j for j, t in enumerate(targets) if t.get("priority") is not None]
+    for j, item in enumerate(targets):
+        twhere = f"{where}.targets[{j}]"
+        if item.get("priority") is not None and strategy != "priority":
+            problems.add(f"{twhere}.priority", "priority only applies to strategy priority")
+        weight = item.get("weight")
+        if weight is not None and strategy != "weighted":
+            problems.add(f"{twhere}.weight", "weight only applies to strategy weighted")
+        elif isinstance(weight, int) and weight <= 0:
+            problems.add(f"{twhere}.weight", f"must be a whole number above 0, got {weight}")
+        if strategy == "priority" and with_priority and j not in with_priority:
+            problems.add(
+                f"{twhere}.priority",
+                "set priority on every target of the route or on none (none: config order)",
+            )
 
 
 def _has_userinfo(url: str) -> bool:

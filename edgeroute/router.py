@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from edgeroute import failover
-from edgeroute.config import Config, RouteConfig, effective_breaker, effective_latency
+from edgeroute.config import (
+    Config,
+    RouteConfig,
+    WeightsConfig,
+    effective_breaker,
+    effective_latency,
+)
 from edgeroute.errors import AllProvidersFailed, NoProvidersAvailable, RoutingError
 from edgeroute.failover import (
     Cause,
@@ -73,17 +79,15 @@ class AttemptFailed(Exception):
 
 
 def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
-    weights = route.weights
+    weights = route.weights or WeightsConfig()
+    mix = {"cost": weights.cost, "latency": weights.latency, "reliability": weights.reliability}
     strategy = (
-        RoutingStrategy.named(
-            route.strategy,
-            cost=weights.cost,
-            latency=weights.latency,
-            reliability=weights.reliability,
-        )
-        if weights is not None
-        else RoutingStrategy.named(route.strategy)
+        RoutingStrategy.priority(route.within or "round_robin", **mix)
+        if route.strategy == "priority"
+        else RoutingStrategy.named(route.strategy, **mix)
     )
+    # Priority without any `priority:` set: configuration order, one target per group.
+    explicit = any(t.priority is not None for t in route.targets)
     breaker = effective_breaker(config, route)
     latency = effective_latency(config, route)
     return RouteSpec(
@@ -101,8 +105,10 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
                 tpm=t.tpm or 0,
                 max_concurrency=t.max_concurrency or 0,
                 on_state_loss=t.on_state_loss or config.state.on_state_loss,
+                priority=(t.priority or 0) if explicit else j,
+                weight=t.weight or 1,
             )
-            for t in route.targets
+            for j, t in enumerate(route.targets)
         ),
         breaker=BreakerParams(
             failure_threshold=breaker.failure_threshold,

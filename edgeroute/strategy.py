@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from edgeroute.errors import ConfigError
 from edgeroute.types import Admission, CircuitState, TargetSpec
 
-STRATEGY_KINDS = ("cost", "latency", "hybrid", "round_robin", "least_busy")
+STRATEGY_KINDS = ("cost", "latency", "hybrid", "round_robin", "least_busy", "priority", "weighted")
+# What orders the targets inside one priority group.
+WITHIN_KINDS = ("round_robin", "latency", "cost", "hybrid", "least_busy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,23 @@ class RoutingStrategy:
     cost_weight: float = 0.0
     latency_weight: float = 0.0
     reliability_weight: float = 0.0
+    # strategy priority: what orders the targets inside one group ("" otherwise); a hybrid
+    # `within` uses the weights above.
+    within: str = ""
+
+    @property
+    def inner(self) -> RoutingStrategy:
+        """The strategy that scores targets: `within` for priority, else this one."""
+        if self.kind != "priority":
+            return self
+        return RoutingStrategy(
+            self.within, self.cost_weight, self.latency_weight, self.reliability_weight
+        )
+
+    @property
+    def scoring(self) -> str:
+        """The kind that scores and moves the cursor (priority: its `within`)."""
+        return self.within if self.kind == "priority" else self.kind
 
     @classmethod
     def cost_based(cls) -> RoutingStrategy:
@@ -68,6 +87,32 @@ class RoutingStrategy:
         )
 
     @classmethod
+    def priority(
+        cls,
+        within: str = "round_robin",
+        *,
+        cost: float = 0.4,
+        latency: float = 0.4,
+        reliability: float = 0.2,
+    ) -> RoutingStrategy:
+        """Groups by TargetSpec.priority (lower first); `within` orders each group."""
+        if within not in WITHIN_KINDS:
+            raise ConfigError(f"$.within: unknown strategy {within!r}")
+        inner = cls.named(within, cost=cost, latency=latency, reliability=reliability)
+        return cls(
+            "priority",
+            inner.cost_weight,
+            inner.latency_weight,
+            inner.reliability_weight,
+            within,
+        )
+
+    @classmethod
+    def weighted(cls) -> RoutingStrategy:
+        """An exact split by TargetSpec.weight (smooth weighted round-robin, shared state)."""
+        return cls("weighted")
+
+    @classmethod
     def named(
         cls, kind: str, *, cost: float = 0.4, latency: float = 0.4, reliability: float = 0.2
     ) -> RoutingStrategy:
@@ -75,6 +120,8 @@ class RoutingStrategy:
             return cls.hybrid(
                 cost_weight=cost, latency_weight=latency, reliability_weight=reliability
             )
+        if kind == "priority":
+            return cls.priority(cost=cost, latency=latency, reliability=reliability)
         if kind not in STRATEGY_KINDS:
             raise ConfigError(f"$.strategy: unknown strategy {kind!r}")
         return cls(kind)
@@ -106,6 +153,9 @@ class Candidate:
     # How long the target has had requests in flight and returned nothing (ms): at least
     # one request has been out that long, so a slowdown shows before its first slow sample.
     waiting_ms: int = 0
+    # strategy weighted: the smooth weighted round-robin credit this decide sees (the
+    # stored current weight plus the target's weight); the highest goes first.
+    credit: int = 0
 
     @property
     def measured(self) -> bool:
@@ -165,6 +215,8 @@ def rank(
     if not candidates:
         return candidates
     kind = strategy.kind
+    if kind == "priority":
+        return _rank_groups(strategy, candidates, rr_cursor, shaping, explore_slots)
     if kind == "round_robin":
         count = len(candidates)
         start = (rr_cursor - 1) % count
@@ -177,6 +229,11 @@ def rank(
         else:
             _score_least_busy(candidates)
         ordered = sorted(candidates, key=_by_score)
+    elif kind == "weighted":
+        ordered = sorted(candidates, key=_by_credit)
+        total = sum(c.target.weight for c in candidates)
+        for c in candidates:
+            c.score = c.credit / total
     elif kind == "latency" or kind == "hybrid":
         if kind == "latency":
             _score_latency(candidates, shaping.load_penalty)
@@ -198,6 +255,31 @@ def rank(
             + [c for c in ordered if not c.probe and not c.held]
             + [c for c in ordered if c.held]
         )
+    return ordered
+
+
+def _rank_groups(
+    strategy: RoutingStrategy,
+    candidates: list[Candidate],
+    rr_cursor: int,
+    shaping: Shaping,
+    explore_slots: Sequence[int] | None,
+) -> list[Candidate]:
+    """Priority: each group (TargetSpec.priority, lower first) ranked on its own by the
+    `within` strategy, groups concatenated. A group's half-open probes and held targets
+    stay inside it: a backup group is only reached when the group before it is used up.
+    Only the first group may explore: the request goes there."""
+    inner = strategy.inner
+    groups: dict[int, list[int]] = {}
+    for j, c in enumerate(candidates):
+        groups.setdefault(c.target.priority, []).append(j)
+    ordered: list[Candidate] = []
+    for n, level in enumerate(sorted(groups)):
+        members = groups[level]
+        slots = (
+            [explore_slots[j] for j in members] if explore_slots is not None and n == 0 else None
+        )
+        ordered += rank(inner, [candidates[j] for j in members], rr_cursor, shaping, slots)
     return ordered
 
 
@@ -258,6 +340,10 @@ def is_held(failures: int, inflight: int, failure_threshold: int) -> bool:
 
 def _by_score(candidate: Candidate) -> float:
     return -candidate.score  # sorted() is stable: equal scores keep configuration order
+
+
+def _by_credit(candidate: Candidate) -> int:
+    return -candidate.credit  # stable: equal credits keep configuration order
 
 
 def _by_measured_score(candidate: Candidate) -> tuple[bool, float]:
@@ -416,6 +502,14 @@ def explain_choice(
         return "no admissible target"
     best = ordered[0]
     name = best.target.id
+    if strategy.kind == "priority":
+        group = [c for c in ordered if c.target.priority == best.target.priority]
+        inner = explain_choice(strategy.inner, group[:1], rr_cursor, len(group))
+        head = f"priority group {best.target.priority}, {inner}"
+        if len(ordered) > 1:
+            runner = ordered[1]
+            head += f"; next {runner.target.id} (group {runner.target.priority})"
+        return head
     if best.probe:
         head = f"half-open probe of {name} (breaker recovering)"
     elif best.explore:
@@ -435,6 +529,8 @@ def explain_choice(
     elif strategy.kind == "round_robin":
         healthy = len(ordered) if admissible is None else admissible
         head = f"round_robin: cursor {rr_cursor} -> {name} of {healthy} healthy"
+    elif strategy.kind == "weighted":
+        head = f"weighted: {name} (weight {best.target.weight}, credit {best.credit})"
     else:
         head = f"least_busy: {name} with {best.inflight} in flight"
     if best.held:

@@ -38,6 +38,9 @@ class TargetSpec:
     max_concurrency: int = 0
     # What the quotas do while shared state is away: local_share, fail_open, fail_closed.
     on_state_loss: str = "local_share"
+    # strategy priority: the target's group (lower first); strategy weighted: its share.
+    priority: int = 0
+    weight: int = 1
 
     @property
     def has_quota(self) -> bool:
@@ -184,6 +187,8 @@ class TargetSnapshot:
     stale: bool = True
     # How long it has had requests in flight and no answer (ms; 0 when idle).
     waiting_ms: int = 0
+    # strategy weighted: its smooth weighted round-robin current weight (0 otherwise).
+    current_weight: int = 0
 
     @property
     def latency_ms(self) -> float | None:

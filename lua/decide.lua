@@ -1,37 +1,41 @@
 -- decide: rank the route's admissible targets and admit the first, atomically; or, in
 -- explain mode, rank them as the next request would and report every target, changing nothing.
--- ARGV: n *(target_id price) q *(position rpm tpm max_concurrency) mode token limit tokens
+-- ARGV: n *(target_id price priority weight) q *(position rpm tpm max_concurrency) mode
+--        token limit tokens
 --        m *(excluded_id) has_outcome [outcome] clock_ms
---   (static route data first, so the client can send it pre-encoded; the quota group lists
+--   (static route data first, so the client can send it pre-encoded; priority is the
+--   target's group for strategy priority, weight its share for weighted; the quota group lists
 --   only targets that have quotas, by 1-based position, 0 meaning no such limit)
 --   mode: 0 decide, 1 decide and advance the round-robin cursor, 2 explain
 --   tokens: this request's estimated tokens, reserved against a target's tpm
 -- REPLY: admitted generation probe wait_ms rr_cursor count admissible now_ms repaired
 --        reserved quota_limited *[candidate] *[target] (explain)
 --   candidate (best first, `count` of them): position state score successes latency_us
---     failures inflight held estimate_us error_rate estimate_age_ms explore waiting_ms
+--     failures inflight held estimate_us error_rate estimate_age_ms explore waiting_ms credit
 --     (scores and estimates travel as strings: Redis truncates Lua numbers)
 --   target (explain only, configuration order): state generation consecutive_failures
 --     half_open_successes open_remaining_ms open_timeout_ms cooldown_remaining_ms inflight
 --     probes_in_use successes failures latency_us input_tokens output_tokens excluded
 --     excluded_ms estimate_us error_rate estimate_age_ms explorations_in_use stale
---     waiting_ms
+--     waiting_ms current_weight
 --   rr_cursor is the cursor the next advancing decide takes (explain) or the one this decide
 --   took (round-robin, and the turn among near-best targets for latency and hybrid);
 --   excluded is a wire.EXCLUSION_REASONS code, excluded_ms how long it still holds.
 --   reserved: the tokens this admission reserved (corrected at record); quota_limited: 1
 --   when nothing was admitted and a quota or a learned limit kept a target out (a 429).
 
-local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY = 0, 1, 2, 3, 4
+local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY, PRIORITY, WEIGHTED = 0, 1, 2, 3, 4, 5, 6
 
 local now = now_ms()
 local n = tonumber(ARGV[ARG0 + 1])
 local i = ARG0 + 2
-local ids, prices = {}, {}
+local ids, prices, groups, weights = {}, {}, {}, {}
 for k = 1, n do
   ids[k] = ARGV[i]
   prices[k] = tonumber(ARGV[i + 1])
-  i = i + 2
+  groups[k] = tonumber(ARGV[i + 2])
+  weights[k] = tonumber(ARGV[i + 3])
+  i = i + 4
 end
 local quotas = {}  -- position -> {rpm, tpm, conc}
 local q = tonumber(ARGV[i])
@@ -54,21 +58,33 @@ for k = 1, m do excluded[ARGV[i + k]] = true end
 i = i + m + 1
 
 local strategy = P.strategy
-local windowed = strategy == LATENCY or strategy == HYBRID
+-- What scores the targets and moves the cursor: priority's `within`, else the strategy.
+local kind = strategy
+if strategy == PRIORITY then kind = P.within end
+local windowed = kind == LATENCY or kind == HYBRID
+local weighted = strategy == WEIGHTED
 
--- Load every target record, the cursor, the last exploration's cursor and (latency,
--- hybrid, explain) every estimate in one call.
+-- Load every target record, the cursor, the last exploration's cursor, (latency, hybrid,
+-- explain) every estimate and (weighted, explain) the round-robin weights in one call.
 local fields = {'#rr', '#x'}
 for k = 1, n do fields[k + 2] = ids[k] end
 if windowed or explain then
   for k = 1, n do fields[n + k + 2] = ids[k] .. '#e' end
 end
+local SW = #fields + 1
+if weighted or explain then fields[SW] = '#sw' end
 local values = redis.call('HMGET', K_TARGETS, unpack(fields))
 local rr = tonumber(values[1]) or 0
 local last_explore = tonumber(values[2])
 for k = 1, n do records[ids[k]] = parse(values[k + 2]) end
 if windowed or explain then
   for k = 1, n do estimates[ids[k]] = parse_est(values[n + k + 2]) end
+end
+-- strategy weighted: '#sw' holds each target's smooth weighted round-robin current weight,
+-- "<weight>|<id>" joined by spaces (absent: 0). memory.py `_swrr_step`.
+local current = {}
+if (weighted or explain) and values[SW] then
+  for w, id in string.gmatch(values[SW], '(%-?%d+)|(%S+)') do current[id] = tonumber(w) end
 end
 
 if ARGV[i] == '1' and not explain then apply_argv(now, i + 1) end
@@ -86,7 +102,7 @@ else
 end
 
 local extra = nil
-if advance and (strategy == ROUND_ROBIN or windowed) then
+if advance and (kind == ROUND_ROBIN or windowed) then
   rr = rr + 1
   if not explain then extra = {'#rr', rr} end
 end
@@ -142,7 +158,7 @@ for k = 1, n do
       if reason >= QUOTA_CONCURRENCY then quota_out = true end
     else
       local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
-                 s = 0, lat = 0, f = 0, inf = r.inf, score = 0,
+                 s = 0, lat = 0, f = 0, inf = r.inf, score = 0, credit = 0,
                  held = r.st == CLOSED and r.f > 0 and r.f + r.inf >= P.failure_threshold,
                  est = -1, err = 0, age = -1, explore = false, used = 0, wait = 0}
       if windowed then
@@ -155,6 +171,7 @@ for k = 1, n do
           c.used = live_explores(estimates[id], id, now)
         end
       end
+      if weighted then c.credit = (current[id] or 0) + weights[k] end
       cands[#cands + 1] = c
     end
   end
@@ -196,15 +213,15 @@ local function staler(a, b)
   return a.score > b.score
 end
 
-local function pick_exploration()
-  if #cands < 2 then return nil end
+local function pick_exploration(cs)
+  if #cs < 2 then return nil end
   local any_measured = false
-  for _, c in ipairs(cands) do
+  for _, c in ipairs(cs) do
     if c.est >= 0 then any_measured = true end
   end
   if not any_measured then return nil end
   local chosen = nil
-  for _, c in ipairs(cands) do
+  for _, c in ipairs(cs) do
     if c.st == CLOSED and not c.held and c.used < P.explore_max and is_stale(c) then
       if not chosen or staler(c, chosen) then chosen = c end
     end
@@ -212,44 +229,53 @@ local function pick_exploration()
   return chosen
 end
 
-local function max_price()
-  local most = cands[1].price
-  for _, c in ipairs(cands) do if c.price > most then most = c.price end end
-  return most
+local function by_credit(a, b)
+  if a.credit ~= b.credit then return a.credit > b.credit end
+  return a.idx < b.idx
 end
 
 local explored = nil
 local may_explore = windowed and advance
   and (not last_explore or rr - last_explore >= P.explore_every)
 
-local ordered = cands
-local count = #cands
-if count > 0 then
-  if strategy == ROUND_ROBIN then
+-- strategy.py `rank`: the admissible targets `cs` (configuration order) best first, scored
+-- by `how`; with `explore_ok`, one stale target may be re-measured (sets `explored`).
+local function rank(cs, how, explore_ok)
+  local count = #cs
+  local ordered = cs
+  if count == 0 then return ordered end
+  local chosen = nil
+  if how == ROUND_ROBIN then
     ordered = {}
     local start = (rr - 1) % count
     for pos = 0, count - 1 do
-      local c = cands[((start + pos) % count) + 1]
+      local c = cs[((start + pos) % count) + 1]
       c.score = 1 - pos / count
       ordered[pos + 1] = c
     end
+  elseif how == WEIGHTED then
+    local total = 0
+    for _, c in ipairs(cs) do total = total + weights[c.idx] end
+    for _, c in ipairs(cs) do c.score = c.credit / total end
+    table.sort(cs, by_credit)
   else
-    if strategy == COST then
-      local most = max_price()
-      for _, c in ipairs(cands) do
+    if how == COST then
+      local most = cs[1].price
+      for _, c in ipairs(cs) do if c.price > most then most = c.price end end
+      for _, c in ipairs(cs) do
         if most > 0 then c.score = 1 - c.price / most else c.score = 1 end
       end
-    elseif strategy == LATENCY then
+    elseif how == LATENCY then
       -- score = best / expected latency: the loaded estimate over the recent success rate.
       local best = -1
-      for _, c in ipairs(cands) do
+      for _, c in ipairs(cs) do
         if c.est >= 0 then
           local cost = loaded(c) / math.max(1 - c.err, ERROR_FLOOR)
           c.score = cost
           if best < 0 or cost < best then best = cost end
         end
       end
-      for _, c in ipairs(cands) do
+      for _, c in ipairs(cs) do
         if c.est < 0 then
           c.score = 0
         elseif c.score > 0 then
@@ -258,16 +284,16 @@ if count > 0 then
           c.score = 1
         end
       end
-    elseif strategy == HYBRID then
+    elseif how == HYBRID then
       local most_price, most_latency = 0, 0
-      for _, c in ipairs(cands) do
+      for _, c in ipairs(cs) do
         if c.price > most_price then most_price = c.price end
         if c.est >= 0 then
           local l = loaded(c)
           if l > most_latency then most_latency = l end
         end
       end
-      for _, c in ipairs(cands) do
+      for _, c in ipairs(cs) do
         local cost_term = 1
         if most_price > 0 then cost_term = 1 - c.price / most_price end
         local reliability = 1 - c.err
@@ -282,22 +308,22 @@ if count > 0 then
         c.score = P.wc * cost_term + P.wl * latency_term + P.wr * reliability
       end
     else -- LEAST_BUSY
-      local most = cands[1].inf
-      for _, c in ipairs(cands) do if c.inf > most then most = c.inf end end
-      for _, c in ipairs(cands) do
+      local most = cs[1].inf
+      for _, c in ipairs(cs) do if c.inf > most then most = c.inf end end
+      for _, c in ipairs(cs) do
         if most > 0 then c.score = 1 - c.inf / most else c.score = 1 end
       end
     end
-    if may_explore then
-      explored = pick_exploration()
-      if explored then explored.explore = true end
+    if explore_ok then
+      chosen = pick_exploration(cs)
+      if chosen then chosen.explore = true end
     end
-    if windowed then
-      table.sort(cands, by_measured_score)
+    if how == LATENCY or how == HYBRID then
+      table.sort(cs, by_measured_score)
       -- The targets within `tolerance` of the best take turns by the shared cursor.
-      local best = cands[1]
+      local best = cs[1]
       local near = {}
-      for _, c in ipairs(cands) do
+      for _, c in ipairs(cs) do
         if (c.est >= 0) == (best.est >= 0) and c.score * (1 + P.tolerance) >= best.score then
           near[#near + 1] = c
         end
@@ -305,18 +331,18 @@ if count > 0 then
       if #near > 1 then
         local pick = near[((rr - 1) % #near) + 1]
         ordered = {pick}
-        for _, c in ipairs(cands) do
+        for _, c in ipairs(cs) do
           if c ~= pick then ordered[#ordered + 1] = c end
         end
       end
     else
-      table.sort(cands, by_score)
+      table.sort(cs, by_score)
     end
   end
-  if explored then
-    local rest = {explored}
+  if chosen then
+    local rest = {chosen}
     for _, c in ipairs(ordered) do
-      if c ~= explored then rest[#rest + 1] = c end
+      if c ~= chosen then rest[#rest + 1] = c end
     end
     ordered = rest
   end
@@ -337,10 +363,37 @@ if count > 0 then
     for _, c in ipairs(held) do probes[#probes + 1] = c end
     ordered = probes
   end
-  if explored and ordered[1] ~= explored then
-    explored.explore = false  -- a half-open probe went first: nothing is explored
-    explored = nil
+  if chosen and ordered[1] ~= chosen then
+    chosen.explore = false  -- a half-open probe went first: nothing is explored
+    chosen = nil
   end
+  if explore_ok then explored = chosen end
+  return ordered
+end
+
+local ordered = cands
+local count = #cands
+if strategy == PRIORITY then
+  -- strategy.py `_rank_groups`: each priority group ranked on its own by `within`, lower
+  -- groups first; only the first group may explore (the request goes there).
+  local levels, members = {}, {}
+  for _, c in ipairs(cands) do
+    local g = groups[c.idx]
+    if not members[g] then
+      members[g] = {}
+      levels[#levels + 1] = g
+    end
+    members[g][#members[g] + 1] = c
+  end
+  table.sort(levels)
+  ordered = {}
+  for j, g in ipairs(levels) do
+    for _, c in ipairs(rank(members[g], kind, may_explore and j == 1)) do
+      ordered[#ordered + 1] = c
+    end
+  end
+else
+  ordered = rank(cands, strategy, may_explore)
 end
 
 local function candidate_rows(reply, upto)
@@ -359,6 +412,7 @@ local function candidate_rows(reply, upto)
     reply[#reply + 1] = c.age
     reply[#reply + 1] = c.explore and 1 or 0
     reply[#reply + 1] = c.wait
+    reply[#reply + 1] = c.credit
   end
 end
 
@@ -376,7 +430,8 @@ if explain then
     local row = {r.st, r.gen, 0, 0, 0, r.to, math.max(0, r.cd - now), r.inf,
                  live_count[k] or 0, s, f, lat, tin, tout, why[k], why_ms[k],
                  string.format('%.17g', est), string.format('%.17g', err), age,
-                 live_explores(e, nil, now), stale_est, waiting(e, r.inf, now)}
+                 live_explores(e, nil, now), stale_est, waiting(e, r.inf, now),
+                 current[ids[k]] or 0}
     if row[6] == 0 then row[6] = P.open_timeout end
     if r.st == CLOSED then row[3] = r.f end
     if r.st == HALF_OPEN then row[4] = r.ok end
@@ -408,6 +463,23 @@ if count > 0 then
     local reserve = quota_reserve(fq, tokens)
     quota_add(first.id, qvalues[first.idx], now, 1, reserve, now)
     reply[10] = reserve
+  end
+  if weighted and advance then
+    -- memory.py `_swrr_step`: the admissible earn their weight, the admitted pays the total.
+    local total = 0
+    for _, c in ipairs(cands) do
+      current[c.id] = c.credit
+      total = total + weights[c.idx]
+    end
+    current[first.id] = current[first.id] - total
+    local parts = {}
+    for k = 1, n do
+      local w = current[ids[k]]
+      if w and w ~= 0 then parts[#parts + 1] = string.format('%d|%s', w, ids[k]) end
+    end
+    extra = extra or {}
+    extra[#extra + 1] = '#sw'
+    extra[#extra + 1] = table.concat(parts, ' ')
   end
   reply[1] = 1
   reply[2] = r.gen

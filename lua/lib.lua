@@ -19,7 +19,7 @@
 -- PARAMS: strategy w_cost w_latency w_reliability failure_threshold open_timeout_ms
 --         success_threshold half_open_max_probes max_open_timeout_ms probe_ttl_ms bucket_ms
 --         buckets lease_ttl_ms key_ttl_ms max_cooldown_ms half_life_ms explore_after_ms
---         explore_max explore_every explore_ttl_ms load_penalty tolerance
+--         explore_max explore_every explore_ttl_ms load_penalty tolerance within
 
 local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 local SUCCESS, FAILURE, RATE_LIMITED, NEUTRAL = 0, 1, 2, 3
@@ -61,8 +61,9 @@ local P = {
   explore_ttl = tonumber(ARGV[20]),
   load_penalty = tonumber(ARGV[21]),
   tolerance = tonumber(ARGV[22]),
+  within = tonumber(ARGV[23]),
 }
-local ARG0 = 22
+local ARG0 = 23
 
 -- Every script's last ARGV: 0 for Redis TIME, or a test clock in ms.
 local function now_ms()

@@ -280,7 +280,7 @@ routes:
         "edgeroute: $.providers[0].kind (provider openai): unknown value 'openia'; "
         "expected one of: openai, azure, anthropic; did you mean `openai`?",
         "edgeroute: $.routes[0].strategy (route chat): unknown value 'cheapest'; "
-        "expected one of: cost, latency, hybrid, round_robin, least_busy",
+        "expected one of: cost, latency, hybrid, round_robin, least_busy, priority, weighted",
         "edgeroute: $.routes[0].targets[0].provider (route chat): unknown provider 'opneai'; "
         "known providers: openai; did you mean `openai`?",
     ]

@@ -776,7 +776,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "$.providers[1].kind (provider claude): unknown value 'antropic'; "
         "expected one of: openai, azure, anthropic; did you mean `anthropic`?",
         "$.routes[0].strategy (route chat): unknown value 'fastest'; "
-        "expected one of: cost, latency, hybrid, round_robin, least_busy",
+        "expected one of: cost, latency, hybrid, round_robin, least_busy, priority, weighted",
         "$.routes[0].targets[0].provider (route chat): unknown provider 'p'; "
         "known providers: openai, claude",
         "$.routes[1].targets[0].provider (route cheap): unknown provider 'opnai'; "
@@ -814,7 +814,7 @@ def test_enum_of_the_wrong_type_lists_the_values() -> None:
     (error,) = all_errors(minimal(strategy=3))
     assert error == (
         "$.routes[0].strategy (route r): expected one of: "
-        "cost, latency, hybrid, round_robin, least_busy; got a int"
+        "cost, latency, hybrid, round_robin, least_busy, priority, weighted; got a int"
     )
 
 

@@ -83,13 +83,22 @@ def test_codes_are_the_ones_lua_declares() -> None:
         for name in ("SUCCESS", "FAILURE", "RATE_LIMITED", "NEUTRAL")
     ]
     strategies = re.search(
-        r"local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY = (\d), (\d), (\d), (\d), (\d)",
+        r"local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY, PRIORITY, WEIGHTED = "
+        r"(\d), (\d), (\d), (\d), (\d), (\d), (\d)",
         decide,
     )
     assert strategies is not None
     assert [int(code) for code in strategies.groups()] == [
         wire.STRATEGY_CODES[kind]
-        for kind in ("cost", "latency", "hybrid", "round_robin", "least_busy")
+        for kind in (
+            "cost",
+            "latency",
+            "hybrid",
+            "round_robin",
+            "least_busy",
+            "priority",
+            "weighted",
+        )
     ]
     assert set(wire.STRATEGY_CODES) == set(STRATEGY_KINDS)
     reasons = re.search(

@@ -119,6 +119,7 @@ class _Route:
         "lease_heap",
         "leases",
         "rr_cursor",
+        "swrr",
         "targets",
     )
 
@@ -128,6 +129,8 @@ class _Route:
         self.aligned: list[_Target] = []
         self.aligned_for: RouteSpec | None = None
         self.rr_cursor = 0
+        # strategy weighted: each target's smooth weighted round-robin current weight.
+        self.swrr: dict[str, int] = {}
         self.last_explore: int | None = None  # the cursor of the last exploration
         self.leases: dict[str, tuple[str, int]] = {}  # token -> (target id, expiry)
         self.lease_heap: list[tuple[int, str]] = []
@@ -190,6 +193,22 @@ def _live_explores(target: _Target, now: int) -> int:
     for token in expired:
         del target.explores[token]
     return len(target.explores)
+
+
+def _swrr_step(
+    state: _Route, route: RouteSpec, admissible: Sequence[Candidate], chosen: Candidate
+) -> None:
+    """One smooth weighted round-robin step (nginx's): every admissible target earns its
+    weight, the admitted one pays the admissible total. An excluded target earns nothing
+    while out, so its share goes to the others in proportion to their weights and it comes
+    back without a burst; the current weights always sum to 0."""
+    total = 0
+    for c in admissible:
+        state.swrr[c.target.id] = c.credit
+        total += c.target.weight
+    state.swrr[chosen.target.id] -= total
+    if len(state.swrr) > len(route.targets):  # targets gone from the config
+        state.swrr = {k: v for k, v in state.swrr.items() if k in route.positions}
 
 
 def _shaping(route: RouteSpec) -> Shaping:
@@ -353,9 +372,10 @@ class MemoryState:
             self._apply(state, route, outcome, now)
         self._expire_leases(state, now)
         strategy = route.strategy
-        windowed = strategy.kind in _WINDOWED
-        if advance and (strategy.kind == "round_robin" or windowed):
+        windowed = strategy.scoring in _WINDOWED
+        if advance and (strategy.scoring == "round_robin" or windowed):
             state.rr_cursor += 1
+        weighted = strategy.kind == "weighted"
         max_probes = route.breaker.half_open_max_probes
         threshold = route.breaker.failure_threshold
         candidates: list[Candidate] = []
@@ -403,6 +423,8 @@ class MemoryState:
                 candidate.estimate_age_ms = age
                 candidate.waiting_ms = target.waiting(now)
                 explores.append(_live_explores(target, now))
+            if weighted:
+                candidate.credit = state.swrr.get(spec.id, 0) + spec.weight
             candidates.append(candidate)
         cursor = state.rr_cursor
         may_explore = windowed and advance and _may_explore(state, route, cursor)
@@ -439,6 +461,8 @@ class MemoryState:
         if first.target.has_quota:
             reserved = _quota_reserve(first.target, tokens)
             _quota_add(target, now, 1, reserved, now)
+        if weighted and advance:
+            _swrr_step(state, route, ordered, first)
         admission = Admission(
             first.target.id, target.generation, token, first.probe, reserved, now if reserved else 0
         )
@@ -551,7 +575,8 @@ class MemoryState:
             if expiry <= now:
                 stale[target_id] = stale.get(target_id, 0) + 1
         strategy = route.strategy
-        windowed = strategy.kind in _WINDOWED
+        windowed = strategy.scoring in _WINDOWED
+        weighted = strategy.kind == "weighted"
         breaker = route.breaker
         candidates: list[Candidate] = []
         explore_slots: list[int] = []
@@ -596,6 +621,8 @@ class MemoryState:
                     candidate.estimate_age_ms = age
                     candidate.waiting_ms = target.waiting(now)
                     explore_slots.append(explores)
+                if weighted:
+                    candidate.credit = state.swrr.get(spec.id, 0) + spec.weight
                 candidates.append(candidate)
             rows.append(
                 TargetSnapshot(
@@ -622,10 +649,11 @@ class MemoryState:
                     explorations_in_use=explores,
                     stale=stale_estimate,
                     waiting_ms=target.waiting(now),
+                    current_weight=state.swrr.get(spec.id, 0),
                 )
             )
         # The next advancing decide moves the cursor first: rank and report with that one.
-        moves = strategy.kind == "round_robin" or windowed
+        moves = strategy.scoring == "round_robin" or windowed
         cursor = state.rr_cursor + (1 if moves else 0)
         may_explore = windowed and _may_explore(state, route, cursor)
         ordered = rank(

@@ -51,6 +51,7 @@ _C_S, _C_LAT, _C_F = _C["successes"], _C["latency_us"], _C["failures"]
 _C_INF, _C_HELD = _C["inflight"], _C["held"]
 _C_EST, _C_ERR = _C["estimate_us"], _C["error_rate"]
 _C_AGE, _C_EXPLORE, _C_WAIT = _C["estimate_age_ms"], _C["explore"], _C["waiting_ms"]
+_C_CREDIT = _C["credit"]
 _HALF_OPEN_CODE = wire.STATE_CODE[CircuitState.HALF_OPEN]
 _H = {name: i for i, name in enumerate(wire.DECIDE_HEAD)}
 _H_ADMITTED, _H_GENERATION, _H_PROBE = _H["admitted"], _H["generation"], _H["probe"]
@@ -123,6 +124,7 @@ def route_params(route: RouteSpec) -> list[Arg]:
         "explore_ttl_ms": estimator.explore_ttl_ms,
         "load_penalty": repr(float(estimator.load_penalty)),
         "tolerance": repr(float(estimator.tolerance)),
+        "within": wire.STRATEGY_CODES[strategy.within] if strategy.within else -1,
     }
     return [values[name] for name in wire.ROUTE_PARAMS]
 
@@ -216,7 +218,12 @@ class RedisState:
 
         targets: list[Arg] = [len(route.targets)]
         for target in route.targets:
-            targets += [target.id, repr(float(target.price_per_mtok))]
+            targets += [
+                target.id,
+                repr(float(target.price_per_mtok)),
+                target.priority,
+                target.weight,
+            ]
         # Only targets with quotas are listed: a route without any costs one "0".
         quotas = [(position, t) for position, t in enumerate(route.targets, start=1) if t.has_quota]
         targets.append(len(quotas))
@@ -336,6 +343,7 @@ class RedisState:
                 explorations_in_use=row["explorations_in_use"],
                 stale=row["stale"] == 1,
                 waiting_ms=row["waiting_ms"],
+                current_weight=row["current_weight"],
             )
             for spec, row in zip(
                 route.targets,
@@ -544,6 +552,7 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
                 reply[j + _C_AGE],
                 reply[j + _C_EXPLORE] == 1,
                 reply[j + _C_WAIT],
+                reply[j + _C_CREDIT],
             )
         )
     admission = None

@@ -30,6 +30,8 @@ STRATEGY_CODES: dict[str, int] = {
     "hybrid": 2,
     "round_robin": 3,
     "least_busy": 4,
+    "priority": 5,
+    "weighted": 6,
 }
 
 # Why a target is not admissible right now (0: it is). Decide and explain report these;
@@ -78,6 +80,7 @@ ROUTE_PARAMS = (
     "explore_ttl_ms",
     "load_penalty",
     "tolerance",
+    "within",  # strategy priority: the code of the strategy inside a group (else -1)
 )
 
 # One finished attempt, as decide (a failover's report) and record carry it.
@@ -102,7 +105,7 @@ OUTCOME_FIELDS = (
 SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
     "decide": (
         "n",
-        "*(target_id price)",
+        "*(target_id price priority weight)",
         "q",
         "*(position rpm tpm max_concurrency)",
         "mode",
@@ -182,6 +185,7 @@ CANDIDATE_ROW = (
     "estimate_age_ms",
     "explore",
     "waiting_ms",
+    "credit",  # strategy weighted: the round-robin credit it ranked by (0 otherwise)
 )
 # Explain mode only: one row per target in configuration order, after the candidates.
 TARGET_ROW = (
@@ -207,6 +211,7 @@ TARGET_ROW = (
     "explorations_in_use",
     "stale",
     "waiting_ms",
+    "current_weight",  # strategy weighted: its smooth weighted round-robin current weight
 )
 SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
     "decide": (*DECIDE_HEAD, "*[candidate]", "*[target] (explain)"),

@@ -1,0 +1,149 @@
+"""Traffic policies (issue 11: priority, weighted, provider-wide breakers, sticky sessions)
+on every row of the backend table: MemoryState and the Lua make the same decisions, so each
+test here is also a conformance test of the two."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+from edgeroute import RoutingStrategy
+from edgeroute.state.base import RouteSpec
+from edgeroute.types import BreakerParams, Outcome, OutcomeKind, TargetSpec
+from tests.test_state_conformance import Harness, admit, fail, harness
+
+__all__ = ["harness"]  # the backend-table fixture, shared with the conformance suite
+
+
+def policy_route(
+    strategy: RoutingStrategy,
+    *,
+    priorities: tuple[int, ...] | None = None,
+    weights: tuple[int, ...] | None = None,
+    count: int = 3,
+    breaker: BreakerParams | None = None,
+    providers: tuple[str, ...] | None = None,
+    name: str | None = None,
+) -> RouteSpec:
+    n = len(priorities or weights or providers or ()) or count
+    return RouteSpec(
+        name=name or f"route-{uuid.uuid4().hex[:8]}",
+        strategy=strategy,
+        targets=tuple(
+            TargetSpec(
+                id=f"t{i}",
+                provider=providers[i] if providers else f"p{i}",
+                model=f"m{i}",
+                price_per_mtok=float(i + 1),
+                priority=priorities[i] if priorities else i,
+                weight=weights[i] if weights else 1,
+            )
+            for i in range(n)
+        ),
+        breaker=breaker or BreakerParams(failure_threshold=1, open_timeout_ms=60_000),
+    )
+
+
+async def served(h: Harness, route: RouteSpec, times: int) -> list[str]:
+    """Target ids of `times` first decides, each released at once (a success)."""
+    seen = []
+    for _ in range(times):
+        _, admission = await admit(h, route)
+        await h.state.record(route, Outcome.for_admission(admission, OutcomeKind.SUCCESS, 1.0))
+        seen.append(admission.target_id)
+    return seen
+
+
+# ---- strategy priority -------------------------------------------------------------------
+
+
+async def test_priority_takes_config_order_and_fails_over_down_it(harness: Harness) -> None:
+    route = policy_route(RoutingStrategy.priority())
+    assert await served(harness, route, 3) == ["t0", "t0", "t0"]
+    # One request's failover: each decide excludes what it tried, next in order comes.
+    decision, first = await admit(harness, route)
+    assert [c.target.id for c in decision.candidates] == ["t0", "t1", "t2"]
+    assert decision.reason.startswith("priority group 0, round_robin: cursor")
+    failed = Outcome.for_admission(first, OutcomeKind.FAILURE, 1.0)
+    decision, second = await admit(harness, route, exclude=["t0"], outcome=failed, advance=False)
+    assert second.target_id == "t1"
+    failed = Outcome.for_admission(second, OutcomeKind.FAILURE, 1.0)
+    _, third = await admit(harness, route, exclude=["t0", "t1"], outcome=failed, advance=False)
+    assert third.target_id == "t2"
+    # failure_threshold 1: t0 and t1 are open now, every request lands on t2.
+    await harness.state.record(route, Outcome.for_admission(third, OutcomeKind.SUCCESS, 1.0))
+    assert await served(harness, route, 2) == ["t2", "t2"]
+
+
+async def test_priority_groups_round_robin_inside_and_fall_back_as_a_group(
+    harness: Harness,
+) -> None:
+    route = policy_route(RoutingStrategy.priority(), priorities=(1, 1, 2, 2))
+    assert await served(harness, route, 4) == ["t0", "t1", "t0", "t1"]
+    await fail(harness, route, "t0")
+    assert await served(harness, route, 2) == ["t1", "t1"]
+    await fail(harness, route, "t1")
+    # The whole first group is out: the second takes turns on the same shared cursor.
+    seen = await served(harness, route, 4)
+    assert Counter(seen) == {"t2": 2, "t3": 2}
+    explanation = await harness.state.explain(route)
+    order = [c.target.id for c in explanation.decision.candidates]
+    assert set(order) == {"t2", "t3"}
+
+
+async def test_priority_within_cost_orders_each_group_by_price(harness: Harness) -> None:
+    # Prices rise with the index; within cost the cheapest of a group goes first.
+    route = policy_route(RoutingStrategy.priority("cost"), priorities=(2, 1, 1, 0))
+    decision, _ = await admit(harness, route)
+    assert [c.target.id for c in decision.candidates] == ["t3", "t1", "t2", "t0"]
+
+
+# ---- strategy weighted -------------------------------------------------------------------
+
+
+async def test_weighted_is_smooth_and_exact(harness: Harness) -> None:
+    route = policy_route(RoutingStrategy.weighted(), weights=(5, 1, 1))
+    # nginx's smooth weighted round-robin sequence for 5/1/1.
+    assert await served(harness, route, 7) == ["t0", "t0", "t1", "t0", "t2", "t0", "t0"]
+    snapshot = await harness.state.snapshot(route)
+    assert [t.current_weight for t in snapshot.targets] == [0, 0, 0]
+
+
+async def test_weighted_70_20_10_within_one_in_every_window_of_100(harness: Harness) -> None:
+    route = policy_route(RoutingStrategy.weighted(), weights=(70, 20, 10))
+    seen = await served(harness, route, 300)
+    assert Counter(seen) == {"t0": 210, "t1": 60, "t2": 30}
+    for start in range(0, 201):
+        counts = Counter(seen[start : start + 100])
+        for target, share in (("t0", 70), ("t1", 20), ("t2", 10)):
+            assert abs(counts[target] - share) <= 1, (start, counts)
+
+
+async def test_weighted_excluded_share_goes_to_the_rest_by_weight(harness: Harness) -> None:
+    route = policy_route(RoutingStrategy.weighted(), weights=(70, 20, 10))
+    await fail(harness, route, "t0")  # open for a minute
+    seen = await served(harness, route, 30)
+    # t0's 70 % is shared 20:10 by the others, exactly (2:1 in every 3 decisions).
+    assert Counter(seen) == {"t1": 20, "t2": 10}
+    for start in range(0, 28, 3):
+        assert Counter(seen[start : start + 3]) == {"t1": 2, "t2": 1}
+    # While out, t0 earned nothing: no burst when it is back.
+    snapshot = await harness.state.snapshot(route)
+    assert snapshot.targets[0].current_weight == 0
+    assert sum(t.current_weight for t in snapshot.targets) == 0
+
+
+async def test_weighted_failover_and_explain_change_no_weights(harness: Harness) -> None:
+    route = policy_route(RoutingStrategy.weighted(), weights=(2, 1))
+    before = [t.current_weight for t in (await harness.state.snapshot(route)).targets]
+    explanation = await harness.state.explain(route)
+    assert explanation.decision.candidates[0].target.id == "t0"
+    assert [t.current_weight for t in explanation.snapshot.targets] == before
+    decision, first = await admit(harness, route)
+    assert decision.reason.startswith("weighted: t0 (weight 2, credit 2)")
+    weights = [t.current_weight for t in (await harness.state.snapshot(route)).targets]
+    assert weights == [-1, 1]
+    failed = Outcome.for_admission(first, OutcomeKind.NEUTRAL)
+    _, second = await admit(harness, route, exclude=["t0"], outcome=failed, advance=False)
+    assert second.target_id == "t1"
+    assert [t.current_weight for t in (await harness.state.snapshot(route)).targets] == weights
