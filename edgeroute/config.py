@@ -451,6 +451,9 @@ def _validate(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
             return None
         if len(structs) == 1 and isinstance(value, dict):
             return _validate_struct(value, structs[0], path, problems)
+        literals = [a for a in args if get_origin(a) is Literal]
+        if len(literals) == 1 and value is not None:  # an optional choice: name the choices
+            return _validate(value, literals[0], path, problems)
     if origin is list and isinstance(value, list):
         (item_type,) = get_args(inner)
         if _is_struct(_unwrap(item_type)[0]):

@@ -946,7 +946,7 @@ def with_client(**client: Any) -> dict[str, Any]:
         ),
         pytest.param(
             minimal(targets=[{"provider": "p", "model": "m", "on_state_loss": "panic"}]),
-            r"^\$\.routes\[0\]\.targets\[0\]\.on_state_loss \(route r\): Invalid enum value",
+            r"^\$\.routes\[0\]\.targets\[0\]\.on_state_loss \(route r\): unknown value .panic.",
             id="target-policy",
         ),
         pytest.param(
@@ -1016,3 +1016,84 @@ def test_limits_compile_into_the_route_and_clients() -> None:
         "day",
         "fail_closed",
     )
+
+
+# --- traffic policies (issue 11) -------------------------------------------------------------
+
+
+def _targets(*extra: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"provider": "p", "model": f"m{i}", **item} for i, item in enumerate(extra)]
+
+
+def test_policy_keys_load_and_compile() -> None:
+    from edgeroute.router import compile_route
+
+    raw = minimal(
+        strategy="priority",
+        within="hybrid",
+        weights={"cost": 1.0, "latency": 0.0, "reliability": 0.0},
+        targets=_targets({"priority": 1}, {"priority": 0}),
+        breaker={"scope": "provider"},
+        affinity={"key": "header:x-session-id", "ttl_s": 60, "max_pins": 5},
+    )
+    config = parse_config(raw, env={})
+    route = config.routes[0]
+    assert route.breaker is not None and route.breaker.scope == "provider"
+    assert route.affinity is not None and route.affinity.key == "header:x-session-id"
+    spec = compile_route(config, route)
+    assert spec.strategy.kind == "priority" and spec.strategy.within == "hybrid"
+    assert spec.strategy.cost_weight == 1.0
+    assert [t.priority for t in spec.targets] == [1, 0]
+    # No priority anywhere: configuration order, one target per group.
+    plain = parse_config(minimal(strategy="priority", targets=_targets({}, {}, {})), env={})
+    assert [t.priority for t in compile_route(plain, plain.routes[0]).targets] == [0, 1, 2]
+    weighted = parse_config(
+        minimal(strategy="weighted", targets=_targets({"weight": 95}, {})), env={}
+    )
+    assert [t.weight for t in compile_route(weighted, weighted.routes[0]).targets] == [95, 1]
+
+
+def test_policy_config_errors_name_their_path() -> None:
+    raw: dict[str, Any] = {
+        "providers": [{"name": "p", "base_url": "http://127.0.0.1:9101/v1"}],
+        "breaker": {"scope": "region"},
+        "routes": [
+            {
+                "model": "w",
+                "strategy": "weighted",
+                "targets": _targets({"weight": 0}, {"weight": -3}, {"weight": 1.5}),
+            },
+            {
+                "model": "p",
+                "strategy": "priority",
+                "within": "fastest",
+                "targets": _targets({"priority": 1}, {}),
+            },
+            {
+                "model": "c",
+                "strategy": "cost",
+                "within": "cost",
+                "weights": {"cost": 1},
+                "targets": _targets({"priority": 0}, {"weight": 2}),
+                "affinity": {"key": "cookie:session", "ttl_s": 0},
+            },
+        ],
+    }
+    assert all_errors(raw) == [
+        "$.breaker.scope: unknown value 'region'; expected one of: target, provider",
+        "$.routes[0].targets[0].weight (route w): must be a whole number above 0, got 0",
+        "$.routes[0].targets[1].weight (route w): must be a whole number above 0, got -3",
+        "$.routes[0].targets[2].weight (route w): Expected `int | null`, got `float`",
+        "$.routes[1].within (route p): unknown value 'fastest'; "
+        "expected one of: round_robin, latency, cost, hybrid, least_busy",
+        "$.routes[1].targets[1].priority (route p): set priority on every target of the route "
+        "or on none (none: config order)",
+        "$.routes[2].within (route c): within only applies to strategy priority",
+        "$.routes[2].weights (route c): weights only apply to strategy hybrid "
+        "(or priority with within: hybrid)",
+        "$.routes[2].targets[0].priority (route c): priority only applies to strategy priority",
+        "$.routes[2].targets[1].weight (route c): weight only applies to strategy weighted",
+        "$.routes[2].affinity.key (route c): 'cookie:session' is not header:NAME or body:FIELD "
+        "(e.g. header:x-session-id, body:user)",
+        "$.routes[2].affinity.ttl_s (route c): Expected `float` > 0.0",
+    ]
