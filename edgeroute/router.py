@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -32,6 +32,7 @@ from edgeroute.state.base import RouteSpec
 from edgeroute.strategy import Candidate, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
+    AffinityParams,
     BreakerParams,
     EstimatorParams,
     Outcome,
@@ -78,7 +79,10 @@ class AttemptFailed(Exception):
         super().__init__(error_class)
 
 
-def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
+def compile_route(
+    config: Config, route: RouteConfig, groups: Mapping[str, str] | None = None
+) -> RouteSpec:
+    """`groups`: breaker_groups(config), when compiling every route (computed once)."""
     weights = route.weights or WeightsConfig()
     mix = {"cost": weights.cost, "latency": weights.latency, "reliability": weights.reliability}
     strategy = (
@@ -131,6 +135,9 @@ def compile_route(config: Config, route: RouteConfig) -> RouteSpec:
         ),
         lease_ttl_ms=_ms(config.state.lease_ttl_s),
         idle_ttl_ms=_ms(config.state.idle_ttl_s),
+        breaker_scope=breaker.scope,
+        state_group=(breaker_groups(config) if groups is None else groups).get(route.model, ""),
+        affinity=_affinity(route),
     )
 
 
@@ -140,6 +147,44 @@ def compile_fallbacks(route: RouteConfig) -> Fallbacks:
         context_window=tuple(route.context_window_fallbacks),
         content_policy=tuple(route.content_policy_fallbacks),
     )
+
+
+def _affinity(route: RouteConfig) -> AffinityParams | None:
+    affinity = route.affinity
+    if affinity is None:
+        return None
+    source, _, name = affinity.key.partition(":")
+    return AffinityParams(
+        source, name.lower() if source == "header" else name, _ms(affinity.ttl_s), affinity.max_pins
+    )
+
+
+def breaker_groups(config: Config) -> dict[str, str]:
+    """Routes with breaker scope provider that share a provider, directly or through other
+    routes (connected components of the route-provider graph), share one group: their
+    keys carry one hash tag, so every script reaches the providers' shared breakers in the
+    slot it already works in. The group is named after its first route in config order.
+    The price: such routes are one cluster slot, not one each (spread is lost only among
+    them); adding a route that joins two groups moves their state to a new tag once."""
+    scoped = [r for r in config.routes if effective_breaker(config, r).scope == "provider"]
+    parent = {r.model: r.model for r in scoped}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    owner: dict[str, str] = {}
+    for r in scoped:
+        for t in r.targets:
+            first = owner.setdefault(t.provider, r.model)
+            a, b = root(first), root(r.model)
+            if a != b:
+                # The earlier route in config order names the group.
+                order = [x.model for x in scoped]
+                keep, drop = sorted((a, b), key=order.index)
+                parent[drop] = keep
+    return {name: root(name) for name in parent}
 
 
 def _ms(seconds: float) -> int:
@@ -215,8 +260,9 @@ class Router:
         self.state: StateBackend = (
             state if state is not None else build_state(config.state, degrade=False)
         )
+        groups = breaker_groups(config)
         self.routes: dict[str, RouteSpec] = {
-            r.model: compile_route(config, r) for r in config.routes
+            r.model: compile_route(config, r, groups) for r in config.routes
         }
         self.fallbacks: dict[str, Fallbacks] = {
             r.model: compile_fallbacks(r) for r in config.routes

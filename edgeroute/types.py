@@ -58,6 +58,18 @@ class BreakerParams:
 
 
 @dataclass(frozen=True, slots=True)
+class AffinityParams:
+    """Sticky sessions: where the session id comes from (`source` "header" or "body", and
+    the header or top-level field `name`), how long an unused pin lives, how many a route
+    keeps (past that the least recently used goes)."""
+
+    source: str
+    name: str
+    ttl_ms: int = 600_000
+    max_pins: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
 class WindowParams:
     bucket_ms: int = 5_000
     buckets: int = 12

@@ -1,10 +1,11 @@
 -- decide: rank the route's admissible targets and admit the first, atomically; or, in
 -- explain mode, rank them as the next request would and report every target, changing nothing.
--- ARGV: n *(target_id price priority weight) q *(position rpm tpm max_concurrency) mode
+-- ARGV: n *(target_id price priority weight provider) q *(position rpm tpm max_concurrency) mode
 --        token limit tokens
 --        m *(excluded_id) has_outcome [outcome] clock_ms
 --   (static route data first, so the client can send it pre-encoded; priority is the
---   target's group for strategy priority, weight its share for weighted; the quota group lists
+--   target's group for strategy priority, weight its share for weighted, provider its breaker's
+--   with breaker_scope provider, else empty; the quota group lists
 --   only targets that have quotas, by 1-based position, 0 meaning no such limit)
 --   mode: 0 decide, 1 decide and advance the round-robin cursor, 2 explain
 --   tokens: this request's estimated tokens, reserved against a target's tpm
@@ -29,13 +30,14 @@ local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY, PRIORITY, WEIGHTED = 0, 1,
 local now = now_ms()
 local n = tonumber(ARGV[ARG0 + 1])
 local i = ARG0 + 2
-local ids, prices, groups, weights = {}, {}, {}, {}
+local ids, prices, groups, weights, bids = {}, {}, {}, {}, {}
 for k = 1, n do
   ids[k] = ARGV[i]
   prices[k] = tonumber(ARGV[i + 1])
   groups[k] = tonumber(ARGV[i + 2])
   weights[k] = tonumber(ARGV[i + 3])
-  i = i + 4
+  bids[k] = breaker_id(ARGV[i], ARGV[i + 4])
+  i = i + 5
 end
 local quotas = {}  -- position -> {rpm, tpm, conc}
 local q = tonumber(ARGV[i])
@@ -77,6 +79,20 @@ local values = redis.call('HMGET', K_TARGETS, unpack(fields))
 local rr = tonumber(values[1]) or 0
 local last_explore = tonumber(values[2])
 for k = 1, n do records[ids[k]] = parse(values[k + 2]) end
+if K_PROV then
+  -- breaker_scope provider: the providers' shared breaker records, in one call.
+  local names, seen = {}, {}
+  for k = 1, n do
+    if bids[k] ~= ids[k] and not seen[bids[k]] then
+      seen[bids[k]] = true
+      names[#names + 1] = string.sub(bids[k], #PB + 1)
+    end
+  end
+  if #names > 0 then
+    local got = redis.call('HMGET', K_PROV, unpack(names))
+    for j, name in ipairs(names) do records[PB .. name] = parse(got[j]) end
+  end
+end
 if windowed or explain then
   for k = 1, n do estimates[ids[k]] = parse_est(values[n + k + 2]) end
 end
@@ -135,18 +151,19 @@ local wait = 0
 for k = 1, n do
   local id = ids[k]
   local r = records[id]
-  half_open_if_due(r, id, now)
+  local b = records[bids[k]]  -- its breaker: r itself, or its provider's (lib.lua)
+  half_open_if_due(b, bids[k], now)
   local reason, pause = 0, 0
   local live, earliest = 0, nil
-  if r.st == HALF_OPEN then live, earliest = live_probes(r, id, now) end
+  if b.st == HALF_OPEN then live, earliest = live_probes(b, bids[k], now) end
   live_count[k] = live
-  if r.st == OPEN then
-    reason, pause = BREAKER_OPEN, r.u - now
+  if b.st == OPEN then
+    reason, pause = BREAKER_OPEN, b.u - now
   elseif r.cd > now then
     reason, pause = RATE_LIMITED_OUT, r.cd - now
   elseif r.lu > now then
     reason, pause = LEARNED_LIMIT, r.lu - now
-  elseif r.st == HALF_OPEN and live >= P.max_probes then
+  elseif b.st == HALF_OPEN and live >= P.max_probes then
     reason, pause = PROBES_FULL, earliest - now
   elseif quotas[k] then
     reason, pause = quota_check(quotas[k], r.inf, qvalues[k], now, tokens)
@@ -157,9 +174,9 @@ for k = 1, n do
       if wait == 0 or pause < wait then wait = pause end
       if reason >= QUOTA_CONCURRENCY then quota_out = true end
     else
-      local c = {idx = k, id = id, price = prices[k], st = r.st, probe = r.st == HALF_OPEN,
+      local c = {idx = k, id = id, price = prices[k], st = b.st, probe = b.st == HALF_OPEN,
                  s = 0, lat = 0, f = 0, inf = r.inf, score = 0, credit = 0,
-                 held = r.st == CLOSED and r.f > 0 and r.f + r.inf >= P.failure_threshold,
+                 held = b.st == CLOSED and b.f > 0 and b.f + r.inf >= P.failure_threshold,
                  est = -1, err = 0, age = -1, explore = false, used = 0, wait = 0}
       if windowed then
         c.s, c.lat, c.f = totals(k)
@@ -422,20 +439,21 @@ if explain then
   candidate_rows(reply, count)
   for k = 1, n do
     local r = records[ids[k]]
+    local b = records[bids[k]]
     local s, lat, f, tin, tout = totals(k)
     local e = estimates[ids[k]]
     local est, err, age = estimate(e, now)
     local stale_est = 0
     if est < 0 or age > P.explore_after then stale_est = 1 end
-    local row = {r.st, r.gen, 0, 0, 0, r.to, math.max(0, r.cd - now), r.inf,
+    local row = {b.st, b.gen, 0, 0, 0, b.to, math.max(0, r.cd - now), r.inf,
                  live_count[k] or 0, s, f, lat, tin, tout, why[k], why_ms[k],
                  string.format('%.17g', est), string.format('%.17g', err), age,
                  live_explores(e, nil, now), stale_est, waiting(e, r.inf, now),
                  current[ids[k]] or 0}
     if row[6] == 0 then row[6] = P.open_timeout end
-    if r.st == CLOSED then row[3] = r.f end
-    if r.st == HALF_OPEN then row[4] = r.ok end
-    if r.st == OPEN then row[5] = math.max(0, r.u - now) end
+    if b.st == CLOSED then row[3] = b.f end
+    if b.st == HALF_OPEN then row[4] = b.ok end
+    if b.st == OPEN then row[5] = math.max(0, b.u - now) end
     for _, v in ipairs(row) do reply[#reply + 1] = v end
   end
   return reply
@@ -443,7 +461,11 @@ end
 if count > 0 then
   local first = ordered[1]
   local r = records[first.id]
-  if first.probe then r.probes[token] = now + P.probe_ttl end
+  local b = records[bids[first.idx]]
+  if first.probe then
+    b.probes[token] = now + P.probe_ttl
+    touch(bids[first.idx])
+  end
   if windowed and r.inf == 0 then
     estimates[first.id].w = now  -- busy from now: nothing outstanding before
     touch_est(first.id)
@@ -482,7 +504,7 @@ if count > 0 then
     extra[#extra + 1] = table.concat(parts, ' ')
   end
   reply[1] = 1
-  reply[2] = r.gen
+  reply[2] = b.gen
   if first.probe then reply[3] = 1 end
   reply[4] = 0
   -- The reply carries the first `limit` candidates (0: all); the count says how many.

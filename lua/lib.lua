@@ -20,6 +20,7 @@
 --         success_threshold half_open_max_probes max_open_timeout_ms probe_ttl_ms bucket_ms
 --         buckets lease_ttl_ms key_ttl_ms max_cooldown_ms half_life_ms explore_after_ms
 --         explore_max explore_every explore_ttl_ms load_penalty tolerance within
+--         breaker_scope affinity_ttl_ms max_pins
 
 local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 local SUCCESS, FAILURE, RATE_LIMITED, NEUTRAL = 0, 1, 2, 3
@@ -62,8 +63,41 @@ local P = {
   load_penalty = tonumber(ARGV[21]),
   tolerance = tonumber(ARGV[22]),
   within = tonumber(ARGV[23]),
+  scope = tonumber(ARGV[24]),
+  affinity_ttl = tonumber(ARGV[25]),
+  max_pins = tonumber(ARGV[26]),
 }
-local ARG0 = 23
+local ARG0 = 26
+
+-- Keys after the first three, present only when the route uses them:
+--   KEYS[4]  hash   breaker_scope provider: one breaker record per provider (field = the
+--                   provider's name), shared by every route whose keys carry the same tag
+--                   (config.py groups routes that share a provider under one tag)
+--   next     zset   affinity: session pins, member = hash of the session key, score = expiry;
+--                   the pinned target is the targets hash field '@<member>'
+local K_PROV, K_PINS = nil, nil
+local extra_keys = 4
+if P.scope == 1 then
+  K_PROV = KEYS[extra_keys]
+  extra_keys = extra_keys + 1
+end
+if P.affinity_ttl > 0 then K_PINS = KEYS[extra_keys] end
+for _, key_type in ipairs({{K_PROV, 'hash'}, {K_PINS, 'zset'}}) do
+  local found = key_type[1] and redis.call('TYPE', key_type[1]).ok
+  if found and found ~= 'none' and found ~= key_type[2] then
+    redis.call('DEL', key_type[1])
+    redis.log(redis.LOG_WARNING, 'edgeroute: replaced ' .. key_type[1] .. ', a ' .. found ..
+      ' where a ' .. key_type[2] .. ' belongs')
+    REPAIRED = REPAIRED + 1
+  end
+end
+-- In `records`, a provider's breaker record is keyed '#p:<provider>' ('#' is never part of
+-- a target id). A target's breaker is its own record, or its provider's with scope provider.
+local PB = '#p:'
+local function breaker_id(id, provider)
+  if K_PROV and provider and provider ~= '' then return PB .. provider end
+  return id
+end
 
 -- Every script's last ARGV: 0 for Redis TIME, or a test clock in ms.
 local function now_ms()
@@ -114,7 +148,11 @@ end
 local function load(id)
   local r = records[id]
   if not r then
-    r = parse(redis.call('HGET', K_TARGETS, id))
+    if string.sub(id, 1, #PB) == PB then
+      r = parse(redis.call('HGET', K_PROV, string.sub(id, #PB + 1)))
+    else
+      r = parse(redis.call('HGET', K_TARGETS, id))
+    end
     records[id] = r
   end
   return r
@@ -131,6 +169,14 @@ local function keep_together()
   redis.call('PEXPIRE', K_TARGETS, P.key_ttl)
   redis.call('PEXPIRE', K_WINDOW, P.key_ttl)
   redis.call('PEXPIRE', K_LEASES, P.key_ttl)
+  if K_PROV then
+    redis.call('HSET', K_PROV, '#', 1)
+    redis.call('PEXPIRE', K_PROV, P.key_ttl)
+  end
+  if K_PINS then
+    redis.call('ZADD', K_PINS, 'inf', '#')
+    redis.call('PEXPIRE', K_PINS, P.key_ttl)
+  end
 end
 
 -- The time-decayed estimate of a target lives in the targets hash under '<id>#e' ('#' is
@@ -243,10 +289,19 @@ end
 
 -- Write every changed record back in one HSET; `extra` adds more field/value pairs.
 local function flush(extra)
-  local args = {}
+  local args, shared = {}, {}
   for _, id in ipairs(dirty_list) do
-    args[#args + 1] = id
-    args[#args + 1] = serialize(records[id])
+    if string.sub(id, 1, #PB) == PB then
+      shared[#shared + 1] = string.sub(id, #PB + 1)
+      shared[#shared + 1] = serialize(records[id])
+    else
+      args[#args + 1] = id
+      args[#args + 1] = serialize(records[id])
+    end
+  end
+  if #shared > 0 then
+    redis.call('HSET', K_PROV, unpack(shared))
+    if #args == 0 then keep_together() end
   end
   for _, id in ipairs(est_dirty_list) do
     args[#args + 1] = id .. '#e'
@@ -576,21 +631,26 @@ end
 
 -- One finished attempt (ARGV fields in the order the Python side packs them).
 local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin, tout,
-                     reserved, reserved_at, limit_reset)
+                     reserved, reserved_at, limit_reset, provider)
   if id == '' then
+    -- (no provider either: with scope provider such a probe reservation simply expires)
     id = lease_holder(token)
     if not id then return end
   end
   local r = load(id)
-  half_open_if_due(r, id, now)
+  -- The breaker fields (st gen f ok u to probes) live in `b`: the target's own record, or
+  -- its provider's (scope provider); cooldowns, limits and in-flight counts stay in `r`.
+  local bid = breaker_id(id, provider)
+  local b = load(bid)
+  half_open_if_due(b, bid, now)
   if token ~= '' then
     if redis.call('ZREM', K_LEASES, id .. '|' .. token) == 1 then
       r.inf = r.inf - 1
       touch(id)
     end
-    if probe == 1 and r.probes[token] then
-      r.probes[token] = nil
-      touch(id)
+    if probe == 1 and b.probes[token] then
+      b.probes[token] = nil
+      touch(bid)
     end
   end
   local explored = false
@@ -634,45 +694,45 @@ local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin,
       keep_together()
     end
   end
-  if gen ~= -1 and gen ~= r.gen then return end  -- admitted before a transition: too late
-  if r.st == CLOSED then
+  if gen ~= -1 and gen ~= b.gen then return end  -- admitted before a transition: too late
+  if b.st == CLOSED then
     if kind == SUCCESS then
-      if r.f ~= 0 then
-        r.f = 0
-        touch(id)
+      if b.f ~= 0 then
+        b.f = 0
+        touch(bid)
       end
     elseif kind == FAILURE then
-      r.f = r.f + 1
-      touch(id)
-      if r.f >= P.failure_threshold then open_breaker(r, id, now, P.open_timeout) end
+      b.f = b.f + 1
+      touch(bid)
+      if b.f >= P.failure_threshold then open_breaker(b, bid, now, P.open_timeout) end
     end
-  elseif r.st == HALF_OPEN then
+  elseif b.st == HALF_OPEN then
     if kind == SUCCESS then
-      r.ok = r.ok + 1
-      touch(id)
-      if r.ok >= P.success_threshold then
-        r.st = CLOSED
-        r.gen = r.gen + 1
-        r.f = 0
-        r.ok = 0
-        r.to = 0
-        r.probes = {}
+      b.ok = b.ok + 1
+      touch(bid)
+      if b.ok >= P.success_threshold then
+        b.st = CLOSED
+        b.gen = b.gen + 1
+        b.f = 0
+        b.ok = 0
+        b.to = 0
+        b.probes = {}
       end
     elseif kind == FAILURE then
-      local previous = r.to
+      local previous = b.to
       if previous == 0 then previous = P.open_timeout end
-      open_breaker(r, id, now, math.min(previous * 2, P.max_open_timeout))
+      open_breaker(b, bid, now, math.min(previous * 2, P.max_open_timeout))
     end
   end
 end
 
 -- Outcome fields start at ARGV[i], in wire.OUTCOME_FIELDS order:
 --   target_id kind latency_us generation token probe retry_after_ms input_tokens output_tokens
---          reserved_tokens reserved_at_ms limit_reset_ms
-local OUTCOME_FIELDS = 12
+--          reserved_tokens reserved_at_ms limit_reset_ms provider
+local OUTCOME_FIELDS = 13
 local function apply_argv(now, i)
   apply(now, ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
     ARGV[i + 4], tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]),
     tonumber(ARGV[i + 8]), tonumber(ARGV[i + 9]), tonumber(ARGV[i + 10]),
-    tonumber(ARGV[i + 11]))
+    tonumber(ARGV[i + 11]), ARGV[i + 12])
 end

@@ -1097,3 +1097,31 @@ def test_policy_config_errors_name_their_path() -> None:
         "(e.g. header:x-session-id, body:user)",
         "$.routes[2].affinity.ttl_s (route c): Expected `float` > 0.0",
     ]
+
+
+def test_breaker_groups_join_routes_sharing_a_provider() -> None:
+    from edgeroute.router import breaker_groups
+
+    providers = [{"name": n, "base_url": "http://127.0.0.1:9101/v1"} for n in "abcd"]
+
+    def route(name: str, *names: str, scope: str = "provider") -> dict[str, Any]:
+        return {
+            "model": name,
+            "targets": [{"provider": n, "model": "m"} for n in names],
+            "breaker": {"scope": scope},
+        }
+
+    config = parse_config(
+        {
+            "providers": providers,
+            "routes": [
+                route("r1", "a"),
+                route("r2", "b"),
+                route("r3", "b", "a"),  # joins r1 and r2
+                route("r4", "c"),
+                route("r5", "a", scope="target"),  # its own breakers: no group
+            ],
+        },
+        env={},
+    )
+    assert breaker_groups(config) == {"r1": "r1", "r2": "r1", "r3": "r1", "r4": "r4"}

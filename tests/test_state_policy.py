@@ -4,11 +4,15 @@ test here is also a conformance test of the two."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import Counter
 
-from edgeroute import RoutingStrategy
+from redis.crc import key_slot
+
+from edgeroute import CircuitState, RoutingStrategy
 from edgeroute.state.base import RouteSpec
+from edgeroute.state.redis import spec_keys
 from edgeroute.types import BreakerParams, Outcome, OutcomeKind, TargetSpec
 from tests.test_state_conformance import Harness, admit, fail, harness
 
@@ -147,3 +151,71 @@ async def test_weighted_failover_and_explain_change_no_weights(harness: Harness)
     _, second = await admit(harness, route, exclude=["t0"], outcome=failed, advance=False)
     assert second.target_id == "t1"
     assert [t.current_weight for t in (await harness.state.snapshot(route)).targets] == weights
+
+
+# ---- breaker scope provider --------------------------------------------------------------
+
+
+def provider_routes(**breaker: int) -> tuple[RouteSpec, RouteSpec]:
+    """Two routes sharing provider `sick` under one group tag, as router.breaker_groups
+    puts them, each with a target of its own elsewhere."""
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    params = BreakerParams(**{"failure_threshold": 2, "open_timeout_ms": 1_000, **breaker})
+    a = policy_route(
+        RoutingStrategy.cost_based(), providers=("sick", "pa"), breaker=params, name=group
+    )
+    b = policy_route(
+        RoutingStrategy.cost_based(), providers=("sick", "pb"), breaker=params, name=group + "-b"
+    )
+    return (
+        dataclasses.replace(a, breaker_scope="provider", state_group=group),
+        dataclasses.replace(b, breaker_scope="provider", state_group=group),
+    )
+
+
+async def test_a_provider_breaker_opened_through_one_route_is_seen_by_another(
+    harness: Harness,
+) -> None:
+    a, b = provider_routes()
+    await fail(harness, a, "t0", 2)
+    snapshot = await harness.state.snapshot(b)
+    assert snapshot.targets[0].state is CircuitState.OPEN
+    assert snapshot.targets[0].excluded == "breaker_open"
+    decision, admission = await admit(harness, b)
+    assert admission.target_id == "t1" and [c.target.id for c in decision.candidates] == ["t1"]
+    # Half-open after the timeout: one probe slot for the provider, whichever route takes it.
+    await harness.wait(1_000)
+    _, probe = await admit(harness, b)
+    assert probe.target_id == "t0" and probe.probe
+    decision, admission = await admit(harness, a)
+    assert admission.target_id == "t1"
+    assert (await harness.state.snapshot(a)).targets[0].excluded == "probes_full"
+    # The probe fails through route b: open again, for both, with a doubled timeout.
+    await harness.state.record(b, Outcome.for_admission(probe, OutcomeKind.FAILURE, 1.0))
+    for route in (a, b):
+        row = (await harness.state.snapshot(route)).targets[0]
+        assert row.state is CircuitState.OPEN and row.open_timeout_ms == 2_000
+    # An operator's reset through one route closes it for both.
+    await harness.state.reset(a, "t0")
+    assert (await harness.state.snapshot(b)).targets[0].state is CircuitState.CLOSED
+
+
+async def test_failures_through_two_routes_add_up_on_the_provider(harness: Harness) -> None:
+    a, b = provider_routes()
+    await fail(harness, a, "t0")
+    await fail(harness, b, "t0")
+    for route in (a, b):
+        assert (await harness.state.snapshot(route)).targets[0].state is CircuitState.OPEN
+    # Target scope (the default) keeps them apart: the same failures open nothing.
+    a2, b2 = (dataclasses.replace(r, breaker_scope="target", state_group="") for r in (a, b))
+    await fail(harness, a2, "t0")
+    await fail(harness, b2, "t0")
+    for route in (a2, b2):
+        assert (await harness.state.snapshot(route)).targets[0].state is CircuitState.CLOSED
+
+
+def test_routes_of_one_group_keep_every_key_in_one_slot() -> None:
+    a, b = provider_routes()
+    slots = {key_slot(k.encode()) for r in (a, b) for k in spec_keys("edgeroute", r)}
+    assert len(slots) == 1
+    assert len({*spec_keys("edgeroute", a), *spec_keys("edgeroute", b)}) == 7  # one :p

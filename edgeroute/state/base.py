@@ -8,6 +8,7 @@ from typing import Protocol
 
 from edgeroute.strategy import RoutingDecision, RoutingStrategy
 from edgeroute.types import (
+    AffinityParams,
     BreakerParams,
     EstimatorParams,
     Outcome,
@@ -29,10 +30,24 @@ class RouteSpec:
     estimator: EstimatorParams = field(default_factory=EstimatorParams)
     lease_ttl_ms: int = 900_000
     idle_ttl_ms: int = 3_600_000
+    # "target": a breaker per target; "provider": one per provider, shared by every route
+    # with this scope that sends to it. Such routes keep their keys under one shared tag
+    # (`state_group`, see router.breaker_groups) so a script reaches them in one slot.
+    breaker_scope: str = "target"
+    state_group: str = ""
+    affinity: AffinityParams | None = None
     positions: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.positions.update({target.id: i for i, target in enumerate(self.targets)})
+
+    def breaker_provider(self, target_id: str) -> str:
+        """Whose breaker a target's outcomes move: its provider's with scope provider,
+        else "" (the target's own)."""
+        if self.breaker_scope != "provider":
+            return ""
+        position = self.positions.get(target_id)
+        return "" if position is None else self.targets[position].provider
 
     @property
     def key_ttl_ms(self) -> int:

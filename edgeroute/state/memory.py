@@ -115,6 +115,7 @@ class _Route:
     __slots__ = (
         "aligned",
         "aligned_for",
+        "breakers",
         "last_explore",
         "lease_heap",
         "leases",
@@ -128,6 +129,7 @@ class _Route:
         # The route's targets in configuration order, rebuilt when the RouteSpec changes.
         self.aligned: list[_Target] = []
         self.aligned_for: RouteSpec | None = None
+        self.breakers: list[_Target] = []  # each aligned target's breaker holder
         self.rr_cursor = 0
         # strategy weighted: each target's smooth weighted round-robin current weight.
         self.swrr: dict[str, int] = {}
@@ -162,18 +164,25 @@ def _live_probes(target: _Target, now: int) -> int:
 
 
 def _exclusion(
-    target: _Target, spec: TargetSpec, now: int, live_probes: int, max_probes: int, tokens: int
+    target: _Target,
+    breaker: _Target,
+    spec: TargetSpec,
+    now: int,
+    live_probes: int,
+    max_probes: int,
+    tokens: int,
 ) -> tuple[int, int]:
-    """Why `target` (its breaker already moved to `now`) is not admissible, and for how
-    long: the one statement of the admission rules, for decide and explain alike."""
-    if target.state == OPEN:
-        return _BREAKER_OPEN, target.open_until - now
+    """Why `target` is not admissible, and for how long: the one statement of the admission
+    rules, for decide and explain alike. `breaker` holds its breaker (already moved to
+    `now`): the target itself, or its provider's shared one (breaker_scope provider)."""
+    if breaker.state == OPEN:
+        return _BREAKER_OPEN, breaker.open_until - now
     if target.cooldown_until > now:
         return _RATE_LIMITED, target.cooldown_until - now
     if target.learned_until > now:
         return _LEARNED_LIMIT, target.learned_until - now
-    if target.state == HALF_OPEN and live_probes >= max_probes:
-        return _PROBES_FULL, min(e for e in target.probes.values() if e > now) - now
+    if breaker.state == HALF_OPEN and live_probes >= max_probes:
+        return _PROBES_FULL, min(e for e in breaker.probes.values() if e > now) - now
     if spec.has_quota:
         if spec.max_concurrency > 0 and target.inflight >= spec.max_concurrency:
             return _QUOTA_CONCURRENCY, _Q_CONCURRENCY_WAIT_MS
@@ -322,6 +331,9 @@ class MemoryState:
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock or time.monotonic
         self._routes: dict[str, _Route] = {}
+        # breaker_scope provider: one breaker per provider, shared by every such route (in
+        # Redis, routes sharing a provider share one hash tag, so this is the same scope).
+        self._providers: dict[str, _Target] = {}
         self._token_prefix = os.urandom(4).hex() + "-"
         self._tokens = itertools.count(1)
 
@@ -333,6 +345,16 @@ class MemoryState:
         if route is None:
             route = self._routes[name] = _Route()
         return route
+
+    def _breaker(self, route: RouteSpec, target_id: str, target: _Target) -> _Target:
+        """What holds a target's breaker fields: itself, or its provider's shared record."""
+        provider = route.breaker_provider(target_id)
+        if not provider:
+            return target
+        shared = self._providers.get(provider)
+        if shared is None:
+            shared = self._providers[provider] = _Target()
+        return shared
 
     @staticmethod
     def _target(route: _Route, target_id: str) -> _Target:
@@ -384,19 +406,25 @@ class MemoryState:
         quota_out = False
         if state.aligned_for is not route:
             state.aligned = [self._target(state, spec.id) for spec in route.targets]
+            state.breakers = [
+                self._breaker(route, spec.id, target)
+                for spec, target in zip(route.targets, state.aligned, strict=True)
+            ]
             state.aligned_for = route
-        for index, (spec, target) in enumerate(zip(route.targets, state.aligned, strict=True)):
-            if target.state == OPEN and now >= target.open_until:
-                _half_open_if_due(target, now)
+        for index, (spec, target, b) in enumerate(
+            zip(route.targets, state.aligned, state.breakers, strict=True)
+        ):
+            if b.state == OPEN and now >= b.open_until:
+                _half_open_if_due(b, now)
             if exclude and spec.id in exclude:
                 continue
-            live = _live_probes(target, now) if target.state == HALF_OPEN else 0
-            reason, pause = _exclusion(target, spec, now, live, max_probes, tokens)
+            live = _live_probes(b, now) if b.state == HALF_OPEN else 0
+            reason, pause = _exclusion(target, b, spec, now, live, max_probes, tokens)
             if reason != _ADMISSIBLE:
                 wait = pause if wait == 0 else min(wait, pause)
                 quota_out = quota_out or reason >= _QUOTA_CONCURRENCY
                 continue
-            state_code = target.state
+            state_code = b.state
             candidate = Candidate(
                 spec,
                 index,
@@ -407,7 +435,7 @@ class MemoryState:
                 0,
                 target.inflight,
                 0.0,
-                state_code == CLOSED and is_held(target.failures, target.inflight, threshold),
+                state_code == CLOSED and is_held(b.failures, target.inflight, threshold),
             )
             if windowed:
                 (
@@ -445,9 +473,10 @@ class MemoryState:
         for c in ordered[1:]:
             c.explore = False  # a half-open probe went first: nothing is explored
         target = state.aligned[first.index]
+        b = state.breakers[first.index]
         token = f"{self._token_prefix}{next(self._tokens):x}"
         if first.probe:
-            target.probes[token] = now + route.breaker.probe_ttl_ms
+            b.probes[token] = now + route.breaker.probe_ttl_ms
         if first.explore:
             target.explores[token] = now + route.estimator.explore_ttl_ms
             state.last_explore = cursor
@@ -464,7 +493,7 @@ class MemoryState:
         if weighted and advance:
             _swrr_step(state, route, ordered, first)
         admission = Admission(
-            first.target.id, target.generation, token, first.probe, reserved, now if reserved else 0
+            first.target.id, b.generation, token, first.probe, reserved, now if reserved else 0
         )
         admissible = len(ordered)
         if 0 < limit < admissible:
@@ -492,7 +521,8 @@ class MemoryState:
 
     def _apply(self, state: _Route, route: RouteSpec, outcome: Outcome, now: int) -> None:
         target = self._target(state, outcome.target_id)
-        _half_open_if_due(target, now)
+        b = self._breaker(route, outcome.target_id, target)
+        _half_open_if_due(b, now)
         token = outcome.token
         if token is not None:
             lease = state.leases.get(token)
@@ -500,7 +530,7 @@ class MemoryState:
                 del state.leases[token]
                 target.inflight -= 1
             if outcome.probe:
-                target.probes.pop(token, None)
+                b.probes.pop(token, None)
         explored = token is not None and target.explores.pop(token, None) is not None
         kind = outcome.kind
         if kind != OutcomeKind.NEUTRAL:
@@ -520,29 +550,29 @@ class MemoryState:
             used = outcome.input_tokens + outcome.output_tokens
             if used > 0 or kind in (OutcomeKind.FAILURE, OutcomeKind.RATE_LIMITED):
                 _quota_add(target, now, 0, used - outcome.reserved_tokens, outcome.reserved_at_ms)
-        if outcome.generation not in (-1, target.generation):
+        if outcome.generation not in (-1, b.generation):
             return  # admitted before a transition: too late to move this breaker
         breaker = route.breaker
-        if target.state == CLOSED:
+        if b.state == CLOSED:
             if kind == OutcomeKind.SUCCESS:
-                target.failures = 0
+                b.failures = 0
             elif kind == OutcomeKind.FAILURE:
-                target.failures += 1
-                if target.failures >= breaker.failure_threshold:
-                    _open(target, now, breaker.open_timeout_ms)
-        elif target.state == HALF_OPEN:
+                b.failures += 1
+                if b.failures >= breaker.failure_threshold:
+                    _open(b, now, breaker.open_timeout_ms)
+        elif b.state == HALF_OPEN:
             if kind == OutcomeKind.SUCCESS:
-                target.half_open_successes += 1
-                if target.half_open_successes >= breaker.success_threshold:
-                    target.state = CLOSED
-                    target.generation += 1
-                    target.failures = 0
-                    target.half_open_successes = 0
-                    target.open_timeout = 0
-                    target.probes.clear()
+                b.half_open_successes += 1
+                if b.half_open_successes >= breaker.success_threshold:
+                    b.state = CLOSED
+                    b.generation += 1
+                    b.failures = 0
+                    b.half_open_successes = 0
+                    b.open_timeout = 0
+                    b.probes.clear()
             elif kind == OutcomeKind.FAILURE:
-                previous = target.open_timeout or breaker.open_timeout_ms
-                _open(target, now, min(previous * 2, breaker.max_open_timeout_ms))
+                previous = b.open_timeout or breaker.open_timeout_ms
+                _open(b, now, min(previous * 2, breaker.max_open_timeout_ms))
 
     @staticmethod
     def _add_sample(target: _Target, route: RouteSpec, outcome: Outcome, now: int) -> None:
@@ -591,10 +621,19 @@ class MemoryState:
             target.probes = {t: e for t, e in stored.probes.items() if e > now}
             target.quota = [list(slot) for slot in stored.quota]
             target.inflight -= stale.get(spec.id, 0)
-            _half_open_if_due(target, now)
-            code = target.state
-            live = len(target.probes) if code == HALF_OPEN else 0
-            reason, pause = _exclusion(target, spec, now, live, breaker.half_open_max_probes, 0)
+            b = target
+            provider = route.breaker_provider(spec.id)
+            if provider:  # the shared breaker, on a copy of its own
+                shared = self._providers.get(provider) or _Target()
+                b = _Target()
+                b.state, b.generation, b.failures = shared.state, shared.generation, shared.failures
+                b.half_open_successes = shared.half_open_successes
+                b.open_until, b.open_timeout = shared.open_until, shared.open_timeout
+                b.probes = {t: e for t, e in shared.probes.items() if e > now}
+            _half_open_if_due(b, now)
+            code = b.state
+            live = len(b.probes) if code == HALF_OPEN else 0
+            reason, pause = _exclusion(target, b, spec, now, live, breaker.half_open_max_probes, 0)
             successes, latency, failures, tin, tout = _window_totals(stored, now, route)
             estimate, errors, age = target.estimate(now)
             explores = sum(1 for e in stored.explores.values() if e > now)
@@ -613,7 +652,7 @@ class MemoryState:
                     target.inflight,
                     0.0,
                     code == CLOSED
-                    and is_held(target.failures, target.inflight, breaker.failure_threshold),
+                    and is_held(b.failures, target.inflight, breaker.failure_threshold),
                 )
                 if windowed:
                     candidate.estimate_us = estimate
@@ -628,11 +667,11 @@ class MemoryState:
                 TargetSnapshot(
                     target_id=spec.id,
                     state=_STATES[code],
-                    generation=target.generation,
-                    consecutive_failures=target.failures if code == CLOSED else 0,
-                    half_open_successes=target.half_open_successes if code == HALF_OPEN else 0,
-                    open_remaining_ms=max(0, target.open_until - now) if code == OPEN else 0,
-                    open_timeout_ms=target.open_timeout or breaker.open_timeout_ms,
+                    generation=b.generation,
+                    consecutive_failures=b.failures if code == CLOSED else 0,
+                    half_open_successes=b.half_open_successes if code == HALF_OPEN else 0,
+                    open_remaining_ms=max(0, b.open_until - now) if code == OPEN else 0,
+                    open_timeout_ms=b.open_timeout or breaker.open_timeout_ms,
                     cooldown_remaining_ms=max(0, target.cooldown_until - now),
                     inflight=target.inflight,
                     probes_in_use=live,
@@ -672,15 +711,16 @@ class MemoryState:
 
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         target = self._target(self._route(route.name), target_id)
-        target.state = CLOSED
-        target.generation += 1
-        target.failures = 0
-        target.half_open_successes = 0
-        target.open_until = 0
-        target.open_timeout = 0
+        b = self._breaker(route, target_id, target)
+        b.state = CLOSED
+        b.generation += 1
+        b.failures = 0
+        b.half_open_successes = 0
+        b.open_until = 0
+        b.open_timeout = 0
+        b.probes.clear()
         target.cooldown_until = 0
         target.learned_until = 0
-        target.probes.clear()
 
     async def close(self) -> None:
         return None

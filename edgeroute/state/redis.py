@@ -92,9 +92,22 @@ class ScriptPrefix:
     suffix_count: int = 0
 
 
-def route_keys(prefix: str, route: str) -> tuple[str, str, str]:
-    tag = f"{{{prefix}:{route}}}"
+def route_keys(prefix: str, route: str, group: str = "") -> tuple[str, str, str]:
+    """A route's three keys. Routes sharing provider breakers share the tag of their
+    `group` ('#' never appears in a route name), the route's name following it."""
+    tag = f"{{{prefix}:{route}}}" if not group else f"{{{prefix}:#{group}}}:{route}"
     return f"{tag}:t", f"{tag}:w", f"{tag}:l"
+
+
+def spec_keys(prefix: str, route: RouteSpec) -> list[str]:
+    """Every key a route's scripts declare: its three, then the shared provider breakers'
+    hash (breaker_scope provider), then its session pins (affinity); see lib.lua."""
+    keys = list(route_keys(prefix, route.name, route.state_group))
+    if route.breaker_scope == "provider":
+        keys.append(f"{{{prefix}:#{route.state_group or route.name}}}:p")
+    if route.affinity is not None:
+        keys.append(keys[0][:-2] + ":a")
+    return keys
 
 
 def route_params(route: RouteSpec) -> list[Arg]:
@@ -125,12 +138,15 @@ def route_params(route: RouteSpec) -> list[Arg]:
         "load_penalty": repr(float(estimator.load_penalty)),
         "tolerance": repr(float(estimator.tolerance)),
         "within": wire.STRATEGY_CODES[strategy.within] if strategy.within else -1,
+        "breaker_scope": 1 if route.breaker_scope == "provider" else 0,
+        "affinity_ttl_ms": route.affinity.ttl_ms if route.affinity is not None else 0,
+        "max_pins": route.affinity.max_pins if route.affinity is not None else 0,
     }
     return [values[name] for name in wire.ROUTE_PARAMS]
 
 
-def outcome_args(outcome: Outcome) -> list[Arg]:
-    """One outcome, in wire.OUTCOME_FIELDS order."""
+def outcome_args(outcome: Outcome, provider: str = "") -> list[Arg]:
+    """One outcome, in wire.OUTCOME_FIELDS order; `provider`: RouteSpec.breaker_provider."""
     return [
         outcome.target_id,
         int(outcome.kind),
@@ -144,6 +160,7 @@ def outcome_args(outcome: Outcome) -> list[Arg]:
         outcome.reserved_tokens,
         outcome.reserved_at_ms,
         round(outcome.limit_reset_s * 1000) if outcome.limit_reset_s > 0 else 0,
+        provider,
     ]
 
 
@@ -209,7 +226,7 @@ class RedisState:
         cached = self._routes.get(route.name)
         if cached is not None and cached.spec is route:
             return cached
-        keys = route_keys(self.key_prefix, route.name)
+        keys = spec_keys(self.key_prefix, route)
         params = route_params(route)
         scripts = self._scripts
 
@@ -223,6 +240,7 @@ class RedisState:
                 repr(float(target.price_per_mtok)),
                 target.priority,
                 target.weight,
+                route.breaker_provider(target.id),
             ]
         # Only targets with quotas are listed: a route without any costs one "0".
         quotas = [(position, t) for position, t in enumerate(route.targets, start=1) if t.has_quota]
@@ -283,7 +301,7 @@ class RedisState:
             dynamic.append(0)
         else:
             dynamic.append(1)
-            dynamic += outcome_args(outcome)
+            dynamic += outcome_args(outcome, route.breaker_provider(outcome.target_id))
         dynamic.append(self._clock_arg())
         try:
             reply = await self._call(
@@ -401,7 +419,7 @@ class RedisState:
             static = self._commands(route)
             dynamic: list[Arg] = [len(outcomes)]
             for outcome in outcomes:
-                dynamic += outcome_args(outcome)
+                dynamic += outcome_args(outcome, route.breaker_provider(outcome.target_id))
             dynamic.append(self._clock_arg())
             cmd = command(static.record_count + len(dynamic), static.record, encode_args(dynamic))
             calls.append(self._call(cmd, static.slot))
@@ -458,7 +476,7 @@ class RedisState:
 
     async def reset(self, route: RouteSpec, target_id: str) -> None:
         static = self._commands(route)
-        dynamic: list[Arg] = [target_id, self._clock_arg()]
+        dynamic: list[Arg] = [target_id, route.breaker_provider(target_id), self._clock_arg()]
         reply = await self._call(
             command(static.reset_count + len(dynamic), static.reset, encode_args(dynamic)),
             static.slot,

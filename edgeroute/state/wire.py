@@ -81,6 +81,9 @@ ROUTE_PARAMS = (
     "load_penalty",
     "tolerance",
     "within",  # strategy priority: the code of the strategy inside a group (else -1)
+    "breaker_scope",  # 0: a breaker per target; 1: per provider (KEYS[4], shared by routes)
+    "affinity_ttl_ms",  # sticky sessions: a pin's idle lifetime (0: no affinity)
+    "max_pins",  # sticky sessions: the most pins the route keeps
 )
 
 # One finished attempt, as decide (a failover's report) and record carry it.
@@ -97,6 +100,7 @@ OUTCOME_FIELDS = (
     "reserved_tokens",  # what the decide reserved against the target's tpm (0: none)
     "reserved_at_ms",  # the decide's now_ms: the reservation's bucket
     "limit_reset_ms",  # a learned provider limit: out until this long from now (0: none)
+    "provider",  # breaker_scope provider: the target's provider, whose breaker it moves
 )
 
 # What follows the route parameters, per script. `*` marks a repeated group: its count comes
@@ -105,7 +109,7 @@ OUTCOME_FIELDS = (
 SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
     "decide": (
         "n",
-        "*(target_id price priority weight)",
+        "*(target_id price priority weight provider)",
         "q",
         "*(position rpm tpm max_concurrency)",
         "mode",
@@ -119,7 +123,7 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
         "clock_ms",
     ),
     "record": ("k", "*[outcome]", "clock_ms"),
-    "reset": ("target_id", "clock_ms"),
+    "reset": ("target_id", "provider", "clock_ms"),
     # server.clients[]: one key per client, {prefix:client:<name>}; no route parameters.
     "client": (
         "op",
