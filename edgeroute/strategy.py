@@ -438,6 +438,10 @@ class RoutingDecision:
     # Nothing admitted, and a quota or a learned provider limit kept a target out: the client
     # hears 429 (retry after `retry_after_s`) rather than 503.
     quota_limited: bool = False
+    # Sticky sessions: what this decide did with the request's pin ("": none, "new",
+    # "kept", "moved"), and for a moved one the target it left.
+    affinity: str = ""
+    pin_moved_from: str = ""
     _reason: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

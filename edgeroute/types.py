@@ -225,3 +225,4 @@ class RouteSnapshot:
     rr_cursor: int
     now_ms: int
     targets: list[TargetSnapshot]
+    pins: int = 0  # affinity: the route's live session pins

@@ -1,16 +1,17 @@
 -- decide: rank the route's admissible targets and admit the first, atomically; or, in
 -- explain mode, rank them as the next request would and report every target, changing nothing.
 -- ARGV: n *(target_id price priority weight provider) q *(position rpm tpm max_concurrency) mode
---        token limit tokens
+--        token limit tokens session
 --        m *(excluded_id) has_outcome [outcome] clock_ms
 --   (static route data first, so the client can send it pre-encoded; priority is the
 --   target's group for strategy priority, weight its share for weighted, provider its breaker's
 --   with breaker_scope provider, else empty; the quota group lists
 --   only targets that have quotas, by 1-based position, 0 meaning no such limit)
 --   mode: 0 decide, 1 decide and advance the round-robin cursor, 2 explain
+--   session: a hash of the request's session key (affinity), or empty
 --   tokens: this request's estimated tokens, reserved against a target's tpm
 -- REPLY: admitted generation probe wait_ms rr_cursor count admissible now_ms repaired
---        reserved quota_limited *[candidate] *[target] (explain)
+--        reserved quota_limited affinity pin_from pins *[candidate] *[target] (explain)
 --   candidate (best first, `count` of them): position state score successes latency_us
 --     failures inflight held estimate_us error_rate estimate_age_ms explore waiting_ms credit
 --     (scores and estimates travel as strings: Redis truncates Lua numbers)
@@ -24,6 +25,8 @@
 --   excluded is a wire.EXCLUSION_REASONS code, excluded_ms how long it still holds.
 --   reserved: the tokens this admission reserved (corrected at record); quota_limited: 1
 --   when nothing was admitted and a quota or a learned limit kept a target out (a 429).
+--   affinity: wire.AFFINITY_STATES code of this request's pin; pin_from: the position of
+--   the target a moved pin left (0: none); pins: live pins of the route (explain only).
 
 local COST, LATENCY, HYBRID, ROUND_ROBIN, LEAST_BUSY, PRIORITY, WEIGHTED = 0, 1, 2, 3, 4, 5, 6
 
@@ -51,7 +54,8 @@ local mode = tonumber(ARGV[i])
 local token = ARGV[i + 1]
 local limit = tonumber(ARGV[i + 2])
 local tokens = tonumber(ARGV[i + 3])
-i = i + 4
+local session = ARGV[i + 4]
+i = i + 5
 local explain = mode == 2
 local advance = mode ~= 0
 local excluded = {}
@@ -388,6 +392,23 @@ local function rank(cs, how, explore_ok)
   return ordered
 end
 
+-- Sticky sessions (memory.py `_pin`): the session's pin, if live. Expired pins go first
+-- (at most 100 per call: the rest follow on later calls; a lookup checks the expiry).
+local pinned, present = nil, false
+local sticky = K_PINS and session ~= '' and not explain
+if sticky then
+  local old = redis.call('ZRANGEBYSCORE', K_PINS, '-inf', now, 'LIMIT', 0, 100)
+  if #old > 0 then
+    local gone = {}
+    for j, h in ipairs(old) do gone[j] = '@' .. h end
+    redis.call('HDEL', K_TARGETS, unpack(gone))
+    redis.call('ZREM', K_PINS, unpack(old))
+  end
+  local expiry = tonumber(redis.call('ZSCORE', K_PINS, session))
+  present = expiry ~= nil
+  if expiry and expiry > now then pinned = redis.call('HGET', K_TARGETS, '@' .. session) end
+end
+
 local ordered = cands
 local count = #cands
 if strategy == PRIORITY then
@@ -412,6 +433,33 @@ if strategy == PRIORITY then
 else
   ordered = rank(cands, strategy, may_explore)
 end
+-- A pinned target that is admissible (and not already tried by this request) goes first,
+-- whatever the strategy says; otherwise the pin moves to whatever is admitted.
+local PIN_NEW, PIN_KEPT, PIN_MOVED = 1, 2, 3
+local pin_state, pin_from = 0, 0
+if sticky and count > 0 then
+  pin_state = PIN_NEW
+  if pinned then
+    pin_state = PIN_MOVED
+    for j, c in ipairs(ordered) do
+      if c.id == pinned then
+        pin_state = PIN_KEPT
+        if j > 1 then
+          table.remove(ordered, j)
+          table.insert(ordered, 1, c)
+        end
+        break
+      end
+    end
+    if pin_state == PIN_MOVED then
+      for k = 1, n do if ids[k] == pinned then pin_from = k end end
+    end
+  end
+  if explored and ordered[1] ~= explored then
+    explored.explore = false  -- the pin went first: nothing is explored
+    explored = nil
+  end
+end
 
 local function candidate_rows(reply, upto)
   for rank = 1, upto do
@@ -433,7 +481,12 @@ local function candidate_rows(reply, upto)
   end
 end
 
-local reply = {0, 0, 0, wait, rr, count, count, now, REPAIRED, 0, 0}
+local reply = {0, 0, 0, wait, rr, count, count, now, REPAIRED, 0, 0, pin_state, pin_from, 0}
+if explain and K_PINS then
+  local live = redis.call('ZCOUNT', K_PINS, '(' .. now, '+inf')
+  if redis.call('ZSCORE', K_PINS, '#') then live = live - 1 end
+  reply[14] = live
+end
 if count == 0 and quota_out then reply[11] = 1 end
 if explain then
   candidate_rows(reply, count)
@@ -502,6 +555,26 @@ if count > 0 then
     extra = extra or {}
     extra[#extra + 1] = '#sw'
     extra[#extra + 1] = table.concat(parts, ' ')
+  end
+  if sticky then
+    -- The pin (new, kept or moved) lives `affinity_ttl` from this use. A new one first
+    -- makes room: past `max_pins` the least recently used go (lowest expiry, then member;
+    -- the placeholder '#' scores +inf, never among them).
+    if not present then
+      local held = redis.call('ZCARD', K_PINS)
+      if redis.call('ZSCORE', K_PINS, '#') then held = held - 1 end
+      local over = held + 1 - P.max_pins
+      if over > 0 then
+        local popped = redis.call('ZPOPMIN', K_PINS, over)
+        local gone = {}
+        for j = 1, #popped, 2 do gone[#gone + 1] = '@' .. popped[j] end
+        redis.call('HDEL', K_TARGETS, unpack(gone))
+      end
+    end
+    redis.call('ZADD', K_PINS, now + P.affinity_ttl, session)
+    extra = extra or {}
+    extra[#extra + 1] = '@' .. session
+    extra[#extra + 1] = first.id
   end
   reply[1] = 1
   reply[2] = b.gen

@@ -13,7 +13,8 @@ from redis.crc import key_slot
 from edgeroute import CircuitState, RoutingStrategy
 from edgeroute.state.base import RouteSpec
 from edgeroute.state.redis import spec_keys
-from edgeroute.types import BreakerParams, Outcome, OutcomeKind, TargetSpec
+from edgeroute.strategy import RoutingDecision
+from edgeroute.types import AffinityParams, BreakerParams, Outcome, OutcomeKind, TargetSpec
 from tests.test_state_conformance import Harness, admit, fail, harness
 
 __all__ = ["harness"]  # the backend-table fixture, shared with the conformance suite
@@ -219,3 +220,66 @@ def test_routes_of_one_group_keep_every_key_in_one_slot() -> None:
     slots = {key_slot(k.encode()) for r in (a, b) for k in spec_keys("edgeroute", r)}
     assert len(slots) == 1
     assert len({*spec_keys("edgeroute", a), *spec_keys("edgeroute", b)}) == 7  # one :p
+
+
+# ---- sticky sessions ---------------------------------------------------------------------
+
+
+def sticky_route(ttl_ms: int = 10_000, max_pins: int = 100) -> RouteSpec:
+    route = policy_route(RoutingStrategy.round_robin())
+    return dataclasses.replace(route, affinity=AffinityParams("header", "x-s", ttl_ms, max_pins))
+
+
+async def pinned(h: Harness, route: RouteSpec, session: str, **kwargs: object) -> RoutingDecision:
+    decision, admission = await admit(h, route, session=session, **kwargs)
+    await h.state.record(route, Outcome.for_admission(admission, OutcomeKind.SUCCESS, 1.0))
+    return decision
+
+
+async def test_a_pin_holds_its_target_against_the_strategy(harness: Harness) -> None:
+    route = sticky_route()
+    first = await pinned(harness, route, "s1")
+    assert (first.target_id, first.affinity) == ("t0", "new")
+    for _ in range(4):
+        again = await pinned(harness, route, "s1")
+        assert (again.target_id, again.affinity) == ("t0", "kept")
+    # Other sessions and requests without one go round as before (the cursor moved on).
+    other = await pinned(harness, route, "s2")
+    assert other.affinity == "new" and other.target_id != "t0"
+    plain, _ = await admit(harness, route)
+    assert plain.affinity == ""
+    assert (await harness.state.snapshot(route)).pins == 2
+
+
+async def test_a_pin_moves_when_its_target_is_excluded(harness: Harness) -> None:
+    route = sticky_route()
+    assert (await pinned(harness, route, "s1")).target_id == "t0"
+    await fail(harness, route, "t0")  # breaker open (threshold 1)
+    moved = await pinned(harness, route, "s1")
+    assert (moved.affinity, moved.pin_moved_from) == ("moved", "t0")
+    assert moved.target_id != "t0"
+    kept = await pinned(harness, route, "s1")
+    assert (kept.target_id, kept.affinity) == (moved.target_id, "kept")
+    # A failover inside one request: the pinned target tried and failed, the pin follows.
+    decision, admission = await admit(harness, route, session="s1")
+    failed = Outcome.for_admission(admission, OutcomeKind.NEUTRAL)
+    after, _ = await admit(
+        harness, route, session="s1", exclude=[admission.target_id], outcome=failed, advance=False
+    )
+    assert after.affinity == "moved" and after.pin_moved_from == admission.target_id
+
+
+async def test_pins_expire_and_their_count_is_bounded(harness: Harness) -> None:
+    route = sticky_route(ttl_ms=1_000, max_pins=2)
+    for session in ("a", "b"):
+        await pinned(harness, route, session)
+    await harness.wait(10)
+    await pinned(harness, route, "a")  # used again: now b is the least recently used
+    await harness.wait(10)
+    await pinned(harness, route, "c")  # a third pin: b goes
+    assert (await harness.state.snapshot(route)).pins == 2
+    assert (await pinned(harness, route, "a")).affinity == "kept"
+    assert (await pinned(harness, route, "b")).affinity == "new"  # evicted; c goes now
+    await harness.wait(1_000)
+    assert (await harness.state.snapshot(route)).pins == 0
+    assert (await pinned(harness, route, "a")).affinity == "new"

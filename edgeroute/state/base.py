@@ -125,6 +125,7 @@ class StateBackend(Protocol):
         advance: bool = True,
         limit: int = 0,
         tokens: int = 0,
+        session: str = "",
     ) -> RoutingDecision: ...
 
     async def record(self, route: RouteSpec, outcome: Outcome) -> None: ...

@@ -108,6 +108,7 @@ class FallbackState:
         advance: bool = True,
         limit: int = 0,
         tokens: int = 0,
+        session: str = "",
     ) -> RoutingDecision:
         """Decide on local state with each target's quotas as its on_state_loss says:
         local_share divides them by the live replicas, fail_open drops them, fail_closed
@@ -116,7 +117,13 @@ class FallbackState:
         if closed:
             exclude = (*exclude, *closed)
         return self.local.decide_now(
-            local, exclude=exclude, outcome=outcome, advance=advance, limit=limit, tokens=tokens
+            local,
+            exclude=exclude,
+            outcome=outcome,
+            advance=advance,
+            limit=limit,
+            tokens=tokens,
+            session=session,
         )
 
     def _degraded(self, route: RouteSpec) -> tuple[RouteSpec, tuple[str, ...]]:
@@ -282,6 +289,7 @@ class FallbackState:
         advance: bool = True,
         limit: int = 0,
         tokens: int = 0,
+        session: str = "",
     ) -> RoutingDecision:
         shard = self._shard(route)
         if outcome is not None and self._take_local(outcome):
@@ -294,6 +302,7 @@ class FallbackState:
                         advance=advance,
                         limit=limit,
                         tokens=tokens,
+                        session=session,
                     )
                 )
             await self.local.record_many([(route, outcome)])
@@ -308,6 +317,7 @@ class FallbackState:
                     advance=advance,
                     limit=limit,
                     tokens=tokens,
+                    session=session,
                 )
             except StateUnavailable as exc:
                 self._degrade(shard, route, "decide", exc)
@@ -319,7 +329,13 @@ class FallbackState:
             outcome = self._foreign(shard, route, outcome)
         return self._remember(
             self._local_decide(
-                route, exclude=exclude, outcome=outcome, advance=advance, limit=limit, tokens=tokens
+                route,
+                exclude=exclude,
+                outcome=outcome,
+                advance=advance,
+                limit=limit,
+                tokens=tokens,
+                session=session,
             )
         )
 

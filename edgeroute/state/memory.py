@@ -24,6 +24,7 @@ from edgeroute.strategy import (
 )
 from edgeroute.types import (
     Admission,
+    AffinityParams,
     Outcome,
     OutcomeKind,
     RouteSnapshot,
@@ -119,6 +120,8 @@ class _Route:
         "last_explore",
         "lease_heap",
         "leases",
+        "pin_heap",
+        "pins",
         "rr_cursor",
         "swrr",
         "targets",
@@ -133,6 +136,10 @@ class _Route:
         self.rr_cursor = 0
         # strategy weighted: each target's smooth weighted round-robin current weight.
         self.swrr: dict[str, int] = {}
+        # affinity: session hash -> (pinned target id, expiry ms); the heap orders them by
+        # (expiry, hash) like Redis's sorted set (entries no longer current are skipped).
+        self.pins: dict[str, tuple[str, int]] = {}
+        self.pin_heap: list[tuple[int, str]] = []
         self.last_explore: int | None = None  # the cursor of the last exploration
         self.leases: dict[str, tuple[str, int]] = {}  # token -> (target id, expiry)
         self.lease_heap: list[tuple[int, str]] = []
@@ -218,6 +225,62 @@ def _swrr_step(
     state.swrr[chosen.target.id] -= total
     if len(state.swrr) > len(route.targets):  # targets gone from the config
         state.swrr = {k: v for k, v in state.swrr.items() if k in route.positions}
+
+
+_PIN_EXPIRY_BATCH = 100  # expired pins dropped per decide, as decide.lua
+
+
+def _pop_pin(state: _Route) -> str | None:
+    """Remove and return the current pin with the lowest (expiry, hash)."""
+    while state.pin_heap:
+        expiry, key = heapq.heappop(state.pin_heap)
+        pin = state.pins.get(key)
+        if pin is not None and pin[1] == expiry:
+            del state.pins[key]
+            return key
+    return None
+
+
+def _pin(
+    state: _Route, positions: dict[str, int], ordered: list[Candidate], session: str, now: int
+) -> tuple[str, str]:
+    """Sticky sessions, before admission: drop expired pins (a batch per call), then put the
+    session's pinned target first when it is among the admissible ones. Returns what
+    happens to the pin (wire.AFFINITY_STATES; "" when nothing is admitted) and, for a
+    moved pin, the target it leaves."""
+    dropped = 0
+    while dropped < _PIN_EXPIRY_BATCH and state.pin_heap and state.pin_heap[0][0] <= now:
+        expiry, key = heapq.heappop(state.pin_heap)
+        pin = state.pins.get(key)
+        if pin is not None and pin[1] == expiry:
+            del state.pins[key]
+            dropped += 1
+    if not ordered:
+        return "", ""
+    pin = state.pins.get(session)
+    if pin is None or pin[1] <= now:
+        return "new", ""
+    for j, c in enumerate(ordered):
+        if c.target.id == pin[0]:
+            if j:
+                ordered.insert(0, ordered.pop(j))
+            return "kept", ""
+    # (a pin on a target the route no longer lists names none, as in decide.lua)
+    return "moved", pin[0] if pin[0] in positions else ""
+
+
+def _keep_pin(
+    state: _Route, affinity: AffinityParams, session: str, target_id: str, now: int
+) -> None:
+    """The admitted target holds the pin for `ttl_ms` from now; a new pin first makes room
+    (the least recently used go past `max_pins`)."""
+    if session not in state.pins:
+        over = len(state.pins) + 1 - affinity.max_pins
+        for _ in range(max(0, over)):
+            _pop_pin(state)
+    expiry = now + affinity.ttl_ms
+    state.pins[session] = (target_id, expiry)
+    heapq.heappush(state.pin_heap, (expiry, session))
 
 
 def _shaping(route: RouteSpec) -> Shaping:
@@ -372,9 +435,16 @@ class MemoryState:
         advance: bool = True,
         limit: int = 0,
         tokens: int = 0,
+        session: str = "",
     ) -> RoutingDecision:
         return self.decide_now(
-            route, exclude=exclude, outcome=outcome, advance=advance, limit=limit, tokens=tokens
+            route,
+            exclude=exclude,
+            outcome=outcome,
+            advance=advance,
+            limit=limit,
+            tokens=tokens,
+            session=session,
         )
 
     def decide_now(
@@ -386,6 +456,7 @@ class MemoryState:
         advance: bool = True,
         limit: int = 0,
         tokens: int = 0,
+        session: str = "",
     ) -> RoutingDecision:
         """Synchronous decide: the gateway's degraded mode calls it without an await."""
         now = self._now()
@@ -459,6 +530,10 @@ class MemoryState:
         ordered = rank(
             strategy, candidates, cursor, _shaping(route), explores if may_explore else None
         )
+        sticky = route.affinity is not None and session != ""
+        pin: tuple[str, str] = ("", "")
+        if sticky:
+            pin = _pin(state, route.positions, ordered, session, now)
         if not ordered:
             return RoutingDecision(
                 route.name,
@@ -492,13 +567,26 @@ class MemoryState:
             _quota_add(target, now, 1, reserved, now)
         if weighted and advance:
             _swrr_step(state, route, ordered, first)
+        if sticky:
+            assert route.affinity is not None
+            _keep_pin(state, route.affinity, session, first.target.id, now)
         admission = Admission(
             first.target.id, b.generation, token, first.probe, reserved, now if reserved else 0
         )
         admissible = len(ordered)
         if 0 < limit < admissible:
             ordered = ordered[:limit]
-        return RoutingDecision(route.name, strategy, ordered, admission, 0.0, cursor, admissible)
+        return RoutingDecision(
+            route.name,
+            strategy,
+            ordered,
+            admission,
+            0.0,
+            cursor,
+            admissible,
+            affinity=pin[0],
+            pin_moved_from=pin[1],
+        )
 
     def _expire_leases(self, state: _Route, now: int) -> None:
         heap = state.lease_heap
@@ -701,7 +789,8 @@ class MemoryState:
         for c in ordered[1:]:
             c.explore = False  # only the next request's target can be an exploration
         decision = RoutingDecision(route.name, strategy, ordered, None, wait / 1000.0, cursor)
-        return StateView(decision, RouteSnapshot(route.name, cursor, now, rows))
+        pins = sum(1 for _, expiry in state.pins.values() if expiry > now)
+        return StateView(decision, RouteSnapshot(route.name, cursor, now, rows, pins))
 
     async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
         return self.explain_now(route).snapshot

@@ -58,6 +58,7 @@ _H_ADMITTED, _H_GENERATION, _H_PROBE = _H["admitted"], _H["generation"], _H["pro
 _H_WAIT, _H_CURSOR, _H_COUNT = _H["wait_ms"], _H["rr_cursor"], _H["count"]
 _H_ADMISSIBLE, _REPAIRED = _H["admissible"], _H["repaired"]
 _H_NOW, _H_RESERVED, _H_QUOTA = _H["now_ms"], _H["reserved"], _H["quota_limited"]
+_H_AFFINITY, _H_PIN_FROM = _H["affinity"], _H["pin_from"]
 _RECORD_REPAIRED = wire.SCRIPT_REPLIES["record"].index("repaired")
 _RESET_REPAIRED = wire.SCRIPT_REPLIES["reset"].index("repaired")
 
@@ -292,11 +293,12 @@ class RedisState:
         advance: bool = True,
         limit: int = 0,
         tokens: int = 0,
+        session: str = "",
     ) -> RoutingDecision:
         static = self._commands(route)
         token = f"{self._token_prefix}{next(self._tokens):x}"
         mode = wire.MODE_ADVANCE if advance else wire.MODE_DECIDE
-        dynamic: list[Arg] = [mode, token, limit, tokens, len(exclude), *exclude]
+        dynamic: list[Arg] = [mode, token, limit, tokens, session, len(exclude), *exclude]
         if outcome is None:
             dynamic.append(0)
         else:
@@ -328,7 +330,7 @@ class RedisState:
 
     async def explain(self, route: RouteSpec) -> StateView:
         static = self._commands(route)
-        dynamic: list[Arg] = [wire.MODE_EXPLAIN, "", 0, 0, 0, 0, self._clock_arg()]
+        dynamic: list[Arg] = [wire.MODE_EXPLAIN, "", 0, 0, "", 0, 0, self._clock_arg()]
         reply = await self._call(
             command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
             static.slot,
@@ -369,7 +371,9 @@ class RedisState:
                 strict=True,
             )
         ]
-        snapshot = RouteSnapshot(route.name, head["rr_cursor"], head["now_ms"], targets)
+        snapshot = RouteSnapshot(
+            route.name, head["rr_cursor"], head["now_ms"], targets, head["pins"]
+        )
         return StateView(decision, snapshot)
 
     async def snapshot(self, route: RouteSpec) -> RouteSnapshot:
@@ -592,6 +596,8 @@ def _decision(route: RouteSpec, reply: list[Any], token: str) -> RoutingDecision
         reply[_H_CURSOR],
         reply[_H_ADMISSIBLE],
         reply[_H_QUOTA] == 1,
+        wire.AFFINITY_STATES[reply[_H_AFFINITY]],
+        targets[reply[_H_PIN_FROM] - 1].id if reply[_H_PIN_FROM] else "",
     )
 
 

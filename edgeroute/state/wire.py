@@ -116,6 +116,7 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
         "token",
         "limit",
         "tokens",
+        "session",
         "m",
         "*(excluded_id)",
         "has_outcome",
@@ -169,7 +170,12 @@ DECIDE_HEAD = (
     "repaired",  # keys of the wrong type this call replaced (0 but after tampering)
     "reserved",  # tokens the admission reserved against the target's tpm
     "quota_limited",  # 1: nothing admitted, and a quota or learned limit kept a target out
+    "affinity",  # AFFINITY_STATES: what this decide did with the request's session pin
+    "pin_from",  # a moved pin: the 1-based position of the target it left (0: none)
+    "pins",  # explain: the route's live session pins
 )
+# What a decide with a session key did with its pin (0: no affinity or no session key).
+AFFINITY_STATES: tuple[str, ...] = ("", "new", "kept", "moved")
 # One ranked candidate, best first (`count` of them). estimate_us and error_rate are the
 # time-decayed estimate (strings: Redis truncates Lua numbers); estimate_us and
 # estimate_age_ms are -1 for a target never measured; explore: this decide re-measures it;
