@@ -28,7 +28,9 @@ class Accounting:
     # ---- the engine's observer -----------------------------------------------------------
 
     def decided(self, route: RouteSpec, decision: RoutingDecision, elapsed_s: float) -> None:
-        """Nothing to count: decide latency is the state layer's metric."""
+        """Decide latency is the state layer's metric; a moved session pin is counted here."""
+        if decision.affinity == "moved":
+            self.metrics.affinity_moves.labels(route.name, decision.pin_moved_from).inc()
 
     def attempt_failed(
         self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float

@@ -20,6 +20,12 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
     """
     strategy = explanation.strategy
     fallbacks = explanation.fallbacks
+    spec = explanation.spec
+    affinity = spec.affinity if spec is not None else None
+    groups: dict[int, list[str]] = {}
+    if strategy.kind == "priority":
+        for item in explanation.targets:
+            groups.setdefault(item.spec.priority, []).append(item.spec.id)
     return {
         "route": explanation.route,
         "strategy": strategy.kind,
@@ -29,7 +35,27 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
                 "latency": strategy.latency_weight,
                 "reliability": strategy.reliability_weight,
             }
-            if strategy.kind == "hybrid"
+            if strategy.scoring == "hybrid"
+            else None
+        ),
+        # strategy priority: the groups, lower first, and what orders each of them.
+        "within": strategy.within or None,
+        "priority_groups": (
+            [{"priority": level, "targets": groups[level]} for level in sorted(groups)]
+            if groups
+            else None
+        ),
+        "breaker_scope": spec.breaker_scope if spec is not None else "target",
+        # Sticky sessions: where the key comes from and the route's live pins (whether a
+        # request's own pin moved is its x-edgeroute-affinity header: new, kept, moved).
+        "affinity": (
+            {
+                "key": f"{affinity.source}:{affinity.name}",
+                "ttl_s": affinity.ttl_ms / 1000,
+                "max_pins": affinity.max_pins,
+                "pins": explanation.snapshot.pins,
+            }
+            if affinity is not None
             else None
         ),
         "order": list(explanation.order),
@@ -47,6 +73,13 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
                 "provider": item.spec.provider,
                 "model": item.spec.model,
                 "price_per_mtok": item.spec.price_per_mtok,
+                "priority": item.spec.priority if strategy.kind == "priority" else None,
+                # strategy weighted: its share and its smooth round-robin current weight
+                # (the next request goes to the highest current weight plus weight).
+                "weight": item.spec.weight if strategy.kind == "weighted" else None,
+                "current_weight": (
+                    item.snapshot.current_weight if strategy.kind == "weighted" else None
+                ),
                 # The target's provider quotas and what they do while Redis is away.
                 "quota": (
                     {

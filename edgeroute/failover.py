@@ -197,6 +197,7 @@ async def run(
     observer: Observer | None = None,
     started: float | None = None,
     tokens: int = 0,
+    session: str = "",
     gate: Awaitable[object] | None = None,
     fallbacks: FallbackRoutes | None = None,
 ) -> Served[T]:
@@ -222,6 +223,7 @@ async def run(
                 advance=first,
                 limit=2,
                 tokens=tokens,
+                session=session,
             )
             if gate is None:
                 decision = await deciding

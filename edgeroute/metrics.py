@@ -165,6 +165,13 @@ class Metrics:
             ["route", "to_route", "cause"],
             registry=r,
         )
+        # Labels are the route and the target the pin left: never the session key.
+        self.affinity_moves = Counter(
+            "edgeroute_affinity_moves",
+            "Session pins moved off their target because it was excluded or failed.",
+            ["route", "target"],
+            registry=r,
+        )
         self.tokens = Counter(
             "edgeroute_tokens",
             "Tokens reported by upstreams.",

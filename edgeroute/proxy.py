@@ -29,7 +29,7 @@ from edgeroute.providers import (
     UpstreamStream,
 )
 from edgeroute.providers.base import Endpoint, ErrorClass
-from edgeroute.request import Rejected, estimate_tokens, parse_request
+from edgeroute.request import Rejected, estimate_tokens, parse_request, session_key
 from edgeroute.responses import error_response, new_request_id
 from edgeroute.router import Router
 from edgeroute.state.base import RouteSpec
@@ -188,6 +188,7 @@ class Proxy:
                 started=started,
                 tokens=tokens,
                 gate=gate,
+                session=session_key(http, route, upstream.fields),
             )
         except ClientRefused as refused:
             return refused.response
@@ -323,6 +324,8 @@ class Proxy:
         headers[_ATTEMPTS] = str(len(served.attempts) + 1)
         headers[_REASON] = served.decision.reason
         headers[_REQUEST_ID] = request_id
+        if served.decision.affinity:
+            headers["x-edgeroute-affinity"] = served.decision.affinity
         return headers
 
     def _reply(

@@ -15,7 +15,7 @@ from edgeroute.jsonguard import refuse_deep_json
 from edgeroute.providers import UpstreamRequest
 from edgeroute.providers.base import Endpoint
 from edgeroute.responses import error_response, too_large
-from edgeroute.state.base import RouteSpec
+from edgeroute.state.base import RouteSpec, session_hash
 
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _STR = msgspec.json.Decoder(str)
@@ -115,6 +115,25 @@ def estimate_tokens(fields: dict[str, msgspec.Raw]) -> int:
                 continue  # the provider will refuse it; the estimate need not
             break
     return -(-prompt // BYTES_PER_TOKEN) + completion
+
+
+def session_key(http: web.Request, route: RouteSpec, fields: dict[str, msgspec.Raw]) -> str:
+    """The route's affinity key for this request, hashed ("" when the route has no
+    affinity or the request no such header or string field). Only the hash is stored or
+    logged anywhere: a session id may be a secret or personal data. The body field is
+    decoded alone from the fields already split (the body is not parsed again)."""
+    affinity = route.affinity
+    if affinity is None:
+        return ""
+    if affinity.source == "header":
+        value = http.headers.get(affinity.name)
+    else:
+        raw = fields.get(affinity.name)
+        try:
+            value = _STR.decode(raw) if raw is not None else None
+        except msgspec.DecodeError:
+            value = None  # not a string (a number, an object): no session
+    return session_hash(value or "")
 
 
 def _invalid(status: int, message: str, code: str, param: str | None = None) -> Rejected:

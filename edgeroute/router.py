@@ -28,7 +28,7 @@ from edgeroute.failover import (
     Served,
 )
 from edgeroute.state import StateBackend, StateHealth, build_state
-from edgeroute.state.base import RouteSpec
+from edgeroute.state.base import RouteSpec, session_hash
 from edgeroute.strategy import Candidate, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
@@ -241,6 +241,7 @@ class Explanation:
     fallbacks: Fallbacks
     # The routes an exhausted request walks, in order, starting with this one.
     chain: list[str]
+    spec: RouteSpec | None = None  # the compiled route: its policies (scope, affinity)
 
 
 def _library_classify(exc: BaseException) -> Failure:
@@ -301,12 +302,22 @@ class Router:
         return self.state.health()
 
     async def decide(
-        self, route: str, *, exclude: Collection[str] = (), outcome: Outcome | None = None
+        self,
+        route: str,
+        *,
+        exclude: Collection[str] = (),
+        outcome: Outcome | None = None,
+        session: str = "",
     ) -> RoutingDecision:
-        """Rank the route's targets and admit the first; raises NoProvidersAvailable."""
+        """Rank the route's targets and admit the first; raises NoProvidersAvailable.
+        `session`: the request's session id, for a route with affinity (kept hashed)."""
         spec = self.route(route)
         decision = await self.state.decide(
-            spec, exclude=exclude, outcome=outcome, advance=not exclude and outcome is None
+            spec,
+            exclude=exclude,
+            outcome=outcome,
+            advance=not exclude and outcome is None,
+            session=session_hash(session) if spec.affinity is not None else "",
         )
         if decision.admission is None:
             raise NoProvidersAvailable(route, decision.retry_after_s)
@@ -344,10 +355,12 @@ class Router:
         observer: Observer | None = None,
         started: float | None = None,
         tokens: int = 0,
+        session: str = "",
         gate: Awaitable[object] | None = None,
     ) -> Served[T]:
         """The failover engine (see `edgeroute.failover`) on this router's state and policy.
-        `tokens` is the request's estimated tokens (reserved against targets' tpm).
+        `tokens` is the request's estimated tokens (reserved against targets' tpm);
+        `session` the hash of its session key (affinity; request.session_key).
 
         The caller records the served attempt's outcome (the gateway does so once the
         response or stream has ended); every failed attempt is recorded here.
@@ -362,6 +375,7 @@ class Router:
             observer=observer,
             started=started,
             tokens=tokens,
+            session=session,
             gate=gate,
             fallbacks=self.fallback_routes,
         )
@@ -420,6 +434,7 @@ class Router:
             snapshot=view.snapshot,
             fallbacks=self.fallbacks[route],
             chain=self.chain(route),
+            spec=spec,
         )
 
     async def snapshot(self, route: str) -> RouteSnapshot:

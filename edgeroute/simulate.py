@@ -55,6 +55,9 @@ class Upstream(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     capacity: int = 0
     # How long a failed request takes (an HTTP 500 answers fast).
     fail_latency_ms: float = 20.0
+    # strategy priority: its group (targets[].priority); strategy weighted: its share.
+    priority: int | None = None
+    weight: int | None = None
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -78,6 +81,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     name: str
     description: str = ""
     strategy: str = "latency"
+    within: str | None = None  # strategy priority: what orders a group
     rate: float = 40.0  # open-loop arrivals per second (Poisson)
     duration_s: float = 60.0
     upstreams: list[Upstream]
@@ -206,7 +210,9 @@ def load_scenarios(path: str) -> list[Scenario]:
 
 
 def scenario_route(scenario: Scenario, strategy: str | None = None) -> RouteSpec:
-    """The scenario as a real config, compiled the way the gateway compiles it."""
+    """The scenario as a real config, compiled the way the gateway compiles it (with
+    `strategy`, a baseline: the scenario's own policy keys are left out)."""
+    own = strategy is None
     document: dict[str, Any] = {
         "providers": [
             {"name": u.name, "base_url": f"http://{u.name}.invalid"} for u in scenario.upstreams
@@ -216,10 +222,18 @@ def scenario_route(scenario: Scenario, strategy: str | None = None) -> RouteSpec
                 "model": f"sim-{scenario.name}",
                 "strategy": strategy or scenario.strategy,
                 "targets": [
-                    {"provider": u.name, "model": "m", "id": u.name, "input_cost_per_mtok": u.price}
+                    {
+                        "provider": u.name,
+                        "model": "m",
+                        "id": u.name,
+                        "input_cost_per_mtok": u.price,
+                        **({"priority": u.priority} if u.priority is not None and own else {}),
+                        **({"weight": u.weight} if u.weight is not None and own else {}),
+                    }
                     for u in scenario.upstreams
                 ],
-                **({"weights": scenario.weights} if scenario.weights and not strategy else {}),
+                **({"weights": scenario.weights} if scenario.weights and own else {}),
+                **({"within": scenario.within} if scenario.within and own else {}),
                 # Validated as the config would be (unknown keys are errors).
                 "latency": msgspec.to_builtins(msgspec.convert(scenario.latency, LatencyConfig)),
                 "breaker": msgspec.to_builtins(msgspec.convert(scenario.breaker, BreakerConfig)),

@@ -97,3 +97,53 @@ def test_a_bad_scenario_file_is_a_usage_error(
     path.write_text("scenarios:\n  - name: x\n    upstreams: []\n    typo: 1\n")
     assert main(["simulate", "--file", str(path)]) == 2
     assert "typo" in capsys.readouterr().err
+
+
+def _policy_scenarios() -> list[sim.Scenario]:
+    return [
+        sim.Scenario(
+            name="priority-failover",
+            strategy="priority",
+            rate=20,
+            duration_s=20,
+            upstreams=[
+                sim.Upstream(name="primary", latency_ms=50, priority=0),
+                sim.Upstream(name="backup-a", latency_ms=80, priority=1),
+                sim.Upstream(name="backup-b", latency_ms=80, priority=1),
+            ],
+            events=[sim.Event(at_s=5, target="primary", error_rate=1.0)],
+            breaker={"failure_threshold": 3, "open_timeout_s": 60},
+        ),
+        sim.Scenario(
+            name="weighted-canary",
+            strategy="weighted",
+            rate=20,
+            duration_s=20,
+            upstreams=[
+                sim.Upstream(name="stable", latency_ms=50, weight=95),
+                sim.Upstream(name="canary", latency_ms=50, weight=5),
+            ],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_the_simulator_runs_priority_and_weighted(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    make = (
+        sim.memory_state
+        if backend == "memory"
+        else sim.redis_state_factory(request.getfixturevalue("redis_url"))
+    )
+    priority, weighted = (
+        r.results["edgeroute"] for r in sim.simulate_all(_policy_scenarios(), make)
+    )
+    before = {name for t, name in priority.firsts if t < 5}
+    assert before == {"primary"}
+    after = [name for t, name in priority.firsts if t >= 6]
+    assert set(after) == {"backup-a", "backup-b"}  # the group takes turns
+    assert abs(after.count("backup-a") - after.count("backup-b")) <= 1
+    firsts = [name for _, name in weighted.firsts]
+    for start in range(0, len(firsts) - 99):
+        assert abs(firsts[start : start + 100].count("canary") - 5) <= 1

@@ -261,7 +261,7 @@ async def test_a_pin_moves_when_its_target_is_excluded(harness: Harness) -> None
     kept = await pinned(harness, route, "s1")
     assert (kept.target_id, kept.affinity) == (moved.target_id, "kept")
     # A failover inside one request: the pinned target tried and failed, the pin follows.
-    decision, admission = await admit(harness, route, session="s1")
+    _, admission = await admit(harness, route, session="s1")
     failed = Outcome.for_admission(admission, OutcomeKind.NEUTRAL)
     after, _ = await admit(
         harness, route, session="s1", exclude=[admission.target_id], outcome=failed, advance=False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -69,6 +70,14 @@ class RouteSpec:
         """A Retry-After is honoured up to half the key lifetime (30 min by default), so a
         cooldown never outlives the record that holds it."""
         return self.key_ttl_ms // 2
+
+
+def session_hash(session_id: str) -> str:
+    """What shared state keeps of a session id (affinity): a hash, never the id itself,
+    which may be a secret or personal data. "" (no session) stays ""."""
+    if not session_id:
+        return ""
+    return hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(slots=True)
