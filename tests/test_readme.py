@@ -56,3 +56,21 @@ def test_readme_shows_the_first_hour_commands() -> None:
         "--set-file configFile=",
     ):
         assert command in text, command
+
+
+def test_traffic_policy_examples_are_valid_configs() -> None:
+    import yaml
+
+    from edgeroute.config import parse_config
+
+    text = README.read_text()
+    section = text.split("## Traffic policies", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 4
+    for block in blocks:
+        document = yaml.safe_load(block)
+        names = {t["provider"] for r in document["routes"] for t in r["targets"]}
+        document["providers"] = [
+            {"name": name, "base_url": "https://example.invalid/v1"} for name in sorted(names)
+        ]
+        parse_config(document, env={})
