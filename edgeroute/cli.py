@@ -226,12 +226,37 @@ def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _strategy_text(strategy: RoutingStrategy) -> str:
+    if strategy.kind == "priority":
+        return f"priority, within {_strategy_text(strategy.inner)}"
     if strategy.kind != "hybrid":
         return strategy.kind
     return (
         f"hybrid, weights cost {strategy.cost_weight:.2f} / latency {strategy.latency_weight:.2f}"
         f" / reliability {strategy.reliability_weight:.2f}"
     )
+
+
+def _policy_lines(explanation: Explanation) -> list[str]:
+    """The route's traffic policies in a line each (the JSON has the same fields)."""
+    document = explanation_json(explanation)
+    lines = []
+    if document["priority_groups"]:
+        groups = "; ".join(
+            f"{g['priority']}: {', '.join(g['targets'])}" for g in document["priority_groups"]
+        )
+        lines.append(f"priority groups (lower first): {groups}")
+    if explanation.strategy.kind == "weighted":
+        weights = ", ".join(
+            f"{t['target']} {t['weight']} (current {t['current_weight']})"
+            for t in document["targets"]
+        )
+        lines.append(f"weights: {weights}")
+    if document["breaker_scope"] != "target":
+        lines.append(f"breaker scope: {document['breaker_scope']}")
+    if document["affinity"]:
+        affinity = document["affinity"]
+        lines.append(f"affinity: {affinity['key']}, {affinity['pins']} live pins")
+    return lines
 
 
 def _explanation_text(explanation: Explanation, state: str) -> str:
@@ -271,6 +296,7 @@ def _explanation_text(explanation: Explanation, state: str) -> str:
     excluded = [f"  {t.spec.id}: {t.excluded_because}" for t in ordered if t.excluded_because]
     lines = [
         f"route {explanation.route} ({_strategy_text(explanation.strategy)}; state: {state})",
+        *_policy_lines(explanation),
         _table(headers, rows),
         *(["excluded:", *excluded] if excluded else []),
         f"reason: {explanation.reason}",

@@ -380,20 +380,26 @@ class Router:
             fallbacks=self.fallback_routes,
         )
 
-    async def call(self, route: str, attempt: Callable[[Candidate], Awaitable[T]]) -> T:
+    async def call(
+        self, route: str, attempt: Callable[[Candidate], Awaitable[T]], *, session: str = ""
+    ) -> T:
         """Run `attempt` on the best target, failing over while failures are retryable.
 
         `attempt` raises AttemptFailed to classify a failure; any other exception counts as
         a retryable FAILURE. Same engine, budget, deadline and fallback chains as the
-        gateway: `candidate.target` may belong to a fallback route.
+        gateway: `candidate.target` may belong to a fallback route. `session`: the caller's
+        session id, for a route with affinity (kept hashed).
         """
         spec = self.route(route)
+        pin = session_hash(session) if spec.affinity is not None else ""
 
         async def record(spec: RouteSpec, outcome: Outcome) -> None:
             await self.state.record(spec, outcome)
 
         try:
-            served = await self.run(spec, attempt, classify=_library_classify, record=record)
+            served = await self.run(
+                spec, attempt, classify=_library_classify, record=record, session=pin
+            )
         except Exhausted as exhausted:
             if isinstance(exhausted.cause, AttemptFailed) and not exhausted.cause.retryable:
                 raise exhausted.cause from None

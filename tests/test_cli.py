@@ -449,6 +449,59 @@ def test_explain_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert len(lines) == 5
 
 
+POLICY_CONFIG = """\
+providers:
+  - {name: a, base_url: "http://127.0.0.1:9101/v1"}
+  - {name: b, base_url: "http://127.0.0.1:9102/v1"}
+breaker: {scope: provider}
+routes:
+  - model: prio
+    strategy: priority
+    within: cost
+    affinity: {key: "body:user"}
+    targets:
+      - {provider: a, model: m, priority: 1}
+      - {provider: b, model: m, priority: 0}
+  - model: split
+    strategy: weighted
+    targets:
+      - {provider: a, model: m, weight: 3}
+      - {provider: b, model: m}
+"""
+
+
+def test_explain_shows_traffic_policies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path, POLICY_CONFIG)
+    code, out, _ = run(capsys, "explain", "-c", config, "prio", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert (doc["strategy"], doc["within"], doc["breaker_scope"]) == (
+        "priority",
+        "cost",
+        "provider",
+    )
+    assert doc["priority_groups"] == [
+        {"priority": 0, "targets": ["b:m"]},
+        {"priority": 1, "targets": ["a:m"]},
+    ]
+    assert doc["order"] == ["b:m", "a:m"]
+    assert doc["affinity"] == {"key": "body:user", "ttl_s": 600.0, "max_pins": 100000, "pins": 0}
+    code, out, _ = run(capsys, "explain", "-c", config, "prio")
+    lines = out.splitlines()
+    assert lines[0] == "route prio (priority, within cost; state: memory)"
+    assert lines[1:4] == [
+        "priority groups (lower first): 0: b:m; 1: a:m",
+        "breaker scope: provider",
+        "affinity: body:user, 0 live pins",
+    ]
+    code, out, _ = run(capsys, "explain", "-c", config, "split")
+    assert "weights: a:m 3 (current 0), b:m 1 (current 0)" in out.splitlines()
+    code, out, _ = run(capsys, "explain", "-c", config, "split", "--json")
+    targets = {t["target"]: t for t in json.loads(out)["targets"]}
+    assert (targets["a:m"]["weight"], targets["a:m"]["priority"]) == (3, None)
+    assert json.loads(out)["reason"] == "weighted: a:m (weight 3, credit 3); next b:m (0.250)"
+
+
 def test_explain_shows_why_a_target_is_excluded(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
