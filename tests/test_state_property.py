@@ -35,10 +35,11 @@ from hypothesis.stateful import (
 
 from edgeroute.state.base import RouteSpec
 from edgeroute.state.memory import MemoryState
-from edgeroute.state.redis import RedisState, route_keys
-from edgeroute.strategy import STRATEGY_KINDS, RoutingDecision, RoutingStrategy
+from edgeroute.state.redis import RedisState, spec_keys
+from edgeroute.strategy import STRATEGY_KINDS, WITHIN_KINDS, RoutingDecision, RoutingStrategy
 from edgeroute.types import (
     Admission,
+    AffinityParams,
     BreakerParams,
     EstimatorParams,
     Outcome,
@@ -208,12 +209,14 @@ def assert_same_decision(memory: RoutingDecision, actual: RoutingDecision) -> No
             got.estimate_age_ms,
             got.explore,
             got.waiting_ms,
+            got.credit,
         ) == (
             expected.estimate_us,
             expected.error_rate,
             expected.estimate_age_ms,
             expected.explore,
             expected.waiting_ms,
+            expected.credit,
         ), f"{got.target.id}: estimate differs{detail}"
     assert (actual.admission is None) == (memory.admission is None), f"admission differs{detail}"
     if memory.admission is not None and actual.admission is not None:
@@ -232,12 +235,16 @@ def assert_same_decision(memory: RoutingDecision, actual: RoutingDecision) -> No
     assert actual.retry_after_s == memory.retry_after_s, f"wait differs{detail}"
     assert actual.rr_cursor == memory.rr_cursor, f"rr_cursor differs{detail}"
     assert actual.admissible == memory.admissible, f"admissible count differs{detail}"
+    assert (actual.affinity, actual.pin_moved_from) == (memory.affinity, memory.pin_moved_from), (
+        f"affinity differs{detail}"
+    )
 
 
 def assert_same_snapshot(memory: RouteSnapshot, actual: RouteSnapshot) -> None:
     assert actual.rr_cursor == memory.rr_cursor, (
         f"rr_cursor: memory {memory.rr_cursor} redis {actual.rr_cursor}"
     )
+    assert actual.pins == memory.pins, f"pins: memory {memory.pins} redis {actual.pins}"
     for expected, got in zip(memory.targets, actual.targets, strict=True):
         assert got.target_id == expected.target_id
 
@@ -265,6 +272,7 @@ def assert_same_snapshot(memory: RouteSnapshot, actual: RouteSnapshot) -> None:
                 "explorations_in_use": t.explorations_in_use,
                 "stale": t.stale,
                 "waiting_ms": t.waiting_ms,
+                "current_weight": t.current_weight,
             }
 
         want, have = view(expected), view(got)
@@ -325,7 +333,7 @@ class StateMachine(RuleBasedStateMachine):
             if self.route is not None:
                 client = redis.Redis.from_url(self.redis_url)
                 try:
-                    client.delete(*route_keys(self.prefix, self.route.name))
+                    client.delete(*spec_keys(self.prefix, self.route))
                 finally:
                     client.close()
         finally:
@@ -364,6 +372,21 @@ class StateMachine(RuleBasedStateMachine):
         ),
         # Per target (rpm, tpm, max_concurrency), 0 = none: small enough to bind often.
         quotas=st.lists(QUOTAS, min_size=5, max_size=5),
+        # Traffic policies: priority groups and `within`, weights, provider-wide breakers
+        # (targets drawn onto fewer providers, so some share one), sticky sessions.
+        groups=st.lists(st.integers(min_value=0, max_value=2), min_size=5, max_size=5),
+        within=st.sampled_from(WITHIN_KINDS),
+        shares=st.lists(st.integers(min_value=1, max_value=5), min_size=5, max_size=5),
+        providers=st.lists(st.integers(min_value=0, max_value=2), min_size=5, max_size=5),
+        scope=st.sampled_from(["target", "provider"]),
+        affinity=st.none()
+        | st.builds(
+            AffinityParams,
+            st.just("header"),
+            st.just("x-s"),
+            st.sampled_from([300, 5_000]),
+            st.sampled_from([1, 2, 100]),
+        ),
     )
     def setup_route(
         self,
@@ -374,10 +397,20 @@ class StateMachine(RuleBasedStateMachine):
         weights: tuple[float, float, float],
         estimator: EstimatorParams,
         quotas: list[tuple[int, int, int]],
+        groups: list[int],
+        within: str,
+        shares: list[int],
+        providers: list[int],
+        scope: str,
+        affinity: AffinityParams | None,
     ) -> None:
         if self.strategy_kind == "hybrid":
             strategy = RoutingStrategy.hybrid(
                 cost_weight=weights[0], latency_weight=weights[1], reliability_weight=weights[2]
+            )
+        elif self.strategy_kind == "priority":
+            strategy = RoutingStrategy.priority(
+                within, cost=weights[0], latency=weights[1], reliability=weights[2]
             )
         else:
             strategy = RoutingStrategy.named(self.strategy_kind)
@@ -387,15 +420,19 @@ class StateMachine(RuleBasedStateMachine):
             targets=tuple(
                 TargetSpec(
                     id=f"t{i}",
-                    provider=f"p{i}",
+                    provider=f"p{providers[i] if scope == 'provider' else i}",
                     model=f"m{i}",
                     price_per_mtok=price,
                     rpm=quota[0],
                     tpm=quota[1],
                     max_concurrency=quota[2],
+                    priority=groups[i],
+                    weight=shares[i],
                 )
                 for i, (price, quota) in enumerate(zip(prices, quotas, strict=False))
             ),
+            breaker_scope=scope,
+            affinity=affinity,
             breaker=BreakerParams(
                 failure_threshold=failure_threshold,
                 open_timeout_ms=OPEN_TIMEOUT_MS,
@@ -418,6 +455,7 @@ class StateMachine(RuleBasedStateMachine):
         piggyback=st.none() | st.tuples(INDICES, OUTCOMES),
         limit=st.sampled_from([0, 0, 1, 2]),
         tokens=st.sampled_from([0, 0, 10, 60, 150, 400]),
+        session=st.sampled_from(["", "", "s1", "s2", "s3"]),
     )
     def decide(
         self,
@@ -426,8 +464,9 @@ class StateMachine(RuleBasedStateMachine):
         piggyback: tuple[int, OutcomeDraw] | None,
         limit: int,
         tokens: int,
+        session: str,
     ) -> None:
-        self._decide(exclude, advance, piggyback, limit, tokens)
+        self._decide(exclude, advance, piggyback, limit, tokens, session)
 
     def _decide(
         self,
@@ -436,6 +475,7 @@ class StateMachine(RuleBasedStateMachine):
         piggyback: tuple[int, OutcomeDraw] | None,
         limit: int = 0,
         tokens: int = 0,
+        session: str = "",
     ) -> None:
         route = self.spec
         excluded = [t.id for i, t in enumerate(route.targets) if i in exclude]
@@ -452,6 +492,7 @@ class StateMachine(RuleBasedStateMachine):
                 advance=advance,
                 limit=limit,
                 tokens=tokens,
+                session=session,
             ),
             lambda: self.redis.decide(
                 route,
@@ -460,6 +501,7 @@ class StateMachine(RuleBasedStateMachine):
                 advance=advance,
                 limit=limit,
                 tokens=tokens,
+                session=session,
             ),
         )
         assert_same_decision(expected, actual)

@@ -103,9 +103,11 @@ def route_keys(prefix: str, route: str, group: str = "") -> tuple[str, str, str]
 def spec_keys(prefix: str, route: RouteSpec) -> list[str]:
     """Every key a route's scripts declare: its three, then the shared provider breakers'
     hash (breaker_scope provider), then its session pins (affinity); see lib.lua."""
-    keys = list(route_keys(prefix, route.name, route.state_group))
+    # Scope provider always takes a group tag (alone: its own name), so :p shares the slot.
+    group = route.state_group or (route.name if route.breaker_scope == "provider" else "")
+    keys = list(route_keys(prefix, route.name, group))
     if route.breaker_scope == "provider":
-        keys.append(f"{{{prefix}:#{route.state_group or route.name}}}:p")
+        keys.append(f"{{{prefix}:#{group}}}:p")
     if route.affinity is not None:
         keys.append(keys[0][:-2] + ":a")
     return keys
