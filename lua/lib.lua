@@ -30,15 +30,18 @@ local K_TARGETS, K_WINDOW, K_LEASES = KEYS[1], KEYS[2], KEYS[3]
 -- A key of the wrong type (overwritten by hand, a stray client) would fail every call on
 -- the route for good: replace it, say so in Redis's log, and count it in the reply.
 local REPAIRED = 0
-for _, key_type in ipairs({{K_TARGETS, 'hash'}, {K_WINDOW, 'hash'}, {K_LEASES, 'zset'}}) do
-  local found = redis.call('TYPE', key_type[1]).ok
-  if found ~= 'none' and found ~= key_type[2] then
-    redis.call('DEL', key_type[1])
-    redis.log(redis.LOG_WARNING, 'edgeroute: replaced ' .. key_type[1] .. ', a ' .. found ..
-      ' where a ' .. key_type[2] .. ' belongs')
-    REPAIRED = REPAIRED + 1
+local function repair(keys_types)
+  for _, key_type in ipairs(keys_types) do
+    local found = redis.call('TYPE', key_type[1]).ok
+    if found ~= 'none' and found ~= key_type[2] then
+      redis.call('DEL', key_type[1])
+      redis.log(redis.LOG_WARNING, 'edgeroute: replaced ' .. key_type[1] .. ', a ' .. found ..
+        ' where a ' .. key_type[2] .. ' belongs')
+      REPAIRED = REPAIRED + 1
+    end
   end
 end
+repair({{K_TARGETS, 'hash'}, {K_WINDOW, 'hash'}, {K_LEASES, 'zset'}})
 
 -- The route's parameters, ARGV[1..ARG0], in PARAMS order.
 local P = {
@@ -82,15 +85,8 @@ if P.scope == 1 then
   extra_keys = extra_keys + 1
 end
 if P.affinity_ttl > 0 then K_PINS = KEYS[extra_keys] end
-for _, key_type in ipairs({{K_PROV, 'hash'}, {K_PINS, 'zset'}}) do
-  local found = key_type[1] and redis.call('TYPE', key_type[1]).ok
-  if found and found ~= 'none' and found ~= key_type[2] then
-    redis.call('DEL', key_type[1])
-    redis.log(redis.LOG_WARNING, 'edgeroute: replaced ' .. key_type[1] .. ', a ' .. found ..
-      ' where a ' .. key_type[2] .. ' belongs')
-    REPAIRED = REPAIRED + 1
-  end
-end
+if K_PROV then repair({{K_PROV, 'hash'}}) end
+if K_PINS then repair({{K_PINS, 'zset'}}) end
 -- In `records`, a provider's breaker record is keyed '#p:<provider>' ('#' is never part of
 -- a target id). A target's breaker is its own record, or its provider's with scope provider.
 local PB = '#p:'

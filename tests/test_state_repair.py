@@ -8,6 +8,7 @@ the scripts do.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
@@ -16,9 +17,9 @@ import redis.asyncio as aioredis
 
 from edgeroute.state import RedisState
 from edgeroute.state.base import RouteSpec
-from edgeroute.state.redis import route_keys
+from edgeroute.state.redis import route_keys, spec_keys
 from edgeroute.strategy import RoutingStrategy
-from edgeroute.types import Admission, Outcome, OutcomeKind, TargetSpec
+from edgeroute.types import Admission, AffinityParams, Outcome, OutcomeKind, TargetSpec
 
 
 @pytest.fixture
@@ -117,4 +118,28 @@ async def test_a_key_of_the_wrong_type_is_replaced_and_counted(
     key_type = await client.type(key)
     assert key_type in ((b"zset", "zset") if which == 2 else (b"hash", "hash"))
     assert await client.pttl(key) > 0  # it expires again like every edgeroute key
+    await client.aclose()
+
+
+@pytest.mark.parametrize("which", [3, 4])
+async def test_the_policy_keys_of_the_wrong_type_are_replaced_too(
+    state: tuple[RedisState, list[int]], redis_url: str, which: int
+) -> None:
+    """The provider breakers' hash (scope provider) and the session pins (affinity)."""
+    backend, repairs = state
+    route = dataclasses.replace(
+        _route(),
+        breaker_scope="provider",
+        affinity=AffinityParams("header", "x-s", 60_000, 10),
+    )
+    await backend.decide(route, session="s")
+    key = spec_keys(backend.key_prefix, route)[which]
+    client = aioredis.Redis.from_url(redis_url)
+    await client.set(key, "not what edgeroute wrote")
+    decision = await backend.decide(route, session="s")
+    assert decision.admission is not None
+    assert decision.affinity == ("new" if which == 4 else "kept")  # lost with the pins' key
+    assert repairs == [1]
+    assert await client.type(key) == (b"zset" if which == 4 else b"hash")
+    assert (await backend.decide(route, session="s")).affinity == "kept"
     await client.aclose()

@@ -121,6 +121,9 @@ def test_codes_are_the_ones_lua_declares() -> None:
         "learned_limit",
     ]
     assert set(wire.QUOTA_REASONS) == set(wire.EXCLUSION_REASONS[4:])
+    pins = re.search(r"local PIN_NEW, PIN_KEPT, PIN_MOVED = (\d), (\d), (\d)", decide)
+    assert pins is not None
+    assert [wire.AFFINITY_STATES[int(code)] for code in pins.groups()] == ["new", "kept", "moved"]
 
 
 def test_route_params_pack_every_field_in_order() -> None:

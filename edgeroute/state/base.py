@@ -53,8 +53,8 @@ class RouteSpec:
     @property
     def key_ttl_ms(self) -> int:
         """How long a route's state outlives its last write: never shorter than anything it
-        holds (an open breaker, the window, a lease, a probe reservation). All three keys of
-        a route share it, so they exist together (see keep_together in lua/lib.lua)."""
+        holds (an open breaker, the window, a lease, a probe reservation, a session pin). All
+        keys of a route share it, so they exist together (see keep_together in lua/lib.lua)."""
         window = self.window
         return max(
             self.idle_ttl_ms,
@@ -63,6 +63,7 @@ class RouteSpec:
             self.lease_ttl_ms + 60_000,
             2 * self.breaker.probe_ttl_ms,
             2 * self.estimator.explore_ttl_ms,
+            self.affinity.ttl_ms + 60_000 if self.affinity is not None else 0,
         )
 
     @property
