@@ -5,6 +5,7 @@ test here is also a conformance test of the two."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import uuid
 from collections import Counter
 
@@ -12,6 +13,7 @@ from redis.crc import key_slot
 
 from edgeroute import CircuitState, RoutingStrategy
 from edgeroute.state.base import RouteSpec
+from edgeroute.state.memory import MemoryState
 from edgeroute.state.redis import spec_keys
 from edgeroute.strategy import RoutingDecision
 from edgeroute.types import AffinityParams, BreakerParams, Outcome, OutcomeKind, TargetSpec
@@ -283,3 +285,30 @@ async def test_pins_expire_and_their_count_is_bounded(harness: Harness) -> None:
     await harness.wait(1_000)
     assert (await harness.state.snapshot(route)).pins == 0
     assert (await pinned(harness, route, "a")).affinity == "new"
+
+
+def test_weighted_bounds_for_any_weights() -> None:
+    """Any weights: exact per period (the weights' sum), every prefix within 1 of its
+    share, every window within 2 (the reference model; the Lua is held equal to it above
+    and in the property test)."""
+    state = MemoryState(clock=lambda: 1_800_000_000.0)
+    luck = random.Random(7)
+    for _ in range(40):
+        weights = tuple(luck.randint(1, 60) for _ in range(luck.randint(2, 5)))
+        route = policy_route(RoutingStrategy.weighted(), weights=weights)
+        total = sum(weights)
+        seen = []
+        for _ in range(2 * total):
+            decision = state.decide_now(route)
+            assert decision.admission is not None
+            state.record_now(route, Outcome.for_admission(decision.admission, OutcomeKind.NEUTRAL))
+            seen.append(int(decision.admission.target_id[1:]))
+        for i, weight in enumerate(weights):
+            share = weight / total
+            assert seen[:total].count(i) == weight
+            count = 0
+            for n, picked in enumerate(seen, 1):
+                count += picked == i
+                assert abs(count - n * share) < 1
+            for start in range(0, len(seen) - 100):
+                assert abs(seen[start : start + 100].count(i) - 100 * share) < 2
