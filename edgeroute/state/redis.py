@@ -96,7 +96,7 @@ class ScriptPrefix:
 def route_keys(prefix: str, route: str, group: str = "") -> tuple[str, str, str]:
     """A route's three keys. Routes sharing provider breakers share the tag of their
     `group` ('#' never appears in a route name), the route's name following it."""
-    tag = f"{{{prefix}:{route}}}" if not group else f"{{{prefix}:#{group}}}:{route}"
+    tag = f"{{{prefix}:{route}}}" if not group else f"{{{prefix}:#b:{group}}}:{route}"
     return f"{tag}:t", f"{tag}:w", f"{tag}:l"
 
 
@@ -107,7 +107,7 @@ def spec_keys(prefix: str, route: RouteSpec) -> list[str]:
     group = route.state_group or (route.name if route.breaker_scope == "provider" else "")
     keys = list(route_keys(prefix, route.name, group))
     if route.breaker_scope == "provider":
-        keys.append(f"{{{prefix}:#{group}}}:p")
+        keys.append(f"{{{prefix}:#b:{group}}}:p")
     if route.affinity is not None:
         keys.append(keys[0][:-2] + ":a")
     return keys
