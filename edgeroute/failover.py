@@ -197,15 +197,16 @@ async def run(
     observer: Observer | None = None,
     started: float | None = None,
     tokens: int = 0,
-    session: str = "",
+    session: Callable[[RouteSpec], str] | None = None,
     gate: Awaitable[object] | None = None,
     fallbacks: FallbackRoutes | None = None,
 ) -> Served[T]:
     """Serve one request on `route` (or down its fallback chain); see the module comment.
 
-    `gate` (the client's limits) is awaited right after the first decide; its caller has
-    queued its state call already, so both go in one pipelined round trip (no tasks). If
-    it raises, the decide's admission is given back
+    `session` gives the request's session key (hashed) for a route with affinity, each
+    route of a chain by its own `affinity.key`. `gate` (the client's limits) is awaited
+    right after the first decide; its caller has queued its state call already, so both go
+    in one pipelined round trip (no tasks). If it raises, the decide's admission is given back
     (a NEUTRAL outcome: the target's quota counts keep it, which errs on the safe side)
     and its exception ends the request."""
     now = time.perf_counter
@@ -223,7 +224,7 @@ async def run(
                 advance=first,
                 limit=2,
                 tokens=tokens,
-                session=session,
+                session=session(route) if session is not None else "",
             )
             if gate is None:
                 decision = await deciding

@@ -188,7 +188,7 @@ class Proxy:
                 started=started,
                 tokens=tokens,
                 gate=gate,
-                session=session_key(http, route, upstream.fields),
+                session=lambda spec: session_key(http, spec, upstream.fields),
             )
         except ClientRefused as refused:
             return refused.response

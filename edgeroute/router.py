@@ -355,12 +355,13 @@ class Router:
         observer: Observer | None = None,
         started: float | None = None,
         tokens: int = 0,
-        session: str = "",
+        session: Callable[[RouteSpec], str] | None = None,
         gate: Awaitable[object] | None = None,
     ) -> Served[T]:
         """The failover engine (see `edgeroute.failover`) on this router's state and policy.
         `tokens` is the request's estimated tokens (reserved against targets' tpm);
-        `session` the hash of its session key (affinity; request.session_key).
+        `session` gives, for each route of the chain, the hash of its session key (affinity;
+        request.session_key).
 
         The caller records the served attempt's outcome (the gateway does so once the
         response or stream has ended); every failed attempt is recorded here.
@@ -391,14 +392,18 @@ class Router:
         session id, for a route with affinity (kept hashed).
         """
         spec = self.route(route)
-        pin = session_hash(session) if spec.affinity is not None else ""
+        pin = session_hash(session)
 
         async def record(spec: RouteSpec, outcome: Outcome) -> None:
             await self.state.record(spec, outcome)
 
         try:
             served = await self.run(
-                spec, attempt, classify=_library_classify, record=record, session=pin
+                spec,
+                attempt,
+                classify=_library_classify,
+                record=record,
+                session=lambda route: pin if route.affinity is not None else "",
             )
         except Exhausted as exhausted:
             if isinstance(exhausted.cause, AttemptFailed) and not exhausted.cause.retryable:

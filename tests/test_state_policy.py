@@ -312,3 +312,47 @@ def test_weighted_bounds_for_any_weights() -> None:
                 assert abs(count - n * share) < 1
             for start in range(0, len(seen) - 100):
                 assert abs(seen[start : start + 100].count(i) - 100 * share) < 2
+
+
+async def test_a_fallback_route_pins_by_its_own_affinity() -> None:
+    """Router.call down a chain: the first route has no affinity, its fallback has; the
+    session pins there, and the next call with the same session lands on the same target."""
+    from edgeroute.config import parse_config
+    from edgeroute.router import AttemptFailed, Router
+    from edgeroute.strategy import Candidate
+
+    config = parse_config(
+        {
+            "providers": [
+                {"name": n, "base_url": "http://127.0.0.1:9/v1"} for n in ("down", "x", "y")
+            ],
+            "routes": [
+                {
+                    "model": "main",
+                    "strategy": "cost",
+                    "targets": [{"provider": "down", "model": "m"}],
+                    "fallbacks": ["backup"],
+                },
+                {
+                    "model": "backup",
+                    "strategy": "round_robin",
+                    "targets": [{"provider": "x", "model": "m"}, {"provider": "y", "model": "m"}],
+                    "affinity": {"key": "header:x-session-id"},
+                },
+            ],
+        },
+        env={},
+    )
+    router = Router(config, MemoryState())
+
+    async def attempt(candidate: Candidate) -> str:
+        if candidate.target.provider == "down":
+            raise AttemptFailed(OutcomeKind.FAILURE, "server_error")
+        return candidate.target.provider
+
+    first = await router.call("main", attempt, session="alice")
+    for _ in range(4):
+        assert await router.call("main", attempt, session="alice") == first
+    assert {await router.call("main", attempt) for _ in range(4)} == {"x", "y"}
+    assert (await router.explain("backup")).snapshot.pins == 1
+    await router.close()
