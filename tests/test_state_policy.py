@@ -16,7 +16,14 @@ from edgeroute.state.base import RouteSpec
 from edgeroute.state.memory import MemoryState
 from edgeroute.state.redis import spec_keys
 from edgeroute.strategy import RoutingDecision
-from edgeroute.types import AffinityParams, BreakerParams, Outcome, OutcomeKind, TargetSpec
+from edgeroute.types import (
+    AffinityParams,
+    BreakerParams,
+    EstimatorParams,
+    Outcome,
+    OutcomeKind,
+    TargetSpec,
+)
 from tests.test_state_conformance import Harness, admit, fail, harness
 
 __all__ = ["harness"]  # the backend-table fixture, shared with the conformance suite
@@ -356,3 +363,32 @@ async def test_a_fallback_route_pins_by_its_own_affinity() -> None:
     assert {await router.call("main", attempt) for _ in range(4)} == {"x", "y"}
     assert (await router.explain("backup")).snapshot.pins == 1
     await router.close()
+
+
+async def test_a_pin_on_a_stale_target_behind_a_probe_is_no_exploration(
+    harness: Harness,
+) -> None:
+    """The pinned target is the stalest (an exploration candidate), a half-open probe ranks
+    first: the probe cancels the exploration, and the pin going first does not revive it."""
+    route = dataclasses.replace(
+        policy_route(
+            RoutingStrategy.latency_based(),
+            breaker=BreakerParams(failure_threshold=1, open_timeout_ms=1_000),
+        ),
+        affinity=AffinityParams("header", "x-s", 600_000, 100),
+        estimator=EstimatorParams(explore_after_ms=500, explore_every=1, half_life_ms=60_000),
+    )
+    for target_id in ("t0", "t1", "t2"):  # t0 measured first: the oldest estimate
+        await harness.state.record(
+            route, Outcome(target_id=target_id, kind=OutcomeKind.SUCCESS, latency_ms=10.0)
+        )
+        await harness.wait(10)
+    decision, admission = await admit(harness, route, session="s")
+    pin = decision.target_id  # t0, the oldest estimate; a neutral outcome keeps it so
+    await harness.state.record(route, Outcome.for_admission(admission, OutcomeKind.NEUTRAL))
+    await fail(harness, route, "t1")  # opens (threshold 1)
+    await harness.wait(1_000)  # half-open now; every estimate is stale
+    decision, _ = await admit(harness, route, session="s")
+    assert (pin, decision.affinity, decision.target_id) == ("t0", "kept", "t0")
+    assert [c.target.id for c in decision.candidates] == ["t0", "t1", "t2"]  # t1 the probe
+    assert not any(c.explore for c in decision.candidates)

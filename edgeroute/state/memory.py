@@ -533,6 +533,10 @@ class MemoryState:
         sticky = route.affinity is not None and session != ""
         pin: tuple[str, str] = ("", "")
         if sticky:
+            # Only the target ranked first may be an exploration (a half-open probe ahead of
+            # it cancels it), and then only if the pin leaves it first (decide.lua alike).
+            for c in ordered[1:]:
+                c.explore = False
             pin = _pin(state, route.positions, ordered, session, now)
         if not ordered:
             return RoutingDecision(
