@@ -136,8 +136,7 @@ async def _settled(url: str, usd: float) -> dict[str, Any]:
     async def check() -> bool:
         seen.update(await _standing(url))
         return bool(
-            abs(seen["budget"]["spent_usd"] - usd) < 1e-9
-            and seen["concurrency"]["in_flight"] == 0
+            abs(seen["budget"]["spent_usd"] - usd) < 1e-9 and seen["concurrency"]["in_flight"] == 0
         )
 
     try:

@@ -1016,3 +1016,26 @@ def test_limits_compile_into_the_route_and_clients() -> None:
         "day",
         "fail_closed",
     )
+
+
+def test_a_client_key_used_twice_is_an_error_that_never_shows_the_key() -> None:
+    """Two clients with one key would share whichever limits matched last, and a client key
+    that is also in api_keys would be limited or not by accident: both are errors, naming the
+    paths only (the key, plain or hashed, stays out of the message)."""
+    import hashlib
+
+    secret = "sk-shared-secret-key"
+    hashed = "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+    message = config_error(
+        {
+            **minimal(),
+            "server": {
+                "api_keys": ["sk-other", "sha256:" + hashed[7:].upper()],
+                "clients": [{"name": "a", "key": secret}],
+            },
+        }
+    )
+    assert message == "$.server.clients[0].key: the same key as $.server.api_keys[1]"
+    both = [{"name": "a", "key": secret}, {"name": "b", "key": hashed}]
+    message = config_error({**minimal(), "server": {"clients": both}})
+    assert message == "$.server.clients[1].key: the same key as $.server.clients[0] (client a)"
