@@ -228,3 +228,33 @@ def test_anthropic_usage_out_of_range_is_malformed(count: Any) -> None:
     }
     with pytest.raises(MalformedUpstream):
         messages_response_to_chat(response, model="claude", request_id="r")
+
+
+@pytest.mark.parametrize(
+    "max_tokens",
+    [18446744073709551615, 10**30, -5, 1e30, "many", None, [1], 2.5],
+    ids=["u64max", "1e30-int", "negative", "1e30-float", "string", "null", "list", "fraction"],
+)
+async def test_hostile_max_tokens_never_break_the_token_estimate(
+    max_tokens: Any, state_section: dict[str, Any]
+) -> None:
+    """The estimate reserves against a target's and a client's tpm; whatever the client puts
+    in max_tokens, the request is decided (the provider judges the value), and an estimate
+    above a whole quota reserves that quota, as documented."""
+    served: list[str] = []
+    async with (
+        upstream(200, {}, USAGE, served, "limited") as limited,
+        upstream(200, {}, USAGE, served, "spare") as spare,
+    ):
+        document = _document(limited, spare, state_section)
+        document["routes"][0]["targets"][0]["tpm"] = 1000
+        document["server"] = {"clients": [{"name": "team", "key": "sk-team", "tpm": 5000}]}
+        async with running_gateway(document) as (url, _), aiohttp.ClientSession() as session:
+            body = {**BODY, "max_tokens": max_tokens}
+            async with session.post(
+                f"{url}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": "Bearer sk-team"},
+            ) as response:
+                assert response.status == 200, await response.text()
+        assert served == ["limited"]
