@@ -24,6 +24,7 @@ from edgeroute.providers.base import (
 )
 from tests.support.backends import GATEWAY_KINDS, gateway_state, table
 from tests.support.gateway import get_json, running_app, running_gateway
+from tests.test_learned_limits import _completion as completion
 
 HOSTILE_TIMES = [
     "inf",
@@ -91,16 +92,7 @@ def test_the_largest_plausible_usage_is_accepted() -> None:
 
 
 def _completion(model: str, usage: Any) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 0,
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
-        ],
-        "usage": usage,
-    }
+    return {**completion(model), "usage": usage}
 
 
 @asynccontextmanager
