@@ -79,6 +79,7 @@ class Redactor:
 
     def add_config(self, config: Config) -> None:
         self.add(config.server.admin_token, *config.server.api_keys)
+        self.add(*(client.key for client in config.server.clients))
         for provider in config.providers:
             self.add(provider.api_key, _url_password(provider.base_url), *provider.headers.values())
         if config.state.redis_url:

@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ log = logging.getLogger("edgeroute.clients")
 _BUCKET_MS, _SPAN = 1000, 61  # as lua/client.lua: no minute anywhere holds more than a limit
 _CONCURRENCY_WAIT_MS = 1000
 _DAY_MS = 86_400_000
+_MAX_UNSETTLED = 10_000
 # How many of Clients._rest an admit and a settle send per call (the rest is encoded once).
 _ADMIT, _SETTLE = 2, 6
 
@@ -292,7 +294,8 @@ class Clients:
     """The gateway's client limits: in Redis when the state is, else in this process.
 
     A refused or failed Redis call falls back to this replica's own counts (MemoryClients):
-    the fleet-wide guarantee holds only while Redis answers (see README, on_state_loss).
+    the fleet-wide guarantee holds only while Redis answers (see README, on_state_loss). A
+    settle Redis missed is replayed once it answers again (lease back, spend counted).
     """
 
     def __init__(
@@ -314,6 +317,9 @@ class Clients:
         self._prefix = os.urandom(4).hex() + "-c"
         self._tokens = itertools.count(1)
         self._prefixes: dict[str, _Prefixes] = {}
+        # Settles Redis missed while away (bounded: the oldest go first, their leases expire).
+        self._unsettled: deque[tuple[ClientLease, int, int]] = deque(maxlen=_MAX_UNSETTLED)
+        self._replaying: asyncio.Task[None] | None = None
 
     # lua/client.lua's ARGV (wire.SCRIPT_ARGS["client"]) in two parts: what a client's
     # limits fix (encoded once per client and op) and what each call adds.
@@ -387,6 +393,7 @@ class Clients:
         if self.redis is not None and admitting.reply is not None:
             try:
                 verdict = self._decode(self.redis.checked(await admitting.reply))
+                self._replay_soon()
             except StateUnavailable as exc:
                 log.warning("client limits of %r on local counts: %s", spec.name, exc)
                 policy = spec.on_state_loss
@@ -434,9 +441,10 @@ class Clients:
         if self.redis is not None:
             try:
                 self.redis.checked(await self._submit_settle(self.redis, lease, used, cost))
+                self._replay_soon()
                 return
             except StateUnavailable as exc:
-                self._kept_locally(lease, exc)
+                self._kept_locally(lease, used, cost, exc)
         self.local.settle_now(lease, used, cost)
 
     def settle_soon(self, lease: ClientLease, used: int, cost_usd: float) -> None:
@@ -458,19 +466,42 @@ class Clients:
             assert self.redis is not None
             self.redis.checked(reply.result())
         except StateUnavailable as exc:
-            self._kept_locally(lease, exc)
+            self._kept_locally(lease, used, cost, exc)
             self.local.settle_now(lease, used, cost)
+            return
+        self._replay_soon()
 
-    @staticmethod
-    def _kept_locally(lease: ClientLease, exc: StateUnavailable) -> None:
+    def _kept_locally(
+        self, lease: ClientLease, used: int, cost: int, exc: StateUnavailable
+    ) -> None:
         log.warning("client spend of %r kept locally: %s", lease.spec.name, exc)
+        # Replayed once Redis answers again: else the lease would hold a concurrency slot
+        # there until it expires, and the fleet's budget would never see the spend.
+        self._unsettled.append((lease, used, cost))
+
+    def _replay_soon(self) -> None:
+        """Redis answered: send the settles it missed, off the request path (a task only
+        while there are any)."""
+        if self._unsettled and (self._replaying is None or self._replaying.done()):
+            self._replaying = asyncio.get_running_loop().create_task(self._replay())
+
+    async def _replay(self) -> None:
+        while self._unsettled and self.redis is not None:
+            lease, used, cost = self._unsettled.popleft()
+            try:
+                self.redis.checked(await self._submit_settle(self.redis, lease, used, cost))
+            except StateUnavailable:
+                self._unsettled.appendleft((lease, used, cost))
+                return
 
     async def read(self, spec: ClientSpec) -> Verdict:
         if self.redis is not None:
             try:
-                return self._decode(
+                verdict = self._decode(
                     await self.redis.client_call(spec.name, self._head("read", spec) + self._rest())
                 )
+                self._replay_soon()
+                return verdict
             except StateUnavailable:
                 pass
         return self.local.read_now(spec)

@@ -8,6 +8,7 @@ config that loads is a config the gateway can run.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import os
 import re
@@ -567,9 +568,13 @@ def _check_semantics(doc: dict[str, Any], raw: dict[str, Any], problems: _Proble
     valid, so a typo in one field never hides a problem in another."""
     server = _typed(doc.get("server", {}), ServerConfig)
     if server is not None:
+        # Every key by its digest, so a plain key and its sha256: form are the same key.
+        keys: dict[bytes, str] = {}
         for i, key in enumerate(server.api_keys):
             if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
                 problems.add(f"$.server.api_keys[{i}]", "sha256: must be followed by 64 hex digits")
+            else:
+                keys.setdefault(_key_digest(key), f"$.server.api_keys[{i}]")
         client_names: set[str] = set()
         known_routes = {
             r["model"] for r in _items(raw, "routes") if isinstance(r.get("model"), str)
@@ -579,6 +584,14 @@ def _check_semantics(doc: dict[str, Any], raw: dict[str, Any], problems: _Proble
             key = client.key
             if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
                 problems.add(f"{where}.key", "sha256: must be followed by 64 hex digits")
+            else:
+                # One key, two owners: which limits apply would be an accident of order. The
+                # message names paths only, never the key.
+                digest = _key_digest(key)
+                if digest in keys:
+                    problems.add(f"{where}.key", f"the same key as {keys[digest]}")
+                else:
+                    keys[digest] = f"{where} (client {client.name})"
             if client.name in client_names:
                 problems.add(f"{where}.name", f"duplicate client name {client.name!r}")
             client_names.add(client.name)
@@ -595,6 +608,13 @@ def _check_semantics(doc: dict[str, Any], raw: dict[str, Any], problems: _Proble
     for i, route in enumerate(_items(doc, "routes")):
         _check_route(f"$.routes[{i}]", route, names, seen_routes, problems)
     _check_fallbacks(_items(doc, "routes"), _items(raw, "routes"), problems)
+
+
+def _key_digest(key: str) -> bytes:
+    """A client key as the gateway compares it: the sha256 of a plain key, or the given hash."""
+    if key.startswith("sha256:"):
+        return bytes.fromhex(key[7:])
+    return hashlib.sha256(key.encode()).digest()
 
 
 def _items(doc: dict[str, Any], section: str) -> list[dict[str, Any]]:

@@ -184,9 +184,13 @@ def heartbeat_context(
     share by: edgeroute/replicas.py), leave on shutdown. While Redis fails, nothing is
     counted: the last count stands."""
 
+    # Shutdown sets this as well as cancelling: a Redis client that swallows the cancellation
+    # inside a call (redis-py's asyncio connections have) must not keep the loop beating.
+    stopping = False
+
     async def loop() -> None:
         failing = False
-        while True:
+        while not stopping:
             try:
                 await heartbeats.beat(current())
                 replicas = await heartbeats.read()
@@ -205,11 +209,15 @@ def heartbeat_context(
                 await asyncio.wait_for(wake.wait(), heartbeats.interval_s)
 
     async def context(app: web.Application) -> AsyncIterator[None]:
+        nonlocal stopping
         task = asyncio.get_running_loop().create_task(loop())
         yield
+        stopping = True
+        wake.set()
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # asyncio.wait, not `await task`: a cancellation of this cleanup itself must not be
+        # taken for the loop's own and swallowed.
+        await asyncio.wait({task})
         with contextlib.suppress(Exception):
             await asyncio.wait_for(heartbeats.leave(current().replica), 1.0)
         with contextlib.suppress(Exception):

@@ -28,8 +28,14 @@ from edgeroute.providers import (
     UpstreamRequest,
     UpstreamStream,
 )
-from edgeroute.providers.base import Endpoint, ErrorClass
-from edgeroute.request import Rejected, estimate_tokens, parse_request, session_key
+from edgeroute.providers.base import Endpoint, ErrorClass, Usage
+from edgeroute.request import (
+    Rejected,
+    estimate_tokens,
+    estimate_usage,
+    parse_request,
+    session_key,
+)
 from edgeroute.responses import error_response, new_request_id
 from edgeroute.router import Router
 from edgeroute.state.base import RouteSpec
@@ -201,24 +207,16 @@ class Proxy:
             raise
         # From here on `route` is the route that served: a fallback's, when the chain moved.
         requested, route = route.name, served.route
-        if isinstance(served.result, UpstreamReply):
-            response: web.StreamResponse = self._reply(
-                route, served, served.result, request_id, started, requested
-            )
-        else:
-            response = await self._stream(
+        try:
+            if isinstance(served.result, UpstreamReply):
+                return self._reply(route, served, served.result, request_id, started, requested)
+            return await self._stream(
                 http, route, served, served.result, request_id, started, trace, requested
             )
-        lease: ClientLease | None = http.pop(_CLIENT_LEASE, None)
-        if lease is not None:
-            usage = served.result.usage
-            target = served.target
-            cost = (
-                usage.prompt_tokens * target.input_cost_per_mtok
-                + usage.completion_tokens * target.output_cost_per_mtok
-            ) / 1_000_000
-            self._settle(lease, usage.prompt_tokens, usage.completion_tokens, cost)
-        return response
+        finally:
+            # Also when the stream broke or the client left mid-way (CancelledError): the
+            # upstream produced tokens for it, so the client pays for them.
+            self._settle_served(http, served, estimate_usage(upstream.fields))
 
     # ---- client limits -----------------------------------------------------------------
 
@@ -289,6 +287,24 @@ class Proxy:
                 headers=headers,
             )
         )
+
+    def _settle_served(self, http: web.Request, served: Served[Result], estimate: Usage) -> None:
+        """Settle a served request's client lease with its usage; an answer that ended
+        without the provider's usage (a stream cut or left before its last chunk, an
+        upstream that never reports it) is charged the request's estimate instead, so a
+        budget cannot be dodged by leaving before the usage arrives."""
+        lease: ClientLease | None = http.pop(_CLIENT_LEASE, None)
+        if lease is None:
+            return
+        usage = served.result.usage
+        if not (usage.prompt_tokens or usage.completion_tokens):
+            usage = estimate
+        target = served.target
+        cost = (
+            usage.prompt_tokens * target.input_cost_per_mtok
+            + usage.completion_tokens * target.output_cost_per_mtok
+        ) / 1_000_000
+        self._settle(lease, usage.prompt_tokens, usage.completion_tokens, cost)
 
     def _settle(self, lease: ClientLease, prompt: int, completion: int, cost: float) -> None:
         """Give the client's lease back with the real tokens and spend, off the request path."""

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from edgeroute.jsonguard import refuse_deep_json
 from edgeroute.providers import UpstreamRequest
-from edgeroute.providers.base import Endpoint
+from edgeroute.providers.base import Endpoint, Usage
 from edgeroute.responses import error_response, too_large
 from edgeroute.state.base import RouteSpec, session_hash
 
@@ -102,8 +102,8 @@ async def parse_request(
     return route, UpstreamRequest(endpoint, fields, model, stream, wants_usage, request_id)
 
 
-def estimate_tokens(fields: dict[str, msgspec.Raw]) -> int:
-    """This request's estimated tokens (see BYTES_PER_TOKEN): prompt plus completion."""
+def estimate_usage(fields: dict[str, msgspec.Raw]) -> Usage:
+    """This request's estimated usage (see BYTES_PER_TOKEN): prompt and completion."""
     prompt = sum(len(fields[name]) for name in _PROMPT_FIELDS if name in fields)
     completion = DEFAULT_COMPLETION_TOKENS
     for name in ("max_completion_tokens", "max_tokens"):
@@ -114,7 +114,13 @@ def estimate_tokens(fields: dict[str, msgspec.Raw]) -> int:
             except msgspec.DecodeError:
                 continue  # the provider will refuse it; the estimate need not
             break
-    return -(-prompt // BYTES_PER_TOKEN) + completion
+    return Usage(-(-prompt // BYTES_PER_TOKEN), completion)
+
+
+def estimate_tokens(fields: dict[str, msgspec.Raw]) -> int:
+    """This request's estimated tokens: prompt plus completion."""
+    usage = estimate_usage(fields)
+    return usage.prompt_tokens + usage.completion_tokens
 
 
 def session_key(http: web.Request, route: RouteSpec, fields: dict[str, msgspec.Raw]) -> str:

@@ -1104,3 +1104,25 @@ async def test_openai_anthropic_example_reaches_both_apis() -> None:
             assert providers == {"openai", "anthropic"}
         stats = await mocks["fake"].stats()
         assert stats["by_path"] == {"/v1/chat/completions": 1, "/v1/messages": 1}
+
+
+def test_redactor_masks_client_keys_plain_and_hashed() -> None:
+    from edgeroute.config import parse_config
+
+    hashed = "sha256:" + "ab" * 32
+    config = parse_config(
+        {
+            "providers": [{"name": "p", "base_url": "http://127.0.0.1:1/v1"}],
+            "routes": [{"model": "m", "targets": [{"provider": "p", "model": "x"}]}],
+            "server": {
+                "clients": [
+                    {"name": "team", "key": "sk-team-plain-key"},
+                    {"name": "ops", "key": hashed},
+                ]
+            },
+        },
+        env={},
+    )
+    redact = Redactor()
+    redact.add_config(config)
+    assert redact(f"a sk-team-plain-key and {hashed}") == "a *** and ***"

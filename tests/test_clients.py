@@ -221,3 +221,45 @@ async def test_a_clients_admit_and_the_routes_decide_share_one_round_trip(redis_
         assert verdict.admitted and lease is not None and verdict.requests == 1
     finally:
         await state.close()
+
+
+async def test_a_client_restricted_to_a_route_follows_its_operator_chosen_fallbacks() -> None:
+    """`routes` says which models a client may *name*; a fallback chain is the operator's
+    choice for that model, so a request the client was allowed to make may be served by a
+    route the client could not ask for directly (and is charged at that route's price)."""
+    async with mock_upstreams(sick=MockSettings(error_rate=1.0), spare=MockSettings()) as mocks:
+        document = gateway_config(
+            mocks,
+            [
+                {
+                    "model": "chat",
+                    "targets": [{"provider": "sick", "model": "m"}],
+                    "fallbacks": ["backup"],
+                },
+                {"model": "backup", "targets": [{"provider": "spare", "model": "m"}]},
+            ],
+            server={
+                "clients": [
+                    {"name": "team", "key": "sk-team", "rpm": 100, "routes": ["chat"]},
+                ],
+            },
+        )
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        async with running_gateway(document) as (url, _), aiohttp.ClientSession() as session:
+
+            async def post(model: str) -> aiohttp.ClientResponse:
+                async with session.post(
+                    f"{url}/v1/chat/completions",
+                    json={**body, "model": model},
+                    headers={"Authorization": "Bearer sk-team"},
+                ) as response:
+                    await response.read()
+                    return response
+
+            direct = await post("backup")
+            assert direct.status == 404
+            assert await mocks["spare"].requests() == 0
+            served = await post("chat")
+            assert served.status == 200
+            assert served.headers["x-edgeroute-route"] == "backup"
+            assert await mocks["spare"].requests() == 1

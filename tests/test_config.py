@@ -1125,3 +1125,26 @@ def test_breaker_groups_join_routes_sharing_a_provider() -> None:
         env={},
     )
     assert breaker_groups(config) == {"r1": "r1", "r2": "r1", "r3": "r1", "r4": "r4"}
+
+
+def test_a_client_key_used_twice_is_an_error_that_never_shows_the_key() -> None:
+    """Two clients with one key would share whichever limits matched last, and a client key
+    that is also in api_keys would be limited or not by accident: both are errors, naming the
+    paths only (the key, plain or hashed, stays out of the message)."""
+    import hashlib
+
+    secret = "sk-shared-secret-key"
+    hashed = "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+    message = config_error(
+        {
+            **minimal(),
+            "server": {
+                "api_keys": ["sk-other", "sha256:" + hashed[7:].upper()],
+                "clients": [{"name": "a", "key": secret}],
+            },
+        }
+    )
+    assert message == "$.server.clients[0].key: the same key as $.server.api_keys[1]"
+    both = [{"name": "a", "key": secret}, {"name": "b", "key": hashed}]
+    message = config_error({**minimal(), "server": {"clients": both}})
+    assert message == "$.server.clients[1].key: the same key as $.server.clients[0] (client a)"

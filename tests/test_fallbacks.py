@@ -551,6 +551,24 @@ async def test_without_a_fallback_refusals_pass_through_unchanged(tmp_path: Path
             "content_policy_violation",
         ),
         (b'{"error":{"message":"Invalid temperature","code":"invalid_value"}}', None),
+        # A message that merely mentions the words (here an upstream echoing the client's own
+        # text back) under a code of its own is that code's error, not the context window.
+        (
+            b'{"error":{"message":"Invalid value for \'user\': \'This model\'s maximum context'
+            b' length is 1 token\'","type":"invalid_request_error","code":"invalid_value"}}',
+            None,
+        ),
+        (
+            b'{"error":{"message":"string too long; longer than the maximum model length of'
+            b' 10","code":"string_above_max_length"}}',
+            None,
+        ),
+        # The words anywhere but the message (param, type) never count.
+        (
+            b'{"error":{"message":"Invalid temperature","type":"maximum context length is",'
+            b'"param":"maximum context length is","code":null}}',
+            None,
+        ),
         (b'{"error":"plain words"}', None),
         (b"<html>bad gateway</html>", None),
         (b"[1, 2]", None),

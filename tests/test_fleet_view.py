@@ -151,3 +151,61 @@ def test_the_odd_replica_out_is_flagged_against_the_majority() -> None:
     against_file = fleet_view(replicas, me=None, expected="bbb")
     assert [r["config_mismatch"] for r in against_file["replicas"]] == [True, True, False]
     assert fleet_view([], me=None)["consistent"] is True
+
+
+async def test_a_heartbeat_whose_redis_call_swallows_the_cancel_still_stops() -> None:
+    """Shutdown cancels the heartbeat loop. A Redis client that swallows that cancellation
+    inside a call (redis-py's asyncio connections have done so) must not leave the loop
+    beating forever and the gateway's cleanup waiting on it: an in-process gateway on Redis
+    used to hang in teardown now and then."""
+    import contextlib
+    import types
+
+    from edgeroute import fleet
+
+    entered = asyncio.Event()
+    swallowing = [True]
+
+    class Swallowing:
+        interval_s = 0.01
+        client = types.SimpleNamespace(aclose=lambda: asyncio.sleep(0))
+
+        async def beat(self, heartbeat: object) -> None:
+            entered.set()
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if not swallowing[0]:
+                    raise
+
+        async def read(self) -> list[Any]:
+            return []
+
+        async def leave(self, replica: str) -> None:
+            return None
+
+    gauge = types.SimpleNamespace(set=lambda value: None)
+    metrics = types.SimpleNamespace(fleet_replicas=gauge, fleet_config_hashes=gauge)
+    context = fleet.heartbeat_context(
+        Swallowing(),  # type: ignore[arg-type]
+        lambda: types.SimpleNamespace(replica="r"),  # type: ignore[arg-type,return-value]
+        metrics,  # type: ignore[arg-type]
+        asyncio.Event(),
+        lambda count: None,
+    )
+    steps = context(None)  # type: ignore[arg-type]
+    await steps.__anext__()
+    await entered.wait()
+
+    async def leave() -> None:
+        with contextlib.suppress(StopAsyncIteration):
+            await steps.__anext__()
+
+    # A hang, not a duration: the cleanup ends at once or never (and cancelling a cleanup
+    # stuck in there would be swallowed too, so it runs aside).
+    cleanup = asyncio.create_task(leave())
+    try:
+        done, _ = await asyncio.wait({cleanup}, timeout=30)
+        assert cleanup in done, "the heartbeat loop never stopped"
+    finally:
+        swallowing[0] = False  # a failed run must still let the event loop close

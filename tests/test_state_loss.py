@@ -8,6 +8,7 @@ saw (edgeroute/fleet.py: the same heartbeat /admin/fleet lists).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -30,7 +31,7 @@ from tests.support.gateway import (
     running_app,
     wait_until,
 )
-from tests.support.redis_servers import free_port
+from tests.support.redis_servers import RedisServer, free_port
 
 
 def unreachable() -> RedisState:
@@ -130,3 +131,40 @@ def test_a_replica_share_of_a_limit() -> None:
     assert replicas.share(2) == 1  # never 0: 0 would mean no limit
     replicas.seen(0)  # a read that found none (this one's own beat expired): still one
     assert replicas.live == 1
+
+
+async def test_a_settle_lost_to_a_redis_blip_is_replayed_when_redis_answers(
+    redis_server: RedisServer,
+) -> None:
+    """A client's request admitted on Redis and finished while Redis is paused: its lease and
+    spend reach Redis once it answers again, instead of the lease holding a concurrency slot
+    until it expires (state.lease_ttl_s, 15 minutes by default) and the spend being lost to
+    the fleet's budget."""
+    redis = RedisState(redis_server.url, key_prefix=f"blip-{uuid.uuid4().hex[:8]}", timeout_ms=200)
+    clients = Clients(redis, lease_ttl_ms=900_000)
+    spec = ClientSpec("team", b"", max_concurrency=1, budget_micro=10_000_000)
+    try:
+        verdict, lease = await clients.admit(spec, 10)
+        assert verdict.admitted and lease is not None
+        # Out of memory: Redis refuses every script that writes (a paused server would run
+        # the queued call on resuming, which is no loss at all).
+        admin = Redis.from_url(redis_server.url)
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", "1")
+        try:
+            await clients.settle(lease, 10, 0.25)
+            seen = await clients.read(spec)
+            assert seen.inflight == 1  # read-only: still answers, the lease still held
+        finally:
+            await admin.config_set("maxmemory", "0")
+            await admin.aclose()
+        for _ in range(50):  # the replay runs off the request path
+            seen = await clients.read(spec)
+            if seen.inflight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (seen.inflight, seen.spent_micro) == (0, 250_000), seen
+        verdict, lease = await clients.admit(spec, 10)
+        assert verdict.admitted, verdict
+    finally:
+        await redis.close()

@@ -17,6 +17,7 @@ from typing import Any, Final, NamedTuple, cast
 import msgspec
 
 from edgeroute.errors import EdgerouteError
+from edgeroute.providers.base import MAX_USAGE_TOKENS
 
 __all__ = [
     "MalformedUpstream",
@@ -96,8 +97,10 @@ def _count(usage: dict[str, Any], key: str) -> int:
     value = usage.get(key)
     if value is None:
         return 0
-    if type(value) is not int or value < 0:
-        raise MalformedUpstream(f"usage.{key} is not a non-negative integer: {value!r:.40}")
+    if type(value) is not int or not 0 <= value <= MAX_USAGE_TOKENS:
+        raise MalformedUpstream(
+            f"usage.{key} is not a token count (0..{MAX_USAGE_TOKENS}): {value!r:.40}"
+        )
     return value
 
 

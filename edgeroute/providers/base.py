@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -115,7 +116,10 @@ class UpstreamError(Exception):
 
 # Token counts feed Prometheus counters and cost sums: a negative or non-integer count from
 # an upstream is a malformed answer, refused when decoded rather than crashing later.
-TokenCount = Annotated[int, msgspec.Meta(ge=0)]
+# An upper bound no real answer reaches (a billion tokens in one request): beyond it the counts
+# would overflow the integers Lua keeps in Redis, or empty a client's budget at once.
+MAX_USAGE_TOKENS = 10**9
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_USAGE_TOKENS)]
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -192,26 +196,40 @@ class ProviderAdapter(Protocol):
         ...
 
 
+# The longest wait an upstream's header may ask for (Retry-After, a rate-limit reset). The
+# state bounds a cooldown further (`max_cooldown_ms`); this bound keeps the seconds finite
+# and sane before they get there: "inf", "1e999" or a reset in the year 9999 is a day.
+MAX_RESET_S = 86_400.0
+
+
+def _bounded(seconds: float) -> float:
+    """0..MAX_RESET_S; NaN (no wait anyone can read) is 0."""
+    if math.isnan(seconds):
+        return 0.0
+    return min(max(0.0, seconds), MAX_RESET_S)
+
+
 def parse_retry_after(value: str | None, value_ms: str | None = None) -> float:
     """Seconds from `retry-after-ms`, `Retry-After: <seconds>` or an HTTP date; 0 if absent."""
     if value_ms:
         try:
-            return max(0.0, float(value_ms) / 1000.0)
+            return _bounded(float(value_ms) / 1000.0)
         except ValueError:
             pass
     if not value:
         return 0.0
     try:
-        return max(0.0, float(value))
+        return _bounded(float(value))
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.0
-    return max(0.0, when.timestamp() - time.time())
+    return _bounded(when.timestamp() - time.time())
 
 
+MAX_RESET_S = 86_400.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 # Which headers say a provider's budget is spent, and when it refills, per API family:
 # (remaining header, reset header). OpenAI and Azure send durations ("6m0s", "1s", "20ms");
@@ -232,19 +250,19 @@ def parse_reset(value: str, now: float | None = None) -> float:
     seconds, or an RFC 3339 instant (Anthropic); 0 when it cannot be read."""
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        return _bounded(float(value))
     except ValueError:
         pass
     parts = _DURATION.findall(value)
     if parts and "".join(n + u for n, u in parts) == value:
-        return sum(float(n) * _UNITS[u] for n, u in parts)
+        return _bounded(sum(float(n) * _UNITS[u] for n, u in parts))
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         return 0.0
     if when.tzinfo is None:
         return 0.0
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return _bounded(when.timestamp() - (time.time() if now is None else now))
 
 
 def parse_limit_reset(headers: Mapping[str, str], now: float | None = None) -> float:

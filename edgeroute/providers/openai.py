@@ -81,7 +81,12 @@ def recognise_error(body: bytes) -> ErrorClass | None:
     if isinstance(document.error, str):
         message = document.error
     text = (message or document.message or "").lower()
-    if code in _CONTEXT_CODES or any(phrase in text for phrase in _CONTEXT_PHRASES):
+    if code in _CONTEXT_CODES:
+        return ErrorClass.CONTEXT_WINDOW
+    # The words count only where the error has no code of its own (vLLM puts the HTTP status
+    # there): a message under another code may merely quote them, e.g. echoing the client's
+    # own text, and must not send the request down the context-window chain.
+    if not isinstance(code, str) and any(phrase in text for phrase in _CONTEXT_PHRASES):
         return ErrorClass.CONTEXT_WINDOW
     if code in _CONTENT_CODES or inner in _CONTENT_INNER_CODES:
         return ErrorClass.CONTENT_POLICY
