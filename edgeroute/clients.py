@@ -294,7 +294,7 @@ class Clients:
     """The gateway's client limits: in Redis when the state is, else in this process.
 
     A refused or failed Redis call falls back to this replica's own counts (MemoryClients):
-    the fleet-wide guarantee holds only while Redis answers (see README, on_state_loss). A
+    the fleet-wide guarantee holds only while Redis answers (see docs/limits.md, on_state_loss). A
     settle Redis missed is replayed once it answers again (lease back, spend counted).
     """
 

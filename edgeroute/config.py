@@ -90,7 +90,7 @@ class ServerConfig(_Base, frozen=True, kw_only=True):
     shutdown_timeout_s: NonNegative = 20.0
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     request_timeout_s: PositiveSeconds = 600.0
-    # Connection hygiene (see README, Operations): a client must finish its request headers
+    # Connection hygiene (see docs/operations.md): a client must finish its request headers
     # this long after connecting or after starting a request, and its body this long after
     # the headers; an idle keep-alive connection is closed after keepalive_timeout_s.
     header_timeout_s: PositiveSeconds = 10.0
@@ -246,7 +246,7 @@ class RouteConfig(_Base, frozen=True, kw_only=True):
     latency: LatencyConfig | None = None
     # Routes a request continues on, in order, when this one cannot serve it: every target
     # excluded or failed (`fallbacks`), the prompt too long for a target, or a target's
-    # content filter refusing it. See README, "Fallback chains".
+    # content filter refusing it. See docs/routing.md, "Fallback chains".
     fallbacks: list[RouteName] = []
     context_window_fallbacks: list[RouteName] = []
     content_policy_fallbacks: list[RouteName] = []

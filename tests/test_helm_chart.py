@@ -791,9 +791,10 @@ def test_a_config_file_is_refused_with_a_reason(chart: Any, text: str, message: 
 
 
 def _documented_install_commands() -> list[tuple[str, str]]:
-    """Every `helm install`/`helm upgrade --install` in README.md and the chart README."""
+    """Every `helm install`/`helm upgrade --install` in README.md, docs/deployment.md and the
+    chart README."""
     commands = []
-    for readme in (REPO / "README.md", CHART / "README.md"):
+    for readme in (REPO / "README.md", REPO / "docs" / "deployment.md", CHART / "README.md"):
         text = readme.read_text(encoding="utf-8")
         for block in re.findall(r"```sh\n(.*?)```", text, re.S):
             for line in block.replace("\\\n", " ").splitlines():
@@ -853,7 +854,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def test_readmes_have_install_commands() -> None:
     documents = {name for name, _ in _documented_install_commands()}
-    assert documents == {"README.md", "helm/edgeroute/README.md"}
+    assert documents == {"README.md", "docs/deployment.md", "helm/edgeroute/README.md"}
     assert len(_documented_install_commands()) >= 3
 
 
