@@ -42,6 +42,7 @@ from typing import Any
 
 import aiohttp
 from _processes import Processes, managed_processes  # bench/ is on sys.path
+from gateway import child_env, gateway_metrics
 
 REPLICAS = 3
 FAILURE_THRESHOLD = 5
@@ -71,17 +72,6 @@ class Stack:
     replicas: list[str]  # base URLs (no /v1)
 
 
-def start_redis(processes: Processes) -> str:
-    return processes.redis().url
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEROUTE_")}
-    env["EDGEROUTE_ACCESS_LOG"] = "0"
-    env["EDGEROUTE_LOG_LEVEL"] = "WARNING"
-    return env
-
-
 def fleet_config(mocks: dict[str, str], redis_url: str) -> str:
     prefix = f"edgeroute-bench-fleet-{uuid.uuid4().hex[:8]}"
     targets = (
@@ -107,8 +97,8 @@ def fleet_config(mocks: dict[str, str], redis_url: str) -> str:
 
 
 def start_stack(processes: Processes) -> Stack:
-    env = child_env()
-    redis_url = start_redis(processes)
+    env = child_env(access_log=False)
+    redis_url = processes.redis().url
     cli = [sys.executable, "-m", "edgeroute.cli"]
     mocks: dict[str, str] = {}
     for name in ("sick", "ok"):
@@ -177,18 +167,12 @@ class Load:
         )
 
 
-async def state_errors(session: aiohttp.ClientSession, replicas: list[str]) -> float:
+async def state_errors(replicas: list[str]) -> float:
     """Failed shared-state calls summed over the fleet (`edgeroute_state_errors_total`): a
     replica whose Redis call failed or timed out decided that request on local state, where
     the fleet-wide guarantees do not hold, so the figures say how often it happened."""
-    total = 0.0
-    for base in replicas:
-        async with session.get(f"{base}/metrics") as resp:
-            text = await resp.text()
-        for line in text.splitlines():
-            if line.startswith("edgeroute_state_errors_total{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    scrapes = await asyncio.gather(*(asyncio.to_thread(gateway_metrics, b) for b in replicas))
+    return sum(metrics.get("edgeroute_state_errors_total", 0.0) for metrics in scrapes)
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
@@ -221,7 +205,7 @@ async def failing_provider(
     await asyncio.sleep(duration_s / 3)
     sick = stack.mocks["sick"]
     await post_json(session, f"{sick}/_mock/reset_stats", {})
-    errors_before = await state_errors(session, stack.replicas)
+    errors_before = await state_errors(stack.replicas)
     await post_json(session, f"{sick}/_mock/config", {"error_rate": 1})
     switched = time.monotonic()
     stopped: dict[int, float] = {}
@@ -240,7 +224,7 @@ async def failing_provider(
     load.stop.set()
     await running
     stats = await get_json(session, f"{sick}/_mock/stats")
-    errors_during = await state_errors(session, stack.replicas) - errors_before
+    errors_during = await state_errors(stack.replicas) - errors_before
     samples = load.samples
     failed_over = [s for s in samples if s.attempts >= 2 and s.started >= switched - 1.0]
     return {

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from _processes import Processes, managed_processes  # bench/ is on sys.path
+from gateway import child_env
 
 ROUTE = "chat"
 MESSAGES = [{"role": "user", "content": "soak"}]
@@ -194,15 +195,8 @@ class Stack:
     pid: int
 
 
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEROUTE_")}
-    env["EDGEROUTE_ACCESS_LOG"] = "0"
-    env["EDGEROUTE_LOG_LEVEL"] = "WARNING"
-    return env
-
-
 def start_stack(processes: Processes) -> Stack:
-    env = child_env()
+    env = child_env(access_log=False)
     cli = [sys.executable, "-m", "edgeroute.cli"]
     processes.start("healthy", [*cli, "mock-provider", "--port", "0", "--name", "healthy"], env)
     healthy = processes.wait_for("healthy", r"listening on (http://\S+/v1)").group(1)
