@@ -30,7 +30,9 @@ class Accounting:
     def decided(self, route: RouteSpec, decision: RoutingDecision, elapsed_s: float) -> None:
         """Decide latency is the state layer's metric; a moved session pin is counted here."""
         if decision.affinity == "moved":
-            self.metrics.affinity_moves.labels(route.name, decision.pin_moved_from).inc()
+            self.metrics.child(
+                self.metrics.affinity_moves, route.name, decision.pin_moved_from
+            ).inc()
 
     def attempt_failed(
         self, route: RouteSpec, target: TargetSpec, failure: Failure, elapsed_s: float
@@ -44,7 +46,7 @@ class Accounting:
         metrics.child(metrics.failovers, route.name, last.provider, last.error).inc()
 
     def fallback(self, route: RouteSpec, to: RouteSpec, cause: Cause) -> None:
-        self.metrics.fallbacks.labels(route.name, to.name, cause).inc()
+        self.metrics.child(self.metrics.fallbacks, route.name, to.name, cause).inc()
 
     async def record(self, route: RouteSpec, outcome: Outcome) -> None:
         """Outcomes go to state off the request path, batched by the recorder."""
