@@ -159,7 +159,11 @@ end
 -- while one whose keys all exist follows the ASK redirection. So the window hash and the
 -- lease set each hold a placeholder member '#' (never a target id: ids never contain '#'
 -- alone, and lease members always contain '|'), and every write refreshes all three TTLs.
+-- Once per script run: a batch of decides or outcomes refreshes them once, not per write.
+local kept = false
 local function keep_together()
+  if kept then return end
+  kept = true
   redis.call('HSET', K_WINDOW, '#', 1)
   redis.call('ZADD', K_LEASES, 'inf', '#')
   redis.call('PEXPIRE', K_TARGETS, P.key_ttl)
@@ -366,7 +370,7 @@ local function expire_leases(now, dry)
 end
 
 -- In-flight counts live in the target records, the leases in K_LEASES; a lost key (eviction,
--- a stray DEL) must not leave them disagreeing. ZCARD is O(1): only when the total differs
+-- a stray DEL) must not leave them disagreeing. ZCOUNT is O(log n): only when the total differs
 -- are the leases counted again per target (leases of targets this route no longer lists
 -- keep the totals apart until they expire; the recount then simply runs each time).
 local function lease_counts()
@@ -381,8 +385,8 @@ end
 local function reconcile_inflight(ids)
   local total = 0
   for _, id in ipairs(ids) do total = total + records[id].inf end
-  local leases = redis.call('ZCARD', K_LEASES)
-  if redis.call('ZSCORE', K_LEASES, '#') then leases = leases - 1 end
+  -- Every lease expires at a finite time; only the placeholder '#' scores +inf.
+  local leases = redis.call('ZCOUNT', K_LEASES, '-inf', '(inf')
   if total == leases then return end
   local counts = lease_counts()
   for _, id in ipairs(ids) do
