@@ -508,7 +508,7 @@ async def run_accounting(
         evalsha_calls=calls,
         commands_per_decision=calls / count,
         round_trips_per_decision=(batches1 - batches0) / count,
-        lua_us_per_decide=usec / max(1, calls),
+        lua_us_per_decide=usec / count,
         script_commands_per_decide={k: v[0] / count for k, v in sorted(decide_cmds.items())},
         outcomes=len(admissions),
         record_calls=rcalls,
@@ -774,12 +774,13 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         value = accounting["commands_per_decision"]
         table.rows.append(
             {
-                "name": "Redis commands per decide (EVALSHA only)",
+                # Concurrent decides of a route share one call: at most one each.
+                "name": "Redis commands per decide (EVALSHA only), c=64",
                 "value": value,
                 "goal": 1.0,
                 "unit": "",
-                "comparison": "==",
-                "status": "PASS" if value == 1.0 else "MISS",
+                "comparison": "<=",
+                "status": "PASS" if 0 < value <= 1.0 else "MISS",
             }
         )
     return table.rows
@@ -849,7 +850,8 @@ def render(report: dict[str, Any]) -> str:
             f"  Redis commands per decision: {acc['commands_per_decision']:.2f} "
             f"(EVALSHA calls {acc['evalsha_calls']} / decisions {acc['decisions']})",
             f"  round trips per decision:    {acc['round_trips_per_decision']:.3f}",
-            f"  Lua time per decide:         {acc['lua_us_per_decide']:.1f} us (commandstats usec)",
+            f"  Lua time per decide:         {acc['lua_us_per_decide']:.1f} us (commandstats usec;"
+            f" {acc['decisions'] / max(1, acc['evalsha_calls']):.1f} decides per script call)",
             "  commands run inside decide:  "
             + ", ".join(f"{k} {v:.2f}" for k, v in acc["script_commands_per_decide"].items()),
             f"  record: {acc['outcomes']} outcomes in {acc['record_calls']} EVALSHAs "
@@ -924,12 +926,14 @@ def render(report: dict[str, Any]) -> str:
 # Transport: the hand-written parts of the Redis client, each beside redis-py doing the same job
 # ---------------------------------------------------------------------------------------------
 
-# The decide EVALSHA's trailing arguments that change per call (from `mode` on, as the wire
-# table lists them; no exclusions, no outcome); everything before them is the route's,
-# encoded once.
+# The decide EVALSHA's trailing arguments that change per call (a batch of one request from
+# `b` on, as the wire table lists them; no exclusions, no outcome); everything before them is
+# the route's, encoded once.
 _DECIDE_ARGS = wire.SCRIPT_ARGS["decide"]
 DYNAMIC_DECIDE_ARGS = sum(
-    1 for name in _DECIDE_ARGS[_DECIDE_ARGS.index("mode") :] if not name.startswith(("*", "["))
+    1
+    for name in (*_DECIDE_ARGS[_DECIDE_ARGS.index("b") :], *wire.DECIDE_REQUEST)
+    if not name.startswith(("*", "["))
 )
 
 

@@ -49,13 +49,19 @@ def test_every_cell_is_reported(report: dict[str, Any]) -> None:
 
 
 def test_one_redis_command_per_decision(report: dict[str, Any]) -> None:
-    assert report["accounting"]["commands_per_decision"] == 1.0
-    assert report["accounting"]["evalsha_calls"] == report["accounting"]["decisions"]
+    # 64 concurrent decides of one route: batches, one script call each (at most one per decide).
+    accounting = report["accounting"]
+    assert 0 < accounting["evalsha_calls"] < accounting["decisions"]
+    assert 0 < accounting["commands_per_decision"] < 1.0
     calls = {strategy: n for strategy, _, n in QUOTA_ROWS}
     for cell in report["cells"]:
         if cell["backend"] == "redis":
             # The client's limits are a second script, pipelined in the same round trip.
-            assert cell["commands_per_decision"] == calls.get(cell["strategy"], 1.0), cell
+            expected = calls.get(cell["strategy"], 1.0)
+            if cell["concurrency"] == 1:
+                assert cell["commands_per_decision"] == expected, cell
+            else:
+                assert expected - 1 < cell["commands_per_decision"] <= expected, cell
             assert cell["round_trips_per_decision"] > 0, cell
         else:
             assert cell["commands_per_decision"] is None, cell

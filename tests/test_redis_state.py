@@ -34,24 +34,42 @@ def evalsha_calls(client: redis.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-async def test_one_evalsha_per_decide_and_per_record(redis_server: RedisServer) -> None:
+async def test_one_evalsha_per_route_batch_and_per_record(redis_server: RedisServer) -> None:
     client = redis.Redis.from_url(redis_server.url)
     state = RedisState(redis_server.url, key_prefix="one", timeout_ms=5000)
     route = make_route(RoutingStrategy.default_hybrid())
+    other = make_route(RoutingStrategy.round_robin())
     warmup = await state.decide(route)  # loads the script (NOSCRIPT on a fresh server)
     assert warmup.admission is not None
     await state.record(route, Outcome.for_admission(warmup.admission, OutcomeKind.NEUTRAL))
     client.config_resetstat()
-    decisions = await asyncio.gather(*(state.decide(route) for _ in range(200)))
-    assert evalsha_calls(client) == 200
-    assert state.batches < 200  # concurrent decides shared round trips
+    for _ in range(3):  # one after the other: a call each
+        decision = await state.decide(other)
+        assert decision.admission is not None
+        await state.record(other, Outcome.for_admission(decision.admission, OutcomeKind.NEUTRAL))
+    assert evalsha_calls(client) == 6
+    client.config_resetstat()
+    # Concurrent decides of one event-loop iteration: one script call per route.
+    decisions, rest = await asyncio.gather(
+        asyncio.gather(*(state.decide(route) for _ in range(200))),
+        asyncio.gather(*(state.decide(other) for _ in range(9))),
+    )
+    assert evalsha_calls(client) == 2
+    tokens = {d.admission.token for d in [*decisions, *rest] if d.admission is not None}
+    assert len(tokens) == 209  # every request admitted, each with its own lease
+    counts = {t.target_id: t.inflight for t in (await state.snapshot(other)).targets}
+    assert counts == {"t0": 3, "t1": 3, "t2": 3}  # the cursor moved once per request
+    for d in rest:
+        assert d.admission is not None
+        await state.record(other, Outcome.for_admission(d.admission, OutcomeKind.NEUTRAL))
+    client.config_resetstat()
     outcomes = [
         (route, Outcome.for_admission(d.admission, OutcomeKind.SUCCESS, 5.0))
         for d in decisions
         if d.admission is not None
     ]
     await state.record_many(outcomes)
-    assert evalsha_calls(client) == 201  # a batch of records of one route: one script call
+    assert evalsha_calls(client) == 1  # a batch of records of one route: one script call
     assert sum(t.inflight for t in (await state.snapshot(route)).targets) == 0
     await state.close()
 

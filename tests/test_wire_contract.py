@@ -50,6 +50,8 @@ def test_decide_header_spells_out_both_row_kinds() -> None:
         line[2:] for line in (LUA / "decide.lua").read_text().splitlines() if line[:2] == "--"
     ]
     text = re.sub(r"\s+", " ", " ".join(comments))
+    assert "request: " + " ".join(wire.DECIDE_REQUEST) + " " in text
+    assert "reply (one per request, in order): " + " ".join(wire.DECIDE_REPLY) + " " in text
     assert "candidate (best first, `count` of them): " + " ".join(wire.CANDIDATE_ROW) in text
     assert "target (explain only, configuration order): " + " ".join(wire.TARGET_ROW) in text
 

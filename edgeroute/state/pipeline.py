@@ -108,6 +108,9 @@ class Pipeline:
         self._connecting = False
         self._suspect: _Item | None = None
         self.batches = 0
+        # Called by the writer right before each write: a caller's chance to submit what
+        # it has been gathering this iteration (RedisState's decide batches) into it.
+        self.before_write: Callable[[], None] | None = None
 
     # ---- submitting ------------------------------------------------------------------
 
@@ -123,6 +126,11 @@ class Pipeline:
         self._outbox_items.append((future, deadline, cmd))
         self._kick(loop)
         return future
+
+    def kick(self) -> None:
+        """Wake the writer for the next loop iteration without a command yet: something
+        will be submitted before it runs (or `before_write` will submit it)."""
+        self._kick(asyncio.get_running_loop())
 
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._driver is None:
@@ -147,6 +155,8 @@ class Pipeline:
             owner = asyncio.current_task()
             reader = asyncio.get_running_loop().create_task(self._read(connection, owner))
             while True:
+                if self.before_write is not None:
+                    self.before_write()
                 if not self._outbox:
                     self._wake = asyncio.get_running_loop().create_future()
                     await self._wake

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -79,6 +80,17 @@ class _RouteCommands:
     reset: bytes
     reset_count: int
     slot: int
+
+
+@dataclass(slots=True)
+class _DecideBatch:
+    """The decides of one route queued during one event-loop iteration: they leave as one
+    script call (lua/decide.lua runs them in order) instead of one call each."""
+
+    route: _RouteCommands
+    requests: list[bytes]  # each request's ARGV (wire.DECIDE_REQUEST), encoded
+    argc: int  # ARGV items across `requests`
+    waiters: list[asyncio.Future[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +228,10 @@ class RedisState:
         # by token once Redis answers again.
         self._orphans: deque[tuple[RouteSpec, str]] = deque(maxlen=10_000)
         self._reaper: asyncio.Task[None] | None = None
+        self._batches: dict[str, _DecideBatch] = {}
+        if self._pipeline is not None:
+            # The pipeline's writer takes the queued decides along when it writes first.
+            self._pipeline.before_write = self._send_decides
 
     @property
     def batches(self) -> int:
@@ -300,18 +316,16 @@ class RedisState:
         static = self._commands(route)
         token = f"{self._token_prefix}{next(self._tokens):x}"
         mode = wire.MODE_ADVANCE if advance else wire.MODE_DECIDE
-        dynamic: list[Arg] = [mode, token, limit, tokens, session, len(exclude), *exclude]
+        request: list[Arg] = [mode, token, limit, tokens, session, len(exclude), *exclude]
         if outcome is None:
-            dynamic.append(0)
+            request.append(0)
         else:
-            dynamic.append(1)
-            dynamic += outcome_args(outcome, route.breaker_provider(outcome.target_id))
-        dynamic.append(self._clock_arg())
+            request.append(1)
+            request += outcome_args(outcome, route.breaker_provider(outcome.target_id))
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue_decide(static, encode_args(request), len(request), waiter)
         try:
-            reply = await self._call(
-                command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
-                static.slot,
-            )
+            reply = await waiter
         except StateUnavailable:
             self._orphans.append((route, token))
             if self._reaper is None:
@@ -320,6 +334,78 @@ class RedisState:
         if reply[_REPAIRED]:
             self._repaired(route, reply[_REPAIRED])
         return _decision(route, reply, token)
+
+    # ---- decide batches ----------------------------------------------------------------
+    #
+    # Concurrent decides of one route (a busy replica has dozens in flight) are queued for
+    # the rest of the event-loop iteration and sent as one script call: the route's records
+    # are read, parsed and written back once per batch instead of once per request, which
+    # is most of a decide's Lua time. The requests run in arrival order, each seeing what
+    # the ones before it changed, so a batch decides exactly as separate calls would.
+
+    def _queue_decide(
+        self, static: _RouteCommands, request: bytes, argc: int, waiter: asyncio.Future[Any]
+    ) -> None:
+        name = static.spec.name
+        batch = self._batches.get(name)
+        if batch is not None and batch.route is not static:
+            self._send_batch(self._batches.pop(name))  # the route was reloaded meanwhile
+            batch = None
+        if batch is None:
+            if not self._batches:
+                # Sent at the latest on the next iteration, in order: no decide waits on
+                # anything but its own timeout. The writer, woken now, runs right after.
+                asyncio.get_running_loop().call_soon(self._send_decides)
+                if self._pipeline is not None:
+                    self._pipeline.kick()
+            batch = self._batches[name] = _DecideBatch(static, [], 0, [])
+        batch.requests.append(request)
+        batch.argc += argc
+        batch.waiters.append(waiter)
+
+    def _send_decides(self) -> None:
+        if not self._batches:
+            return
+        batches = list(self._batches.values())
+        self._batches.clear()
+        for batch in batches:
+            self._send_batch(batch)
+
+    def _send_batch(self, batch: _DecideBatch) -> None:
+        static = batch.route
+        size = encode_args([len(batch.waiters)])
+        clock = _CLOCK_REDIS if self._clock is None else encode_args([self._clock_arg()])
+        cmd = command(
+            static.decide_count + 1 + batch.argc + 1, static.decide, size, *batch.requests, clock
+        )
+        sent: asyncio.Future[Any]
+        if self._cluster is not None:
+            sent = asyncio.ensure_future(self._cluster.call(static.slot, cmd))
+        else:
+            assert self._pipeline is not None
+            sent = self._pipeline.submit(cmd)
+        sent.add_done_callback(functools.partial(self._deliver, batch.waiters))
+
+    def _deliver(self, waiters: list[asyncio.Future[Any]], sent: asyncio.Future[Any]) -> None:
+        """Each request's reply to its waiter, or the batch's failure to every waiter."""
+        error: BaseException | None
+        if sent.cancelled():
+            error = StateUnavailable("the decide batch was cancelled")
+        else:
+            error = sent.exception()
+        replies: Any = None
+        if error is None:
+            try:
+                replies = self.checked(sent.result())
+            except StateUnavailable as exc:
+                error = exc
+        for j, waiter in enumerate(waiters):
+            if waiter.done():
+                continue  # its request gave up (cancelled): the lease expires by itself
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(replies[j])
 
     def _repaired(self, route: RouteSpec, count: int) -> None:
         log.warning(
@@ -332,11 +418,13 @@ class RedisState:
 
     async def explain(self, route: RouteSpec) -> StateView:
         static = self._commands(route)
-        dynamic: list[Arg] = [wire.MODE_EXPLAIN, "", 0, 0, "", 0, 0, self._clock_arg()]
-        reply = await self._call(
+        # Explain changes nothing and travels alone: a batch of one request.
+        dynamic: list[Arg] = [1, wire.MODE_EXPLAIN, "", 0, 0, "", 0, 0, self._clock_arg()]
+        replies = await self._call(
             command(static.decide_count + len(dynamic), static.decide, encode_args(dynamic)),
             static.slot,
         )
+        reply = replies[0]
         decision = _decision(route, reply, "")
         head = wire.Row(wire.DECIDE_HEAD, reply[:_HEAD])
         start = _HEAD + head["count"] * _ROW

@@ -112,15 +112,8 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
         "*(target_id price priority weight provider)",
         "q",
         "*(position rpm tpm max_concurrency)",
-        "mode",
-        "token",
-        "limit",
-        "tokens",
-        "session",
-        "m",
-        "*(excluded_id)",
-        "has_outcome",
-        "[outcome]",
+        "b",
+        "*[request]",
         "clock_ms",
     ),
     "record": ("k", "*[outcome]", "clock_ms"),
@@ -144,6 +137,18 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
         "clock_ms",
     ),
 }
+# One request of a decide batch (`b` of them, run in order by one script call).
+DECIDE_REQUEST = (
+    "mode",
+    "token",
+    "limit",
+    "tokens",
+    "session",
+    "m",
+    "*(excluded_id)",
+    "has_outcome",
+    "[outcome]",
+)
 CLIENT_OPS = {"admit": 0, "settle": 1, "read": 2}
 CLIENT_PERIODS = {"day": 0, "month": 1}
 # Why a client's request is refused (0: admitted).
@@ -174,6 +179,8 @@ DECIDE_HEAD = (
     "pin_from",  # a moved pin: the 1-based position of the target it left (0: none)
     "pins",  # explain: the route's live session pins
 )
+# One request's reply in a decide batch's reply (one per request, in order).
+DECIDE_REPLY = (*DECIDE_HEAD, "*[candidate]", "*[target] (explain)")
 # What a decide with a session key did with its pin (0: no affinity or no session key).
 AFFINITY_STATES: tuple[str, ...] = ("", "new", "kept", "moved")
 # One ranked candidate, best first (`count` of them). estimate_us and error_rate are the
@@ -224,7 +231,7 @@ TARGET_ROW = (
     "current_weight",  # strategy weighted: its smooth weighted round-robin current weight
 )
 SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
-    "decide": (*DECIDE_HEAD, "*[candidate]", "*[target] (explain)"),
+    "decide": ("*[reply]",),
     "record": ("applied", "repaired"),
     "reset": ("generation", "repaired"),
     "client": (
