@@ -2,10 +2,11 @@
 """A/B two checkouts of edgeroute side by side, in one run: is a refactor as fast as before?
 
     python bench/ab.py --base REV [--rounds N] [--duration S] [--state redis|memory]
-                       [--clients off|both|B]
+                       [--clients off|both|B] [--upstream auto|nginx|mock]
 
-Checks REV out into a temporary `git worktree`, then starts one mock upstream, one private
-redis-server (tests/support/redis_servers.py, the launcher the tests use) and two gateways
+Checks REV out into a temporary `git worktree`, then starts one upstream (nginx when
+installed, else the mock provider: bench/gateway.py's `--upstream`), one private redis-server
+(tests/support/redis_servers.py, the launcher the tests use) and two gateways
 with the same config: A runs REV's code, B this checkout's (each with its own key prefix).
 `wrk -t2 -c64` then alternates A, B, A, B, … for `--rounds` rounds, so drift on a shared,
 noisy machine hits both alike; CPU ms per request comes from /proc/<pid>/stat. Prints each
@@ -34,8 +35,11 @@ from _processes import REPO, RedisServer, managed_processes  # bench/ is on sys.
 from gateway import (  # the same request, config and CPU reading
     BODY,
     CLIENT_KEY,
+    UPSTREAMS,
     cpu_seconds,
     gateway_config,
+    start_upstream,
+    upstream_kind,
 )
 
 WRK_LUA = f"""wrk.method = "POST"
@@ -73,6 +77,9 @@ def main() -> int:
         help="one limited client (server.clients) whose key wrk presents, on both gateways or "
         "on B only (with --base HEAD: what client limits cost, side by side)",
     )
+    parser.add_argument(
+        "--upstream", choices=UPSTREAMS, default="auto", help="as bench/gateway.py's --upstream"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -97,18 +104,13 @@ def main() -> int:
             env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEROUTE_")}
             env["EDGEROUTE_LOG_LEVEL"] = "WARNING"
             cli = [sys.executable, "-m", "edgeroute.cli"]
-            processes.start(
-                "upstream",
-                [*cli, "mock-provider", "--port", "0", "--latency-ms", "0"],
-                {**env, "PYTHONPATH": str(REPO)},
-            )
-            upstream = processes.wait_for("upstream", r"(http://127\.0\.0\.1:\d+)").group(1)
+            upstream, _ = start_upstream(processes, upstream_kind(args.upstream))
             redis_url = redis_server.url if args.state == "redis" else None
             gateways: dict[str, tuple[str, int]] = {}
             for name, tree in (("A", worktree), ("B", REPO)):
                 path = processes.workdir / f"{name}.yaml"
                 limited = args.clients == "both" or args.clients == name
-                path.write_text(gateway_config(f"{upstream}/v1", redis_url, f"ab-{name}", limited))
+                path.write_text(gateway_config(upstream, redis_url, f"ab-{name}", limited))
                 pid = processes.start(
                     name, [*cli, "serve", "--config", str(path)], {**env, "PYTHONPATH": str(tree)}
                 )

@@ -4,9 +4,11 @@
     python bench/gateway.py [--quick] [--json] [--duration S] [--rate R]
     python bench/gateway.py --profile redis|redis-nolog|memory|... [--profile-out FILE]
 
-One `edgeroute mock-provider` (latency 0) is the upstream; `edgeroute serve` gateways route a
-hybrid route over two providers that both point at it. The systems, measured the same way,
-back to back, in this order:
+One upstream answers every request: nginx returning a fixed chat completion when it is
+installed (`--upstream auto`, the default: the cheapest upstream leaves the most of a small
+machine to what is measured), else `edgeroute mock-provider` (latency 0); `edgeroute serve`
+gateways route a hybrid route over two providers that both point at it. The systems,
+measured the same way, back to back, in this order:
 
 - `redis`: the default configuration on a fleet: Redis state (a private `redis-server` this
   script spawns), access log ON, one worker;
@@ -41,7 +43,6 @@ import platform
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -56,7 +57,7 @@ from typing import Any
 
 import redis as redis_py
 from _goals import Goals  # bench/ is on sys.path
-from _processes import Processes, managed_processes  # bench/ is on sys.path
+from _processes import Processes, free_port, managed_processes  # bench/ is on sys.path
 
 CONCURRENCY = 64
 WRK_THREADS = 2
@@ -203,12 +204,6 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # ---------------------------------------------------------------------------------------------
 # The stack: redis-server, mock upstream, two gateways
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +268,7 @@ def start_litellm(
     """A LiteLLM proxy over the same upstream: 1 worker, Redis, latency-based routing."""
     if binary is None:
         raise SystemExit("the litellm system needs --litellm PATH (or `litellm` on PATH)")
-    port = _free_port()
+    port = free_port()
     redis_host, _, redis_port = redis_url.removeprefix("redis://").split("/")[0].partition(":")
     config = processes.workdir / "litellm.yaml"
     deployments = "".join(
@@ -316,17 +311,82 @@ def find_litellm(option: str | None) -> str | None:
     return option or shutil.which("litellm")
 
 
-def start_stack(processes: Processes, systems: Sequence[str], litellm: str | None = None) -> Stack:
-    env = child_env()
+# The upstream's reply: what `edgeroute mock-provider` answers BODY (usage included), fixed.
+UPSTREAM_REPLY = (
+    '{"id":"chatcmpl-bench","created":1795826040,"usage":{"prompt_tokens":8,'
+    '"completion_tokens":9,"total_tokens":17},"object":"chat.completion","model":"chat",'
+    '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello from mock (chat). '
+    'This is a mock reply.","refusal":null},"logprobs":null,"finish_reason":"stop"}],'
+    '"system_fingerprint":"fp_mock"}'
+)
+UPSTREAMS = ("auto", "nginx", "mock")
+UPSTREAM_LABELS = {
+    "nginx": "nginx (1 worker) answering a fixed chat completion",
+    "mock": "edgeroute mock-provider (latency 0)",
+}
+
+
+def upstream_kind(option: str) -> str:
+    """`auto`: nginx when it is installed (the issue's setup: the cheapest upstream leaves
+    the most of a small machine to the gateway), else edgeroute's mock provider."""
+    if option == "auto":
+        return "nginx" if shutil.which("nginx") else "mock"
+    return option
+
+
+def start_upstream(processes: Processes, kind: str) -> tuple[str, int]:
+    """The upstream every system shares: its /v1 URL and the pid whose CPU is its cost."""
+    if kind == "mock":
+        cli = [sys.executable, "-m", "edgeroute.cli"]
+        pid = processes.start(
+            "upstream", [*cli, "mock-provider", "--port", "0", "--name", "upstream"], child_env()
+        )
+        return processes.wait_for("upstream", r"listening on (http://\S+/v1)").group(1), pid
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        raise SystemExit("nginx is not on PATH (apt-get install nginx), or use --upstream mock")
+    port = free_port()
+    root = processes.workdir / "nginx"
+    root.mkdir(exist_ok=True)
+    (root / "nginx.conf").write_text(
+        "worker_processes 1;\ndaemon off;\n"
+        f"pid {root}/nginx.pid;\nerror_log stderr warn;\n"
+        "events { worker_connections 4096; }\n"
+        "http {\n  access_log off;\n"
+        f"  client_body_temp_path {root}/body;\n"
+        "  keepalive_requests 10000000;\n"
+        f"  server {{\n    listen 127.0.0.1:{port};\n"
+        "    location / {\n      default_type application/json;\n"
+        f"      return 200 '{UPSTREAM_REPLY}';\n    }}\n  }}\n}}\n"
+    )
+    pid = processes.start(
+        "upstream", [nginx, "-e", "stderr", "-p", str(root), "-c", str(root / "nginx.conf")]
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            status, _ = http_post(f"{url}/chat/completions", BODY)
+            if status == 200:
+                return url, pid
+        except OSError:
+            pass
+        if time.monotonic() > deadline or not processes.alive("upstream"):
+            raise RuntimeError("nginx did not start: see upstream.err in the bench workdir")
+        time.sleep(0.05)
+
+
+def start_stack(
+    processes: Processes,
+    systems: Sequence[str],
+    litellm: str | None = None,
+    upstream: str = "mock",
+) -> Stack:
     redis_url, redis_pid = ("", 0)
     if any(BY_NAME[name].state in ("redis", "litellm") for name in systems):
         redis_url, redis_pid = start_redis(processes)
     cli = [sys.executable, "-m", "edgeroute.cli"]
-    upstream_pid = processes.start(
-        "upstream", [*cli, "mock-provider", "--port", "0", "--name", "upstream"], env
-    )
-    match = processes.wait_for("upstream", r"listening on (http://\S+/v1)")
-    upstream_url = match.group(1)
+    upstream_url, upstream_pid = start_upstream(processes, upstream)
     key_prefix = f"edgeroute-bench-gw-{uuid.uuid4().hex[:8]}"
     gateways: dict[str, tuple[str, int]] = {}
     for system in systems:
@@ -763,9 +823,9 @@ class Measure:
             run_wrk(url, script, self.settings.throughput_warmup_s)
             time.sleep(0.2)  # the recorder writes the warm-up's last outcomes
         metrics0, cpu0, redis0 = self._snapshot(system)
-        upstream0 = cpu_seconds(self.stack.upstream_pid)
+        upstream0 = tree_cpu_seconds(self.stack.upstream_pid)
         result = run_wrk(url, script, self.settings.throughput_s)
-        upstream1 = cpu_seconds(self.stack.upstream_pid)
+        upstream1 = tree_cpu_seconds(self.stack.upstream_pid)
         time.sleep(0.2)  # requests cut off by wrk's end and their records finish
         metrics1, cpu1, redis1 = self._snapshot(system)
         n = max(1, result.requests)
@@ -1154,7 +1214,7 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"c={CONCURRENCY}" if phase == "throughput" else rate
         add(
             f"Redis commands per request, {where}",
-            acct and acct["request_commands_per_request"],
+            acct and acct["commands_per_request"],
             GOAL_COMMANDS,
             "",
             False,
@@ -1186,8 +1246,8 @@ def render(report: dict[str, Any]) -> str:
         f"{meta['cpus']} CPUs, {meta['platform']}, Python {meta['python']}, "
         f"gateway loop {meta['loop']}, Redis {meta['redis_version'] or '-'} (private), "
         f"{meta['wrk']}",
-        f"upstream: edgeroute mock-provider (latency 0); route `{ROUTE}`: hybrid over 2 "
-        "providers sharing it",
+        f"upstream: {UPSTREAM_LABELS[meta.get('upstream', 'mock')]}; route `{ROUTE}`: hybrid"
+        " over 2 providers sharing it",
         f"throughput: wrk -t{WRK_THREADS} -c{CONCURRENCY} -d{meta['throughput_s']}s "
         f"(+{meta['throughput_warmup_s']} s warm-up); latency: open loop at {rate} for "
         f"{meta['latency_s']:g} s (+{meta['latency_warmup_s']:g} s warm-up), "
@@ -1272,7 +1332,8 @@ def render(report: dict[str, Any]) -> str:
             wire = ", ".join(f"{k} {v:,}" for k, v in a["wire_commands"].items()) or "none"
             lines.append(
                 f"  {phase:<7} {a['requests']:>8,} requests:"
-                f" {a['request_commands_per_request']:.3f} decide+record calls/request;"
+                f" {a['request_commands_per_request']:.3f} decide+record calls/request"
+                " (concurrent decides of a route share one script call);"
                 f" {a['commands_per_request']:.3f} commands/request on the wire with the"
                 f" breaker-gauge snapshots ({wire}); Lua {a['lua_us_per_request']:.1f} us/request,"
                 f" redis-server CPU {a['redis_cpu_us_per_request']:.1f} us/request"
@@ -1450,6 +1511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="instead: throughput with OpenTelemetry tracing off and on (sampling 1.0)",
     )
+    parser.add_argument(
+        "--upstream",
+        choices=UPSTREAMS,
+        default="auto",
+        help="what answers the gateways: nginx returning a fixed completion (auto: when "
+        "installed), or edgeroute's mock provider",
+    )
     parser.add_argument("--open-loop-worker", metavar="JSON", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.open_loop_worker:
@@ -1500,14 +1568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rate": settings.rate,
             "route": ROUTE,
             "body_bytes": len(BODY),
+            "upstream": upstream_kind(options.upstream),
         },
     }
     with managed_processes("gw") as processes:
         log(
-            "edgeroute gateway benchmark: starting redis-server, mock upstream, "
-            f"{len(systems) - ('direct' in systems)} gateways"
+            f"edgeroute gateway benchmark: starting redis-server, {report['meta']['upstream']}"
+            f" upstream, {len(systems) - ('direct' in systems)} gateways"
         )
-        stack = start_stack(processes, systems, litellm)
+        stack = start_stack(processes, systems, litellm, report["meta"]["upstream"])
         if stack.redis_url:
             with redis_py.Redis.from_url(stack.redis_url) as client:
                 report["meta"]["redis_version"] = str(client.info("server")["redis_version"])

@@ -71,12 +71,16 @@ def test_redis_commands_per_request(report: dict[str, Any]) -> None:
         # A decide plus at most one record per request; the breaker-gauge poller adds one
         # snapshot EVALSHA per route every 5 s, which at a few hundred requests can show.
         assert acct["commands_per_request"] <= 2.0 + 2 / acct["requests"], (phase, acct)
-        # Counted by the gateway itself, the snapshots left out: a decide, at most a record.
+        # Counted by the gateway itself, the snapshots left out: a decide, at most a record
+        # (calls, not commands: concurrent decides of a route share one script call).
         assert acct["request_commands_per_request"] <= 2.0, (phase, acct)
-        assert acct["request_commands_per_request"] <= acct["commands_per_request"], acct
+        snapshots = 2 / acct["requests"]
+        assert acct["commands_per_request"] <= acct["request_commands_per_request"] + snapshots
     throughput = next(row for row in report["throughput"] if row["system"] == "redis")
     if throughput["state_errors"] == 0:  # on Redis the whole time: one decide per request
-        assert phases["throughput"]["commands_per_request"] >= 1.0, phases["throughput"]
+        assert phases["throughput"]["request_commands_per_request"] >= 1.0, phases["throughput"]
+        # 64 concurrent requests on one route: their decides leave in batches.
+        assert phases["throughput"]["commands_per_request"] < 1.0, phases["throughput"]
 
 
 def test_targets_are_reported(report: dict[str, Any]) -> None:
