@@ -17,6 +17,7 @@ import msgspec
 import openai
 import pytest
 from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
 
 from edgeroute.request import estimate_usage
 from tests.support.backends import GATEWAY_KINDS, gateway_state, table
@@ -24,7 +25,7 @@ from tests.support.gateway import running_app, running_gateway, wait_until
 
 KEY = "sk-team-secret-key"
 PRICE = 1000.0  # USD per million tokens, both ways: a token costs $0.001
-MESSAGES = [{"role": "user", "content": "tell me everything"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me everything"}]
 
 
 def _chunk(content: str) -> bytes:

@@ -16,6 +16,7 @@ import aiohttp
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from edgeroute.mock_provider import MockSettings
 from edgeroute.reload import file_hash
@@ -33,7 +34,7 @@ from tests.support.gateway import (
 )
 from tests.support.redis_servers import free_port
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def write_atomically(path: Path, document: Any) -> None:
