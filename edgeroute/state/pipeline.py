@@ -9,7 +9,8 @@ instead of taking turns, and a busy gateway pays one network round trip per loop
 rather than per request — which redis-py's own clients do not do: a `Redis` client waits
 for each reply before its connection takes the next command, and its explicit pipelines
 batch only what one caller gathered. Each command is still exactly one Redis command (one
-EVALSHA per decide).
+EVALSHA per call; RedisState gathers the decides of a route into one call before that, and
+`before_write` lets it hand them over right before the write).
 
 No command waits longer than the timeout from the moment it was submitted: one timer
 watches the oldest outstanding command, and when it expires the connection is presumed

@@ -1,4 +1,5 @@
-"""Shared state in Redis: every change is one atomic Lua script, one EVALSHA per call.
+"""Shared state in Redis: every change is one atomic Lua script, one EVALSHA per call
+(the concurrent decides of a route: one call for the batch, see "decide batches" below).
 
 This module speaks the state contract (what goes into each script call and what comes back,
 by the names in `wire`); `pipeline` coalesces calls into pipelined batches on one redis-py
