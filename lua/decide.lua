@@ -391,13 +391,12 @@ local function decide_one(i, first)
   end
 
   if advance and (kind == ROUND_ROBIN or windowed) then rr = rr + 1 end
-  -- Samples recorded by earlier requests of the batch are in Redis: read the windows now.
-  local windows = nil
-  if windowed or explain then windows = redis.call('HMGET', K_WINDOW, unpack(ids)) end
+  -- The windows, read once per batch (lib.lua `win` keeps them, samples included).
+  if windowed or explain then window_prefetch(ids) end
   -- A writing decide rewrites a window holding stale buckets; explain passes no id.
   local function totals(k)
-    if explain then return window_totals(windows[k], now) end
-    return window_totals(windows[k], now, ids[k])
+    if explain then return window_totals(win[ids[k]], now) end
+    return window_totals(win[ids[k]], now, ids[k])
   end
 
   -- Quota counts of the targets that have quotas, in one call (none: no call at all).

@@ -288,7 +288,9 @@ local function add_estimate(id, now, kind, lat_us, explored)
 end
 
 -- Write every changed record back in one HSET; `extra` adds more field/value pairs.
+local flush_windows  -- (below, with the windows it writes)
 local function flush(extra)
+  flush_windows()
   local args, shared = {}, {}
   for _, id in ipairs(dirty_list) do
     if string.sub(id, 1, #PB) == PB then
@@ -403,23 +405,69 @@ end
 -- a header with the oldest and newest bucket and the totals of every stored bucket; the
 -- older buckets as "<bucket>:<s>:<l>:<f>:<i>:<o>" joined by ';'; and the newest bucket's
 -- counts on their own. While the oldest bucket is inside the window, the header alone is
--- the answer (a decide reads one short header per target, not twelve buckets), and a
--- sample for the newest bucket touches only the header and the last section.
+-- the answer (a decide reads the header totals, not twelve buckets), and a sample for the
+-- newest bucket changes only the header and the last section.
+-- A script run parses each window it touches once (`win`) and `flush` writes the changed
+-- ones back once: a batch of decides and outcomes on the same targets costs one parse and
+-- one encoding per target, not one per sample. Parsed, a window is
+-- {first, last, S, L, F, I, O, older, s, l, f, i, o}: numbers, but for `older`, the older
+-- buckets' text, which the common case never needs to read.
 local SLOT = '(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)'
-local HEADER = '^(%d+):(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)|'
-local WINDOW = HEADER .. '([^|]*)|(%d+):(%d+):(%d+):(%d+):(%d+)$'
+local WINDOW = '^(%d+):(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)|([^|]*)|(%d+):(%d+):(%d+):(%d+):(%d+)$'
 
--- Every bucket of a window value, oldest first, as {bucket, s, l, f, i, o}.
-local function window_slots(v)
+local win = {}  -- id -> parsed window, or false: none (nil: not read yet)
+local win_dirty, win_dirty_list = {}, {}
+
+local function parse_window(v)
+  if not v then return false end
+  local first, last, s, l, f, ti, to, older, ls, ll, lf, li, lo = string.match(v, WINDOW)
+  if not first then return false end  -- unreadable: as if empty (rewritten at the next sample)
+  return {tonumber(first), tonumber(last), tonumber(s), tonumber(l), tonumber(f),
+          tonumber(ti), tonumber(to), older, tonumber(ls), tonumber(ll), tonumber(lf),
+          tonumber(li), tonumber(lo)}
+end
+
+local function encode_window(w)
+  return string.format('%d:%d:%d:%d:%d:%d:%d|', w[1], w[2], w[3], w[4], w[5], w[6], w[7])
+    .. w[8] .. string.format('|%d:%d:%d:%d:%d', w[9], w[10], w[11], w[12], w[13])
+end
+
+local function window_of(id)
+  local w = win[id]
+  if w == nil then
+    w = parse_window(redis.call('HGET', K_WINDOW, id))
+    win[id] = w
+  end
+  return w
+end
+
+-- The windows of `ids` not read yet, in one call.
+local function window_prefetch(ids)
+  local missing = {}
+  for _, id in ipairs(ids) do
+    if win[id] == nil then missing[#missing + 1] = id end
+  end
+  if #missing == 0 then return end
+  local got = redis.call('HMGET', K_WINDOW, unpack(missing))
+  for j, id in ipairs(missing) do win[id] = parse_window(got[j]) end
+end
+
+local function window_put(id, w)
+  win[id] = w
+  if not win_dirty[id] then
+    win_dirty[id] = true
+    win_dirty_list[#win_dirty_list + 1] = id
+  end
+end
+
+-- Every bucket of a parsed window, oldest first, as {bucket, s, l, f, i, o}.
+local function window_slots(w)
   local slots = {}
-  local _, last, _, _, _, _, _, older, ls, ll, lf, li, lo = string.match(v, WINDOW)
-  if not last then return slots end
-  for b, bs, bl, bf, bi, bo in string.gmatch(older, SLOT) do
+  for b, bs, bl, bf, bi, bo in string.gmatch(w[8], SLOT) do
     slots[#slots + 1] = {tonumber(b), tonumber(bs), tonumber(bl), tonumber(bf), tonumber(bi),
       tonumber(bo)}
   end
-  slots[#slots + 1] = {tonumber(last), tonumber(ls), tonumber(ll), tonumber(lf), tonumber(li),
-    tonumber(lo)}
+  slots[#slots + 1] = {w[2], w[9], w[10], w[11], w[12], w[13]}
   return slots
 end
 
@@ -439,8 +487,8 @@ local function window_sums(slots)
   return t
 end
 
--- Encode a non-empty list of buckets, oldest first.
-local function window_encode(slots)
+-- A parsed window of a non-empty list of buckets, oldest first.
+local function window_from_slots(slots)
   local t = window_sums(slots)
   local older = {}
   for j = 1, #slots - 1 do
@@ -449,27 +497,22 @@ local function window_encode(slots)
       slot[6])
   end
   local last = slots[#slots]
-  return string.format('%d:%d:%d:%d:%d:%d:%d|', slots[1][1], last[1], t[1], t[2], t[3], t[4],
-      t[5])
-    .. table.concat(older, ';')
-    .. string.format('|%d:%d:%d:%d:%d', last[2], last[3], last[4], last[5], last[6])
+  return {slots[1][1], last[1], t[1], t[2], t[3], t[4], t[5], table.concat(older, ';'),
+          last[2], last[3], last[4], last[5], last[6]}
 end
 
--- Totals of the live buckets. With `id` given (a writing script), a value holding stale
--- buckets is rewritten without them, so the next read takes the fast path again.
-local function window_totals(v, now, id)
-  if not v then return 0, 0, 0, 0, 0 end
+-- Totals of the live buckets of window `w` (parsed). With `id` given (a writing script), a
+-- window holding stale buckets is rewritten without them, so the next read is the header.
+local function window_totals(w, now, id)
+  if not w then return 0, 0, 0, 0, 0 end
   local oldest = math.floor(now / P.bucket_ms) - P.buckets
-  local first, _, s, lat, f, tin, tout = string.match(v, HEADER)
-  if first and tonumber(first) > oldest then
-    return tonumber(s), tonumber(lat), tonumber(f), tonumber(tin), tonumber(tout)
-  end
-  local live = window_live(window_slots(v), oldest)
+  if w[1] > oldest then return w[3], w[4], w[5], w[6], w[7] end
+  local live = window_live(window_slots(w), oldest)
   if id then
     if #live > 0 then
-      redis.call('HSET', K_WINDOW, id, window_encode(live))
+      window_put(id, window_from_slots(live))
     else
-      redis.call('HDEL', K_WINDOW, id)
+      window_put(id, false)
     end
   end
   local t = window_sums(live)
@@ -481,21 +524,16 @@ local function add_sample(id, now, kind, lat_us, tin, tout)
   local oldest = bucket - P.buckets
   local ds, dl, df = 0, 0, 1
   if kind == SUCCESS then ds, dl, df = 1, lat_us, 0 end
-  local v = redis.call('HGET', K_WINDOW, id)
-  local value
-  local first, last, s, lat, f, ti, to, older, ls, ll, lf, li, lo
-  if v then
-    first, last, s, lat, f, ti, to, older, ls, ll, lf, li, lo = string.match(v, WINDOW)
-  end
-  if first and tonumber(first) > oldest and tonumber(last) == bucket then
+  local w = window_of(id)
+  if w and w[1] > oldest and w[2] == bucket then
     -- The common case: another sample for the newest bucket and nothing stale.
-    value = string.format('%s:%s:%d:%d:%d:%d:%d|', first, last, s + ds, lat + dl, f + df,
-        ti + tin, to + tout)
-      .. older
-      .. string.format('|%d:%d:%d:%d:%d', ls + ds, ll + dl, lf + df, li + tin, lo + tout)
+    w[3], w[4], w[5], w[6], w[7] = w[3] + ds, w[4] + dl, w[5] + df, w[6] + tin, w[7] + tout
+    w[9], w[10], w[11] = w[9] + ds, w[10] + dl, w[11] + df
+    w[12], w[13] = w[12] + tin, w[13] + tout
+    window_put(id, w)
   else
     local slots = {}
-    if v then slots = window_live(window_slots(v), oldest) end
+    if w then slots = window_live(window_slots(w), oldest) end
     local newest = slots[#slots]
     if newest and newest[1] == bucket then
       newest[2], newest[3], newest[4] = newest[2] + ds, newest[3] + dl, newest[4] + df
@@ -503,9 +541,28 @@ local function add_sample(id, now, kind, lat_us, tin, tout)
     else
       slots[#slots + 1] = {bucket, ds, dl, df, tin, tout}
     end
-    value = window_encode(slots)
+    window_put(id, window_from_slots(slots))
   end
-  redis.call('HSET', K_WINDOW, id, value)
+  keep_together()
+end
+
+-- Write the windows this run changed (flush's part for K_WINDOW).
+function flush_windows()
+  if #win_dirty_list == 0 then return end
+  local set, gone = {}, {}
+  for _, id in ipairs(win_dirty_list) do
+    local w = win[id]
+    if w then
+      set[#set + 1] = id
+      set[#set + 1] = encode_window(w)
+    else
+      gone[#gone + 1] = id
+    end
+  end
+  if #set > 0 then redis.call('HSET', K_WINDOW, unpack(set)) end
+  if #gone > 0 then redis.call('HDEL', K_WINDOW, unpack(gone)) end
+  win_dirty_list = {}
+  win_dirty = {}
   keep_together()
 end
 
