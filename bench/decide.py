@@ -84,6 +84,11 @@ GOAL_BYTES_PER_TARGET = 2048.0
 GOAL_QUOTA_RATIO = 0.8  # 1 / 1.25
 # Quotas that never bind: the cost of checking and counting them, not of refusing.
 QUOTA_NEVER_BINDS = {"rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6}
+# A client's admit+settle while it holds few or many requests in flight: the cost must not
+# grow with the client's concurrency (lua/client.lua).
+CLIENT_HELD = (1, 500)
+GOAL_CLIENT_GROWTH = 1.5
+CLIENT_WORKERS = 8
 
 _PROVIDERS = ("openai", "azure", "anthropic", "bedrock")
 
@@ -106,11 +111,12 @@ class Settings:
     memory_bucket_ms: int
     memory_samples_per_bucket: int
     full_window_decides: int  # decides timed while every window is full
+    client_pairs: int  # admit+settle pairs timed per CLIENT_HELD level
 
     @classmethod
     def make(cls, quick: bool, duration: float | None) -> Settings:
-        quick_settings = cls(0.15, 0.05, 512, 3_000, 25, 2, 64)
-        base = quick_settings if quick else cls(3.0, 0.4, 20_000, 100_000, 100, 16, 500)
+        quick_settings = cls(0.15, 0.05, 512, 3_000, 25, 2, 64, 400)
+        base = quick_settings if quick else cls(3.0, 0.4, 20_000, 100_000, 100, 16, 500, 5_000)
         if duration is None:
             return base
         return cls(
@@ -121,6 +127,7 @@ class Settings:
             base.memory_bucket_ms,
             base.memory_samples_per_bucket,
             base.full_window_decides,
+            base.client_pairs,
         )
 
 
@@ -518,6 +525,75 @@ async def run_accounting(
 
 
 # ---------------------------------------------------------------------------------------------
+# A client's limits at low and high client concurrency
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ClientCost:
+    held: int  # the client's leases in flight (never settled) while the pairs are timed
+    pairs: int
+    lua_us_per_pair: float  # one admit + one settle (commandstats usec of both EVALSHAs)
+    inflight: int  # what the script reported after the timed pairs
+
+
+async def measure_client_cost(
+    url: str, probe: ServerProbe, settings: Settings, prefix: str
+) -> list[ClientCost]:
+    """Lua time of a client's admit+settle while it holds `CLIENT_HELD` leases, its minute
+    window full (one admit in each of the 61 one-second buckets first, on a stepped clock so
+    that takes no real minute). Every limit is on and never binds."""
+    now = [time.time()]
+    state = RedisState(url, key_prefix=prefix, timeout_ms=5_000, clock=lambda: now[0])
+    clients = Clients(state, lease_ttl_ms=3_600_000, clock=lambda: now[0])
+    q = QUOTA_NEVER_BINDS
+    figures = []
+    try:
+        for held in CLIENT_HELD:
+            now[0] += 3600.0  # the previous level's leases expire: each level starts clean
+            team = ClientSpec(
+                f"held-{held}",
+                b"",
+                rpm=q["rpm"],
+                tpm=q["tpm"],
+                max_concurrency=q["max_concurrency"],
+            )
+            for _ in range(61):
+                await _client_pair(clients, team)
+                now[0] += 1.0
+            await asyncio.gather(*(clients.admit(team, 100) for _ in range(held)))
+            before = probe.sample()
+            await _client_pairs(clients, team, settings.client_pairs)
+            commands, _ = ServerProbe.delta(before, probe.sample())
+            _, usec = commands.get("evalsha", (0, 0))
+            inflight = (await clients.read(team)).inflight
+            figures.append(
+                ClientCost(held, settings.client_pairs, usec / settings.client_pairs, inflight)
+            )
+    finally:
+        await state.close()
+    return figures
+
+
+async def _client_pair(clients: Clients, team: ClientSpec) -> None:
+    _, lease = await clients.admit(team, 100)
+    assert lease is not None
+    await clients.settle(lease, 90, 0.000_01)
+
+
+async def _client_pairs(clients: Clients, team: ClientSpec, count: int) -> None:
+    """`count` admit+settle pairs by CLIENT_WORKERS tasks in closed loops."""
+    left = [count]
+
+    async def worker() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            await _client_pair(clients, team)
+
+    await asyncio.gather(*(worker() for _ in range(CLIENT_WORKERS)))
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory per target
 # ---------------------------------------------------------------------------------------------
 
@@ -769,6 +845,15 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
             "x",
             True,
         )
+    costs = {c["held"]: c["lua_us_per_pair"] for c in report.get("client_cost") or []}
+    low, high = (costs.get(held) for held in (CLIENT_HELD[0], CLIENT_HELD[-1]))
+    add(
+        f"client Lua us, {CLIENT_HELD[-1]} / {CLIENT_HELD[0]} leases held",
+        low and high and high / low,
+        GOAL_CLIENT_GROWTH,
+        "x",
+        False,
+    )
     accounting = report.get("accounting")
     if accounting:
         value = accounting["commands_per_decision"]
@@ -887,6 +972,17 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"  {m['targets']:>3} targets: {us:6.1f} us per decide -> at most "
                 f"{1e6 / us if us else 0:,.0f} decides/s per Redis core"
+            )
+    if report.get("client_cost"):
+        lines += [
+            "",
+            "A client's admit+settle (lua/client.lua, every limit on, never binding; its minute",
+            f"window full; {CLIENT_WORKERS} tasks) while it holds leases in flight:",
+        ]
+        for c in report["client_cost"]:
+            lines.append(
+                f"  {c['held']:>5} leases held: {c['lua_us_per_pair']:6.1f} us Lua per "
+                f"admit+settle ({c['pairs']} pairs; inflight after: {c['inflight']})"
             )
     ceiling = report.get("ceiling")
     if ceiling:
@@ -1203,6 +1299,13 @@ async def run_all(url: str, settings: Settings, prefix: str, report: dict[str, A
             "slot_map": [asdict(row) for row in await run_slot_maps(settings)],
         }
 
+        for cost in await measure_client_cost(url, probe, settings, f"{prefix}-held"):
+            report["client_cost"].append(asdict(cost))
+            log(
+                f"  client admit+settle, {cost.held} leases held: "
+                f"lua {cost.lua_us_per_pair:.1f} us per pair"
+            )
+
         accounting = await run_accounting(redis_state, probe, settings, "acct")
         report["accounting"] = asdict(accounting)
         log(f"  accounting: {accounting.commands_per_decision:.2f} commands per decision")
@@ -1332,6 +1435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             "cells": [],
             "memory": [],
+            "client_cost": [],
             "accounting": None,
             "ceiling": None,
             "transport": None,

@@ -80,6 +80,17 @@ def test_memory_ceiling_and_goals_are_reported(report: dict[str, Any]) -> None:
         assert ceiling["rps"] > 0, ceiling["note"]
         assert ceiling["ratio"] > 0
     statuses = {goal["name"]: goal["status"] for goal in report["goals"]}
-    assert len(statuses) == 10
+    assert len(statuses) == 11
     assert set(statuses.values()) <= {"PASS", "MISS"}
     assert report["meta"]["loop"]
+
+
+def test_client_cost_is_reported_at_low_and_high_client_concurrency(
+    report: dict[str, Any],
+) -> None:
+    costs = {c["held"]: c for c in report["client_cost"]}
+    assert set(costs) == {1, 500}
+    for held, cost in costs.items():
+        assert cost["lua_us_per_pair"] > 0
+        # Every timed lease was settled: only the held ones are still in flight.
+        assert cost["inflight"] == held
