@@ -1,9 +1,10 @@
 """Client keys with limits (server.clients[]): who is calling, and whether they may, fleet-wide.
 
-Each client has one key of its own in Redis, `{prefix:client:<name>}`, changed only by
-lua/client.lua: admit (rpm, tpm, max_concurrency, budget) before the route's decide, settle
-(release the in-flight lease, replace the token estimate with the real usage, add the spend)
-when the request ends. `MemoryClients` is the reference model of the same rules (and what a
+Each client has two keys of its own in Redis under one hash tag (state/redis.py
+client_keys: its minute and spend, its in-flight leases), changed only by lua/client.lua:
+admit (rpm, tpm, max_concurrency, budget) before the route's decide, settle (release the
+in-flight lease, replace the token estimate with the real usage, add the spend) when the
+request ends. `MemoryClients` is the reference model of the same rules (and what a
 replica without Redis uses). The key itself never leaves this module: metrics, logs and
 /admin/clients know a client by `name` only.
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import hashlib
+import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from edgeroute.clients import ClientLease, Clients, ClientSpec, identify
+from edgeroute.clients import ClientLease, Clients, ClientSpec, MemoryClients, identify
 from edgeroute.mock_provider import MockSettings
 from edgeroute.state.base import RouteSpec
 from edgeroute.state.redis import RedisState
@@ -118,6 +119,85 @@ async def test_a_month_is_a_calendar_month(harness: Harness) -> None:
     harness.wait(60_000)  # 2027-02-01T00:00:00Z: February has 28 days
     verdict = await harness.clients.read(monthly)
     assert verdict.period_end_ms == 28 * 86_400_000
+
+
+async def test_leases_of_a_replica_that_died_stop_counting_as_they_expire(
+    harness: Harness,
+) -> None:
+    """Leases never settled (their replica died) count until their own expiry, each at its
+    own time; a lease expiring exactly now no longer counts."""
+    client = spec(max_concurrency=3)
+    await admitted(harness, client)
+    harness.wait(30_000)
+    await admitted(harness, client)
+    await admitted(harness, client)
+    verdict, refused = await harness.clients.admit(client, 0)
+    assert refused is None and (verdict.reason, verdict.inflight) == ("concurrency", 3)
+    harness.wait(30_000)  # the first lease's expiry, to the millisecond
+    assert (await harness.clients.read(client)).inflight == 2
+    await admitted(harness, client)
+    harness.wait(29_999)
+    assert (await harness.clients.read(client)).inflight == 3
+    harness.wait(1)
+    assert (await harness.clients.read(client)).inflight == 1
+    harness.wait(30_000)
+    assert (await harness.clients.read(client)).inflight == 0
+    for _ in range(3):
+        await admitted(harness, client)
+
+
+async def test_a_settle_of_an_unknown_token_releases_nothing_and_counts_its_spend(
+    harness: Harness,
+) -> None:
+    client = spec(max_concurrency=2)
+    await admitted(harness, client)
+    stranger = ClientLease(client, "never-admitted", 0, 0)
+    await harness.clients.settle(stranger, 0, 0.25)
+    seen = await harness.clients.read(client)
+    assert (seen.inflight, seen.spent_micro) == (1, 250_000)
+
+
+async def test_a_lease_settled_twice_is_released_once(harness: Harness) -> None:
+    """As the reference model: the lease goes once; each settle is an event, so its spend
+    and its token correction count each time (never below zero)."""
+    client = spec(max_concurrency=2, tpm=1000)
+    lease = await admitted(harness, client, tokens=500)
+    other = await admitted(harness, client, tokens=100)
+    for _ in range(2):
+        await harness.clients.settle(lease, 100, 0.5)
+    seen = await harness.clients.read(client)
+    assert (seen.inflight, seen.requests, seen.spent_micro) == (1, 2, 1_000_000)
+    assert seen.tokens == 0  # 500 + 100 in one bucket, corrected by -400 twice: floor 0
+    await harness.clients.settle(other, 100, 0.0)
+    assert (await harness.clients.read(client)).inflight == 0
+
+
+async def test_a_minute_of_traffic_matches_the_reference_model_verdict_by_verdict(
+    harness: Harness,
+) -> None:
+    """Every limit on, a seeded mix of admits, late settles (corrections in older buckets,
+    up and down, some after their bucket aged out), lease expiries and pauses over three
+    minutes: each backend answers exactly what MemoryClients answers."""
+    rng = random.Random(20270131)
+    model = MemoryClients(harness.clock)
+    # Tuned so that every limit refuses some admits (rpm, tpm, concurrency, budget).
+    client = spec(rpm=10, tpm=3_000, max_concurrency=5, budget_micro=5_000_000)
+    held: list[tuple[ClientLease, ClientLease]] = []
+    for step in range(400):
+        if held and rng.random() < 0.45:
+            lease, twin = held.pop(rng.randrange(len(held)))
+            used, cost = rng.randrange(0, 600), rng.randrange(0, 100_000)
+            await harness.clients.settle(lease, used, cost / 1e6)
+            model.settle_now(twin, used, cost)
+            got, want = await harness.clients.read(client), model.read_now(client)
+        else:
+            tokens = rng.randrange(0, 900)
+            got, new = await harness.clients.admit(client, tokens)
+            want = model.admit_now(client, new.token if new else "-", tokens, 60_000)
+            if new is not None:
+                held.append((new, ClientLease(client, new.token, want.reserved, want.now_ms)))
+        assert got == want, (step, got, want)
+        harness.wait(rng.choice((0, 7, 250, 999, 1_000, 2_500, 4_000, 11_000)))
 
 
 def test_identify_compares_digests_of_every_key() -> None:

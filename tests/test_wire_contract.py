@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from redis.crc import key_slot
 
 from edgeroute.state import wire
 from edgeroute.state.base import RouteSpec
-from edgeroute.state.redis import outcome_args, route_params
+from edgeroute.state.redis import client_keys, outcome_args, route_params
 from edgeroute.strategy import STRATEGY_KINDS, RoutingStrategy
 from edgeroute.types import Outcome, OutcomeKind, TargetSpec
 
@@ -43,6 +44,16 @@ def test_each_script_header_lists_the_wire_fields(script: str) -> None:
     text = (LUA / f"{script}.lua").read_text()
     assert " ".join(_header_names(text, "ARGV")) == " ".join(wire.SCRIPT_ARGS[script])
     assert " ".join(_header_names(text, "REPLY")) == " ".join(wire.SCRIPT_REPLIES[script])
+
+
+@pytest.mark.parametrize("name", ["team", "a}b{c", "{x}", "t:client:u"])
+def test_client_script_keys_are_the_wire_ones_in_one_slot(name: str) -> None:
+    text = (LUA / "client.lua").read_text()
+    assert _header_names(text, "KEYS") == list(wire.CLIENT_KEYS)
+    keys = client_keys("p", name)
+    assert len(keys) == len(wire.CLIENT_KEYS)
+    # One slot whatever the client's name holds: the script stays one cluster call.
+    assert len({key_slot(key.encode()) for key in keys}) == 1
 
 
 def test_decide_header_spells_out_both_row_kinds() -> None:

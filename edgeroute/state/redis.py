@@ -113,6 +113,12 @@ def route_keys(prefix: str, route: str, group: str = "") -> tuple[str, str, str]
     return f"{tag}:t", f"{tag}:w", f"{tag}:l"
 
 
+def client_keys(prefix: str, name: str) -> tuple[str, str]:
+    """A client's keys (wire.CLIENT_KEYS): its hash, and its leases under the same tag."""
+    tag = f"{{{prefix}:client:{name}}}"
+    return tag, f"{tag}:l"
+
+
 def spec_keys(prefix: str, route: RouteSpec) -> list[str]:
     """Every key a route's scripts declare: its three, then the shared provider breakers'
     hash (breaker_scope provider), then its session pins (affinity); see lib.lua."""
@@ -531,12 +537,12 @@ class RedisState:
     def client_prefix(
         self, name: str, head: Sequence[Arg], suffix: Sequence[Arg] = ()
     ) -> ScriptPrefix:
-        """The client script's call on `{prefix:client:<name>}`: ARGV `head` first, the
+        """The client script's call on the client's keys (client_keys): ARGV `head` first, the
         per-call ARGV (client_submit), then `suffix`, then the clock."""
-        key = f"{{{self.key_prefix}:client:{name}}}"
-        cmd: list[Arg] = ["EVALSHA", self._scripts["client"].sha, 1, key, *head]
+        keys = client_keys(self.key_prefix, name)
+        cmd: list[Arg] = ["EVALSHA", self._scripts["client"].sha, len(keys), *keys, *head]
         return ScriptPrefix(
-            encode_args(cmd), len(cmd), key_slot(key.encode()), encode_args(suffix), len(suffix)
+            encode_args(cmd), len(cmd), key_slot(keys[0].encode()), encode_args(suffix), len(suffix)
         )
 
     def client_submit(self, prefix: ScriptPrefix, args: Sequence[Arg]) -> asyncio.Future[Any]:
@@ -559,13 +565,13 @@ class RedisState:
         return self._pipeline.submit(cmd)
 
     async def client_call(self, name: str, args: Sequence[Arg]) -> list[Any]:
-        """One call of the client script (lua/client.lua) on `{prefix:client:<name>}`;
+        """One call of the client script (lua/client.lua) on the client's keys;
         `args` in wire.SCRIPT_ARGS["client"] order without the clock."""
-        key = f"{{{self.key_prefix}:client:{name}}}"
-        cmd: list[Arg] = ["EVALSHA", self._scripts["client"].sha, 1, key, *args]
+        keys = client_keys(self.key_prefix, name)
+        cmd: list[Arg] = ["EVALSHA", self._scripts["client"].sha, len(keys), *keys, *args]
         cmd.append(self._clock_arg())
         reply: list[Any] = await self._call(
-            command(len(cmd), encode_args(cmd)), key_slot(key.encode())
+            command(len(cmd), encode_args(cmd)), key_slot(keys[0].encode())
         )
         return reply
 

@@ -149,6 +149,8 @@ DECIDE_REQUEST = (
     "has_outcome",
     "[outcome]",
 )
+# KEYS of the client script, in order (both share the client's hash tag: one slot).
+CLIENT_KEYS = ("client", "leases")
 CLIENT_OPS = {"admit": 0, "settle": 1, "read": 2}
 CLIENT_PERIODS = {"day": 0, "month": 1}
 # Why a client's request is refused (0: admitted).
