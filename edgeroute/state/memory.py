@@ -49,6 +49,8 @@ class _Target:
         "cached_bucket",
         "cached_totals",
         "cooldown_until",
+        "est_errors",
+        "est_latency",
         "est_ls",
         "est_t",
         "est_tl",
@@ -98,30 +100,76 @@ class _Target:
         # sample, or the admission that found it idle (-1: never).
         self.est_w = -1
         self.explores: dict[str, int] = {}  # token -> expiry (ms): exploration reservations
+        # The ratios `estimate` reads, worked out when a sample changes the sums rather than
+        # on every decide (every decide reads every target's; samples come far less often).
+        self.est_latency = -1.0
+        self.est_errors = 0.0
+
+    def refresh_estimate(self) -> None:
+        """Latency (us, -1: none) and error rate: ratios of equally decayed sums, so they
+        need no decay when read. Call whenever a sum changes."""
+        ws, wf = self.est_ws, self.est_wf
+        self.est_latency = self.est_ls / ws if ws > 0.0 else -1.0
+        self.est_errors = wf / (ws + wf) if ws + wf > 0.0 else 0.0
 
     def estimate(self, now: int) -> tuple[float, float, int]:
-        """(latency us or -1, error rate, age ms or -1): ratios of equally decayed sums, so
-        reading needs no decay."""
-        ws, wf = self.est_ws, self.est_wf
-        latency = self.est_ls / ws if ws > 0.0 else -1.0
-        errors = wf / (ws + wf) if ws + wf > 0.0 else 0.0
-        age = now - self.est_tl if ws > 0.0 else -1
-        return latency, errors, age
+        """(latency us or -1, error rate, age ms or -1)."""
+        age = now - self.est_tl if self.est_ws > 0.0 else -1
+        return self.est_latency, self.est_errors, age
 
     def waiting(self, now: int) -> int:
         return now - self.est_w if self.inflight > 0 and self.est_w >= 0 else 0
 
 
+class _Plan:
+    """What a decide reads of its RouteSpec, worked out once per spec against one state's
+    records. A RouteSpec is frozen (a reload brings a new one), and a decide visits every
+    target on every request: there it reads tuples and locals instead of attribute chains,
+    properties and dict lookups."""
+
+    __slots__ = (
+        "advances",
+        "bucket_ms",
+        "max_probes",
+        "route",
+        "rows",
+        "shaping",
+        "threshold",
+        "weighted",
+        "windowed",
+    )
+
+    def __init__(
+        self, route: RouteSpec, targets: Sequence[_Target], breakers: Sequence[_Target]
+    ) -> None:
+        self.route = route
+        strategy = route.strategy
+        self.windowed = strategy.scoring in _WINDOWED
+        self.weighted = strategy.kind == "weighted"
+        # Whether an advancing decide moves the cursor.
+        self.advances = self.windowed or strategy.scoring == "round_robin"
+        self.shaping = _shaping(route)
+        self.max_probes = route.breaker.half_open_max_probes
+        self.threshold = route.breaker.failure_threshold
+        self.bucket_ms = route.window.bucket_ms
+        # Per target in configuration order: (index, spec, its record, its breaker's holder,
+        # no quota). The records stay valid: a route's records are never replaced.
+        self.rows = tuple(
+            (index, spec, target, breaker, not spec.has_quota)
+            for index, (spec, target, breaker) in enumerate(
+                zip(route.targets, targets, breakers, strict=True)
+            )
+        )
+
+
 class _Route:
     __slots__ = (
-        "aligned",
-        "aligned_for",
-        "breakers",
         "last_explore",
         "lease_heap",
         "leases",
         "pin_heap",
         "pins",
+        "plan",
         "rr_cursor",
         "swrr",
         "targets",
@@ -129,10 +177,7 @@ class _Route:
 
     def __init__(self) -> None:
         self.targets: dict[str, _Target] = {}
-        # The route's targets in configuration order, rebuilt when the RouteSpec changes.
-        self.aligned: list[_Target] = []
-        self.aligned_for: RouteSpec | None = None
-        self.breakers: list[_Target] = []  # each aligned target's breaker holder
+        self.plan: _Plan | None = None  # rebuilt when the RouteSpec changes
         self.rr_cursor = 0
         # strategy weighted: each target's smooth weighted round-robin current weight.
         self.swrr: dict[str, int] = {}
@@ -384,6 +429,7 @@ def _add_estimate(
     if now > target.est_t:
         target.est_t = now
     target.est_w = now  # an answer: whatever is still out was sent before now
+    target.refresh_estimate()
 
 
 class MemoryState:
@@ -418,6 +464,14 @@ class MemoryState:
         if shared is None:
             shared = self._providers[provider] = _Target()
         return shared
+
+    def _plan(self, state: _Route, route: RouteSpec) -> _Plan:
+        targets = [self._target(state, spec.id) for spec in route.targets]
+        breakers = [
+            self._breaker(route, spec.id, target)
+            for spec, target in zip(route.targets, targets, strict=True)
+        ]
+        return _Plan(route, targets, breakers)
 
     @staticmethod
     def _target(route: _Route, target_id: str) -> _Target:
@@ -464,71 +518,95 @@ class MemoryState:
         if outcome is not None:
             self._apply(state, route, outcome, now)
         self._expire_leases(state, now)
-        strategy = route.strategy
-        windowed = strategy.scoring in _WINDOWED
-        if advance and (strategy.scoring == "round_robin" or windowed):
+        plan = state.plan
+        if plan is None or plan.route is not route:
+            plan = state.plan = self._plan(state, route)
+        windowed = plan.windowed
+        weighted = plan.weighted
+        if advance and plan.advances:
             state.rr_cursor += 1
-        weighted = strategy.kind == "weighted"
-        max_probes = route.breaker.half_open_max_probes
-        threshold = route.breaker.failure_threshold
+        max_probes = plan.max_probes
+        threshold = plan.threshold
+        bucket = now // plan.bucket_ms
         candidates: list[Candidate] = []
         explores: list[int] = []
         wait = 0
         quota_out = False
-        if state.aligned_for is not route:
-            state.aligned = [self._target(state, spec.id) for spec in route.targets]
-            state.breakers = [
-                self._breaker(route, spec.id, target)
-                for spec, target in zip(route.targets, state.aligned, strict=True)
-            ]
-            state.aligned_for = route
-        for index, (spec, target, b) in enumerate(
-            zip(route.targets, state.aligned, state.breakers, strict=True)
-        ):
-            if b.state == OPEN and now >= b.open_until:
+        for index, spec, target, b, unlimited in plan.rows:
+            code = b.state
+            if code == OPEN and now >= b.open_until:
                 _half_open_if_due(b, now)
+                code = b.state
             if exclude and spec.id in exclude:
                 continue
-            live = _live_probes(b, now) if b.state == HALF_OPEN else 0
-            reason, pause = _exclusion(target, b, spec, now, live, max_probes, tokens)
-            if reason != _ADMISSIBLE:
-                wait = pause if wait == 0 else min(wait, pause)
-                quota_out = quota_out or reason >= _QUOTA_CONCURRENCY
-                continue
-            state_code = b.state
-            candidate = Candidate(
-                spec,
-                index,
-                _STATES[state_code],
-                state_code == HALF_OPEN,
-                0,
-                0,
-                0,
-                target.inflight,
-                0.0,
-                state_code == CLOSED and is_held(b.failures, target.inflight, threshold),
-            )
+            # The common case first: a closed breaker, no cooldown, no learned limit and no
+            # quota leave nothing for _exclusion to find; everything else asks it.
+            if not (
+                code == CLOSED
+                and unlimited
+                and target.cooldown_until <= now
+                and target.learned_until <= now
+            ):
+                live = _live_probes(b, now) if code == HALF_OPEN else 0
+                reason, pause = _exclusion(target, b, spec, now, live, max_probes, tokens)
+                if reason != _ADMISSIBLE:
+                    wait = pause if wait == 0 else min(wait, pause)
+                    quota_out = quota_out or reason >= _QUOTA_CONCURRENCY
+                    continue
+            inflight = target.inflight
+            failures = b.failures
+            held = code == CLOSED and failures > 0 and is_held(failures, inflight, threshold)
+            credit = state.swrr.get(spec.id, 0) + spec.weight if weighted else 0
             if windowed:
-                (
-                    candidate.successes,
-                    candidate.latency_sum_us,
-                    candidate.failures,
-                    _,
-                    _,
-                ) = _window_totals(target, now, route)
-                estimate, errors, age = target.estimate(now)
-                candidate.estimate_us = estimate
-                candidate.error_rate = errors
-                candidate.estimate_age_ms = age
-                candidate.waiting_ms = target.waiting(now)
-                explores.append(_live_explores(target, now))
-            if weighted:
-                candidate.credit = state.swrr.get(spec.id, 0) + spec.weight
-            candidates.append(candidate)
+                if target.cached_bucket == bucket:
+                    successes, latency, failed, _, _ = target.cached_totals
+                else:
+                    successes, latency, failed, _, _ = _window_totals(target, now, route)
+                # (_Target.estimate and .waiting, inlined: two method calls per target and
+                # decide otherwise)
+                candidates.append(
+                    Candidate(
+                        spec,
+                        index,
+                        _STATES[code],
+                        code == HALF_OPEN,
+                        successes,
+                        latency,
+                        failed,
+                        inflight,
+                        0.0,
+                        held,
+                        target.est_latency,
+                        target.est_errors,
+                        now - target.est_tl if target.est_ws > 0.0 else -1,
+                        False,
+                        now - target.est_w if inflight > 0 and target.est_w >= 0 else 0,
+                        credit,
+                    )
+                )
+                # (dropping expired reservations is part of the decide, as in decide.lua)
+                explores.append(_live_explores(target, now) if target.explores else 0)
+            else:
+                candidates.append(
+                    Candidate(
+                        spec,
+                        index,
+                        _STATES[code],
+                        code == HALF_OPEN,
+                        0,
+                        0,
+                        0,
+                        inflight,
+                        0.0,
+                        held,
+                        credit=credit,
+                    )
+                )
         cursor = state.rr_cursor
         may_explore = windowed and advance and _may_explore(state, route, cursor)
+        strategy = route.strategy
         ordered = rank(
-            strategy, candidates, cursor, _shaping(route), explores if may_explore else None
+            strategy, candidates, cursor, plan.shaping, explores if may_explore else None
         )
         sticky = route.affinity is not None and session != ""
         pin: tuple[str, str] = ("", "")
@@ -549,10 +627,10 @@ class MemoryState:
                 quota_limited=quota_out,
             )
         first = ordered[0]
-        for c in ordered[1:]:
-            c.explore = False  # a half-open probe went first: nothing is explored
-        target = state.aligned[first.index]
-        b = state.breakers[first.index]
+        if may_explore:  # (only then may rank have marked an exploration)
+            for c in ordered[1:]:
+                c.explore = False  # a half-open probe went first: nothing is explored
+        _, _, target, b, _ = plan.rows[first.index]
         token = f"{self._token_prefix}{next(self._tokens):x}"
         if first.probe:
             b.probes[token] = now + route.breaker.probe_ttl_ms
