@@ -247,14 +247,19 @@ def rank(
         ordered = _share(ordered, rr_cursor, shaping.tolerance)
     else:  # pragma: no cover - RoutingStrategy validates kinds
         raise ValueError(kind)
-    if any(c.explore for c in ordered):
-        ordered = [c for c in ordered if c.explore] + [c for c in ordered if not c.explore]
-    if any(c.probe or c.held for c in ordered):
-        ordered = (
-            [c for c in ordered if c.probe]
-            + [c for c in ordered if not c.probe and not c.held]
-            + [c for c in ordered if c.held]
-        )
+    # (plain loops rather than any(): rank runs on every decide, and seldom finds either)
+    for c in ordered:
+        if c.explore:
+            ordered = [c for c in ordered if c.explore] + [c for c in ordered if not c.explore]
+            break
+    for c in ordered:
+        if c.probe or c.held:
+            ordered = (
+                [c for c in ordered if c.probe]
+                + [c for c in ordered if not c.probe and not c.held]
+                + [c for c in ordered if c.held]
+            )
+            break
     return ordered
 
 
@@ -288,41 +293,45 @@ def _share(ordered: list[Candidate], cursor: int, tolerance: float) -> list[Cand
     targets share traffic instead of one taking it all, and every replica agrees on the turn
     because the cursor is shared state."""
     best = ordered[0]
-    near = [
-        c
-        for c in ordered
-        if c.measured == best.measured and c.score * (1.0 + tolerance) >= best.score
-    ]
+    measured = best.measured
+    bar = best.score
+    factor = 1.0 + tolerance
+    # (Candidate.measured read as the field it tests: a property call per target adds up)
+    near = [c for c in ordered if (c.estimate_us >= 0.0) == measured and c.score * factor >= bar]
     if len(near) < 2:
         return ordered
     pick = near[(cursor - 1) % len(near)]
     return [pick] + [c for c in ordered if c is not pick]
 
 
-def is_stale(candidate: Candidate, explore_after_ms: int) -> bool:
-    """No latency estimate, or one older than `explore_after_ms`: worth re-measuring."""
-    return candidate.estimate_us < 0.0 or candidate.estimate_age_ms > explore_after_ms
-
-
 def pick_exploration(
     candidates: Sequence[Candidate], shaping: Shaping, in_use: Sequence[int]
 ) -> Candidate | None:
     """The target an advancing decide re-measures (scores already computed): a closed, not
-    held, stale target with a free exploration slot - never measured before measured, then
+    held, stale target (no latency estimate, or one older than `explore_after_ms`) with a
+    free exploration slot - never measured before measured, then
     the oldest estimate, then the better score, then configuration order. None when no
     target is measured at all (nothing to compare with: the scores decide) or the stale one
     is the only candidate (then it is simply the choice)."""
-    if len(candidates) < 2 or not any(c.measured for c in candidates):
+    if len(candidates) < 2:
         return None
+    # One pass: this runs on most decides and usually finds every target fresh, so the
+    # freshness test comes first, and "anything measured" is noted on the way rather than
+    # in a pass of its own.
+    after = shaping.explore_after_ms
+    explore_max = shaping.explore_max
+    any_measured = False
     chosen: Candidate | None = None
     for c, used in zip(candidates, in_use, strict=True):
-        if c.state is not CircuitState.CLOSED or c.held or used >= shaping.explore_max:
-            continue
-        if not is_stale(c, shaping.explore_after_ms):
+        if c.estimate_us >= 0.0:
+            any_measured = True
+            if c.estimate_age_ms <= after:
+                continue  # fresh
+        if c.state is not CircuitState.CLOSED or c.held or used >= explore_max:
             continue
         if chosen is None or _staler(c, chosen):
             chosen = c
-    return chosen
+    return chosen if any_measured else None
 
 
 def _staler(a: Candidate, b: Candidate) -> bool:
@@ -356,26 +365,31 @@ def _score_cost(candidates: list[Candidate]) -> None:
         c.score = 1.0 - c.target.price_per_mtok / max_price if max_price > 0.0 else 1.0
 
 
-def expected_latency_us(c: Candidate) -> float:
-    """The estimate, or longer when a request has already been out longer than it."""
-    waiting = float(c.waiting_ms * 1000)
-    if waiting > c.estimate_us:
-        return min(waiting, WAITING_CAP * c.estimate_us)
-    return c.estimate_us
-
-
-def _loaded_latency(c: Candidate, load_penalty: float) -> float:
-    """Peak-EWMA style: the expected latency grows with the requests already in flight."""
-    return expected_latency_us(c) * (1.0 + load_penalty * c.inflight)
+def _loaded_latencies(candidates: list[Candidate], load_penalty: float) -> list[float]:
+    """Each candidate's loaded latency in us (-1: unmeasured). The expected latency is the
+    estimate, or longer when a request has already been out longer than it; peak-EWMA
+    style, it grows with the requests already in flight. (One call for all candidates
+    rather than two per target: every latency and hybrid decide runs this.)"""
+    loads: list[float] = []
+    for c in candidates:
+        expected = c.estimate_us
+        if expected < 0.0:
+            loads.append(-1.0)
+            continue
+        waiting = float(c.waiting_ms * 1000)
+        if waiting > expected:
+            expected = min(waiting, WAITING_CAP * expected)
+        loads.append(expected * (1.0 + load_penalty * c.inflight))
+    return loads
 
 
 def _score_latency(candidates: list[Candidate], load_penalty: float) -> None:
     """score = best / expected latency, where the expected latency is the loaded estimate
     divided by the recent success rate (a failed attempt costs a retry)."""
     best = -1.0
-    for c in candidates:
+    for c, loaded in zip(candidates, _loaded_latencies(candidates, load_penalty), strict=True):
         if c.estimate_us >= 0.0:
-            cost = _loaded_latency(c, load_penalty) / max(1.0 - c.error_rate, ERROR_FLOOR)
+            cost = loaded / max(1.0 - c.error_rate, ERROR_FLOOR)
             c.score = cost  # held here until the best is known
             if best < 0.0 or cost < best:
                 best = cost
@@ -393,22 +407,21 @@ def _score_hybrid(
 ) -> None:
     max_price = 0.0
     max_latency = 0.0
-    for c in candidates:
+    loads = _loaded_latencies(candidates, load_penalty)
+    for c, loaded in zip(candidates, loads, strict=True):
         if c.target.price_per_mtok > max_price:
             max_price = c.target.price_per_mtok
-        if c.estimate_us >= 0.0:
-            loaded = _loaded_latency(c, load_penalty)
-            if loaded > max_latency:
-                max_latency = loaded
+        if c.estimate_us >= 0.0 and loaded > max_latency:
+            max_latency = loaded
     wc, wl, wr = strategy.cost_weight, strategy.latency_weight, strategy.reliability_weight
-    for c in candidates:
+    for c, loaded in zip(candidates, loads, strict=True):
         price = c.target.price_per_mtok
         cost_term = 1.0 - price / max_price if max_price > 0.0 else 1.0
         reliability = 1.0 - c.error_rate
         if c.estimate_us < 0.0:
             latency_term = 0.0  # unmeasured: explored through the budget, not ranked first
         elif max_latency > 0.0:
-            latency_term = 1.0 - _loaded_latency(c, load_penalty) / max_latency
+            latency_term = 1.0 - loaded / max_latency
         else:
             latency_term = 1.0
         c.score = wc * cost_term + wl * latency_term + wr * reliability
