@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from edgeroute.errors import ConfigError
 from edgeroute.types import Admission, CircuitState, TargetSpec
@@ -243,23 +244,37 @@ def rank(
             explored = pick_exploration(candidates, shaping, explore_slots)
             if explored is not None:
                 explored.explore = True
-        ordered = sorted(candidates, key=_by_measured_score)
+        # Measured targets first, each part best score first (ties in configuration order):
+        # sorted by score with a C-level key, then the unmeasured moved behind, keeping
+        # order (as the key (not measured, -score) would, without a Python call per target;
+        # scores are never NaN: prices are finite, estimates integer microseconds).
+        ordered = sorted(candidates, key=_SCORE, reverse=True)
+        for c in ordered:
+            if c.estimate_us < 0.0:
+                ordered = [c for c in ordered if c.measured] + [
+                    c for c in ordered if not c.measured
+                ]
+                break
         ordered = _share(ordered, rr_cursor, shaping.tolerance)
     else:  # pragma: no cover - RoutingStrategy validates kinds
         raise ValueError(kind)
-    # (plain loops rather than any(): rank runs on every decide, and seldom finds either)
+    # (one plain loop rather than two any(): rank runs on every decide, seldom finding any)
     for c in ordered:
-        if c.explore:
-            ordered = [c for c in ordered if c.explore] + [c for c in ordered if not c.explore]
-            break
-    for c in ordered:
-        if c.probe or c.held:
-            ordered = (
-                [c for c in ordered if c.probe]
-                + [c for c in ordered if not c.probe and not c.held]
-                + [c for c in ordered if c.held]
-            )
-            break
+        if c.explore or c.probe or c.held:
+            return _promote(ordered)
+    return ordered
+
+
+def _promote(ordered: list[Candidate]) -> list[Candidate]:
+    """The exploration first, then half-open probes first and held targets last."""
+    if any(c.explore for c in ordered):
+        ordered = [c for c in ordered if c.explore] + [c for c in ordered if not c.explore]
+    if any(c.probe or c.held for c in ordered):
+        ordered = (
+            [c for c in ordered if c.probe]
+            + [c for c in ordered if not c.probe and not c.held]
+            + [c for c in ordered if c.held]
+        )
     return ordered
 
 
@@ -296,8 +311,13 @@ def _share(ordered: list[Candidate], cursor: int, tolerance: float) -> list[Cand
     measured = best.measured
     bar = best.score
     factor = 1.0 + tolerance
-    # (Candidate.measured read as the field it tests: a property call per target adds up)
-    near = [c for c in ordered if (c.estimate_us >= 0.0) == measured and c.score * factor >= bar]
+    # `ordered` is rank's (measured first, best score first), so the near ones are its head:
+    # the scan stops at the first one that is not.
+    near: list[Candidate] = []
+    for c in ordered:
+        if (c.estimate_us >= 0.0) != measured or c.score * factor < bar:
+            break
+        near.append(c)
     if len(near) < 2:
         return ordered
     pick = near[(cursor - 1) % len(near)]
@@ -347,16 +367,15 @@ def is_held(failures: int, inflight: int, failure_threshold: int) -> bool:
     return failures > 0 and failures + inflight >= failure_threshold
 
 
+_SCORE = attrgetter("score")
+
+
 def _by_score(candidate: Candidate) -> float:
     return -candidate.score  # sorted() is stable: equal scores keep configuration order
 
 
 def _by_credit(candidate: Candidate) -> int:
     return -candidate.credit  # stable: equal credits keep configuration order
-
-
-def _by_measured_score(candidate: Candidate) -> tuple[bool, float]:
-    return (not candidate.measured, -candidate.score)
 
 
 def _score_cost(candidates: list[Candidate]) -> None:
@@ -405,17 +424,14 @@ def _score_latency(candidates: list[Candidate], load_penalty: float) -> None:
 def _score_hybrid(
     strategy: RoutingStrategy, candidates: list[Candidate], load_penalty: float
 ) -> None:
-    max_price = 0.0
-    max_latency = 0.0
+    prices = [c.target.price_per_mtok for c in candidates]
     loads = _loaded_latencies(candidates, load_penalty)
-    for c, loaded in zip(candidates, loads, strict=True):
-        if c.target.price_per_mtok > max_price:
-            max_price = c.target.price_per_mtok
-        if c.estimate_us >= 0.0 and loaded > max_latency:
-            max_latency = loaded
+    # (max() from 0.0 compares exactly as a loop keeping the larger would; an unmeasured
+    # target's -1 never counts)
+    max_price = max(0.0, *prices)
+    max_latency = max(0.0, *loads)
     wc, wl, wr = strategy.cost_weight, strategy.latency_weight, strategy.reliability_weight
-    for c, loaded in zip(candidates, loads, strict=True):
-        price = c.target.price_per_mtok
+    for c, price, loaded in zip(candidates, prices, loads, strict=True):
         cost_term = 1.0 - price / max_price if max_price > 0.0 else 1.0
         reliability = 1.0 - c.error_rate
         if c.estimate_us < 0.0:
