@@ -408,10 +408,11 @@ def _window_totals(target: _Target, now: int, route: RouteSpec) -> tuple[int, in
 
 
 def _add_estimate(
-    target: _Target, route: RouteSpec, outcome: Outcome, now: int, explored: bool
+    target: _Target, route: RouteSpec, outcome: Outcome, now: int, explored: bool, sample_us: int
 ) -> None:
-    """Decay the sums to `now` (half-life), then add the sample. An exploration's success
-    replaces the latency estimate: it was re-measured because the old one was stale."""
+    """Decay the sums to `now` (half-life), then add the sample (`sample_us`: a success's
+    latency_us). An exploration's success replaces the latency estimate: it was re-measured
+    because the old one was stale."""
     if target.est_t >= 0 and now > target.est_t:
         decay = 0.5 ** ((now - target.est_t) / route.estimator.half_life_ms)
         target.est_ws = target.est_ws * decay
@@ -422,7 +423,7 @@ def _add_estimate(
             target.est_ws = 0.0
             target.est_ls = 0.0
         target.est_ws = target.est_ws + 1.0
-        target.est_ls = target.est_ls + latency_us(outcome.latency_ms)
+        target.est_ls = target.est_ls + sample_us
         target.est_tl = now
     else:
         target.est_wf = target.est_wf + 1.0
@@ -514,10 +515,11 @@ class MemoryState:
     ) -> RoutingDecision:
         """Synchronous decide: the gateway's degraded mode calls it without an await."""
         now = self._now()
-        state = self._route(route.name)
+        state = self._routes.get(route.name) or self._route(route.name)
         if outcome is not None:
             self._apply(state, route, outcome, now)
-        self._expire_leases(state, now)
+        if state.lease_heap and state.lease_heap[0][0] <= now:
+            self._expire_leases(state, now)
         plan = state.plan
         if plan is None or plan.route is not route:
             plan = state.plan = self._plan(state, route)
@@ -690,22 +692,28 @@ class MemoryState:
             self._apply(self._route(route.name), route, outcome, now)
 
     def _apply(self, state: _Route, route: RouteSpec, outcome: Outcome, now: int) -> None:
-        target = self._target(state, outcome.target_id)
-        b = self._breaker(route, outcome.target_id, target)
-        _half_open_if_due(b, now)
+        target_id = outcome.target_id
+        target = state.targets.get(target_id) or self._target(state, target_id)
+        # (the checks in front of _breaker and _half_open_if_due spare a call per outcome)
+        b = target if route.breaker_scope != "provider" else self._breaker(route, target_id, target)
+        if b.state == OPEN:
+            _half_open_if_due(b, now)
         token = outcome.token
+        explored = False
         if token is not None:
             lease = state.leases.get(token)
-            if lease is not None and lease[0] == outcome.target_id:  # as Lua's ZREM id|token
+            if lease is not None and lease[0] == target_id:  # as Lua's ZREM id|token
                 del state.leases[token]
                 target.inflight -= 1
             if outcome.probe:
                 b.probes.pop(token, None)
-        explored = token is not None and target.explores.pop(token, None) is not None
+            if target.explores:
+                explored = target.explores.pop(token, None) is not None
         kind = outcome.kind
         if kind != OutcomeKind.NEUTRAL:
-            self._add_sample(target, route, outcome, now)
-            _add_estimate(target, route, outcome, now, explored)
+            sample_us = latency_us(outcome.latency_ms) if kind == OutcomeKind.SUCCESS else 0
+            self._add_sample(target, route, outcome, now, sample_us)
+            _add_estimate(target, route, outcome, now, explored, sample_us)
         if kind == OutcomeKind.RATE_LIMITED and outcome.retry_after_s > 0:
             # A later, shorter Retry-After never shortens a cooldown already in force.
             until = now + min(round(outcome.retry_after_s * 1000), route.max_cooldown_ms)
@@ -745,7 +753,9 @@ class MemoryState:
                 _open(b, now, min(previous * 2, breaker.max_open_timeout_ms))
 
     @staticmethod
-    def _add_sample(target: _Target, route: RouteSpec, outcome: Outcome, now: int) -> None:
+    def _add_sample(
+        target: _Target, route: RouteSpec, outcome: Outcome, now: int, sample_us: int
+    ) -> None:
         bucket = now // route.window.bucket_ms
         oldest = bucket - route.window.buckets
         window = target.window
@@ -756,7 +766,7 @@ class MemoryState:
         slot = window[-1]
         if outcome.kind == OutcomeKind.SUCCESS:
             slot[1] += 1
-            slot[2] += latency_us(outcome.latency_ms)
+            slot[2] += sample_us
         else:
             slot[3] += 1
         slot[4] += outcome.input_tokens
