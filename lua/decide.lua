@@ -119,7 +119,7 @@ local function by_score(a, b)
   return a.idx < b.idx
 end
 
--- strategy.py: _loaded_latency, _score_latency, _score_hybrid, _share, pick_exploration.
+-- strategy.py: _loaded_latencies, _score_latency, _score_hybrid, _share, pick_exploration.
 local ERROR_FLOOR, WAITING_CAP = 0.1, 4
 
 local function expected(c)
