@@ -74,7 +74,7 @@ def test_redis_commands_per_request(report: dict[str, Any]) -> None:
         # Counted by the gateway itself, the snapshots left out: a decide, at most a record
         # (calls, not commands: concurrent decides of a route share one script call).
         assert acct["request_commands_per_request"] <= 2.0, (phase, acct)
-        snapshots = 3 / acct["requests"]  # (and the report rounds both to 4 decimals)
+        snapshots = 5 / acct["requests"]  # one per 5 s (the report rounds both figures)
         assert acct["commands_per_request"] <= acct["request_commands_per_request"] + snapshots
     throughput = next(row for row in report["throughput"] if row["system"] == "redis")
     if throughput["state_errors"] == 0:  # on Redis the whole time: one decide per request
