@@ -45,7 +45,15 @@ class Processes:
             proc.kill()
             proc.wait(10)
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> int:
+        """`cwd`: where it runs; `python -m` puts that directory first on sys.path, ahead of
+        PYTHONPATH, so it decides which checkout a `-m edgeroute.cli` imports."""
         out = (self.workdir / f"{name}.out").open("wb")
         err = (self.workdir / f"{name}.err").open("wb")
         try:
@@ -55,6 +63,7 @@ class Processes:
                 stdout=out,
                 stderr=err,
                 env=env,
+                cwd=cwd,
                 start_new_session=True,
             )
         except BaseException:

@@ -111,8 +111,13 @@ def main() -> int:
                 path = processes.workdir / f"{name}.yaml"
                 limited = args.clients == "both" or args.clients == name
                 path.write_text(gateway_config(upstream, redis_url, f"ab-{name}", limited))
+                # Run from the tree itself: `-m` imports from the working directory first,
+                # whatever PYTHONPATH says (before this, both gateways ran this checkout).
                 pid = processes.start(
-                    name, [*cli, "serve", "--config", str(path)], {**env, "PYTHONPATH": str(tree)}
+                    name,
+                    [*cli, "serve", "--config", str(path)],
+                    {**env, "PYTHONPATH": str(tree)},
+                    cwd=tree,
                 )
                 url = processes.wait_for(name, r"listening on (http://\S+)").group(1)
                 gateways[name] = (url + "/chat/completions", pid)  # url ends in /v1
