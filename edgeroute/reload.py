@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import msgspec
 import yaml
 from aiohttp import web
@@ -38,6 +37,7 @@ from edgeroute.config import Config, load_config
 from edgeroute.errors import ConfigError
 from edgeroute.metrics import Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
+from edgeroute.providers.http1 import UpstreamClient
 from edgeroute.router import Router, compile_route
 from edgeroute.state import StateBackend
 
@@ -226,7 +226,7 @@ class Reloader:
         live: Live,
         state: StateBackend,
         metrics: Metrics,
-        session: Callable[[], aiohttp.ClientSession],
+        session: Callable[[], UpstreamClient],
     ) -> None:
         self.path = path
         self.file = FileWatch(path) if path is not None else None

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import aiohttp
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -37,6 +36,7 @@ from edgeroute.httpguard import (
 )
 from edgeroute.metrics import BREAKER_CODES, Metrics
 from edgeroute.providers import ProviderAdapter, make_adapter
+from edgeroute.providers.http1 import UpstreamClient
 from edgeroute.providers.transport import new_session
 from edgeroute.proxy import CLIENT_KEY, Proxy
 from edgeroute.recorder import Recorder
@@ -192,7 +192,7 @@ def create_app(
         on_drop=lambda n: metrics.records_dropped.inc(n),
         on_error=lambda exc: metrics.state_errors.labels("record").inc(),
     )
-    sessions: list[aiohttp.ClientSession] = []
+    sessions: list[UpstreamClient] = []
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = new_session()
@@ -380,7 +380,7 @@ def _live_operations(
     metrics: Metrics,
     live: reload.Live,
     config_path: str | Path | None,
-    session: Callable[[], aiohttp.ClientSession],
+    session: Callable[[], UpstreamClient],
     replicas: Replicas,
 ) -> None:
     """Config reload (with a file), the fleet heartbeat (with Redis) and /admin/fleet. The

@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterable
 from typing import cast
 
-import aiohttp
 import pytest
 
 from edgeroute.providers.base import ErrorClass, UpstreamError
+from edgeroute.providers.http1 import Response
 from edgeroute.providers.sse import EventReader, StreamLimits
 
 LIMITS = StreamLimits(idle_timeout_s=5.0, total_timeout_s=None, max_event_bytes=1 << 20)
@@ -39,6 +39,9 @@ class FakeResponse:
         self.content = _Content(chunks, gap_s)
         self.closed = False
 
+    async def read_chunk(self) -> bytes:
+        return await self.content.readany()
+
     def close(self) -> None:
         self.closed = True
 
@@ -46,7 +49,7 @@ class FakeResponse:
 def reader(
     chunks: Iterable[bytes], limits: StreamLimits = LIMITS, gap_s: float = 0.0
 ) -> EventReader:
-    return EventReader(cast(aiohttp.ClientResponse, FakeResponse(chunks, gap_s)), limits)
+    return EventReader(cast(Response, FakeResponse(chunks, gap_s)), limits)
 
 
 async def read_all(events: EventReader) -> list[bytes]:

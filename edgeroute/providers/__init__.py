@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
-
 from edgeroute.config import ProviderConfig
 from edgeroute.providers.anthropic import AnthropicAdapter
 from edgeroute.providers.base import (
@@ -15,6 +13,7 @@ from edgeroute.providers.base import (
     UpstreamStream,
     Usage,
 )
+from edgeroute.providers.http1 import UpstreamClient
 from edgeroute.providers.openai import AzureAdapter, OpenAIAdapter
 
 _ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
@@ -24,7 +23,7 @@ _ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
 }
 
 
-def make_adapter(config: ProviderConfig, session: aiohttp.ClientSession) -> ProviderAdapter:
+def make_adapter(config: ProviderConfig, session: UpstreamClient) -> ProviderAdapter:
     return _ADAPTERS[config.kind](config, session)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from edgeroute.config import ProviderConfig
@@ -27,6 +26,7 @@ from edgeroute.providers.base import (
     Usage,
     parse_limit_reset,
 )
+from edgeroute.providers.http1 import Response, UpstreamClient
 from edgeroute.providers.sse import (
     PrimedStream,
     StreamLimits,
@@ -39,6 +39,7 @@ from edgeroute.providers.transport import (
     post,
     read_body,
     request_headers,
+    timeouts,
 )
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -92,7 +93,7 @@ class AnthropicStream(PrimedStream):
 
     def __init__(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         limits: StreamLimits,
         translator: MessagesStreamTranslator,
     ) -> None:
@@ -135,7 +136,7 @@ class AnthropicStream(PrimedStream):
 class AnthropicAdapter:
     kind = "anthropic"
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: ProviderConfig, session: UpstreamClient) -> None:
         self.name = config.name
         self.config = config
         self._session = session
@@ -144,9 +145,7 @@ class AnthropicAdapter:
         if config.api_key:
             base["x-api-key"] = config.api_key
         self._headers, self._stream_headers = request_headers(base, config.headers)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
-        )
+        self._timeout = timeouts(config.connect_timeout_s, config.timeout_s)
         self._limits = StreamLimits.of(config)
 
     async def send(self, request: UpstreamRequest) -> UpstreamReply | AnthropicStream:
@@ -166,8 +165,7 @@ class AnthropicAdapter:
             raise _client_error("request JSON is nested too deeply") from None
         headers = self._stream_headers if request.stream else self._headers
         if request.extra_headers:
-            headers = headers.copy()
-            headers.update(request.extra_headers)
+            headers = headers.with_extra(request.extra_headers)
         try:
             response = await post(self._session, self._url, _encode(body), headers, self._timeout)
         except UpstreamError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from edgeroute.config import ProviderConfig
@@ -18,12 +17,14 @@ from edgeroute.providers.base import (
     UsageOnly,
     parse_limit_reset,
 )
+from edgeroute.providers.http1 import Response, UpstreamClient
 from edgeroute.providers.sse import PrimedStream, StreamLimits, event_data, split_events
 from edgeroute.providers.transport import (
     expect_event_stream,
     post,
     read_body,
     request_headers,
+    timeouts,
 )
 
 _INCLUDE_USAGE = msgspec.Raw(b'{"include_usage":true}')
@@ -101,7 +102,7 @@ class OpenAIStream(PrimedStream):
     """
 
     def __init__(
-        self, response: aiohttp.ClientResponse, limits: StreamLimits, *, strip_usage_chunk: bool
+        self, response: Response, limits: StreamLimits, *, strip_usage_chunk: bool
     ) -> None:
         super().__init__(response, limits)
         self._strip = strip_usage_chunk
@@ -175,7 +176,7 @@ class OpenAIAdapter:
 
     kind = "openai"
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: ProviderConfig, session: UpstreamClient) -> None:
         self.name = config.name
         self.config = config
         self._session = session
@@ -183,9 +184,7 @@ class OpenAIAdapter:
         self._headers, self._stream_headers = request_headers(
             {"Content-Type": "application/json", **self._auth_headers(config)}, config.headers
         )
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
-        )
+        self._timeout = timeouts(config.connect_timeout_s, config.timeout_s)
         self._limits = StreamLimits.of(config)
 
     @staticmethod
@@ -207,8 +206,7 @@ class OpenAIAdapter:
             overrides["stream_options"] = _INCLUDE_USAGE
         headers = self._stream_headers if request.stream else self._headers
         if request.extra_headers:
-            headers = headers.copy()
-            headers.update(request.extra_headers)
+            headers = headers.with_extra(request.extra_headers)
         try:
             response = await post(
                 self._session, self.url(request), request.body(**overrides), headers, self._timeout

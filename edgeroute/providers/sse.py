@@ -7,10 +7,9 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
-
 from edgeroute.config import ProviderConfig
 from edgeroute.providers.base import ErrorClass, UpstreamError, Usage, parse_limit_reset
+from edgeroute.providers.http1 import ConnectionLost, ProtocolError, Response
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +35,7 @@ class EventReader:
     not bytes: an upstream trickling a byte at a time cannot hold the stream open.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, limits: StreamLimits) -> None:
+    def __init__(self, response: Response, limits: StreamLimits) -> None:
         self._response = response
         self._limits = limits
         self._buffer = bytearray()
@@ -104,10 +103,10 @@ class EventReader:
 
     async def _read_chunk(self) -> bytes:
         try:
-            return await self._response.content.readany()
+            return await self._response.read_chunk()
         except TimeoutError:
             raise UpstreamError(ErrorClass.TIMEOUT, "upstream stream stalled") from None
-        except aiohttp.ClientError as exc:
+        except (OSError, ConnectionLost, ProtocolError) as exc:
             raise UpstreamError(
                 ErrorClass.STREAM, f"upstream stream broke: {type(exc).__name__}"
             ) from None
@@ -155,7 +154,7 @@ class PrimedStream:
 
     status = 200
 
-    def __init__(self, response: aiohttp.ClientResponse, limits: StreamLimits) -> None:
+    def __init__(self, response: Response, limits: StreamLimits) -> None:
         self.usage = Usage()
         self.limit_reset_s = parse_limit_reset(response.headers)
         self._reader = EventReader(response, limits)

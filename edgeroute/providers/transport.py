@@ -1,17 +1,14 @@
 """The HTTP side every adapter shares: one POST, bounded bodies, streams that really are SSE.
 
 Everything an upstream sends is untrusted: a body is read in chunks after decompression and
-cut at `max_response_bytes` (aiohttp inflates a compressed body a bounded piece at a time, so
-a gzip bomb is stopped while inflating, never held whole), and a response to a streaming
+cut at `max_response_bytes` (http1.py inflates a compressed body a bounded piece at a time,
+so a gzip bomb is stopped while inflating, never held whole), and a response to a streaming
 request must say `text/event-stream` before a byte of it is forwarded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
-import aiohttp
-from multidict import CIMultiDict
+from collections.abc import Mapping
 
 from edgeroute.providers.base import (
     ErrorClass,
@@ -20,48 +17,43 @@ from edgeroute.providers.base import (
     parse_limit_reset,
     parse_retry_after,
 )
+from edgeroute.providers.http1 import (
+    ConnectionLost,
+    ProtocolError,
+    RequestHeaders,
+    Response,
+    Timeouts,
+    UpstreamClient,
+)
 
 # An upstream's error body is relayed to the client (400s) or only classified: it never
 # needs to be large, so it is cut short rather than read to max_response_bytes.
 MAX_ERROR_BODY_BYTES = 64 * 1024
 
 
-class _CompleteHeaders(aiohttp.ClientRequest):
-    """A request whose headers the adapter built whole, once per provider (`request_headers`).
-
-    aiohttp would otherwise merge its defaults into every request: with the session's
-    skip list (no User-Agent, no Accept-Encoding) that copies the headers and builds a
-    sorted multidict per attempt, about a third of constructing the request.
-    """
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        # Nothing to add: `request_headers` already says Accept, and User-Agent and
-        # Accept-Encoding stay off on purpose (upstream bodies pass through uncompressed).
-        pass
-
-
-def new_session() -> aiohttp.ClientSession:
-    """The one upstream session every adapter posts through."""
-    connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
-    )
-    return aiohttp.ClientSession(connector=connector, request_class=_CompleteHeaders)
+def new_session() -> UpstreamClient:
+    """The one upstream client every adapter posts through (keep-alive pools per host)."""
+    return UpstreamClient()
 
 
 def request_headers(
     base: Mapping[str, str], configured: Mapping[str, str]
-) -> tuple[CIMultiDict[str], CIMultiDict[str]]:
-    """A provider's complete request headers, built at startup: (plain, streaming).
+) -> tuple[RequestHeaders, RequestHeaders]:
+    """A provider's complete request headers, built and encoded at startup: (plain, streaming).
 
     `base` is the adapter's (content type, auth), `configured` the provider's `headers`,
-    which win. No Accept-Encoding: an upstream answers plain and its body passes through
-    as is (one that compresses anyway is still decoded before the client sees it).
+    which win. No Accept-Encoding and no User-Agent: an upstream answers plain and its body
+    passes through as is (one that compresses anyway is still decoded before the client
+    sees it). Host and Content-Length are added per request.
     """
-    plain: CIMultiDict[str] = CIMultiDict({"Accept": "*/*", **base})
-    plain.update(configured)
-    stream = plain.copy()
-    stream["Accept"] = "text/event-stream"
+    plain = RequestHeaders({"Accept": "*/*", **base}).with_extra(configured)
+    stream = plain.with_extra({"Accept": "text/event-stream"})
     return plain, stream
+
+
+def timeouts(connect_s: float, read_s: float) -> Timeouts:
+    """Connect (TCP and TLS) within `connect_s`; no wait for a byte longer than `read_s`."""
+    return Timeouts(connect_s, read_s)
 
 
 def too_large(what: str, limit: int) -> UpstreamError:
@@ -69,24 +61,25 @@ def too_large(what: str, limit: int) -> UpstreamError:
 
 
 async def post(
-    session: aiohttp.ClientSession,
+    session: UpstreamClient,
     url: str,
     body: bytes,
-    headers: CIMultiDict[str],
-    client_timeout: aiohttp.ClientTimeout,
-) -> aiohttp.ClientResponse:
+    headers: RequestHeaders,
+    limits: Timeouts,
+) -> Response:
     """POST and classify transport failures; an HTTP error status is raised as UpstreamError."""
     try:
-        response = await session.post(url, data=body, headers=headers, timeout=client_timeout)
+        response = await session.post(url, body, headers, limits)
     except TimeoutError:
         raise UpstreamError(ErrorClass.TIMEOUT, "upstream timed out before answering") from None
-    except aiohttp.ClientError as exc:
+    except (OSError, ConnectionLost, ProtocolError) as exc:
+        # (ssl.SSLError is an OSError: a certificate that does not verify lands here too.)
         raise UpstreamError(
             ErrorClass.CONNECT, f"cannot reach upstream: {type(exc).__name__}"
         ) from None
-    except ValueError as exc:
-        # aiohttp refuses some requests before sending them (e.g. an URL it cannot encode):
-        # that is this provider's configuration failing, not the client's request.
+    except (ValueError, UnicodeError) as exc:
+        # A request that cannot be sent as it is (an URL or a header value it cannot
+        # carry): that is this provider's configuration failing, not the client's request.
         raise UpstreamError(
             ErrorClass.CONNECT, f"cannot send to upstream: {type(exc).__name__}"
         ) from None
@@ -109,7 +102,7 @@ async def post(
     return response
 
 
-async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_body(response: Response, limit: int) -> bytes:
     """The whole (decompressed) body, or TOO_LARGE as soon as it passes `limit` bytes."""
     try:
         declared = response.content_length
@@ -117,33 +110,33 @@ async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise too_large("body", limit)  # said so up front: nothing to read
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.content.iter_any():
+        while chunk := await response.read_chunk():
             size += len(chunk)
             if size > limit:
                 raise too_large("body", limit)
             chunks.append(chunk)
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     except TimeoutError:
         raise UpstreamError(ErrorClass.TIMEOUT, "upstream stalled mid-response") from None
-    except aiohttp.ClientError as exc:
-        # ClientPayloadError covers a body that does not inflate (bad gzip) or is cut short.
+    except (OSError, ConnectionLost, ProtocolError) as exc:
+        # A body that does not inflate (bad gzip), is framed wrong or is cut short.
         raise UpstreamError(
             ErrorClass.STREAM, f"upstream response broke: {type(exc).__name__}"
         ) from None
     finally:
         # close(), not release(): a body left unread must not go back to the pool.
-        if response.content.is_eof():
+        if response.is_eof():
             response.release()
         else:
             response.close()
 
 
-def _encoded(response: aiohttp.ClientResponse) -> bool:
+def _encoded(response: Response) -> bool:
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     return encoding not in ("", "identity")
 
 
-def expect_event_stream(response: aiohttp.ClientResponse) -> None:
+def expect_event_stream(response: Response) -> None:
     """A streaming request must get SSE back; anything else fails the attempt before any
     byte reached the client, so the router can still fail over."""
     if response.content_type == "text/event-stream":
