@@ -31,7 +31,6 @@ from edgeroute.providers import (
 from edgeroute.providers.base import Endpoint, ErrorClass, Usage
 from edgeroute.request import (
     Rejected,
-    estimate_tokens,
     estimate_usage,
     parse_request,
     session_key,
@@ -157,7 +156,10 @@ class Proxy:
             self.accounting.rejected(request_id, parsed.response.status, started, parsed.code)
             return parsed.response
         route, upstream = parsed
-        tokens = estimate_tokens(upstream.fields)
+        # Estimated once: its total is reserved by the decide, and the usage settles a
+        # client's lease when the provider reports none.
+        estimate = estimate_usage(upstream.fields)
+        tokens = estimate.prompt_tokens + estimate.completion_tokens
         client: ClientSpec | None = http.get(CLIENT_KEY)
         gate = None
         if client is not None and self.clients is not None:
@@ -216,7 +218,7 @@ class Proxy:
         finally:
             # Also when the stream broke or the client left mid-way (CancelledError): the
             # upstream produced tokens for it, so the client pays for them.
-            self._settle_served(http, served, estimate_usage(upstream.fields))
+            self._settle_served(http, served, estimate)
 
     # ---- client limits -----------------------------------------------------------------
 

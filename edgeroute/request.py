@@ -104,7 +104,11 @@ async def parse_request(
 
 def estimate_usage(fields: dict[str, msgspec.Raw]) -> Usage:
     """This request's estimated usage (see BYTES_PER_TOKEN): prompt and completion."""
-    prompt = sum(len(fields[name]) for name in _PROMPT_FIELDS if name in fields)
+    prompt = 0
+    for name in _PROMPT_FIELDS:  # a loop, not sum() over a generator: once per request
+        raw = fields.get(name)
+        if raw is not None:
+            prompt += len(raw)
     completion = DEFAULT_COMPLETION_TOKENS
     for name in ("max_completion_tokens", "max_tokens"):
         raw = fields.get(name)
@@ -115,12 +119,6 @@ def estimate_usage(fields: dict[str, msgspec.Raw]) -> Usage:
                 continue  # the provider will refuse it; the estimate need not
             break
     return Usage(-(-prompt // BYTES_PER_TOKEN), completion)
-
-
-def estimate_tokens(fields: dict[str, msgspec.Raw]) -> int:
-    """This request's estimated tokens: prompt plus completion."""
-    usage = estimate_usage(fields)
-    return usage.prompt_tokens + usage.completion_tokens
 
 
 def session_key(http: web.Request, route: RouteSpec, fields: dict[str, msgspec.Raw]) -> str:
