@@ -33,15 +33,25 @@ class RoutingStrategy:
     # strategy priority: what orders the targets inside one group ("" otherwise); a hybrid
     # `within` uses the weights above.
     within: str = ""
+    # Fixed per strategy and read per reply (the reason text), so built once here: the
+    # weights as the text shows them, and priority's `within` strategy.
+    weights_text: str = field(init=False, repr=False, compare=False)
+    _within: RoutingStrategy | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        text = f"{self.cost_weight:.2f}/{self.latency_weight:.2f}/{self.reliability_weight:.2f}"
+        object.__setattr__(self, "weights_text", text)
+        within = None
+        if self.kind == "priority":
+            within = RoutingStrategy(
+                self.within, self.cost_weight, self.latency_weight, self.reliability_weight
+            )
+        object.__setattr__(self, "_within", within)
 
     @property
     def inner(self) -> RoutingStrategy:
         """The strategy that scores targets: `within` for priority, else this one."""
-        if self.kind != "priority":
-            return self
-        return RoutingStrategy(
-            self.within, self.cost_weight, self.latency_weight, self.reliability_weight
-        )
+        return self if self._within is None else self._within
 
     @property
     def scoring(self) -> str:
@@ -556,8 +566,7 @@ def explain_choice(
         head = (
             f"hybrid: {name} score {best.score:.3f} (cost {best.target.price_per_mtok:g} $/Mtok,"
             f" latency {_fmt_latency(best)}, success {best.success_rate:.0%};"
-            f" weights {strategy.cost_weight:.2f}/{strategy.latency_weight:.2f}"
-            f"/{strategy.reliability_weight:.2f})"
+            f" weights {strategy.weights_text})"
         )
     elif strategy.kind == "round_robin":
         healthy = len(ordered) if admissible is None else admissible
