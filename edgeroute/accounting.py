@@ -137,31 +137,31 @@ class Accounting:
         )
         bound = self.metrics.target(route.name, target.provider, target.model)
         if kind is OutcomeKind.SUCCESS:
-            bound.attempt_ok.inc()
-            bound.upstream_duration.observe(latency_s)
+            bound.attempt_ok(1)
+            bound.upstream_duration(latency_s)
             if ttft is not None:
-                bound.ttft.observe(ttft)
+                bound.ttft(ttft)
             if prompt or completion:
-                bound.prompt_tokens.inc(prompt)
-                bound.completion_tokens.inc(completion)
+                bound.prompt_tokens(prompt)
+                bound.completion_tokens(completion)
                 cost = (
                     prompt * target.input_cost_per_mtok + completion * target.output_cost_per_mtok
                 )
                 if cost:
-                    bound.cost.inc(cost / 1_000_000)
+                    bound.cost(cost / 1_000_000)
         elif kind is OutcomeKind.FAILURE and error is not None:
             metrics = self.metrics
             metrics.child(metrics.attempts, target.provider, target.model, error).inc()
         total = time.perf_counter() - started
         if outcome == "success":
-            bound.success.inc()
+            bound.success(1)
         else:
             metrics = self.metrics
             provider, model = target.provider, target.model
             metrics.child(metrics.requests, route.name, provider, model, outcome).inc()
-        bound.request_duration.observe(total)
+        bound.request_duration(total)
         if ttft is None:
-            self.metrics.overhead.observe(max(0.0, total - upstream_s))
+            self.metrics.observe_overhead(max(0.0, total - upstream_s))
         if access_log.isEnabledFor(logging.INFO):
             write_access_line(
                 request_id,
