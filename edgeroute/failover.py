@@ -258,21 +258,31 @@ async def run(
             observer.failover(route, request.attempts[-1], chosen.target)  # it really moves on
         attempt_started = now()
         remaining = policy.deadline_s - (attempt_started - request.started)
+        deadline = _Deadline(max(0.001, remaining))
+        failed: Exception | None = None
         try:
-            async with asyncio.timeout(max(0.001, remaining)) as deadline:
-                result = await attempt(chosen)
+            result = await attempt(chosen)
         except asyncio.CancelledError:
-            # The client went away: the attempt counts for nothing, the lease goes back.
-            await record(route, Outcome.for_admission(admission, OutcomeKind.NEUTRAL))
-            raise
-        except Exception as exc:
+            if not deadline.timed_out():
+                # The client went away: the attempt counts for nothing, the lease goes back.
+                await record(route, Outcome.for_admission(admission, OutcomeKind.NEUTRAL))
+                raise
+            failed = TimeoutError()  # the request's own deadline, as asyncio.timeout says it
+        except BaseException as exc:
+            deadline.close()
+            if not isinstance(exc, Exception):
+                raise
+            failed = exc
+        else:
+            deadline.close()
+        if failed is not None:
             # A TimeoutError with the deadline expired is the request's own deadline; any
             # other exception (an attempt's own timeout included) is classified.
-            deadline_hit = isinstance(exc, TimeoutError) and deadline.expired()
+            deadline_hit = isinstance(failed, TimeoutError) and deadline.expired
             failure = (
                 Failure(OutcomeKind.FAILURE, "timeout", retryable=False)
                 if deadline_hit
-                else classify(exc)
+                else classify(failed)
             )
             if await _handle_failure(
                 request, chosen, admission, failure, attempt_started, policy, record, observer
@@ -286,7 +296,7 @@ async def run(
                 route,
                 request.attempts,
                 0.0,
-                cause=None if deadline_hit else exc,
+                cause=None if deadline_hit else failed,
                 failure=failure,
                 upstream_s=request.upstream_s,
             ) from None
@@ -302,6 +312,45 @@ async def run(
             request.attempts,
             request.upstream_s,
         )
+
+
+class _Deadline:
+    """The request's deadline around one attempt, as `asyncio.timeout` keeps it, without
+    its two coroutines (`async with`) and state machine: one timer that cancels the
+    request's task, and on the way out the same bookkeeping (the timer stopped; the
+    cancellation withdrawn if it fired, and turned into a timeout only when nothing else
+    cancelled the task meanwhile)."""
+
+    __slots__ = ("_cancelling", "_handle", "_task", "expired")
+
+    def __init__(self, delay: float) -> None:
+        # The loop first, then the task by it: current_task() alone would look the loop up
+        # again, and each lookup makes a getpid system call (Python 3.11's check for a fork).
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("a request runs in a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._handle = loop.call_at(loop.time() + delay, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def close(self) -> None:
+        """The attempt ended otherwise than cancelled: stop the timer, and withdraw the
+        cancellation it may have sent (the attempt answered or raised despite it)."""
+        self._handle.cancel()
+        if self.expired:
+            self._task.uncancel()
+
+    def timed_out(self) -> bool:
+        """The attempt ended cancelled: True when the deadline did it alone (a timeout),
+        False when the cancellation is someone else's (it must propagate)."""
+        self._handle.cancel()
+        return self.expired and self._task.uncancel() <= self._cancelling
 
 
 async def _gated(
