@@ -72,6 +72,18 @@ _CLIENT_LEASE: Any = (
 )
 
 
+def _carried(http: web.Request, key: Any, *, remove: bool = False) -> Any:
+    """What the request carries under `key` (removed, if `remove`), or None.
+
+    aiohttp's Request takes get() and pop() from the Mapping mixin, which raise and catch a
+    KeyError for a missing key: three times per request without a client key (the client,
+    and the lease twice). Most requests carry nothing at all, and an empty request has no
+    key to look up."""
+    if not len(http):
+        return None
+    return http.pop(key, None) if remove else http.get(key)
+
+
 def classify(exc: BaseException) -> Failure:
     """How a failed attempt counts. Anything that is not a classified upstream error is
     still this target's failure: another target is tried, the lease goes back."""
@@ -133,7 +145,7 @@ class Proxy:
 
     def _done(self, request: web.Request) -> None:
         self.in_flight -= 1
-        lease: ClientLease | None = request.pop(_CLIENT_LEASE, None)
+        lease: ClientLease | None = _carried(request, _CLIENT_LEASE, remove=True)
         if lease is not None:
             # Never served (exhausted, refused, gone): the lease and estimate go back.
             self._settle(lease, 0, 0, 0.0)
@@ -160,7 +172,7 @@ class Proxy:
         # client's lease when the provider reports none.
         estimate = estimate_usage(upstream.fields)
         tokens = estimate.prompt_tokens + estimate.completion_tokens
-        client: ClientSpec | None = http.get(CLIENT_KEY)
+        client: ClientSpec | None = _carried(http, CLIENT_KEY)
         gate = None
         if client is not None and self.clients is not None:
             if not client.allows(route.name):
@@ -295,7 +307,7 @@ class Proxy:
         without the provider's usage (a stream cut or left before its last chunk, an
         upstream that never reports it) is charged the request's estimate instead, so a
         budget cannot be dodged by leaving before the usage arrives."""
-        lease: ClientLease | None = http.pop(_CLIENT_LEASE, None)
+        lease: ClientLease | None = _carried(http, _CLIENT_LEASE, remove=True)
         if lease is None:
             return
         usage = served.result.usage
