@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from edgeroute import failover
 from edgeroute.config import (
@@ -345,7 +345,7 @@ class Router:
         )
         await self.state.record(self.route(route), outcome)
 
-    async def run(
+    def run(
         self,
         route: RouteSpec,
         attempt: Callable[[Candidate], Awaitable[T]],
@@ -357,7 +357,7 @@ class Router:
         tokens: int = 0,
         session: Callable[[RouteSpec], str] | None = None,
         gate: Awaitable[object] | None = None,
-    ) -> Served[T]:
+    ) -> Coroutine[Any, Any, Served[T]]:
         """The failover engine (see `edgeroute.failover`) on this router's state and policy.
         `tokens` is the request's estimated tokens (reserved against targets' tpm);
         `session` gives, for each route of the chain, the hash of its session key (affinity;
@@ -365,8 +365,11 @@ class Router:
 
         The caller records the served attempt's outcome (the gateway does so once the
         response or stream has ended); every failed attempt is recorded here.
+
+        The engine's own coroutine, to await: no coroutine of this method's around it, whose
+        frame every resumption of the request would pass through.
         """
-        return await failover.run(
+        return failover.run(
             self.state,
             route,
             attempt,
