@@ -399,16 +399,14 @@ local function decide_one(i, first)
     return window_totals(win[ids[k]], now, ids[k])
   end
 
-  -- Quota counts of the targets that have quotas, in one call (none: no call at all).
+  -- Quota counts of the targets that have quotas: read once per batch, in one call (none:
+  -- no call at all), kept with what earlier requests of the batch added (lib.lua).
   local qvalues = {}
   if q > 0 then
-    local qfields, qpos = {}, {}
-    for pos, _ in pairs(quotas) do
-      qfields[#qfields + 1] = quota_field(ids[pos])
-      qpos[#qpos + 1] = pos
-    end
-    local got = redis.call('HMGET', K_WINDOW, unpack(qfields))
-    for j, pos in ipairs(qpos) do qvalues[pos] = got[j] or nil end
+    local qids = {}
+    for pos, _ in pairs(quotas) do qids[#qids + 1] = ids[pos] end
+    quota_prefetch(qids)
+    for pos, _ in pairs(quotas) do qvalues[pos] = quota_value(ids[pos]) end
   end
   -- Admission: why each target is out (wire.EXCLUSION_REASONS), for how long.
   local quota_out = false

@@ -417,6 +417,9 @@ local WINDOW = '^(%d+):(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)|([^|]*)|(%d+):(%d+):(
 
 local win = {}  -- id -> parsed window, or false: none (nil: not read yet)
 local win_dirty, win_dirty_list = {}, {}
+-- Quota fields ('#q:<id>', below) are kept the same way, as their text: id -> value or false.
+local quotas_seen = {}
+local quota_dirty, quota_dirty_list = {}, {}
 
 local function parse_window(v)
   if not v then return false end
@@ -546,9 +549,9 @@ local function add_sample(id, now, kind, lat_us, tin, tout)
   keep_together()
 end
 
--- Write the windows this run changed (flush's part for K_WINDOW).
+-- Write the windows and quota counts this run changed (flush's part for K_WINDOW).
 function flush_windows()
-  if #win_dirty_list == 0 then return end
+  if #win_dirty_list == 0 and #quota_dirty_list == 0 then return end
   local set, gone = {}, {}
   for _, id in ipairs(win_dirty_list) do
     local w = win[id]
@@ -559,6 +562,12 @@ function flush_windows()
       gone[#gone + 1] = id
     end
   end
+  for _, id in ipairs(quota_dirty_list) do
+    set[#set + 1] = '#q:' .. id
+    set[#set + 1] = quotas_seen[id]
+  end
+  quota_dirty_list = {}
+  quota_dirty = {}
   if #set > 0 then redis.call('HSET', K_WINDOW, unpack(set)) end
   if #gone > 0 then redis.call('HDEL', K_WINDOW, unpack(gone)) end
   win_dirty_list = {}
@@ -594,6 +603,30 @@ local QHEAD = '^(%d+):(%d+):(%d+):(%d+)|'
 local QVALUE = QHEAD .. '([^|]*)|(%d+):(%d+)$'
 
 local function quota_field(id) return '#q:' .. id end
+
+-- A target's quota counts as of this run (read once, written back by flush).
+local function quota_value(id)
+  local v = quotas_seen[id]
+  if v == nil then
+    v = redis.call('HGET', K_WINDOW, quota_field(id)) or false
+    quotas_seen[id] = v
+  end
+  return v or nil
+end
+
+-- The quota counts of `ids` not read yet, in one call.
+local function quota_prefetch(ids)
+  local missing, fields = {}, {}
+  for _, id in ipairs(ids) do
+    if quotas_seen[id] == nil then
+      missing[#missing + 1] = id
+      fields[#fields + 1] = quota_field(id)
+    end
+  end
+  if #missing == 0 then return end
+  local got = redis.call('HMGET', K_WINDOW, unpack(fields))
+  for j, id in ipairs(missing) do quotas_seen[id] = got[j] or false end
+end
 
 -- Live buckets of a quota value, oldest first, as {bucket, requests, tokens}.
 local function quota_slots(v, now)
@@ -683,7 +716,11 @@ local function quota_add(id, v, now, dr, dt, at)
   end
   slot[2] = slot[2] + dr
   slot[3] = math.max(0, slot[3] + dt)
-  redis.call('HSET', K_WINDOW, quota_field(id), quota_encode(slots))
+  quotas_seen[id] = quota_encode(slots)
+  if not quota_dirty[id] then
+    quota_dirty[id] = true
+    quota_dirty_list[#quota_dirty_list + 1] = id
+  end
 end
 
 -- One finished attempt (ARGV fields in the order the Python side packs them).
@@ -746,7 +783,7 @@ local function apply(now, id, kind, lat_us, gen, token, probe, retry_after, tin,
     -- the provider reported it, or give it back when the provider served nothing.
     local used = tin + tout
     if used > 0 or kind == FAILURE or kind == RATE_LIMITED then
-      quota_add(id, redis.call('HGET', K_WINDOW, quota_field(id)), now, 0, used - reserved,
+      quota_add(id, quota_value(id), now, 0, used - reserved,
         reserved_at)
       keep_together()
     end

@@ -34,11 +34,16 @@ from tests.test_state_conformance import make_route
 NOW_S = 1_000_000.0  # a frozen clock: every decide of either backend happens at this instant
 
 
-def _route(strategy: RoutingStrategy, *, sticky: bool = False) -> Any:
+def _route(strategy: RoutingStrategy, *, sticky: bool = False, quotas: bool = False) -> Any:
     route = make_route(strategy, breaker=BreakerParams(failure_threshold=2, open_timeout_ms=60_000))
     targets = tuple(
         dataclasses.replace(t, weight=w) for t, w in zip(route.targets, (5, 3, 2), strict=True)
     )
+    if quotas:  # small enough that requests of one batch run into them
+        targets = tuple(
+            dataclasses.replace(t, rpm=rpm, tpm=900, max_concurrency=3)
+            for t, rpm in zip(targets, (4, 6, 0), strict=True)
+        )
     route = dataclasses.replace(route, targets=targets)
     if sticky:
         route = dataclasses.replace(route, affinity=AffinityParams("header", "x-s", 60_000, 2))
@@ -102,6 +107,11 @@ REQUESTS: list[Request] = [
     _plain(session="a", exclude=("t2",)),
     _plain(limit=1),
     _plain(),
+    _plain(tokens=400),  # with quotas: tpm 900 holds two of these per target
+    _plain(tokens=400),
+    _plain(tokens=400),
+    _success(2),
+    _plain(),
 ]
 
 STRATEGIES = {
@@ -124,12 +134,12 @@ async def _warm_up(state: Any, route: Any) -> list[Admission]:
     return held
 
 
-@pytest.mark.parametrize("sticky", [False, True], ids=["plain", "sticky"])
+@pytest.mark.parametrize("policy", ["plain", "sticky", "quotas"])
 @pytest.mark.parametrize("kind", sorted(STRATEGIES))
 async def test_a_batch_decides_as_the_same_requests_one_by_one(
-    redis_url: str, kind: str, sticky: bool
+    redis_url: str, kind: str, policy: str
 ) -> None:
-    route = _route(STRATEGIES[kind](), sticky=sticky)
+    route = _route(STRATEGIES[kind](), sticky=policy == "sticky", quotas=policy == "quotas")
     client = redis.Redis.from_url(redis_url)
     memory = MemoryState(clock=lambda: NOW_S)
     shared = RedisState(
