@@ -68,13 +68,13 @@ def test_redis_commands_per_request(report: dict[str, Any]) -> None:
     for phase, acct in phases.items():
         assert acct["requests"] > 0, acct
         assert acct["wire_commands"].get("evalsha", 0) > 0, acct
-        # A decide plus at most one record per request; the breaker-gauge poller adds one
-        # snapshot EVALSHA per route every 5 s, which at a few hundred requests can show.
-        assert acct["commands_per_request"] <= 2.0 + 2 / acct["requests"], (phase, acct)
+        # A decide plus at most one record per request; the breaker-gauge poller adds a
+        # snapshot EVALSHA per route now and then, which at a few hundred requests can show.
+        snapshots = 5 / acct["requests"]  # (the report rounds the figures)
+        assert acct["commands_per_request"] <= 2.0 + snapshots, (phase, acct)
         # Counted by the gateway itself, the snapshots left out: a decide, at most a record
         # (calls, not commands: concurrent decides of a route share one script call).
         assert acct["request_commands_per_request"] <= 2.0, (phase, acct)
-        snapshots = 5 / acct["requests"]  # one per 5 s (the report rounds both figures)
         assert acct["commands_per_request"] <= acct["request_commands_per_request"] + snapshots
     throughput = next(row for row in report["throughput"] if row["system"] == "redis")
     if throughput["state_errors"] == 0:  # on Redis the whole time: one decide per request
