@@ -8,9 +8,11 @@ same chains.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,18 @@ def access_lines(process: GatewayProcess) -> list[dict[str, Any]]:
         for line in process.log().splitlines()
         if line.startswith("{") and '"request_id"' in line
     ]
+
+
+async def access_line(process: GatewayProcess, request_id: str) -> dict[str, Any]:
+    """The access line of `request_id`: a writer thread writes them off the event loop, so
+    the line may land a moment after the response."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        for line in access_lines(process):
+            if line["request_id"] == request_id:
+                return line
+        assert time.monotonic() < deadline, f"no access line for {request_id}"
+        await asyncio.sleep(0.02)
 
 
 async def explain(process: GatewayProcess, name: str) -> dict[str, Any]:
@@ -149,7 +163,7 @@ async def test_chain_of_three_routes_exhausts_into_the_third(
             assert raw.headers["x-edgeroute-attempts"] == "1"
             assert [await mocks[m].requests() for m in ("a1", "a2", "b1", "c1")] == [2, 2, 2, 3]
 
-            served = next(line for line in access_lines(process) if line["request_id"] == "chain-1")
+            served = await access_line(process, "chain-1")
             assert served["route"] == "c"
             assert served["requested_route"] == "a"
             assert served["attempts"] == 4
