@@ -26,7 +26,7 @@ from edgeroute.providers.base import (
     Usage,
     parse_limit_reset,
 )
-from edgeroute.providers.http1 import Response, UpstreamClient
+from edgeroute.providers.http1 import Response, Timeouts, UpstreamClient
 from edgeroute.providers.sse import (
     PrimedStream,
     StreamLimits,
@@ -39,7 +39,6 @@ from edgeroute.providers.transport import (
     post,
     read_body,
     request_headers,
-    timeouts,
 )
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -145,7 +144,7 @@ class AnthropicAdapter:
         if config.api_key:
             base["x-api-key"] = config.api_key
         self._headers, self._stream_headers = request_headers(base, config.headers)
-        self._timeout = timeouts(config.connect_timeout_s, config.timeout_s)
+        self._timeout = Timeouts(config.connect_timeout_s, config.timeout_s)
         self._limits = StreamLimits.of(config)
 
     async def send(self, request: UpstreamRequest) -> UpstreamReply | AnthropicStream:

@@ -251,7 +251,6 @@ class _Connection(asyncio.Protocol):
         self.response: Response | None = None
         self.idle_since = 0.0
         self.reusable = True
-        self.lost: BaseException | None = None
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -270,7 +269,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
-        self.lost = exc or ConnectionLost("the upstream closed the connection")
         self.client._forget(self)
         if self.response is not None:
             self.response.connection_lost(exc)

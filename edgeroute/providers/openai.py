@@ -17,14 +17,13 @@ from edgeroute.providers.base import (
     UsageOnly,
     parse_limit_reset,
 )
-from edgeroute.providers.http1 import Response, UpstreamClient
+from edgeroute.providers.http1 import Response, Timeouts, UpstreamClient
 from edgeroute.providers.sse import PrimedStream, StreamLimits, event_data, split_events
 from edgeroute.providers.transport import (
     expect_event_stream,
     post,
     read_body,
     request_headers,
-    timeouts,
 )
 
 _INCLUDE_USAGE = msgspec.Raw(b'{"include_usage":true}')
@@ -184,7 +183,7 @@ class OpenAIAdapter:
         self._headers, self._stream_headers = request_headers(
             {"Content-Type": "application/json", **self._auth_headers(config)}, config.headers
         )
-        self._timeout = timeouts(config.connect_timeout_s, config.timeout_s)
+        self._timeout = Timeouts(config.connect_timeout_s, config.timeout_s)
         self._limits = StreamLimits.of(config)
 
     @staticmethod

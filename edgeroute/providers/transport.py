@@ -51,11 +51,6 @@ def request_headers(
     return plain, stream
 
 
-def timeouts(connect_s: float, read_s: float) -> Timeouts:
-    """Connect (TCP and TLS) within `connect_s`; no wait for a byte longer than `read_s`."""
-    return Timeouts(connect_s, read_s)
-
-
 def too_large(what: str, limit: int) -> UpstreamError:
     return UpstreamError(ErrorClass.TOO_LARGE, f"upstream {what} exceeds {limit} bytes")
 
